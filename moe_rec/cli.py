@@ -1,0 +1,489 @@
+"""The ``moe-rec`` command line: config file first, dotted ``key=value`` overrides after it.
+
+    moe-rec run             --config configs/experiments/demo.yaml          # the whole pipeline
+    moe-rec data prepare    --config configs/experiments/amazon2014.yaml    # read, validate, split
+    moe-rec data stats      runs/amazon2014/data                            # print stats.json
+    moe-rec sids build      --config ... sid.quantizer=rqvae                # semantic IDs
+    moe-rec sequences build --config ...                                    # token samples
+    moe-rec train           --config ... train.deepspeed=configs/deepspeed/zero3.json
+    moe-rec eval            --config ... --checkpoint best eval.split=test     # Recall/NDCG@K
+    moe-rec export          --config ... --tag best --dtype bfloat16           # -> <run_dir>/bundle
+    moe-rec recommend       runs/demo/bundle --service grocery --history grocery:g00004 delivery:d00014
+    moe-rec serve           runs/demo/bundle --port 8000                    # HTTP service
+
+Bad input (a config typo, a missing file, a malformed row in strict mode) ends with one line
+that says what and where, exit code 2; ``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import transformers
+from rich.table import Table
+
+from moe_rec.config import ConfigError, dump_config, load_config, to_dict
+from moe_rec.console import console
+from moe_rec.data.schema import DataError
+from moe_rec.experiment import ExperimentConfig
+
+if TYPE_CHECKING:
+    from moe_rec.serve import Recommender
+
+
+def _load(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(ExperimentConfig, args.config, args.overrides)
+
+
+def _stats_table(stats: dict[str, Any]) -> Table:
+    table = Table(title=f"prepared data ({stats.get('source', '?')})")
+    for col in ("service", "users", "items", "interactions", "train", "valid", "test"):
+        table.add_column(col, justify="left" if col == "service" else "right")
+    for service, s in stats["services"].items():
+        splits = s.get("splits", {})
+        table.add_row(
+            service, f"{s['users']:,}", f"{s['items']:,}", f"{s['interactions']:,}",
+            *(f"{splits.get(k, 0):,}" for k in ("train", "valid", "test")),
+        )  # fmt: skip
+    t = stats["total"]
+    table.add_row("[bold]all", f"{t['users']:,}", f"{t['items']:,}", f"{t['interactions']:,}", "", "", "")
+    return table
+
+
+def _report_lines(stats: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, r in stats.get("reports", {}).items():
+        lines.append(
+            f"{name}: read {r['rows_read']:,}, kept {r['rows_kept']:,}, rejected {r['rows_rejected']:,}"
+            + (f" {r['rejected']}" if r["rejected"] else "")
+            + (f"; notes {r['notes']}" if r["notes"] else "")
+        )
+    return lines
+
+
+def _print_data_stats(stats: dict[str, Any]) -> None:
+    console.print(_stats_table(stats))
+    console.print(f"users in several services: {stats['total']['users_in_several_services']:,}")
+    for line in _report_lines(stats):
+        console.print(line)
+
+
+def _print_sid_stats(stats: dict[str, Any]) -> None:
+    table = Table(title="semantic IDs")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key in (
+        "items",
+        "unique_ids",
+        "collision_rate",
+        "max_dedup_depth",
+        "encode_seconds",
+        "quantize_seconds",
+    ):
+        if key in stats:
+            value = stats[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else f"{value:,}")
+    for level, use in enumerate(stats.get("level_usage", []), start=1):
+        table.add_row(f"level {level} codes used", f"{use:.3f}" if isinstance(use, float) else str(use))
+    console.print(table)
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from moe_rec.data.prepare import prepare
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else cfg.data_dir
+    console.print(f"preparing [bold]{cfg.data.source}[/] data into {out}")
+    stats = prepare(cfg.data, out)
+    dump_config(cfg, cfg.run_dir / "config.yaml")
+    _print_data_stats(stats)
+    console.print(f"wrote {out}/stats.json")
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from moe_rec.data.store import read_stats
+
+    if args.data_dir is None and args.config is None:
+        raise ConfigError("give a prepared data directory or --config")
+    data_dir = Path(args.data_dir) if args.data_dir else _load(args).data_dir
+    stats = read_stats(data_dir)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        _print_data_stats(stats)
+
+
+def cmd_sids_build(args: argparse.Namespace) -> None:
+    from moe_rec.data.store import load_items
+    from moe_rec.sid.build import build_sids
+
+    cfg = _load(args)
+    data_dir = Path(args.data) if args.data else cfg.data_dir
+    out = Path(args.out) if args.out else cfg.sid_dir
+    items = load_items(data_dir).data.table
+    console.print(f"building semantic IDs for {items.num_rows:,} items ({cfg.sid.quantizer}) into {out}")
+    stats = build_sids(items, cfg.sid, out, cfg.embedding_cache)
+    _print_sid_stats(stats)
+    console.print(f"wrote {out}/stats.json")
+
+
+def cmd_sequences_build(args: argparse.Namespace) -> None:
+    from moe_rec.data.sequences import SequenceBuilder, write_sequences
+    from moe_rec.sid.table import SIDTable
+
+    cfg = _load(args)
+    table = SIDTable.load(cfg.sid_dir)
+    vocab = table.vocabulary()
+    builder = SequenceBuilder(vocab, table.code_map(), cfg.sequences)
+    counts = write_sequences(cfg.data_dir, builder, cfg.sequences_dir)
+    (cfg.sequences_dir / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
+    console.print(f"vocabulary: {vocab.size:,} tokens ({len(vocab.services)} services, {vocab.levels}x"
+                  f"{vocab.codebook_size} codes + {vocab.dedup_size} dedup)")  # fmt: skip
+    console.print(
+        "samples: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" -> {cfg.sequences_dir}"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """One process: a one-rank DeepSpeed run (several ranks: the launch/ scripts)."""
+    from moe_rec.train import train
+
+    train(_load(args))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Beam-search evaluation of a checkpoint (or a baseline: most popular, SASRec); JSON report + table."""
+    from moe_rec.eval.metrics import metrics_table
+
+    cfg = _load(args)
+    if args.baseline == "popularity":
+        from moe_rec.eval.popularity import evaluate_popularity
+
+        name = "popularity"
+        results = evaluate_popularity(cfg.data_dir, split=cfg.eval.split, exclude_seen=cfg.eval.exclude_seen)
+    elif args.baseline == "sasrec":
+        from moe_rec.baselines.sasrec import evaluate_sasrec
+
+        name = "sasrec"
+        out_dir = cfg.run_dir / "baselines" / "sasrec"
+        results = evaluate_sasrec(cfg.data_dir, out_dir, cfg.sasrec, cfg.eval.split, cfg.eval.exclude_seen)
+    else:
+        from moe_rec.eval.evaluate import evaluate_model
+
+        split_dir = cfg.sequences_dir / cfg.eval.split
+        if not any(split_dir.glob("*.parquet")):
+            raise DataError(
+                f"no {cfg.eval.split} samples in {split_dir}; run `moe-rec sequences build` first"
+            )
+        samples = datasets.Dataset.from_parquet(str(split_dir / "*.parquet"))
+        if args.bundle:  # the exported model and its SID table, checksums verified on load
+            from moe_rec.export import load_bundle
+
+            bundle = load_bundle(args.bundle)
+            name = f"bundle-{bundle.manifest['source']['tag']}-{bundle.manifest['dtype']}"
+            model, table = bundle.model, bundle.table
+        else:
+            from moe_rec.sid.table import SIDTable
+            from moe_rec.train.checkpoint import load_model, resolve_tag
+
+            name = resolve_tag(cfg.checkpoint_dir, args.checkpoint)
+            model, table = load_model(cfg.checkpoint_dir, name), SIDTable.load(cfg.sid_dir)
+        results = evaluate_model(model, table, samples, cfg.eval)
+    out = cfg.eval_dir / f"{cfg.eval.split}-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"model": name, "config": to_dict(cfg.eval), "metrics": results}, indent=2) + "\n"
+    )
+    console.print(metrics_table(results, title=f"{cfg.eval.split} ({name}, full ranking, leave-one-out)"))
+    console.print(f"wrote {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """A checkpoint -> a verified serving bundle (model, SID table + trie, catalogue, manifest)."""
+    from moe_rec.export import export_checkpoint
+
+    cfg = _load(args) if args.config or args.overrides else None
+    if cfg is None and args.checkpoint is None:
+        raise ConfigError("give --checkpoint <run_dir>/checkpoints or --config")
+    ckpt_dir = Path(args.checkpoint) if args.checkpoint else cfg.checkpoint_dir
+    run_dir = cfg.run_dir if cfg else ckpt_dir.parent
+    out = Path(args.out) if args.out else run_dir / "bundle"
+    console.print(f"exporting {ckpt_dir} ({args.tag}, {args.dtype}) to {out}")
+    export_checkpoint(
+        ckpt_dir, out, tag=args.tag, dtype=args.dtype, run_dir=run_dir,
+        config=to_dict(cfg) if cfg else None, overwrite=args.overwrite,
+    )  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    v = manifest["verification"]
+    size = sum(f["size"] for f in manifest["files"].values())
+    console.print(
+        f"wrote {out}: {manifest['source']['tag']}, {manifest['items']['total']:,} items, {size / 2**20:.1f} MiB "
+        f"in {v['export_seconds']:.1f}s; logits vs the fp32 checkpoint on {v['probes']} prompts: max |diff| "
+        f"{v['max_abs_diff']:.3g} (bound {v['tolerance']['max_abs_diff']:.3g}), mean {v['mean_abs_diff']:.3g}, "
+        f"argmax agreement {v['argmax_agreement']:.3f}"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a bundle over HTTP in this process until Ctrl-C / SIGTERM (then shut down gracefully)."""
+    from moe_rec.serve.http import run_server
+
+    run_server(
+        args.bundle,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_k=args.max_k,
+        max_body_bytes=args.max_body_bytes,
+        torch_threads=args.torch_threads,
+        access_log=args.access_log,
+        log_level=args.log_level,
+    )
+
+
+def _parse_event(text: str) -> tuple[str, str]:
+    service, sep, item_id = text.partition(":")
+    if not sep or not service or not item_id:
+        raise argparse.ArgumentTypeError(f"{text!r}: write an event as SERVICE:ITEM_ID")
+    return service, item_id
+
+
+def _print_recommendations(
+    rec: Recommender,
+    history: Sequence[tuple[str, str]],
+    service: str,
+    k: int,
+    user: str | None,
+    held_out: str | None = None,
+) -> None:
+    """One request through the serving API, shown as a table (the held-out item, if given, marked)."""
+    found = rec.recommend(history, service, k=k, user_id=user)
+    shown = ", ".join(f"{s}:{i}" for s, i in history[-5:])
+    title = f"{user or 'request'}: {len(history)} events (last: {shown}) -> top {k} in {service}"
+    table = Table(title=title, title_justify="left")
+    for col in ("rank", "item", "log p", "title"):
+        table.add_column(col, justify="right" if col in ("rank", "log p") else "left")
+    for rank, r in enumerate(found, start=1):
+        mark = " [bold green](held out)[/]" if r.item_id == held_out else ""
+        table.add_row(str(rank), r.item_id + mark, f"{r.score:.3f}", str(r.fields.get("title") or "")[:60])
+    console.print(table)
+    if held_out is not None and all(r.item_id != held_out for r in found):
+        console.print(f"held-out item {service}:{held_out} is not in the top {k}")
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    """Recommendations from a bundle for one history given on the command line."""
+    from moe_rec.serve import Recommender
+
+    with Recommender.from_bundle(args.bundle, device=args.device) as rec:
+        _print_recommendations(rec, args.history, args.service, args.k, args.user)
+
+
+def _recommend_for_test_users(cfg: ExperimentConfig, bundle: Path, users: int = 3, k: int = 5) -> None:
+    """The end of ``moe-rec run``: the bundle recommends for the first few test users (their train
+    and valid events, in time order, as the history) in the service of their held-out test item."""
+    import pyarrow.compute as pc
+
+    from moe_rec.data import store
+    from moe_rec.serve import Recommender
+
+    events = store.load_table(cfg.data_dir)
+    test = events.filter(pc.equal(events["split"], "test"))
+    test = test.sort_by([("user", "ascending"), ("service", "ascending")])
+    seen = events.filter(pc.not_equal(events["split"], "test"))
+    with Recommender.from_bundle(bundle) as rec:
+        for row in test.slice(0, users).to_pylist():
+            mine = seen.filter(pc.equal(seen["user"], row["user"])).to_pylist()
+            mine.sort(key=lambda e: (e["timestamp"] or 0, e["position"]))
+            history = [(e["service"], e["item_id"]) for e in mine]
+            _print_recommendations(rec, history, row["service"], k, row["user"], held_out=row["item_id"])
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """The main job: data -> semantic IDs -> sequences -> train -> evaluate the best checkpoint ->
+    export it as a serving bundle -> recommend from the bundle for a few test users."""
+    t0 = time.perf_counter()
+    args.out = None
+    args.data = None
+    args.checkpoint = "best"
+    args.baseline = None
+    args.bundle = None
+    for title, step in (
+        ("data prepare", cmd_data_prepare),
+        ("sids build", cmd_sids_build),
+        ("sequences build", cmd_sequences_build),
+        ("train", cmd_train),
+        ("eval", cmd_eval),
+    ):
+        console.rule(f"[bold]{title}")
+        step(args)
+    cfg = _load(args)
+    console.rule("[bold]export")
+    args.checkpoint, args.out, args.tag, args.dtype, args.overwrite = None, None, "best", "float32", True
+    cmd_export(args)
+    console.rule("[bold]recommend")
+    _recommend_for_test_users(cfg, cfg.run_dir / "bundle")
+    console.rule(f"done in {time.perf_counter() - t0:.0f}s; run directory: {cfg.run_dir}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-rec", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", help="experiment YAML (e.g. configs/experiments/demo.yaml)")
+        p.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.strict=true"
+        )
+        return p
+
+    run = with_config(
+        groups.add_parser("run", help="the whole pipeline: data -> SIDs -> sequences -> train -> eval")
+    )
+    run.set_defaults(func=cmd_run)
+
+    data = groups.add_parser("data", help="prepare and inspect event data").add_subparsers(
+        dest="command", required=True, metavar="COMMAND"
+    )
+    prep = with_config(
+        data.add_parser("prepare", help="read, validate and split a source; write Parquet shards")
+    )
+    prep.add_argument("--out", help="output directory (default: <run_dir>/data)")
+    prep.set_defaults(func=cmd_data_prepare)
+    stats = data.add_parser("stats", help="print the stats of a prepared data directory")
+    stats.add_argument("data_dir", nargs="?", help="prepared data directory (or use --config)")
+    stats.add_argument("--config", "-c", help="experiment YAML whose run_dir/data to read")
+    stats.add_argument("--json", action="store_true", help="print stats.json as is")
+    stats.set_defaults(func=cmd_data_stats, overrides=[])
+
+    sids = groups.add_parser("sids", help="semantic IDs").add_subparsers(
+        dest="command", required=True, metavar="COMMAND"
+    )
+    build = with_config(
+        sids.add_parser("build", help="embed item text, quantise, write the SID table and trie")
+    )
+    build.add_argument("--data", help="prepared data directory (default: <run_dir>/data)")
+    build.add_argument("--out", help="output directory (default: <run_dir>/sids)")
+    build.set_defaults(func=cmd_sids_build)
+
+    seq = groups.add_parser("sequences", help="token samples for training and evaluation").add_subparsers(
+        dest="command", required=True, metavar="COMMAND"
+    )
+    with_config(seq.add_parser("build", help="write train/valid/test token samples")).set_defaults(
+        func=cmd_sequences_build
+    )
+    train = with_config(
+        groups.add_parser("train", help="train on a run's sequences (DeepSpeed, one process)")
+    )
+    train.set_defaults(func=cmd_train)
+    evaluate = with_config(groups.add_parser("eval", help="Recall/NDCG@K by constrained beam search"))
+    evaluate.add_argument("--checkpoint", default="best", help="best (default), latest, or a step_* tag")
+    evaluate.add_argument("--bundle", help="evaluate an exported bundle instead of a checkpoint")
+    evaluate.add_argument(
+        "--baseline", choices=["popularity", "sasrec"], help="evaluate a baseline instead of a checkpoint"
+    )
+    evaluate.set_defaults(func=cmd_eval)
+    export = with_config(
+        groups.add_parser("export", help="checkpoint -> verified serving bundle (weights, SIDs, catalogue)")
+    )
+    export.add_argument("--checkpoint", help="checkpoint directory (default: <run_dir>/checkpoints)")
+    export.add_argument("--out", help="bundle directory (default: <run_dir>/bundle)")
+    export.add_argument("--tag", default="best", help="best (default), latest, or a step_* tag")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    export.set_defaults(func=cmd_export)
+    rec = groups.add_parser("recommend", help="top-k items from a bundle for one history (SERVICE:ITEM_ID)")
+    rec.add_argument("bundle", help="bundle directory (written by the export step)")
+    rec.add_argument("--history", nargs="+", required=True, type=_parse_event, metavar="SERVICE:ITEM_ID",
+                     help="the user's events across services, oldest first")  # fmt: skip
+    rec.add_argument("--service", required=True, help="the service to recommend in")
+    rec.add_argument("--k", type=int, default=10, help="how many items (default: %(default)s)")
+    rec.add_argument("--user", help="user id (hashed into the user-routing bucket, as in training)")
+    rec.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    rec.set_defaults(func=cmd_recommend, overrides=[])
+    serve = groups.add_parser(
+        "serve",
+        help="serve a bundle over HTTP: POST /v1/recommend, /healthz, /metrics, /docs",
+        description="Serve an exported bundle over HTTP in one process. Concurrent requests are decoded "
+        "together in batches of up to --max-batch-size; scale out by running more processes behind a "
+        "load balancer. API docs at /docs, OpenAPI at /openapi.json, Prometheus metrics at /metrics.",
+    )
+    serve.add_argument("bundle", help="bundle directory (written by the export step)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)"
+    )
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="most requests decoded in one batch (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=2.0,
+        help="how long the first request of a batch waits for more to arrive (default: %(default)s)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-k", type=int, default=50,
+        help="largest k a request may ask for; also the beam width of every decode, so latency grows "
+        "with it (default: %(default)s)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20,
+        help="larger request bodies are refused with 413 (default: %(default)s = 1 MiB)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--torch-threads", type=int,
+        help="CPU threads of the model (default: torch's, one per core); 1 is often fastest on a small "
+        "or shared machine, see docs/serving.md",
+    )  # fmt: skip
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request (off by default; /metrics counts them)"
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="server log verbosity (default: %(default)s)",
+    )
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    datasets.disable_progress_bars()  # our own progress bars cover the long steps
+    datasets.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        args.func(args)
+    except (ConfigError, DataError, OSError, LookupError, ValueError) as e:
+        # bad input of any stage (config, data, SID files) is told in one line; --debug shows where
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        console.print(f"[bold red]error:[/] {message}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""User histories -> token sequences for training and leave-one-out evaluation.
+
+Every event is written ``[service][c1]..[cL][dedup]`` (see :mod:`moe_rec.data.vocab`); a sequence
+starts with ``[BOS]``. Each token also carries the index of its event's service in ``domain_ids``
+(``[BOS]`` takes the service of the token after it), which the model's router reads.
+
+Cross-service order. A user's events from all services form one history. When every event of
+the user has a timestamp they are ordered by time; when a source gives only order (Amazon 2014)
+they are interleaved by progress through each service's history (event i of n sits at
+``(i + 1) / n``), which keeps each service's order exact and spreads the services evenly.
+
+Samples:
+
+* **train** — the unified history of ``train``-split events; a window of at most ``max_events``
+  events ends every ``train_stride`` events counted back from the latest; ``labels`` hold the
+  item-code tokens of every event in the window (-100 elsewhere: service tokens are given, not
+  predicted).
+* **valid / test** — one sample per held-out event (leave-one-out per service). The context is
+  the target's own service history before it plus the other services' ``train`` events (those
+  before it in time, when there are timestamps), the most recent ``max_events`` of them, then the
+  target's service token; the model must produce the target's ``L+1`` codes. Other services'
+  held-out events never enter a context, so no service's answer leaks into another's input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moe_rec.console import progress
+from moe_rec.data import store
+from moe_rec.data.schema import EVENT_SCHEMA, DataError
+from moe_rec.data.vocab import BOS, Vocabulary
+
+IGNORE_INDEX = -100
+
+_TOKENS = datasets.Sequence(datasets.Value("int32"))
+_COMMON = {
+    "user": datasets.Value("string"),
+    "service": datasets.Value("string"),
+    "input_ids": _TOKENS,
+    "domain_ids": _TOKENS,
+}
+SAMPLE_FEATURES = {
+    "train": datasets.Features({**_COMMON, "labels": _TOKENS}),
+    "valid": datasets.Features({**_COMMON, "target": _TOKENS, "target_item": datasets.Value("string")}),
+    "test": datasets.Features({**_COMMON, "target": _TOKENS, "target_item": datasets.Value("string")}),
+}
+
+
+@dataclass
+class SequenceConfig:
+    max_events: int = 50  # history cap: the most recent N events
+    train_stride: int = 1  # a training window ends every `train_stride` events
+    min_train_events: int = 2  # shorter training windows are not emitted
+
+    def __post_init__(self) -> None:
+        if self.max_events < 1 or self.train_stride < 1 or self.min_train_events < 1:
+            raise ValueError("max_events, train_stride and min_train_events must be >= 1")
+
+
+def user_bucket(user: str, num_buckets: int) -> int:
+    """Stable hash of a user key into ``[0, num_buckets)`` (the router's user signal); the same on
+    every machine and Python process, unlike ``hash()``."""
+    digest = hashlib.blake2b(user.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_buckets
+
+
+@dataclass(frozen=True)
+class Event:
+    service: str
+    item_id: str
+    timestamp: int | None
+    position: int
+    split: str
+
+
+def iter_users(table: pa.Table) -> Iterator[tuple[str, list[Event]]]:
+    """Yield ``(user, events)`` from an events table sorted by user (as every shard is)."""
+    cols = {
+        c: table.column(c).to_pylist()
+        for c in ("user", "service", "item_id", "timestamp", "position", "split")
+    }
+    users = cols["user"]
+    start = 0
+    for i in range(1, len(users) + 1):
+        if i == len(users) or users[i] != users[start]:
+            yield (
+                users[start],
+                [
+                    Event(
+                        cols["service"][j],
+                        cols["item_id"][j],
+                        cols["timestamp"][j],
+                        cols["position"][j],
+                        cols["split"][j],
+                    )
+                    for j in range(start, i)
+                ],
+            )
+            start = i
+
+
+def unified_order(events: Sequence[Event], services: Sequence[str]) -> list[Event]:
+    """One history across services: by time when all events are timed, else by progress."""
+    rank = {s: i for i, s in enumerate(services)}
+    if all(e.timestamp is not None for e in events):
+        return sorted(events, key=lambda e: (e.timestamp, rank.get(e.service, 0), e.position))
+    length: dict[str, int] = {}
+    for e in events:
+        length[e.service] = max(length.get(e.service, 0), e.position + 1)
+    return sorted(
+        events, key=lambda e: ((e.position + 1) / length[e.service], rank.get(e.service, 0), e.position)
+    )
+
+
+class SequenceBuilder:
+    """Turns one user's events into token samples.
+
+    Args:
+        vocab: the token layout.
+        item_codes: ``(service, item_id) -> (c1..cL, dedup)`` for every item (from the SID table).
+        cfg: history cap and windowing.
+    """
+
+    def __init__(
+        self, vocab: Vocabulary, item_codes: Mapping[tuple[str, str], Sequence[int]], cfg: SequenceConfig
+    ) -> None:
+        self.vocab = vocab
+        self.item_codes = item_codes
+        self.cfg = cfg
+
+    def _item_tokens(self, e: Event) -> list[int]:
+        codes = self.item_codes.get((e.service, e.item_id))
+        if codes is None:
+            raise DataError(
+                f"item {e.service}/{e.item_id} has no semantic ID; were the SIDs built from this catalogue?"
+            )
+        return self.vocab.item_tokens(e.service, codes)
+
+    def encode(self, events: Sequence[Event], label_items: bool) -> dict[str, list[int]]:
+        """``[BOS]`` + the events' tokens, with ``domain_ids`` and (if asked) item-code ``labels``."""
+        input_ids, domain_ids, labels = [BOS], [], [IGNORE_INDEX]
+        for e in events:
+            tokens = self._item_tokens(e)
+            input_ids += tokens
+            domain_ids += [self.vocab.service_index(e.service)] * len(tokens)
+            labels += [IGNORE_INDEX] + (tokens[1:] if label_items else [IGNORE_INDEX] * (len(tokens) - 1))
+        domain_ids.insert(0, domain_ids[0] if domain_ids else 0)
+        out = {"input_ids": input_ids, "domain_ids": domain_ids}
+        if label_items:
+            out["labels"] = labels
+        return out
+
+    def train_samples(self, user: str, events: Sequence[Event]) -> Iterator[dict[str, Any]]:
+        """Sliding windows over the user's unified ``train`` history."""
+        history = [e for e in unified_order(events, self.vocab.services) if e.split == "train"]
+        n, cfg = len(history), self.cfg
+        for end in range(n, 0, -cfg.train_stride):
+            window = history[max(0, end - cfg.max_events) : end]
+            if len(window) < cfg.min_train_events:
+                break
+            yield {"user": user, "service": window[-1].service, **self.encode(window, label_items=True)}
+
+    def eval_samples(self, user: str, events: Sequence[Event], split: str) -> Iterator[dict[str, Any]]:
+        """One leave-one-out sample per held-out event of ``split`` (``valid`` or ``test``)."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        ordered = unified_order(events, self.vocab.services)
+        for target in (e for e in ordered if e.split == split):
+            context = [
+                e
+                for e in ordered
+                if (e.service == target.service and e.position < target.position)
+                or (
+                    e.service != target.service
+                    and e.split == "train"
+                    and (target.timestamp is None or e.timestamp is None or e.timestamp < target.timestamp)
+                )
+            ][-self.cfg.max_events :]
+            sample = self.encode(context, label_items=False)
+            sample["input_ids"].append(self.vocab.service_token(target.service))
+            sample["domain_ids"].append(self.vocab.service_index(target.service))
+            if not context:
+                sample["domain_ids"][0] = sample["domain_ids"][-1]
+            yield {
+                "user": user,
+                "service": target.service,
+                **sample,
+                "target": list(self.item_codes[(target.service, target.item_id)]),
+                "target_item": target.item_id,
+            }
+
+
+def build_samples(table: pa.Table, builder: SequenceBuilder, split: str) -> Iterator[dict[str, Any]]:
+    """All samples of ``split`` (train / valid / test) from a user-sorted events table."""
+    for user, events in iter_users(table):
+        if split == "train":
+            yield from builder.train_samples(user, events)
+        else:
+            yield from builder.eval_samples(user, events, split)
+
+
+def write_sequences(
+    data_dir: Path,
+    builder: SequenceBuilder,
+    out_dir: Path,
+    splits: Sequence[str] = ("train", "valid", "test"),
+) -> dict[str, int]:
+    """Write ``<out_dir>/<split>/part-XXXXX.parquet`` (one per event shard that has samples of the
+    split) through ``datasets``, replacing earlier files; returns the number of samples per split."""
+    counts = dict.fromkeys(splits, 0)
+    for split in splits:
+        for old in (Path(out_dir) / split).glob("*.parquet"):
+            old.unlink()
+    shards = store.event_shard_paths(data_dir)
+    with progress() as bar:
+        task = bar.add_task("sequences", total=len(shards) * len(splits))
+        for i, shard in enumerate(shards):
+            table = pq.read_table(shard, schema=EVENT_SCHEMA)
+            for split in splits:
+                rows = list(build_samples(table, builder, split))
+                counts[split] += len(rows)
+                bar.advance(task)
+                if not rows:  # a shard can hold no sample of a split; datasets cannot read an empty file
+                    continue
+                path = Path(out_dir) / split / f"part-{i:05d}.parquet"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                datasets.Dataset.from_list(rows, features=SAMPLE_FEATURES[split]).to_parquet(str(path))
+    return counts

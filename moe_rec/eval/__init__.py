@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics, baselines and constrained beam search over semantic IDs."""

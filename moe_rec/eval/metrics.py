@@ -1,0 +1,191 @@
+"""Ranking metrics for leave-one-out evaluation: Recall@K and NDCG@K with one relevant item.
+
+Every evaluation request (one held-out event) has exactly one relevant item, the target, so
+
+* Recall@K (= HitRate@K) is 1 when the target is among the first K ranked items, else 0;
+* NDCG@K is ``1 / log2(rank + 1)`` for the target's 1-based rank when ``rank <= K``, else 0
+  (the ideal DCG of a single relevant item is 1).
+
+A ranking is a row of item indices, best first, padded with ``-1`` where a model returned fewer
+items than asked. Duplicates are collapsed before ranks are counted: only the first occurrence of an
+item counts and a repeated item does not take a place, so the rank of an item is one plus the number
+of *distinct* items ahead of it. A beam search that yields the same item twice is thus neither
+rewarded twice nor does it push the target down.
+
+:class:`RankingMetrics` keeps sums and counts per service (never per-rank means), so results from
+several ranks are combined by one ``all_reduce`` and the means are computed once, at the end, from
+the global sums. The overall numbers are the micro mean over all requests; the macro mean over
+services is reported beside them. :func:`metrics_table` lays the results out as a rich table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from rich.table import Table
+
+DEFAULT_KS = (5, 10, 20)
+PAD = -1  # padding in a ranking: no item
+OVERALL = "all"  # row name of the micro mean in metrics_table
+MACRO = "macro"  # key / row name of the macro mean over services
+
+
+def target_rank(ranked: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each target in its ranking, counting distinct items only; 0 when absent.
+
+    Args:
+        ranked: ``(B, K_max)`` item indices, best first, ``-1`` for padding.
+        target: ``(B,)`` the relevant item of each request (``>= 0``).
+
+    Returns:
+        ``(B,)`` int64 ranks; 0 where the target is not in the ranking.
+    """
+    if ranked.dim() != 2 or target.dim() != 1 or ranked.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"expected ranked (B, K) and target (B,), got {tuple(ranked.shape)} and {tuple(target.shape)}"
+        )
+    if (target < 0).any():
+        raise ValueError("targets must be item indices >= 0")
+    k_max = ranked.shape[1]
+    valid = ranked != PAD  # (B, K)
+    same = ranked.unsqueeze(2) == ranked.unsqueeze(1)  # (B, K, K): same[b, i, j] = item i == item j
+    earlier = torch.ones(k_max, k_max, dtype=torch.bool, device=ranked.device).tril(-1)  # j < i
+    first = valid & ~(same & earlier).any(dim=2)  # (B, K): the first occurrence of a real item
+    hit = first & (ranked == target.unsqueeze(1))  # (B, K): at most one True per row
+    distinct_rank = first.long().cumsum(dim=1)  # (B, K): rank of each first occurrence
+    return (distinct_rank * hit).sum(dim=1)  # (B,)
+
+
+class RankingMetrics:
+    """Accumulates Recall@K and NDCG@K sums and request counts per service.
+
+    Args:
+        services: every service that may appear, in the same order on every rank (the sums are
+            all-reduced position by position).
+        ks: cut-offs K.
+        prefix: first part of every result key (``test`` -> ``test/recall@10``).
+    """
+
+    def __init__(self, services: Sequence[str], ks: Sequence[int] = DEFAULT_KS, prefix: str = "test") -> None:
+        if len(set(services)) != len(services) or not services:
+            raise ValueError(f"services must be a non-empty list of distinct names, got {list(services)}")
+        reserved = {MACRO, OVERALL} & set(services)
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} are reserved row names and cannot name a service")
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError(f"ks must be positive cut-offs, got {list(ks)}")
+        self.services = list(services)
+        self.ks = tuple(sorted(set(ks)))
+        self.prefix = prefix
+        self._index = {s: i for i, s in enumerate(self.services)}
+        # (S, 1 + 2 * len(ks)) float64: [count, recall@k..., ndcg@k...] summed per service
+        self.sums = torch.zeros(len(self.services), 1 + 2 * len(self.ks), dtype=torch.float64)
+        self._reduced = False
+
+    def update(self, ranked: torch.Tensor, target: torch.Tensor, services: Sequence[str]) -> None:
+        """Add one batch of requests.
+
+        Args:
+            ranked: ``(B, K_max)`` item indices, best first, ``-1`` for padding. With
+                ``K_max < K`` the metric at K counts only the items given.
+            target: ``(B,)`` the held-out item of each request.
+            services: the service of each request (``B`` names).
+        """
+        if len(services) != target.shape[0]:
+            raise ValueError(f"{len(services)} services for {target.shape[0]} requests")
+        unknown = set(services) - self._index.keys()
+        if unknown:
+            raise ValueError(f"unknown service(s) {sorted(unknown)}; expected one of {self.services}")
+        rank = target_rank(ranked, target).cpu()  # (B,)
+        found = rank > 0
+        gain = torch.where(found, 1.0 / torch.log2(rank.double() + 1.0), torch.zeros((), dtype=torch.float64))
+        columns = [torch.ones_like(gain)]
+        columns += [(found & (rank <= k)).double() for k in self.ks]
+        columns += [torch.where(rank <= k, gain, 0.0) for k in self.ks]  # gain is 0 where not found
+        rows = torch.tensor([self._index[s] for s in services], dtype=torch.long)  # (B,)
+        self.sums.index_add_(0, rows, torch.stack(columns, dim=1))  # (S, C) += (B, C)
+
+    def reduce(self) -> None:
+        """Sum the counts of all ranks (a no-op without an initialised process group).
+
+        Call it once, on every rank, after the last :meth:`update`; a second call raises, since it
+        would count every request again.
+        """
+        if self._reduced:
+            raise RuntimeError("RankingMetrics.reduce() was already called")
+        self._reduced = True
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        sums = self.sums
+        if dist.get_backend() == dist.Backend.NCCL:  # NCCL reduces device tensors only
+            sums = sums.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        self.sums = sums.cpu()
+
+    def compute(self) -> dict[str, float]:
+        """Means from the accumulated sums.
+
+        Returns:
+            ``{prefix}/recall@K`` and ``{prefix}/ndcg@K`` (micro mean over all requests),
+            ``{prefix}/macro/...`` (mean over services that have requests) and
+            ``{prefix}/{service}/...`` per service with requests, plus ``.../count`` request counts.
+        """
+        n = len(self.ks)
+        names = ["count"] + [f"recall@{k}" for k in self.ks] + [f"ndcg@{k}" for k in self.ks]
+        counts = self.sums[:, 0]  # (S,)
+        present = counts > 0
+        out: dict[str, float] = {f"{self.prefix}/count": float(counts.sum())}
+        total = self.sums.sum(dim=0)  # (C,)
+        for j, name in enumerate(names[1:], start=1):
+            out[f"{self.prefix}/{name}"] = float(total[j] / total[0]) if total[0] > 0 else math.nan
+        means = self.sums[present, 1:] / counts[present].unsqueeze(1)  # (S', 2n)
+        out[f"{self.prefix}/{MACRO}/count"] = float(present.sum())  # services with requests
+        for j in range(2 * n):
+            out[f"{self.prefix}/{MACRO}/{names[j + 1]}"] = (
+                float(means[:, j].mean()) if len(means) else math.nan
+            )
+        for i, service in enumerate(self.services):
+            if not present[i]:
+                continue
+            out[f"{self.prefix}/{service}/count"] = float(counts[i])
+            for j, name in enumerate(names[1:], start=1):
+                out[f"{self.prefix}/{service}/{name}"] = float(self.sums[i, j] / counts[i])
+        return out
+
+
+def metrics_table(
+    results: dict[str, float], ks: Sequence[int] = DEFAULT_KS, title: str | None = None
+) -> Table:
+    """Results of :meth:`RankingMetrics.compute` as a table: one row per service, then the micro
+    mean (``all``) and the macro mean; columns requests, R@K and N@K for each K."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        parts = key.split("/")
+        if len(parts) == 2:  # prefix/metric
+            rows.setdefault(OVERALL, {})[parts[1]] = value
+        elif len(parts) == 3:  # prefix/service/metric
+            rows.setdefault(parts[1], {})[parts[2]] = value
+    table = Table(title=title)
+    table.add_column("service")
+    table.add_column("requests", justify="right")
+    for k in ks:
+        table.add_column(f"R@{k}", justify="right")
+        table.add_column(f"N@{k}", justify="right")
+    services = sorted(r for r in rows if r not in (OVERALL, MACRO))
+    means = [r for r in (OVERALL, MACRO) if r in rows]
+    for name in services + means:
+        if services and means and name == means[0]:
+            table.add_section()  # the means below the services
+        row = rows[name]
+        cells = [name, "-" if name == MACRO else f"{int(row.get('count', 0)):,}"]
+        for k in ks:
+            cells += [_fmt(row.get(f"recall@{k}")), _fmt(row.get(f"ndcg@{k}"))]
+        table.add_row(*cells)
+    return table
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"

@@ -1,0 +1,160 @@
+"""``MoERecConfig``: the decoder's hyper-parameters, a ``transformers`` config.
+
+Sizes are named by builders (:func:`tiny`, :func:`small`, :func:`base`) so experiments say
+``model.size: small`` instead of twenty numbers. Every layer is a mixture of experts unless
+``ffn_types`` marks it ``dense``; the shared-bottom baseline is the all-dense twin with the same
+active parameters per token (:meth:`MoERecConfig.dense_twin`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+ROUTER_MODES = ("token", "domain", "domain_user")
+MOE_BACKENDS = ("loop", "grouped_mm", "megablocks")
+
+
+class MoERecConfig(PretrainedConfig):
+    model_type = "moe_rec"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 1024,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 1,
+        head_dim: int = 64,
+        intermediate_size: int = 1024,  # dense FFN width (dense layers, shared expert default)
+        moe_intermediate_size: int = 512,  # width of each routed expert
+        num_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        num_shared_experts: int = 0,
+        shared_intermediate_size: int | None = None,  # default: moe_intermediate_size
+        ffn_types: list[str] | None = None,  # "moe" | "dense" per layer; default all "moe"
+        router_mode: str = "domain_user",  # token | domain | domain_user
+        num_domains: int = 8,  # services the router and domain embedding know (vocab service slots)
+        num_user_buckets: int = 4096,  # hashed user buckets for the user routing signal
+        router_signal_dim: int = 32,  # size of the domain / user embeddings the router reads
+        domain_expert_bias: bool = True,  # learned per-domain bias over experts
+        router_use_profile: bool = True,  # domain_user: also a causal running mean of the history
+        router_aux_loss_coef: float = 0.01,
+        router_z_loss_coef: float = 0.001,
+        moe_backend: str = "grouped_mm",  # loop | grouped_mm | megablocks
+        use_post_norms: bool = False,  # Gemma 2/3 sandwich norms around attention and FFN
+        use_qk_norm: bool = False,  # Gemma 3 RMSNorm on queries and keys
+        query_pre_attn_scalar: float | None = None,  # attention scale 1/sqrt(this); default head_dim
+        max_position_embeddings: int = 2048,
+        rope_theta: float = 10000.0,
+        rope_thetas: list[float] | None = None,  # per-layer rotary base (Gemma 3); default rope_theta
+        rms_norm_eps: float = 1e-6,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        sid_token_offset: int = 0,  # first id of our vocabulary (after an upcycled LM's text tokens)
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.num_shared_experts = num_shared_experts
+        self.shared_intermediate_size = shared_intermediate_size or moe_intermediate_size
+        self.ffn_types = list(ffn_types) if ffn_types is not None else ["moe"] * num_hidden_layers
+        self.router_mode = router_mode
+        self.num_domains = num_domains
+        self.num_user_buckets = num_user_buckets
+        self.router_signal_dim = router_signal_dim
+        self.domain_expert_bias = domain_expert_bias
+        self.router_use_profile = router_use_profile
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_z_loss_coef = router_z_loss_coef
+        self.moe_backend = moe_backend
+        self.use_post_norms = use_post_norms
+        self.use_qk_norm = use_qk_norm
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rope_thetas = list(rope_thetas) if rope_thetas is not None else [rope_theta] * num_hidden_layers
+        self.rms_norm_eps = rms_norm_eps
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.sid_token_offset = sid_token_offset
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        if len(self.ffn_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"ffn_types has {len(self.ffn_types)} entries for {self.num_hidden_layers} layers"
+            )
+        if len(self.rope_thetas) != self.num_hidden_layers:
+            raise ValueError(
+                f"rope_thetas has {len(self.rope_thetas)} entries for {self.num_hidden_layers} layers"
+            )
+        if bad := sorted(set(self.ffn_types) - {"moe", "dense"}):
+            raise ValueError(f"ffn_types: unknown {bad}; use 'moe' or 'dense'")
+        if self.router_mode not in ROUTER_MODES:
+            raise ValueError(f"router_mode {self.router_mode!r} not in {ROUTER_MODES}")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_experts}]"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    def dense_twin(self) -> MoERecConfig:
+        """The shared-bottom baseline: every layer dense, FFN width = the MoE layer's active width
+        (top-k routed experts + shared experts), so active parameters per token match."""
+        d = self.to_dict()
+        d["ffn_types"] = ["dense"] * self.num_hidden_layers
+        d["intermediate_size"] = (
+            self.num_experts_per_tok * self.moe_intermediate_size
+            + self.num_shared_experts * self.shared_intermediate_size
+        )
+        for key in ("model_type", "transformers_version", "architectures"):
+            d.pop(key, None)
+        return MoERecConfig(**d)
+
+
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                 intermediate_size=256, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                  intermediate_size=1024, moe_intermediate_size=512, num_experts=8, num_experts_per_tok=2),
+    "base": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+                 intermediate_size=3072, moe_intermediate_size=1536, num_experts=16, num_experts_per_tok=2),
+}  # fmt: skip
+
+
+def build_config(size: str, **overrides: Any) -> MoERecConfig:
+    """A named size (``tiny``, ``small``, ``base``) with field overrides."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; known: {sorted(SIZES)}")
+    return MoERecConfig(**{**SIZES[size], **overrides})

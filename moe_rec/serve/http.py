@@ -1,0 +1,373 @@
+"""The HTTP service: a FastAPI app over one :class:`~moe_rec.serve.recommender.Recommender`.
+
+Endpoints (OpenAPI at ``/openapi.json``, interactive docs at ``/docs``):
+
+* ``POST /v1/recommend`` — top-``k`` items of one service for a cross-service history;
+* ``GET /v1/items/{service}/{item_id}`` — one catalogue row (404 when unknown);
+* ``GET /healthz`` — status and what the bundle holds;
+* ``GET /metrics`` — Prometheus text: requests by endpoint and status, latency, Recommender stats.
+
+The model call blocks, so the recommend endpoint is a plain ``def``: FastAPI runs it in the
+thread pool, and concurrent requests wait together inside the Recommender, which batches them.
+Every error is JSON ``{"error", "message", "field"}``: bad input is a 4xx that names the field
+at fault; anything unexpected is a 500 with an ``error_id`` that is also in the server log
+beside the traceback, which never reaches the client. Bodies over ``max_body_bytes`` get 413
+before they are parsed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from copy import deepcopy
+from importlib.metadata import version
+from logging.config import dictConfig
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import torch
+import uvicorn
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from moe_rec.serve.metrics import ServeMetrics
+from moe_rec.serve.recommender import DEFAULT_MAX_K, Recommender, RequestError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 50-event history is about 3 KB
+DRAIN_FACTOR = 8  # an oversized body up to this many times the limit is read (and dropped) so the
+# client gets its 413 instead of a connection reset; a larger one is refused unread
+
+RESERVED = ("item_id", "score", "rank")  # response keys a catalogue field of the same name cannot replace
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# --- request and response bodies (they are also the OpenAPI schema) ---------------------------
+
+
+class HistoryEvent(BaseModel):
+    """One past interaction of the user."""
+
+    model_config = ConfigDict(extra="forbid")
+    service: StrictStr = Field(description="the service it happened in", examples=["grocery"])
+    item_id: StrictStr = Field(description="the item, unique within its service", examples=["grocery-17"])
+
+
+class RecommendRequest(BaseModel):
+    """A user's history across services, and what to recommend."""
+
+    model_config = ConfigDict(extra="forbid")
+    history: list[HistoryEvent] = Field(
+        min_length=1, description="past interactions in every service, oldest first"
+    )
+    service: StrictStr = Field(description="the service to recommend items of", examples=["grocery"])
+    k: StrictInt = Field(10, ge=1, description="how many items (at most `max_k`, see /healthz)")
+    exclude_seen: StrictBool = Field(True, description="leave out items already in the history")
+    user_id: StrictStr | None = Field(
+        None, description="the user; hashed to the user bucket of user-routed experts (null: no user)"
+    )
+
+
+class RecommendedItem(BaseModel):
+    """One recommended item: its id, beam score, 1-based rank and its catalogue fields."""
+
+    model_config = ConfigDict(extra="allow")
+    item_id: str
+    score: float
+    rank: int
+
+
+class RecommendResponse(BaseModel):
+    service: str
+    items: list[RecommendedItem] = Field(description="best first")
+    latency_ms: float = Field(description="time spent in the Recommender (queue + batch + decode)")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(
+        description="invalid_json, invalid_request, too_large, not_found, http_error or internal_error"
+    )
+    message: str = Field(description="what is wrong")
+    field: str | None = Field(None, description='the input at fault, e.g. "history[3].item_id"')
+    error_id: str | None = Field(None, description="500 only: quote it to find the server log entry")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "body is not valid JSON"),
+        (413, "body over the size limit"),
+        (422, "a field is missing, has the wrong type or an unknown value (e.g. unknown item)"),
+        (500, "internal error (no details; see error_id in the server log)"),
+    )
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "unknown service or item"}
+}
+
+
+def _error(status: int, error: str, message: str, field: str | None = None, **extra: Any) -> JSONResponse:
+    body = {"error": error, "message": message, "field": field, **extra}
+    return JSONResponse(body, status_code=status)
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    """Pydantic's ``("body", "history", 3, "item_id")`` as ``history[3].item_id``."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+# --- ASGI layers around the app: metrics + catch-all, body size limit ------------------------
+
+
+class _Observe:
+    """Outermost layer: counts and times every request; turns an unhandled exception into a 500.
+
+    The traceback goes to the server log under a fresh error id; the client sees only the id.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 499  # 499: the client went away before an answer
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("error_id=%s on %s %s", error_id, scope["method"], scope["path"])
+            if status == 499:  # nothing sent yet
+                response = _error(500, "internal_error", "internal server error", error_id=error_id)
+                await response(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")  # the template: bounded label values
+            self.metrics.observe(endpoint, scope["method"], status, time.perf_counter() - start)
+
+
+class _BodyLimit:
+    """Reads the whole body first and answers 413 when it is over ``max_bytes``."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = int(dict(scope["headers"]).get(b"content-length", b"0"))  # h11 checked the number
+        drain = self.max_bytes * DRAIN_FACTOR
+        body, received, more = bytearray(), 0, declared <= drain
+        while more and received <= drain:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received <= self.max_bytes:
+                body += chunk
+            more = message.get("more_body", False)
+        if max(declared, received) > self.max_bytes:
+            text = f"request body is over the limit of {self.max_bytes:,} bytes"
+            await _error(413, "too_large", text, "body")(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+def create_app(
+    recommender: Recommender, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 64
+) -> FastAPI:
+    """The FastAPI app serving ``recommender``; it closes the Recommender when the app shuts down.
+
+    Args:
+        recommender: the model, catalogue and request batcher.
+        max_body_bytes: larger request bodies are answered 413 unparsed.
+        threads: worker threads for blocking calls; at least the batch size, or batches never fill.
+    """
+    metrics = ServeMetrics(recommender.stats)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        yield
+        log.info("shutting down: closing the recommender")
+        await anyio.to_thread.run_sync(recommender.close)
+
+    app = FastAPI(
+        title="moe-rec",
+        summary="Generative multi-service recommendations by constrained beam search over semantic IDs.",
+        version=version("moe-rec"),
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            return _error(400, "invalid_json", f"body is not valid JSON: {first['ctx']['error']}", "body")
+        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return _error(422, "invalid_request", message, errors[0]["field"], errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, responses=ERRORS)
+    def recommend(request: RecommendRequest) -> JSONResponse:
+        """Top-``k`` items of ``service`` for the history: real items only, best first."""
+        start = time.perf_counter()
+        history = [event.model_dump() for event in request.history]
+        try:
+            recs = recommender.recommend(
+                history,
+                request.service,
+                k=request.k,
+                exclude_seen=request.exclude_seen,
+                user_id=request.user_id,
+            )
+        except RequestError as e:
+            return _error(422, "invalid_request", str(e), e.field)
+        items = [
+            {"item_id": r.item_id, "score": r.score, "rank": rank}
+            | {f: v for f, v in r.fields.items() if f not in RESERVED}
+            for rank, r in enumerate(recs, start=1)
+        ]
+        latency_ms = (time.perf_counter() - start) * 1000
+        return JSONResponse({"service": request.service, "items": items, "latency_ms": latency_ms})
+
+    @app.get("/v1/items/{service}/{item_id:path}", response_model=dict[str, Any], responses=NOT_FOUND)
+    def item(service: str, item_id: str) -> JSONResponse:
+        """One catalogue row."""
+        try:
+            return JSONResponse(recommender.item(service, item_id))
+        except RequestError as e:
+            return _error(404, "not_found", str(e), e.field)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        """Liveness and what is served: services, limits and the bundle's info."""
+        return {
+            "status": "ok",
+            "services": recommender.services,
+            "max_k": recommender.max_k,
+            "max_history": recommender.max_history,
+            "bundle": recommender.info,
+        }
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus() -> Response:
+        """Prometheus text exposition."""
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(_Observe, metrics=metrics)  # added last = outermost
+    return app
+
+
+# --- running it ------------------------------------------------------------------------------
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging setup, with our ``moe_rec`` loggers on the same handler."""
+    config = deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["moe_rec"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that also logs one line with the URL it actually listens on."""
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                host = f"[{host}]" if ":" in host else host
+                log.info(
+                    "moe-rec serving at http://%s:%d (POST /v1/recommend; docs /docs; metrics /metrics)",
+                    host,
+                    port,
+                )
+
+
+def run_server(
+    bundle: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str | None = None,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 2.0,
+    max_k: int = DEFAULT_MAX_K,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    torch_threads: int | None = None,
+    access_log: bool = False,
+    log_level: str = "info",
+) -> None:
+    """Load ``bundle`` and serve it in this process until SIGINT / SIGTERM.
+
+    Shutdown is graceful: the socket stops accepting, in-flight requests finish, then the
+    Recommender is closed. ``port=0`` picks a free port (the startup line says which).
+    ``torch_threads`` sets the model's intra-op CPU threads (default: torch's, one per core); on a
+    small or shared machine 1 can be many times faster (docs/serving.md).
+    """
+    dictConfig(_log_config(log_level))
+    if torch_threads:
+        torch.set_num_threads(torch_threads)  # before the Recommender's worker thread starts
+    log.info("loading bundle %s (device %s)", bundle, device or "auto")
+    recommender = Recommender.from_bundle(
+        bundle, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_k=max_k
+    )
+    counts = recommender.info.get("items_per_service") or {}
+    services = ", ".join(f"{s} ({counts.get(s, '?')} items)" for s in recommender.services)
+    log.info("model on %s; services: %s", recommender.info.get("device", "?"), services)
+    app = create_app(recommender, max_body_bytes=max_body_bytes, threads=max(64, 2 * max_batch_size))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # configured above
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=30,
+    )
+    _Server(config).run()

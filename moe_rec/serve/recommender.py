@@ -1,0 +1,391 @@
+"""The Python serving API: a bundle in, the top-k items of a service for a cross-service history out.
+
+A request is validated in the caller's thread (a bad one raises :class:`RequestError` naming the
+input at fault and never reaches the model), turned into the prompt training and evaluation use
+(``[BOS]``, then ``[service][c1]..[cL][dedup]`` per history event, then the requested service's
+token; ``domain_ids`` the event's service, the ``[BOS]`` taking the first event's), and queued.
+One worker thread takes up to ``max_batch_size`` queued requests, waiting at most
+``max_wait_ms`` after the first for more, runs them as one :func:`constrained_beam_search` and
+hands each caller its items through a future.
+
+Every request is decoded with the same beam width ``max_k`` whatever its ``k`` (then cut to
+``k``), so an answer does not depend on which other requests shared its batch. Scores are the
+summed log-probabilities of the item's full semantic ID (the beam score). Histories longer than
+``max_history`` events keep the most recent ``max_history`` (training's ``sequences.max_events``);
+``exclude_seen`` removes every item of the whole given history in the requested service. The user
+bucket is ``user_bucket(user_id)`` as in training; ``user_id=None`` hashes the empty key, the same
+treatment evaluation gives any user key (an unseen user shares the bucket its hash lands in).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from moe_rec.data.sequences import user_bucket
+from moe_rec.data.vocab import BOS
+from moe_rec.eval.beam_search import constrained_beam_search
+from moe_rec.eval.evaluate import left_pad
+from moe_rec.export.bundle import Bundle, load_bundle
+
+DEFAULT_MAX_K = 50
+DEFAULT_MAX_HISTORY = 50  # sequences.max_events when the bundle's config does not say
+REQUEST_KEYS = ("history", "service", "k", "exclude_seen", "user_id")
+
+
+def _nan_to_null(table: pa.Table) -> pa.Table:
+    """``table`` with every NaN of its floating-point columns replaced by null."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_floating(field.type):
+            col = table.column(i)
+            table = table.set_column(i, field, pc.if_else(pc.is_nan(col), pa.scalar(None, field.type), col))
+    return table
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    service: str
+    item_id: str
+    score: float  # log-probability of the item's full semantic ID (beam score)
+    fields: dict[str, Any]  # the item's catalogue fields (title, brand, ... whatever the catalogue has)
+
+
+class RequestError(ValueError):
+    """A bad request. ``field`` names the input at fault, e.g. ``history[3].item_id``, ``service``, ``k``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass
+class _Job:
+    """A validated request: its prompt, what to exclude, and where the answer goes."""
+
+    prompt: dict[str, Any]  # input_ids, domain_ids (eval's sample layout)
+    service: str
+    k: int
+    user: int
+    exclude: torch.Tensor  # (n, L+1) full IDs never to return
+    future: Future
+
+
+class Recommender:
+    """Thread-safe top-k recommendations from a bundle, with request batching.
+
+    Args:
+        bundle: a loaded bundle (model already on ``device``).
+        device: where the model runs.
+        max_batch_size: most requests decoded together.
+        max_wait_ms: how long the worker waits after a request for others to join its batch.
+        max_k: largest ``k`` and the beam width of every decode.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: torch.device,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        max_k: int = DEFAULT_MAX_K,
+    ) -> None:
+        if max_batch_size < 1 or max_k < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_k must be >= 1, max_wait_ms >= 0")
+        self.bundle, self.device = bundle, device
+        bundle.model.to(device).eval()
+        self.vocab, self.table = bundle.vocab, bundle.table
+        self.trie = bundle.trie.to(device)
+        self.services: list[str] = list(self.vocab.services)
+        self.max_k = max_k
+        cfg = bundle.model.config
+        max_events = ((bundle.manifest.get("config") or {}).get("sequences") or {}).get("max_events")
+        # positions: [BOS] + items + the service token + the L codes fed back while decoding
+        fits = (cfg.max_position_embeddings - 2 - self.vocab.levels) // self.vocab.tokens_per_item
+        self.max_history: int = min(int(max_events or DEFAULT_MAX_HISTORY), fits)
+        self._needs_users = cfg.router_mode == "domain_user"
+        self.catalogue = _nan_to_null(bundle.catalogue)  # NaN is not JSON: a missing price is a null
+        self._fields = [c for c in self.catalogue.column_names if c not in ("service", "item_id")]
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.info: dict[str, Any] = {
+            "bundle": str(bundle.path),
+            "created": bundle.manifest.get("created"),
+            "format_version": bundle.manifest.get("format_version"),
+            "versions": bundle.manifest.get("versions"),
+            "source": bundle.manifest.get("source"),
+            "dtype": bundle.manifest.get("dtype"),
+            "device": str(device),
+            "items_per_service": (bundle.manifest.get("items") or {}).get("per_service"),
+            "max_k": self.max_k,
+            "max_history": self.max_history,
+            "max_batch_size": max_batch_size,
+        }
+        self._counts = {"requests": 0, "rejected": 0, "batches": 0, "items_scored": 0, "batch_seconds": 0.0}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="moe-rec-batcher", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: Path | str,
+        *,
+        device: str | None = None,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        max_k: int = DEFAULT_MAX_K,
+    ) -> Recommender:
+        """Load and verify a bundle (see :func:`moe_rec.export.load_bundle`); device: CUDA if there is one."""
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(
+            load_bundle(path, device=dev), device=dev, max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms, max_k=max_k,
+        )  # fmt: skip
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _events(self, history: Any) -> tuple[list[str], list[str]]:
+        """Services and item ids of a history, every entry checked."""
+        if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Sequence):
+            raise RequestError("history", "must be a list of {service, item_id} objects or pairs")
+        if not history:
+            raise RequestError("history", "is empty; give at least one event")
+        services, items = [], []
+        for i, event in enumerate(history):
+            if isinstance(event, Mapping):
+                for key in ("service", "item_id"):
+                    if key not in event:
+                        raise RequestError(f"history[{i}].{key}", "is missing")
+                service, item = event["service"], event["item_id"]
+            elif isinstance(event, (tuple, list)) and len(event) == 2:
+                service, item = event
+            else:
+                raise RequestError(f"history[{i}]", "must be a {service, item_id} object or a pair")
+            if not isinstance(service, str) or service not in self.services:
+                raise RequestError(
+                    f"history[{i}].service", f"unknown service {service!r}; known: {self.services}"
+                )
+            if not isinstance(item, str):
+                raise RequestError(f"history[{i}].item_id", f"must be a string, got {type(item).__name__}")
+            services.append(service)
+            items.append(item)
+        return services, items
+
+    def _rows(self, services: list[str], items: list[str]) -> list[int]:
+        """Table rows of the events; an unknown item names its index."""
+        try:
+            return self.table.rows(services, items).tolist()
+        except LookupError:
+            for i, (service, item) in enumerate(zip(services, items)):
+                try:
+                    self.table.rows(service, [item])
+                except LookupError:
+                    raise RequestError(
+                        f"history[{i}].item_id", f"unknown item {item!r} of service {service!r}"
+                    ) from None
+            raise
+
+    def _job(self, history: Any, service: Any, k: Any, exclude_seen: Any, user_id: Any) -> _Job:
+        """Validate one request and build its prompt (caller's thread)."""
+        if not isinstance(service, str) or service not in self.services:
+            raise RequestError("service", f"unknown service {service!r}; known: {self.services}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_k:
+            raise RequestError("k", f"must be an integer in [1, {self.max_k}], got {k!r}")
+        if not isinstance(exclude_seen, bool):
+            raise RequestError("exclude_seen", f"must be true or false, got {exclude_seen!r}")
+        if user_id is not None and not isinstance(user_id, str):
+            raise RequestError("user_id", f"must be a string or null, got {type(user_id).__name__}")
+        services, items = self._events(history)
+        rows = self._rows(services, items)
+        codes = self.table.codes[rows]  # (n, L+1)
+        ids, domains = [BOS], []
+        for s, c in list(zip(services, codes.tolist()))[-self.max_history :]:
+            tokens = self.vocab.item_tokens(s, c)
+            ids += tokens
+            domains += [self.vocab.service_index(s)] * len(tokens)
+        ids.append(self.vocab.service_token(service))
+        domains.append(self.vocab.service_index(service))
+        seen = [i for i, s in enumerate(services) if s == service] if exclude_seen else []
+        return _Job(
+            prompt={"input_ids": ids, "domain_ids": [domains[0], *domains]},
+            service=service,
+            k=k,
+            user=user_bucket(user_id or "", self.bundle.model.config.num_user_buckets),
+            exclude=codes[seen],
+            future=Future(),
+        )
+
+    def _submit(self, job: _Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the recommender is closed")
+            self._queue.put(job)
+
+    def recommend(
+        self,
+        history: Sequence[Mapping[str, str] | tuple[str, str]],
+        service: str,
+        k: int = 10,
+        exclude_seen: bool = True,
+        user_id: str | None = None,
+    ) -> list[Recommendation]:
+        """The ``k`` best items of ``service`` for a cross-service ``history`` (oldest first), best
+        first; fewer only when the service has fewer than ``k`` items left after exclusion.
+
+        Raises:
+            RequestError: naming the bad input (unknown service or item, empty history, k out of range).
+        """
+        try:
+            job = self._job(history, service, k, exclude_seen, user_id)
+        except RequestError:
+            self._count(rejected=1)
+            raise
+        self._submit(job)
+        return job.future.result()
+
+    def recommend_many(self, requests: list[dict[str, Any]]) -> list[list[Recommendation] | RequestError]:
+        """Many requests (dicts with the keys of :meth:`recommend`) decoded in shared batches; a bad
+        one comes back as its :class:`RequestError` in its place, the others still answered."""
+        out: list[Any] = []
+        for r in requests:
+            try:
+                if not isinstance(r, Mapping):
+                    raise RequestError("request", "must be an object")
+                if unknown := sorted(set(r) - set(REQUEST_KEYS)):
+                    raise RequestError(unknown[0], f"unknown field; known: {list(REQUEST_KEYS)}")
+                for key in ("history", "service"):
+                    if key not in r:
+                        raise RequestError(key, "is missing")
+                out.append(
+                    self._job(r["history"], r["service"], r.get("k", 10), r.get("exclude_seen", True),
+                              r.get("user_id"))
+                )  # fmt: skip
+            except RequestError as e:
+                self._count(rejected=1)
+                out.append(e)
+        for job in out:
+            if isinstance(job, _Job):
+                self._submit(job)
+        return [job.future.result() if isinstance(job, _Job) else job for job in out]
+
+    def item(self, service: str, item_id: str) -> dict[str, Any]:
+        """The catalogue row (``service``, ``item_id`` and every field) of one item."""
+        if not isinstance(service, str) or service not in self.services:
+            raise RequestError("service", f"unknown service {service!r}; known: {self.services}")
+        if not isinstance(item_id, str):
+            raise RequestError("item_id", f"must be a string, got {type(item_id).__name__}")
+        try:
+            row = int(self.table.rows(service, [item_id])[0])
+        except LookupError:
+            raise RequestError("item_id", f"unknown item {item_id!r} of service {service!r}") from None
+        return self.catalogue.slice(row, 1).to_pylist()[0]
+
+    # --- the batching worker ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch, deadline = [job], time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch_size:
+                try:
+                    nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            try:
+                for j, result in zip(batch, self._decode(batch)):
+                    j.future.set_result(result)
+            except Exception as e:  # noqa: BLE001 - a model failure is every caller's answer
+                for j in batch:
+                    j.future.set_exception(e)
+
+    def _decode(self, batch: list[_Job]) -> list[list[Recommendation]]:
+        """One beam search over the batch's prompts; each job's top ``k`` real items."""
+        t0 = time.perf_counter()
+        ids, mask, domains = left_pad([j.prompt for j in batch])
+        users = torch.tensor([j.user for j in batch], device=self.device) if self._needs_users else None
+        services = [j.service for j in batch]
+        codes, scores = constrained_beam_search(
+            self.bundle.model,
+            self.trie,
+            self.vocab,
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            domain_ids=domains.to(self.device),
+            user_ids=users,
+            services=services,
+            beam_width=self.max_k,
+            exclude_codes=[j.exclude for j in batch],
+        )  # (B, W, L+1), (B, W)
+        b, w, depth = codes.shape
+        rows = self.table.rows_for_codes([s for s in services for _ in range(w)], codes.reshape(b * w, depth))
+        rows, scores = rows.view(b, w).tolist(), scores.cpu().tolist()
+        results, scored = [], 0
+        for j, job_rows, job_scores in zip(batch, rows, scores):
+            keep = [(r, s) for r, s in zip(job_rows, job_scores) if r >= 0][: j.k]
+            scored += len(keep)
+            records = self.catalogue.take([r for r, _ in keep]).to_pylist()
+            results.append(
+                [
+                    Recommendation(
+                        service=j.service,
+                        item_id=rec["item_id"],
+                        score=float(s),
+                        fields={f: rec[f] for f in self._fields},
+                    )
+                    for (_, s), rec in zip(keep, records)
+                ]
+            )
+        self._count(
+            requests=len(batch), batches=1, items_scored=scored, batch_seconds=time.perf_counter() - t0
+        )
+        return results
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def _count(self, **delta: float) -> None:
+        with self._lock:
+            for key, value in delta.items():
+                self._counts[key] += value
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: requests decoded, requests rejected, batches, mean batch size,
+        items returned (``items_scored``), mean seconds per batch."""
+        with self._lock:
+            c = dict(self._counts)
+        c["mean_batch_size"] = c["requests"] / c["batches"] if c["batches"] else 0.0
+        c["mean_batch_seconds"] = c.pop("batch_seconds") / c["batches"] if c["batches"] else 0.0
+        return c
+
+    def close(self) -> None:
+        """Finish the queued requests and stop the worker thread (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._worker.join()
+
+    def __enter__(self) -> Recommender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

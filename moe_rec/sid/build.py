@@ -1,0 +1,142 @@
+"""Build the semantic IDs of a catalogue: text -> embedding -> codes -> dedup -> table + trie.
+
+``build_sids`` is the whole stage in one call (the CLI wraps it). It writes into ``out_dir``::
+
+    sid_table.parquet, sid_table.json   the SID table (see moe_rec.sid.table)
+    sid_trie.safetensors                the tensor trie for constrained decoding
+    quantizer.safetensors               the fitted quantiser (encodes new items later)
+    sid_config.yaml                     the SIDConfig used
+    stats.json                          items, unique IDs, collisions, codebook use, coherence, seconds
+
+Encoding and quantisation are timed separately: encoding dominates the first run and is cached
+for the next ones; quantisation is re-run every time.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from moe_rec.config import dump_config
+from moe_rec.console import console
+from moe_rec.sid.config import SIDConfig
+from moe_rec.sid.embed import TextEncoder
+from moe_rec.sid.io import write_json
+from moe_rec.sid.item_text import item_texts
+from moe_rec.sid.quantizer import QUANTIZER_FILE, fit_quantizer
+from moe_rec.sid.stats import (
+    category_coherence,
+    codebook_usage,
+    collision_rate,
+    leaf_categories,
+    max_dedup_depth,
+)
+from moe_rec.sid.table import SIDTable
+from moe_rec.sid.trie import TRIE_FILE
+
+STATS_FILE = "stats.json"
+CONFIG_FILE = "sid_config.yaml"
+
+
+def build_sids(
+    items: pa.Table, cfg: SIDConfig, out_dir: Path, cache_dir: Path | None = None
+) -> dict[str, Any]:
+    """Give every item of ``items`` (ITEM_SCHEMA columns) a semantic ID and save the results.
+
+    Args:
+        items: the catalogue, one row per ``(service, item_id)``.
+        cfg: the stage config.
+        out_dir: where the table, trie, quantiser, config and stats are written.
+        cache_dir: embedding cache root; ``cfg.encoder.cache_dir`` wins when set, and
+            ``<out_dir>/embedding_cache`` is used when neither is given.
+    Returns:
+        The stats written to ``stats.json``.
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    for name in ("service", "item_id"):
+        if name not in items.column_names:
+            raise ValueError(f"the items table has no {name!r} column (columns: {items.column_names})")
+        if items.column(name).null_count:
+            raise ValueError(f"{items.column(name).null_count} items have no {name}")
+    if items.num_rows == 0:
+        raise ValueError("the items table is empty")
+    services = items.column("service").to_pylist()
+    item_ids = items.column("item_id").to_pylist()
+
+    t0 = time.perf_counter()
+    encoder = TextEncoder.from_config(
+        cfg.encoder, cache_dir if cache_dir is not None else out_dir / "embedding_cache"
+    )
+    texts = item_texts(items)
+    # an item with no text at all (e.g. food_kitchen) is named by its id, so it still gets its own
+    # embedding rather than colliding with every other text-less item; counted in the stats
+    without_text = [i for i, text in enumerate(texts) if not text]
+    for i in without_text:
+        texts[i] = f"{services[i]} item {item_ids[i]}"
+    if without_text:
+        console.log(f"[yellow]{len(without_text):,} items have no text; their ids stand in for it")
+    embeddings = encoder.encode(texts)  # (N, D)
+    t_encode = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    quantizer = fit_quantizer(embeddings, cfg)
+    t_fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    codes = quantizer.encode(embeddings, chunk_size=cfg.kmeans.chunk_size)  # (N, L)
+    t_assign = time.perf_counter() - t0
+
+    table = SIDTable.from_quantized(
+        services=services,
+        item_ids=item_ids,
+        codes=codes,
+        codebook_size=cfg.codebook_size,
+        max_dedup=cfg.max_dedup,
+        quantizer=quantizer.kind,
+        encoder=f"{cfg.encoder.model} ({encoder.fingerprint})",
+    )
+    table.save(out_dir)
+    table.trie().save(out_dir / TRIE_FILE)
+    quantizer.save(out_dir / QUANTIZER_FILE)
+    dump_config(cfg, out_dir / CONFIG_FILE)
+
+    usage = codebook_usage(codes, cfg.codebook_size)
+    coherence = None
+    if "categories" in items.column_names:
+        leaves = leaf_categories(items.column("categories").to_pylist())
+        if any(leaf is not None for leaf in leaves):
+            coherence = category_coherence(codes, leaves)
+    stats = {
+        "items": len(table),
+        "items_per_service": table.metadata()["items_per_service"],
+        "items_without_text": len(without_text),
+        "unique_ids": int(
+            torch.unique(torch.cat([table.service_index[:, None], table.codes], 1), dim=0).shape[0]
+        ),
+        "unique_prefixes": int(
+            torch.unique(torch.cat([table.service_index[:, None], codes], 1), dim=0).shape[0]
+        ),
+        "collision_rate": collision_rate(table.service_index, codes),
+        "max_dedup_depth": max_dedup_depth(table.service_index, codes),
+        "level_usage": [level["used_frac"] for level in usage],
+        "codebook_usage": usage,
+        "category_coherence": coherence,
+        "quantizer": {"kind": quantizer.kind, **quantizer.report()},
+        "encoder": {
+            "model": cfg.encoder.model,
+            "fingerprint": encoder.fingerprint,
+            "dim": int(embeddings.shape[1]),
+            "texts_encoded": encoder.last_encoded,
+        },
+        "encode_seconds": round(t_encode, 3),
+        "quantize_seconds": round(t_fit + t_assign, 3),
+        "quantize_fit_seconds": round(t_fit, 3),
+        "quantize_assign_seconds": round(t_assign, 3),
+        "total_seconds": round(time.perf_counter() - start, 3),
+    }
+    write_json(out_dir / STATS_FILE, stats)
+    return stats

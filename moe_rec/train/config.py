@@ -1,0 +1,68 @@
+"""Typed configs of the training stage: which model to build (``model:``) and how to train it
+(``train:``), both sections of :class:`moe_rec.experiment.ExperimentConfig`.
+
+The DeepSpeed JSON under ``configs/deepspeed/`` holds only what is DeepSpeed's own business (ZeRO
+stage, bucket sizes); batch sizes, clipping and precision come from :class:`TrainConfig` and are
+written into it at start-up, so one number is never set in two places.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class ModelSection:
+    size: Literal["tiny", "small", "base"] = "tiny"  # a named builder in moe_rec.model.config
+    router_mode: Literal["token", "domain", "domain_user"] = "domain_user"
+    moe_backend: Literal["loop", "grouped_mm", "megablocks"] = "grouped_mm"
+    dense: bool = False  # train the all-dense twin (same active parameters per token) instead
+    overrides: dict[str, Any] = field(default_factory=dict)  # any other MoERecConfig field
+
+
+@dataclass
+class WandbConfig:
+    project: str = "moe_rec"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    name: str | None = None  # run name; default: the run directory's name
+
+
+@dataclass
+class TrainConfig:
+    deepspeed: Path = Path("configs/deepspeed/zero2.json")  # JSON or YAML; relative: cwd, else repo root
+    micro_batch_size: int = 16  # samples per rank per forward
+    grad_accum: int = 1  # micro batches per optimizer step
+    lr: float = 1e-3  # peak learning rate (after warmup)
+    min_lr: float = 1e-4  # cosine floor
+    warmup_steps: int = 20  # linear warmup, in optimizer steps
+    max_steps: int = 0  # optimizer steps; 0: `epochs` full passes over the train split
+    epochs: int = 1
+    stop_at: int = 0  # leave after this step, checkpointed (a job's time limit); the LR schedule still
+    # spans the whole run, so a resumed run continues exactly where this one stopped (0: never)
+    weight_decay: float = 0.01
+    clip: float = 1.0  # gradient norm clip (0: off)
+    seed: int = 0
+    save_every: int = 100  # optimizer steps between checkpoints (one is always written at the end)
+    keep_last: int = 2  # checkpoints kept besides the best one
+    eval_every: int = 100  # optimizer steps between validations (0: only at the end)
+    max_eval_samples: int = 2048  # validation subsample (first N valid rows; 0: all)
+    log_every: int = 10  # optimizer steps between log lines
+    best_metric: str = "valid/token_acc"  # higher is better; a key of the validation metrics (per-code
+    # accuracy moves before exact match does, so early checkpoints do not win every tie)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from <run_dir>/checkpoints/latest
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    peak_tflops: float = 0.0  # per device, for MFU; 0: from the GPU's name (no MFU on CPU)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        positive = ("micro_batch_size", "grad_accum", "epochs", "save_every", "keep_last", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "max_steps", "stop_at", "eval_every", "max_eval_samples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")

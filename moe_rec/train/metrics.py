@@ -1,0 +1,188 @@
+"""What training reports: validation (teacher-forced next-item accuracy per service), throughput
+and MFU, and the rank-0 logger that writes ``metrics.jsonl`` and W&B.
+
+Validation asks the model for the held-out item's ``L+1`` codes given the context (which ends
+with the item's service token), feeding the true codes (teacher forcing). ``exact_match`` is the
+share of items whose every code is the arg-max; ``token_acc`` the share of codes. Counts are
+summed over ranks before dividing, so the numbers do not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_rec.data.sequences import IGNORE_INDEX
+from moe_rec.data.vocab import Vocabulary
+from moe_rec.model import MoERecConfig
+from moe_rec.train.data import Collator
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # bf16 dense
+
+
+def eval_rows(valid: datasets.Dataset, vocab: Vocabulary, limit: int) -> list[dict[str, Any]]:
+    """Valid samples as teacher-forced rows: the target's codes appended, labelled, rest -100."""
+    rows = []
+    for r in valid.select(range(min(limit, len(valid)) if limit else len(valid))):
+        target = vocab.item_tokens(r["service"], r["target"])[1:]  # (L+1,) codes after the service token
+        service = vocab.service_index(r["service"])
+        rows.append(
+            {
+                "user": r["user"],
+                "service": service,
+                "input_ids": list(r["input_ids"]) + target,
+                "domain_ids": list(r["domain_ids"]) + [service] * len(target),
+                "labels": [IGNORE_INDEX] * len(r["input_ids"]) + target,
+            }
+        )
+    return rows
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any, rows: Sequence[dict[str, Any]], vocab: Vocabulary, collator: Collator, batch_size: int
+) -> dict[str, float]:
+    """Teacher-forced accuracy per service, reduced over ranks. Every rank runs the same number of
+    forward passes (ZeRO-3 gathers parameters collectively); a rank out of rows repeats row 0 with
+    weight 0."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(rows[rank::world])
+    num_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
+    counts = torch.zeros(len(vocab.services), 4, dtype=torch.float64)  # n, exact, code hits, codes
+    engine.eval()
+    for i in range(num_batches):
+        chunk = mine[i * batch_size : (i + 1) * batch_size]
+        weight = 1.0 if chunk else 0.0
+        chunk = chunk or [rows[0]]
+        batch = {k: v.to(engine.device) for k, v in collator(chunk).items()}
+        labels = batch.pop("labels")[:, 1:]  # (B, T-1) aligned with logits[:, :-1]
+        logits = engine(**batch).logits[:, :-1]  # (B, T-1, V)
+        scored = labels != IGNORE_INDEX
+        hits = (logits.argmax(-1) == labels) & scored
+        for j, row in enumerate(chunk):
+            n_hit, n_codes = hits[j].sum().item(), scored[j].sum().item()
+            counts[row["service"]] += weight * torch.tensor([1.0, float(n_hit == n_codes), n_hit, n_codes])
+    engine.train()
+    dist.all_reduce(counts)
+    out: dict[str, float] = {}
+    for name, c in [("", counts.sum(0)), *((f"{s}/", counts[i]) for i, s in enumerate(vocab.services))]:
+        if c[0] > 0:
+            out[f"valid/{name}exact_match"] = (c[1] / c[0]).item()
+            out[f"valid/{name}token_acc"] = (c[2] / c[3]).item()
+    return out
+
+
+def flops_per_token(config: MoERecConfig, active_params: int, seq_len: float) -> float:
+    """Training FLOPs per token: 6 x active parameters (fwd + bwd matmuls) plus attention scores and
+    values, 12 x layers x heads x head_dim x sequence length (as in nanoGPT's ``estimate_mfu``)."""
+    attn = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * active_params + attn
+
+
+def peak_flops(configured_tflops: float) -> float | None:
+    """Peak FLOP/s of one device: the configured value, else looked up by GPU name; ``None`` on CPU."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def expert_load_heatmap(share: torch.Tensor, cell: int = 24) -> np.ndarray:
+    """A heat map of expert load as an RGB image: one band of rows per (layer, service), one column
+    per expert, white for no tokens to dark blue for the largest share.
+
+    Args:
+        share: (L, S, E) share of each service's routed tokens per expert.
+        cell: pixels per cell side.
+
+    Returns:
+        (L*S*cell, E*cell, 3) uint8.
+    """
+    rows = share.reshape(-1, share.shape[-1]).float()  # (L*S, E)
+    scale = (rows / rows.max().clamp_min(1e-12))[..., None]  # (L*S, E, 1) in [0, 1]
+    white, blue = torch.tensor([255.0, 255.0, 255.0]), torch.tensor([8.0, 48.0, 107.0])
+    rgb = white + scale * (blue - white)  # (L*S, E, 3)
+    return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1).round().to(torch.uint8).numpy()
+
+
+class RankZeroLogger:
+    """Rank 0 writes one JSON line per log event to ``metrics.jsonl`` and mirrors it to W&B; other
+    ranks do nothing. The W&B run id is kept in ``<run_dir>/wandb_id`` so a resumed run continues
+    the same W&B run."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        run_dir: Path,
+        metrics_path: Path,
+        project: str,
+        mode: str,
+        name: str,
+        config: dict,
+    ) -> None:
+        self.active = rank == 0
+        self.metrics_path = metrics_path
+        self.run = None
+        if not self.active:
+            return
+        import wandb
+
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=project, mode=mode, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.run.log(metrics, step=step)
+
+    def log_expert_load(self, load: torch.Tensor, services: Sequence[str], step: int) -> None:
+        """Expert load per service as a W&B table (layer, service, expert, share of the service's
+        routed tokens) — a heat map in the W&B UI — and as nested lists (layer, service, expert) in
+        ``metrics.jsonl``; ``load`` is (L, num_domains, E) token counts."""
+        if not self.active or load.numel() == 0:  # the dense twin has no experts to show
+            return
+        import wandb
+
+        counts = load[:, : len(services)]  # (L, S, E)
+        share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+        line = {"step": step, "services": list(services), "router/expert_load": share.tolist()}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        table = wandb.Table(columns=["layer", "service", "expert", "share"])
+        for layer in range(share.shape[0]):
+            for d, service in enumerate(services):
+                for e in range(share.shape[2]):
+                    table.add_data(layer, service, e, share[layer, d, e].item())
+        rows = ", ".join(f"L{layer}/{s}" for layer in range(share.shape[0]) for s in services)
+        image = wandb.Image(
+            expert_load_heatmap(share), caption=f"rows {rows}; columns: experts 0..{share.shape[2] - 1}"
+        )
+        self.run.log({"router/expert_load": table, "router/expert_load_heatmap": image}, step=step)
+
+    def location(self) -> str:
+        if self.run is None or self.run.disabled:
+            return "W&B disabled"
+        return self.run.url or f"offline run in {self.run.dir} (sync with `wandb sync`)"
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

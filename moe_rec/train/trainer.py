@@ -1,0 +1,403 @@
+"""The training loop: a DeepSpeed engine (ZeRO 1/2/3) around ``MoERecForCausalLM``, warmup +
+cosine LR, periodic validation, checkpoints with exact resume, rank-0 logging.
+
+Order of a run: read ``vocab.json`` and the splits (a missing run directory fails here, before any
+process group) -> join the process group (gloo with ``DS_ACCELERATOR=cpu`` on a CPU machine, NCCL
+on GPUs) -> build the model from the vocabulary's sizes -> ``deepspeed.initialize`` with a client
+``torch.optim.AdamW`` -> resume from ``latest`` (``train.resume: auto``) -> steps. The
+loss is the model's own (``lm_loss + aux_loss``). One optimizer step consumes ``grad_accum`` micro
+batches per rank; logs, validation and checkpoints count optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from moe_rec.config import to_dict
+from moe_rec.console import console, progress
+from moe_rec.data.schema import DataError
+from moe_rec.data.vocab import Vocabulary
+from moe_rec.experiment import ExperimentConfig
+from moe_rec.model import MoERecConfig, MoERecForCausalLM, build_config, parameter_report
+from moe_rec.train import checkpoint as ckpt
+from moe_rec.train.config import ModelSection, TrainConfig
+from moe_rec.train.data import Collator, DataPosition, ShardedTrainData, load_split
+from moe_rec.train.metrics import RankZeroLogger, eval_rows, evaluate, flops_per_token, peak_flops
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def model_config(section: ModelSection, vocab: Vocabulary) -> MoERecConfig:
+    """The decoder for ``vocab``: a named size, the vocabulary's token count and service slots."""
+    cfg = build_config(
+        section.size,
+        vocab_size=vocab.size,
+        num_domains=vocab.service_slots,
+        router_mode=section.router_mode,
+        moe_backend=section.moe_backend,
+        **section.overrides,
+    )
+    return cfg.dense_twin() if section.dense else cfg
+
+
+def lr_lambda(train: TrainConfig, total_steps: int) -> Any:
+    """Multiplier of ``train.lr`` after ``step`` optimizer steps: linear warmup, cosine to ``min_lr``."""
+
+    def f(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress_ = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
+        floor = train.min_lr / train.lr if train.lr else 0.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    return f
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, bf16: bool) -> dict[str, Any]:
+    """The JSON under ``configs/deepspeed/`` with our batch sizes, clipping and precision written in."""
+    path = train.deepspeed
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config {train.deepspeed} not found (also not under {REPO_ROOT})")
+    ds = yaml.safe_load(path.read_text())  # JSON is YAML
+    ds.update(
+        train_micro_batch_size_per_gpu=train.micro_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        train_batch_size=train.micro_batch_size * train.grad_accum * world_size,
+        gradient_clipping=train.clip,
+        bf16={"enabled": bf16},
+        fp16={"enabled": False},
+        wandb={"enabled": False},  # our own rank-0 logger; DeepSpeed's step counter would clash
+        zero_allow_untested_optimizer=True,  # the client AdamW
+        steps_per_print=10**9,
+    )
+    return ds
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join (or, started as a plain process, create a one-rank) process group; returns rank, world
+    size and this rank's device. Must run before ``deepspeed`` is imported on a CPU machine."""
+    single = "RANK" not in os.environ
+    if single:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cache = Path(os.environ.get("MOE_REC_CACHE") or Path.home() / ".cache" / "moe_rec")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))  # CPU shm op, built once
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
+def _optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, biases and other vectors."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95))
+
+
+class Trainer:
+    """One training run of ``cfg`` on this rank (every rank builds one)."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        vocab_path = cfg.sequences_dir / "vocab.json"
+        if not vocab_path.exists():
+            raise DataError(
+                f"{vocab_path} not found: no sequences in run_dir {cfg.run_dir}; build them first with "
+                f"`moe-rec run --config <experiment> run_dir={cfg.run_dir}`"
+            )
+        self.cfg, self.tc = cfg, cfg.train
+        self.vocab = Vocabulary.from_dict(json.loads(vocab_path.read_text()))
+        train_ds = load_split(cfg.sequences_dir, "train")
+        valid_ds = load_split(cfg.sequences_dir, "valid")
+        self.model_config = model_config(cfg.model, self.vocab)
+
+        self.rank, self.world_size, self.device = init_distributed()
+        import deepspeed
+
+        self.collator = Collator(self.model_config.num_user_buckets)
+        self.data = ShardedTrainData(
+            train_ds,
+            micro_batch_size=self.tc.micro_batch_size,
+            grad_accum=self.tc.grad_accum,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.tc.seed,
+            collator=self.collator,
+        )
+        self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch
+        self.eval_rows = eval_rows(valid_ds, self.vocab, self.tc.max_eval_samples)
+        self.probe = self.collator(train_ds.select(range(self.tc.micro_batch_size)))
+
+        random.seed(self.tc.seed)
+        np.random.seed(self.tc.seed)
+        torch.manual_seed(self.tc.seed)
+        model = MoERecForCausalLM(self.model_config)
+        self.params = parameter_report(model)
+        bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")
+        optimizer = _optimizer(model, self.tc)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.tc, self.total_steps))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(self.tc, self.world_size, bf16),
+        )
+        self.ckpt_dir = cfg.checkpoint_dir
+        self.logger = RankZeroLogger(
+            rank=self.rank,
+            run_dir=cfg.run_dir,
+            metrics_path=self.ckpt_dir / "metrics.jsonl",
+            project=self.tc.wandb.project,
+            mode=self.tc.wandb.mode,
+            name=self.tc.wandb.name or cfg.run_dir.name,
+            config={**to_dict(cfg), "model_config": self.model_config.to_dict(), "params": self.params},
+        )
+        self.step = 0
+        self.position = DataPosition()
+        self.best: dict[str, Any] = {"tag": None, "value": -math.inf}
+        self.saved_step = -1
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continue from ``latest`` if there is one (``resume: auto``); errors name what is wrong."""
+        if self.tc.resume == "never":
+            return
+        tag = ckpt.resume_tag(self.ckpt_dir)
+        if tag is None:
+            return
+        state = ckpt.verify(self.ckpt_dir, tag, self.world_size)
+        try:
+            path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+            rng = torch.load(self.ckpt_dir / tag / f"rng_rank{self.rank}.pt", weights_only=False)
+        except Exception as e:  # a truncated or foreign file: say which checkpoint
+            raise ckpt.CheckpointError(f"{self.ckpt_dir / tag}: cannot load checkpoint: {e}") from e
+        if path is None:
+            raise ckpt.CheckpointError(f"{self.ckpt_dir / tag}: DeepSpeed found no loadable checkpoint")
+        ckpt.set_rng_state(rng)
+        self.step = state["step"]
+        self.position = DataPosition(**state["position"])
+        self.best = state["best"]
+        self.saved_step = self.step
+        dist.barrier()
+        if self.rank == 0:
+            console.print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
+
+    def save(self, metrics: dict[str, float] | None = None) -> str:
+        """Checkpoint the current step into its own tag directory; move ``latest`` (and ``best`` when
+        ``metrics`` improve on it), then prune to ``keep_last``."""
+        tag = ckpt.tag_for(self.step)
+        if metrics is not None and metrics.get(self.tc.best_metric, -math.inf) > self.best["value"]:
+            self.best = {"tag": tag, "value": metrics[self.tc.best_metric]}
+        if self.saved_step == self.step:
+            if self.rank == 0 and self.best["tag"] == tag:
+                ckpt.write_pointer(self.ckpt_dir, ckpt.BEST, tag)
+            return tag
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
+        ckpt.save_rank_state(self.ckpt_dir / tag, self.rank)
+        dist.barrier()
+        if self.rank == 0:  # the model config and vocabulary make a checkpoint self-describing
+            self.model_config.to_json_file(self.ckpt_dir / tag / ckpt.MODEL_CONFIG_FILE)
+            (self.ckpt_dir / tag / ckpt.VOCAB_FILE).write_text(json.dumps(self.vocab.to_dict(), indent=1))
+            state = {
+                "step": self.step,
+                "position": {"epoch": self.position.epoch, "step": self.position.step},
+                "best": self.best,
+                "world_size": self.world_size,
+                "zero_stage": self.engine.zero_optimization_stage(),
+            }
+            ckpt.finish(self.ckpt_dir, tag, state)
+            if self.best["tag"] == tag:
+                ckpt.write_pointer(self.ckpt_dir, ckpt.BEST, tag)
+            ckpt.prune(self.ckpt_dir, self.tc.keep_last)
+        dist.barrier()
+        self.saved_step = self.step
+        return tag
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _probe(self) -> dict[str, Any]:
+        """This rank's loss and logits (first two rows) on a fixed train batch, not reduced: equal on
+        every rank iff the weights are; a consolidated checkpoint must reproduce them."""
+        with torch.no_grad():
+            self.engine.eval()
+            out = self.engine(**{k: v.to(self.device) for k, v in self.probe.items()})
+            self.engine.train()
+        return {"batch": self.probe, "loss": out.loss.item(), "logits": out.logits[:2].float().cpu()}
+
+    def validate(self) -> dict[str, float]:
+        metrics = evaluate(self.engine, self.eval_rows, self.vocab, self.collator, self.tc.micro_batch_size)
+        self.logger.log(metrics, self.step)
+        if self.rank == 0:
+            shown = {k: v for k, v in metrics.items() if k.count("/") == 1}  # overall, not per service
+            console.print(f"step {self.step}  " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+        return metrics
+
+    def fit(self) -> dict[str, Any]:
+        tc, engine = self.tc, self.engine
+        stop = min(self.total_steps, tc.stop_at or self.total_steps)
+        peak = peak_flops(tc.peak_tflops)
+        n_moe = self.model_config.ffn_types.count("moe")
+        load = torch.zeros(n_moe, self.model_config.num_domains, self.model_config.num_experts)
+        # per log window, summed over steps: loss, lm, aux, lb, z, tokens, padded length x tokens, entropy
+        window, window_steps, window_time, tokens_per_s = torch.zeros(8, dtype=torch.float64), 0, 0.0, 0.0
+        losses: list[float] = []
+        metrics: dict[str, float] = {}
+        stream = self.data(self.position)
+        with progress() if self.rank == 0 else _NullBar() as bar:
+            task = bar.add_task("train", total=stop, completed=self.step)
+            while self.step < stop:
+                t0 = time.perf_counter()  # throughput counts training steps only, not eval or saving
+                position, micro = next(stream)
+                step_stats = torch.zeros(8, dtype=torch.float64)
+                for mb in micro:
+                    out = engine(**{k: v.to(self.device) for k, v in mb.items()})
+                    engine.backward(out.loss)
+                    engine.step()
+                    step_stats += _micro_stats(out, mb)
+                    if out.expert_load is not None:
+                        load += out.expert_load.detach().float().cpu()
+                dist.all_reduce(step_stats)
+                step_stats[[0, 1, 2, 3, 4, 7]] /= self.world_size * tc.grad_accum
+                self.step, self.position = self.step + 1, position
+                losses.append(step_stats[0].item())
+                window += step_stats
+                window_steps += 1
+                window_time += time.perf_counter() - t0
+                bar.update(task, completed=self.step, description=f"train loss {step_stats[0]:.3f}")
+
+                if self.step % tc.log_every == 0 or self.step == stop:
+                    mean = window / window_steps
+                    tokens_per_s = window[5].item() / window_time
+                    fpt = flops_per_token(
+                        self.model_config,
+                        self.params["active_per_token"],
+                        window[6].item() / window[5].item(),
+                    )
+                    log = {
+                        "train/loss": mean[0].item(),
+                        "train/lm_loss": mean[1].item(),
+                        "train/aux_loss": mean[2].item(),
+                        "train/load_balancing_loss": mean[3].item(),
+                        "train/z_loss": mean[4].item(),
+                        "train/router_entropy": mean[7].item(),
+                        "train/lr": engine.get_lr()[0],
+                        "train/grad_norm": _item(engine.get_global_grad_norm()),
+                        "perf/tokens_per_s": tokens_per_s,
+                        "perf/tflops_per_device": fpt * tokens_per_s / self.world_size / 1e12,
+                        "train/epoch": self.position.epoch,
+                    }
+                    if peak is not None:
+                        log["perf/mfu"] = fpt * tokens_per_s / self.world_size / peak
+                    self.logger.log(log, self.step)
+                    if self.rank == 0:
+                        console.print(
+                            f"step {self.step}/{stop}  loss {log['train/loss']:.4f}  lm {log['train/lm_loss']:.4f}  "
+                            f"lr {log['train/lr']:.2e}  grad {log['train/grad_norm']:.2f}  {tokens_per_s:,.0f} tok/s"
+                        )
+                    window.zero_()
+                    window_steps, window_time = 0, 0.0
+
+                evaluating = (
+                    tc.eval_every and self.step % tc.eval_every == 0
+                ) or self.step == self.total_steps
+                if evaluating:
+                    dist.all_reduce(load)
+                    self.logger.log_expert_load(load, self.vocab.services, self.step)
+                    load.zero_()
+                    metrics = self.validate()
+                    if metrics.get(tc.best_metric, -math.inf) > self.best["value"]:
+                        self.save(metrics)
+                if self.step % tc.save_every == 0 or self.step == stop:
+                    self.save(metrics if evaluating else None)
+        return {
+            "step": self.step,
+            "losses": losses,
+            "valid": metrics,
+            "probe": self._probe(),
+            "tokens_per_s": tokens_per_s,
+        }
+
+
+class _NullBar:
+    """The progress bar of ranks other than 0."""
+
+    def __enter__(self) -> _NullBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _micro_stats(out: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(8,) float64 with one device sync: loss, lm, aux, load-balancing and z losses, real tokens,
+    real tokens x padded length (for the attention FLOPs), mean router entropy."""
+    zero = out.loss.new_zeros(())
+    losses = [out.loss, out.lm_loss, out.aux_loss, out.load_balancing_loss, out.z_loss]
+    entropy = out.router_entropy.mean() if out.router_entropy is not None else zero
+    on_device = torch.stack([*(x if x is not None else zero for x in losses), entropy]).detach()
+    loss, lm, aux, lb, z, ent = on_device.double().cpu().tolist()
+    tokens = batch["attention_mask"].sum().item()  # the batch is still on the CPU
+    return torch.tensor(
+        [loss, lm, aux, lb, z, tokens, tokens * batch["input_ids"].shape[1], ent], dtype=torch.float64
+    )
+
+
+def _item(x: torch.Tensor | float | None) -> float:
+    if x is None:
+        return 0.0
+    return x.item() if isinstance(x, torch.Tensor) else float(x)
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Train ``cfg`` on this rank (resuming per ``train.resume``); returns a summary dict."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.resume()
+        summary = trainer.fit()
+    finally:
+        trainer.logger.finish()
+    summary.update(
+        checkpoint=str(cfg.checkpoint_dir / ckpt.tag_for(trainer.step)),
+        best=trainer.best,
+        wandb=trainer.logger.location(),
+        metrics_jsonl=str(cfg.checkpoint_dir / "metrics.jsonl"),
+        rank=trainer.rank,
+        world_size=trainer.world_size,
+    )
+    if trainer.rank == 0:
+        console.print(f"checkpoint: {summary['checkpoint']} (best: {trainer.best['tag']})")
+        console.print(f"W&B: {summary['wandb']}; metrics: {summary['metrics_jsonl']}")
+    trainer.engine.destroy()
+    return summary

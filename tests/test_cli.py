@@ -1,0 +1,193 @@
+"""The moe-rec CLI end to end on a tiny synthetic run, and its one-line errors (exit code 2)."""
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from moe_rec.cli import main
+from moe_rec.data.vocab import Vocabulary
+from moe_rec.sid.table import SIDTable
+
+TINY = [
+    "data.synthetic.num_users=60",
+    "data.synthetic.items_per_service=40",
+    "data.num_shards=2",
+    "sid.levels=2",
+    "sid.codebook_size=8",
+    "sid.max_dedup=64",
+    "train.max_steps=6",
+    "train.warmup_steps=2",
+    "train.eval_every=3",
+    "train.save_every=3",
+    "train.micro_batch_size=8",
+    "train.wandb.mode=disabled",
+    "eval.max_samples=30",
+    "eval.batch_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    args = [f"run_dir={root}", f"sid.encoder.cache_dir={root / 'cache'}", *TINY]
+    assert main(["run", *args]) == 0
+    return root
+
+
+def test_run_writes_every_stage(run_dir: Path) -> None:
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    assert set(stats["services"]) == {"grocery", "marketplace", "delivery"}
+    assert stats["reports"]["events"]["rows_kept"] == stats["total"]["interactions"]
+    sid_stats = json.loads((run_dir / "sids" / "stats.json").read_text())
+    table = SIDTable.load(run_dir / "sids")
+    assert sid_stats["items"] == sid_stats["unique_ids"] == len(table) == stats["total"]["items"]
+    vocab = Vocabulary.from_dict(json.loads((run_dir / "sequences" / "vocab.json").read_text()))
+    assert (vocab.levels, vocab.codebook_size) == (2, 8)
+    test = datasets.Dataset.from_parquet(str(run_dir / "sequences" / "test" / "*.parquet"))
+    assert len(test) == sum(s["splits"].get("test", 0) for s in stats["services"].values())
+    for row in test.select(range(min(20, len(test)))):
+        assert row["input_ids"][-1] == vocab.service_token(row["service"])  # ends asking for the service
+        codes = table.codes_for(row["service"], [row["target_item"]])[0].tolist()
+        assert row["target"] == codes
+        assert all(0 <= t < vocab.size for t in row["input_ids"])
+    assert (run_dir / "config.yaml").exists()
+
+
+def test_run_trains_and_its_checkpoint_loads(run_dir: Path) -> None:
+    import torch
+
+    from moe_rec.train.checkpoint import load_model
+
+    lines = [
+        json.loads(line) for line in (run_dir / "checkpoints" / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [m["step"] for m in lines if "train/loss" in m]
+    assert steps and max(steps) == 6
+    assert any("valid/exact_match" in m for m in lines)
+    model = load_model(run_dir / "checkpoints", "latest")
+    vocab = Vocabulary.from_dict(json.loads((run_dir / "sequences" / "vocab.json").read_text()))
+    assert model.config.vocab_size == vocab.size and model.config.num_domains == vocab.service_slots
+    test = datasets.Dataset.from_parquet(str(run_dir / "sequences" / "test" / "*.parquet"))
+    row = test[0]
+    ids = torch.tensor([row["input_ids"]])
+    logits = model(ids, torch.tensor([row["domain_ids"]]), torch.zeros(1, dtype=torch.long)).logits
+    assert logits.shape == (1, ids.shape[1], vocab.size) and torch.isfinite(logits).all()
+
+
+def test_run_ends_with_an_evaluation_report(run_dir: Path) -> None:
+    best = (run_dir / "checkpoints" / "best").read_text().strip()
+    report = json.loads((run_dir / "eval" / f"test-{best}.json").read_text())
+    metrics = report["metrics"]
+    assert metrics["test/count"] == 30
+    for k in (5, 10, 20):
+        assert 0.0 <= metrics[f"test/ndcg@{k}"] <= metrics[f"test/recall@{k}"] <= 1.0
+    assert metrics["test/recall@5"] <= metrics["test/recall@10"] <= metrics["test/recall@20"]
+    per_service = [s for s in ("grocery", "marketplace", "delivery") if f"test/{s}/count" in metrics]
+    assert sum(metrics[f"test/{s}/count"] for s in per_service) == 30
+
+
+def test_popularity_baseline_through_the_cli(run_dir: Path) -> None:
+    assert main(["eval", f"run_dir={run_dir}", *TINY, "--baseline", "popularity"]) == 0
+    report = json.loads((run_dir / "eval" / "test-popularity.json").read_text())
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    assert report["metrics"]["test/count"] == sum(
+        s["splits"].get("test", 0) for s in stats["services"].values()
+    )
+
+
+def test_run_ends_with_a_bundle_that_recommends(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    import pyarrow.compute as pc
+
+    from moe_rec.data import store
+    from moe_rec.serve import Recommender
+
+    bundle = run_dir / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["source"]["tag"] == (run_dir / "checkpoints" / "best").read_text().strip()
+    assert manifest["verification"]["passed"]
+    events = store.load_table(run_dir / "data")
+    first = events.filter(pc.equal(events["split"], "train")).slice(0, 2).to_pylist()
+    history = [f"{e['service']}:{e['item_id']}" for e in first]
+    capsys.readouterr()
+    argv = ["recommend", str(bundle), "--service", "delivery", "--k", "4", "--history", *history]
+    assert main(argv) == 0
+    out = "".join(capsys.readouterr())  # the table goes to the console (stderr)
+    with Recommender.from_bundle(bundle) as rec:  # the same answer straight from the Python API
+        want = rec.recommend([tuple(h.split(":")) for h in history], "delivery", k=4)
+    assert len(want) == 4 and all(r.item_id in out for r in want)
+    assert main([*argv[:-1], "delivery:no-such-item"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error:" in err and "no-such-item" in err and "Traceback" not in err
+
+
+def test_eval_of_the_fp32_bundle_equals_eval_of_its_checkpoint(run_dir: Path) -> None:
+    best = (run_dir / "checkpoints" / "best").read_text().strip()
+    assert main(["eval", f"run_dir={run_dir}", *TINY, "--bundle", str(run_dir / "bundle")]) == 0
+    from_bundle = json.loads((run_dir / "eval" / f"test-bundle-{best}-float32.json").read_text())
+    from_checkpoint = json.loads((run_dir / "eval" / f"test-{best}.json").read_text())
+    assert from_bundle["metrics"] == from_checkpoint["metrics"]
+
+
+def test_data_stats_prints_json(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "stats", str(run_dir / "data"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["users"] == 60
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data", "prepare", "data.sorce=synthetic"], "unknown key 'data.sorce'"),
+        (["data", "prepare", "data.source=amazon2014", "data.path=/nonexistent/amazon"], "not found"),
+        (["data", "stats", "/nonexistent/run/data"], "no stats.json"),
+        (["sids", "build", "run_dir=/nonexistent/run"], "moe-rec data prepare"),
+        (["sequences", "build", "run_dir=/nonexistent/run"], "sid_table"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error:" in err and message in err
+    assert "Traceback" not in err
+
+
+def test_corrupt_sid_table_is_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    parquet = copy / "sids" / "sid_table.parquet"
+    data = bytearray(parquet.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    parquet.write_bytes(bytes(data))
+    assert main(["sequences", "build", f"run_dir={copy}", *TINY]) == 2
+    assert "checksum" in " ".join(capsys.readouterr().err.split())
+
+
+def test_strict_failure_names_the_row_and_keeps_earlier_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "events.csv").write_text(
+        "user,service,item_id,timestamp\nu1,shop,a,100\nu1,shop,b,200\nu1,shop,c,300\nu2,shop,a,oops\n"
+    )
+    (tmp_path / "items.jsonl").write_text(
+        "\n".join(json.dumps({"service": "shop", "item_id": i, "title": f"item {i}"}) for i in "abc") + "\n"
+    )
+    args = [
+        f"run_dir={tmp_path / 'run'}",
+        "data.source=files",
+        f"data.files.events=[{tmp_path / 'events.csv'}]",
+        f"data.files.catalogue=[{tmp_path / 'items.jsonl'}]",
+    ]
+    assert main(["data", "prepare", *args]) == 0  # lenient: the bad row is counted, the rest kept
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
+    assert stats["reports"]["events"]["rows_read"] == 4 and stats["reports"]["events"]["rows_kept"] == 3
+    before = sorted(p.name for p in (tmp_path / "run" / "data" / "events").iterdir())
+    capsys.readouterr()
+    assert main(["data", "prepare", *args, "data.strict=true"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "events.csv:5" in err
+    assert sorted(p.name for p in (tmp_path / "run" / "data" / "events").iterdir()) == before

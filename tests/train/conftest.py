@@ -1,0 +1,89 @@
+"""A tiny sequences directory (what ``moe-rec sequences build`` writes) with a learnable pattern:
+every user walks a service's catalogue in order, so the next item's codes are predictable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from moe_rec.config import load_config
+from moe_rec.data.sequences import IGNORE_INDEX, SAMPLE_FEATURES
+from moe_rec.data.vocab import BOS, Vocabulary
+from moe_rec.experiment import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB = Vocabulary(services=("grocery", "market"), levels=2, codebook_size=8, dedup_size=2)
+ITEMS = 8  # per service; item i has codes (i % 8, (3 * i) % 8, i % 2)
+
+
+def _codes(i: int) -> list[int]:
+    return [i % 8, (3 * i) % 8, i % 2]
+
+
+def _encode(events: list[tuple[int, int]], label: bool) -> dict[str, list[int]]:
+    ids, doms, labels = [BOS], [events[0][0] if events else 0], [IGNORE_INDEX]
+    for s, i in events:
+        toks = VOCAB.item_tokens(VOCAB.services[s], _codes(i))
+        ids += toks
+        doms += [s] * len(toks)
+        labels += [IGNORE_INDEX] + (toks[1:] if label else [IGNORE_INDEX] * (len(toks) - 1))
+    return {"input_ids": ids, "domain_ids": doms, "labels": labels}
+
+
+def write_sequences(run_dir: Path, num_users: int = 48, parts: int = 2) -> None:
+    seq = run_dir / "sequences"
+    seq.mkdir(parents=True, exist_ok=True)
+    (seq / "vocab.json").write_text(json.dumps(VOCAB.to_dict()))
+    rows: dict[str, list[dict]] = {"train": [], "valid": []}
+    for u in range(num_users):
+        s, start = (u // 2) % 2, u % ITEMS  # both services in every part file
+        history = [(s, (start + k) % ITEMS) for k in range(5)]
+        for end in (3, 4):  # two training windows per user
+            rows["train"].append(
+                {"user": f"u{u}", "service": VOCAB.services[s], **_encode(history[:end], label=True)}
+            )
+        ctx = _encode(history[:4], label=False)
+        ctx["input_ids"].append(VOCAB.service_token(VOCAB.services[s]))
+        ctx["domain_ids"].append(s)
+        target = history[4][1]
+        rows["valid"].append(
+            {"user": f"u{u}", "service": VOCAB.services[s], "input_ids": ctx["input_ids"],
+             "domain_ids": ctx["domain_ids"], "target": _codes(target), "target_item": str(target)}
+        )  # fmt: skip
+    for split, items in rows.items():
+        feats = SAMPLE_FEATURES[split]
+        for p in range(parts):
+            part = items[p::parts]
+            cols = {name: [r[name] for r in part] for name in feats}
+            path = seq / split / f"part-{p:05d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_dict(cols, features=feats).to_parquet(str(path))
+
+
+def tiny_config(run_dir: Path, *overrides: str) -> ExperimentConfig:
+    """The train demo shrunk to seconds: a tiny model, 4-sample micro batches, no W&B."""
+    base = [
+        f"run_dir={run_dir}",
+        "model.overrides={hidden_size: 32, head_dim: 16, moe_intermediate_size: 32, num_user_buckets: 64}",
+        "train.micro_batch_size=4",
+        "train.grad_accum=2",
+        "train.max_steps=8",
+        "train.warmup_steps=2",
+        "train.lr=0.01",
+        "train.min_lr=0.001",
+        "train.eval_every=0",
+        "train.save_every=100",
+        "train.log_every=2",
+        "train.max_eval_samples=8",
+        "train.wandb.mode=disabled",
+    ]
+    return load_config(ExperimentConfig, ROOT / "configs/experiments/demo.yaml", [*base, *overrides])
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    write_sequences(tmp_path / "run")
+    return tmp_path / "run"

@@ -1,0 +1,71 @@
+"""The pieces of the trainer that need no process group: model sizing from the vocabulary, the LR
+schedule, the DeepSpeed config written from ours, and the FLOP count."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from moe_rec.model import MoERecForCausalLM, parameter_report
+from moe_rec.train.metrics import flops_per_token
+from moe_rec.train.trainer import deepspeed_config, lr_lambda, model_config
+from tests.train.conftest import VOCAB, tiny_config
+
+
+def test_model_is_sized_from_the_vocabulary(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "model.overrides={num_experts: 6}")
+    mc = model_config(cfg.model, VOCAB)
+    assert (mc.vocab_size, mc.num_domains, mc.num_experts) == (VOCAB.size, VOCAB.service_slots, 6)
+    dense = model_config(tiny_config(tmp_path, "model.dense=true").model, VOCAB)
+    assert set(dense.ffn_types) == {"dense"}
+    moe = parameter_report(MoERecForCausalLM(model_config(tiny_config(tmp_path).model, VOCAB)))
+    twin = parameter_report(MoERecForCausalLM(dense))
+    assert moe["total"] > twin["total"]
+    assert abs(moe["active_per_token"] - twin["active_per_token"]) / twin["active_per_token"] < 0.1  # routers
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_min_lr(tmp_path: Path) -> None:
+    tc = tiny_config(tmp_path, "train.warmup_steps=4", "train.lr=1.0", "train.min_lr=0.1").train
+    f = lr_lambda(tc, total_steps=14)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 14))
+
+
+def test_deepspeed_config_takes_batch_clip_and_precision_from_ours(tmp_path: Path) -> None:
+    tc = tiny_config(tmp_path, "train.deepspeed=configs/deepspeed/zero3.json", "train.clip=0.5").train
+    ds = deepspeed_config(tc, world_size=4, bf16=True)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == tc.micro_batch_size * tc.grad_accum * 4
+    assert ds["train_micro_batch_size_per_gpu"] == tc.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == tc.grad_accum
+    assert (ds["gradient_clipping"], ds["bf16"]["enabled"], ds["wandb"]["enabled"]) == (0.5, True, False)
+    with pytest.raises(FileNotFoundError, match="zero9.json"):
+        deepspeed_config(
+            tiny_config(tmp_path, "train.deepspeed=configs/deepspeed/zero9.json").train, 1, False
+        )
+
+
+def test_flops_count_matmuls_and_attention(tmp_path: Path) -> None:
+    mc = model_config(tiny_config(tmp_path).model, VOCAB)
+    n = 1000
+    attn = flops_per_token(mc, n, seq_len=64) - flops_per_token(mc, n, seq_len=0)
+    assert flops_per_token(mc, 2 * n, seq_len=0) == 2 * flops_per_token(mc, n, seq_len=0) == 12 * n
+    assert attn == 12 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * 64
+
+
+def test_expert_load_heatmap_maps_shares_to_colours() -> None:
+    import torch
+
+    from moe_rec.train.metrics import expert_load_heatmap
+
+    share = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])  # (L=1, S=2, E=2)
+    img = expert_load_heatmap(share, cell=3)
+    assert img.shape == (6, 6, 3) and img.dtype.name == "uint8"
+    assert img[0, 0].tolist() == [255, 255, 255]  # no tokens: white
+    assert img[0, 3].tolist() == [8, 48, 107]  # the largest share: dark blue
+    half = img[3, 0].tolist()  # half the largest share: halfway between
+    assert half == [round((255 + 8) / 2), round((255 + 48) / 2), round((255 + 107) / 2)]

@@ -1,0 +1,178 @@
+"""Run the benchmark matrix and summarise it: variants x seeds x scopes, test metrics of the checkpoint
+chosen on validation, mean ± std over seeds, per service.
+
+A *scope* is what one model is trained on: ``joint`` (every service of the config at once) or one
+service alone (``per_service`` expands to one scope per service). A *variant* is the FFN: ``dense``
+(the all-dense twin with the same active parameters per token) or an MoE routed by ``token``,
+``domain`` or ``domain_user``. Every scope prepares its data, semantic IDs and sequences once; each
+(variant, seed) run links to them, trains (best checkpoint by ``train.best_metric`` on validation)
+and evaluates that checkpoint on the test split with constrained beam search.
+
+Every step runs as its own ``moe-rec`` process and is skipped when its output exists, so an
+interrupted matrix resumes where it stopped. Examples::
+
+    # the published benchmark, ablation on the joint model, 3 seeds (a GPU node: --launch)
+    python tools/run_benchmark.py --config configs/experiments/amazon2014.yaml --root runs/bench \\
+        --launch "launch/single_node.sh 8"
+    # per-service models of the best variant only
+    python tools/run_benchmark.py --config configs/experiments/amazon2014.yaml --root runs/bench \\
+        --scopes per_service --variants domain_user
+    # small CPU run on synthetic data
+    python tools/run_benchmark.py train.max_steps=300 --config configs/experiments/demo.yaml \\
+        --root runs/bench-demo --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from moe_rec.config import load_config
+from moe_rec.experiment import ExperimentConfig
+
+VARIANTS = {
+    "dense": ["model.dense=true"],
+    "token": ["model.router_mode=token"],
+    "domain": ["model.router_mode=domain"],
+    "domain_user": ["model.router_mode=domain_user"],
+}
+SHARED = ("data", "sids", "sequences")  # built once per scope, linked into each run
+COLUMNS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
+
+
+def _moe_rec(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from moe_rec.cli import main; sys.exit(main())", *args]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    """Run one step; its output goes to ``log``; a failure stops the matrix and names the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  $ {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        sys.exit(f"step failed (exit {code}); log {log}:\n{tail}")
+    print(f"    done in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def prepare_scope(config: str, scope_dir: Path, overrides: list[str]) -> None:
+    """data prepare -> sids build -> sequences build into ``scope_dir`` (skipped when done)."""
+    if (scope_dir / "sequences" / "vocab.json").exists():
+        return
+    base = ["--config", config, f"run_dir={scope_dir}", *overrides]
+    for step in (["data", "prepare"], ["sids", "build"], ["sequences", "build"]):
+        _run(_moe_rec(*step, *base), scope_dir / "logs" / f"{'_'.join(step)}.log")
+
+
+def run_one(
+    config: str, scope_dir: Path, variant: str, seed: int, overrides: list[str], launch: str | None
+) -> dict:
+    """Train one (variant, seed) on a prepared scope, evaluate its best checkpoint on test."""
+    run_dir = scope_dir / f"{variant}-seed{seed}"
+    report = run_dir / "eval" / "test-best.json"
+    if not report.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in SHARED:
+            link = run_dir / name
+            if not link.exists():
+                link.symlink_to(Path("..") / name)
+        args = [f"run_dir={run_dir}", *VARIANTS[variant], f"train.seed={seed}", *overrides]
+        if launch:
+            train_cmd = [*shlex.split(launch), config, *args]
+        else:
+            train_cmd = [sys.executable, "-m", "moe_rec.train", "--config", config, *args]
+        _run(train_cmd, run_dir / "logs" / "train.log")
+        _run(
+            _moe_rec("eval", "--config", config, "--checkpoint", "best", *args), run_dir / "logs" / "eval.log"
+        )
+        tag = (run_dir / "checkpoints" / "best").read_text().strip()
+        (run_dir / "eval" / f"test-{tag}.json").replace(report)
+    return json.loads(report.read_text())["metrics"]
+
+
+def summarise(results: dict[tuple[str, str], list[dict]]) -> tuple[str, dict]:
+    """Markdown table (mean ± std over seeds, per service) and the same numbers as JSON."""
+    lines = ["| scope | variant | service | seeds | " + " | ".join(COLUMNS) + " |"]
+    lines.append("|" + "---|" * (4 + len(COLUMNS)))
+    out: dict = {}
+    for (scope, variant), runs in results.items():
+        services = sorted(
+            {k.split("/")[1] for r in runs for k in r if k.count("/") == 2 and "macro" not in k}
+        )
+        for service in [*services, "overall"]:
+            prefix = "test/" if service == "overall" else f"test/{service}/"
+            cells = []
+            for col in COLUMNS:
+                values = [r[prefix + col] for r in runs if prefix + col in r]
+                mean = statistics.fmean(values)
+                std = statistics.stdev(values) if len(values) > 1 else math.nan
+                out.setdefault(scope, {}).setdefault(variant, {}).setdefault(service, {})[col] = {
+                    "mean": mean, "std": std, "values": values,
+                }  # fmt: skip
+                cells.append(f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}")
+            lines.append(f"| {scope} | {variant} | {service} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--config", required=True, help="experiment YAML (data, SIDs, model, training)")
+    parser.add_argument("--root", required=True, type=Path, help="directory for every scope and run")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--scopes", nargs="+", default=["joint"], help="joint, per_service, or service names")
+    parser.add_argument(
+        "--launch", help='training launcher taking CONFIG then overrides, e.g. "launch/cpu.sh 2"'
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="applied to every step (before the options, or after --)",
+    )
+    args = parser.parse_args()
+
+    cfg = load_config(ExperimentConfig, args.config, args.overrides)  # fails early on a typo
+    scopes: list[str] = []
+    for scope in args.scopes:
+        if scope == "per_service":
+            if not cfg.data.services:
+                sys.exit("--scopes per_service needs the services listed: data.services=[a,b,...]")
+            scopes += list(cfg.data.services)
+        else:
+            scopes.append(scope)
+
+    results: dict[tuple[str, str], list[dict]] = {}
+    for scope in scopes:
+        scope_dir = args.root / scope
+        only = [] if scope == "joint" else [f"data.services=[{scope}]"]
+        print(f"[{scope}] prepare -> {scope_dir}", flush=True)
+        prepare_scope(args.config, scope_dir, [*args.overrides, *only])
+        for variant in args.variants:
+            for seed in args.seeds:
+                print(f"[{scope}] {variant} seed {seed}", flush=True)
+                metrics = run_one(
+                    args.config, scope_dir, variant, seed, [*args.overrides, *only], args.launch
+                )
+                results.setdefault((scope, variant), []).append(metrics)
+
+    table, numbers = summarise(results)
+    args.root.mkdir(parents=True, exist_ok=True)
+    (args.root / "summary.md").write_text(table)
+    (args.root / "summary.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    print(table)
+    print(f"wrote {args.root / 'summary.md'} and summary.json")
+
+
+if __name__ == "__main__":
+    main()
