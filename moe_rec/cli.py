@@ -263,10 +263,11 @@ def _print_recommendations(
     service: str,
     k: int,
     user: str | None,
+    exclude_seen: bool,
     held_out: str | None = None,
 ) -> None:
     """One request through the serving API, shown as a table (the held-out item, if given, marked)."""
-    found = rec.recommend(history, service, k=k, user_id=user)
+    found = rec.recommend(history, service, k=k, exclude_seen=exclude_seen, user_id=user)
     shown = ", ".join(f"{s}:{i}" for s, i in history[-5:])
     title = f"{user or 'request'}: {len(history)} events (last: {shown}) -> top {k} in {service}"
     table = Table(title=title, title_justify="left")
@@ -285,12 +286,13 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     from moe_rec.serve import Recommender
 
     with Recommender.from_bundle(args.bundle, device=args.device) as rec:
-        _print_recommendations(rec, args.history, args.service, args.k, args.user)
+        _print_recommendations(rec, args.history, args.service, args.k, args.user, args.exclude_seen)
 
 
 def _recommend_for_test_users(cfg: ExperimentConfig, bundle: Path, users: int = 3, k: int = 5) -> None:
     """The end of ``moe-rec run``: the bundle recommends for the first few test users (their train
-    and valid events, in time order, as the history) in the service of their held-out test item."""
+    and valid events, in time order, as the history) in the service of their held-out test item,
+    excluding seen items as the evaluation did (``eval.exclude_seen``: repeat purchases count)."""
     import pyarrow.compute as pc
 
     from moe_rec.data import store
@@ -305,7 +307,9 @@ def _recommend_for_test_users(cfg: ExperimentConfig, bundle: Path, users: int = 
             mine = seen.filter(pc.equal(seen["user"], row["user"])).to_pylist()
             mine.sort(key=lambda e: (e["timestamp"] or 0, e["position"]))
             history = [(e["service"], e["item_id"]) for e in mine]
-            _print_recommendations(rec, history, row["service"], k, row["user"], held_out=row["item_id"])
+            _print_recommendations(
+                rec, history, row["service"], k, row["user"], cfg.eval.exclude_seen, held_out=row["item_id"]
+            )
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -409,6 +413,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--service", required=True, help="the service to recommend in")
     rec.add_argument("--k", type=int, default=10, help="how many items (default: %(default)s)")
     rec.add_argument("--user", help="user id (hashed into the user-routing bucket, as in training)")
+    rec.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
+                     help="leave out items already in the history (default: %(default)s)")  # fmt: skip
     rec.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     rec.set_defaults(func=cmd_recommend, overrides=[])
     serve = groups.add_parser(

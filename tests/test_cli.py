@@ -114,9 +114,14 @@ def test_run_ends_with_a_bundle_that_recommends(run_dir: Path, capsys: pytest.Ca
     argv = ["recommend", str(bundle), "--service", "delivery", "--k", "4", "--history", *history]
     assert main(argv) == 0
     out = "".join(capsys.readouterr())  # the table goes to the console (stderr)
-    with Recommender.from_bundle(bundle) as rec:  # the same answer straight from the Python API
-        want = rec.recommend([tuple(h.split(":")) for h in history], "delivery", k=4)
+    assert main([*argv, "--no-exclude-seen"]) == 0
+    out_with_seen = "".join(capsys.readouterr())
+    with Recommender.from_bundle(bundle) as rec:  # the same answers straight from the Python API
+        events = [tuple(h.split(":")) for h in history]
+        want = rec.recommend(events, "delivery", k=4)
+        want_with_seen = rec.recommend(events, "delivery", k=4, exclude_seen=False)
     assert len(want) == 4 and all(r.item_id in out for r in want)
+    assert all(r.item_id in out_with_seen for r in want_with_seen)
     assert main([*argv[:-1], "delivery:no-such-item"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "error:" in err and "no-such-item" in err and "Traceback" not in err
