@@ -352,7 +352,9 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     run = with_config(
-        groups.add_parser("run", help="the whole pipeline: data -> SIDs -> sequences -> train -> eval")
+        groups.add_parser(
+            "run", help="the whole pipeline: data, SIDs, sequences, train, eval, export, recommend"
+        )
     )
     run.set_defaults(func=cmd_run)
 
