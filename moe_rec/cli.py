@@ -291,24 +291,26 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 def _recommend_for_test_users(cfg: ExperimentConfig, bundle: Path, users: int = 3, k: int = 5) -> None:
     """The end of ``moe-rec run``: the bundle recommends for the first few test users (their train
-    and valid events, in time order, as the history) in the service of their held-out test item,
-    excluding seen items as the evaluation did (``eval.exclude_seen``: repeat purchases count)."""
+    and valid events, in training's cross-service order, as the history) in the service of their
+    first held-out test item, excluding seen items as the evaluation did (``eval.exclude_seen``)."""
     import pyarrow.compute as pc
 
     from moe_rec.data import store
+    from moe_rec.data.sequences import iter_users, unified_order
     from moe_rec.serve import Recommender
 
     events = store.load_table(cfg.data_dir)
-    test = events.filter(pc.equal(events["split"], "test"))
-    test = test.sort_by([("user", "ascending"), ("service", "ascending")])
-    seen = events.filter(pc.not_equal(events["split"], "test"))
+    first = pc.unique(events["user"])[:users]
+    mine = events.filter(pc.is_in(events["user"], first)).sort_by([("user", "ascending")])
     with Recommender.from_bundle(bundle) as rec:
-        for row in test.slice(0, users).to_pylist():
-            mine = seen.filter(pc.equal(seen["user"], row["user"])).to_pylist()
-            mine.sort(key=lambda e: (e["timestamp"] or 0, e["position"]))
-            history = [(e["service"], e["item_id"]) for e in mine]
+        for user, user_events in iter_users(mine):
+            ordered = unified_order(user_events, rec.services)
+            target = next((e for e in ordered if e.split == "test"), None)
+            if target is None:
+                continue
+            history = [(e.service, e.item_id) for e in ordered if e.split != "test"]
             _print_recommendations(
-                rec, history, row["service"], k, row["user"], cfg.eval.exclude_seen, held_out=row["item_id"]
+                rec, history, target.service, k, user, cfg.eval.exclude_seen, held_out=target.item_id
             )
 
 

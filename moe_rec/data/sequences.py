@@ -121,6 +121,23 @@ def unified_order(events: Sequence[Event], services: Sequence[str]) -> list[Even
     )
 
 
+def prompt(
+    vocab: Vocabulary, items: Sequence[tuple[str, Sequence[int]]], service: str
+) -> dict[str, list[int]]:
+    """The question the model answers at evaluation and serving time: ``[BOS]``, each history item's
+    tokens (``items``: ``(service, full codes)``, oldest first), then ``service``'s token. ``domain_ids``
+    give each token its item's service; ``[BOS]`` takes the first item's (the asked service's when
+    the history is empty)."""
+    input_ids, domain_ids = [BOS], []
+    for item_service, codes in items:
+        tokens = vocab.item_tokens(item_service, codes)
+        input_ids += tokens
+        domain_ids += [vocab.service_index(item_service)] * len(tokens)
+    input_ids.append(vocab.service_token(service))
+    domain_ids.append(vocab.service_index(service))
+    return {"input_ids": input_ids, "domain_ids": [domain_ids[0], *domain_ids]}
+
+
 class SequenceBuilder:
     """Turns one user's events into token samples.
 
@@ -137,19 +154,19 @@ class SequenceBuilder:
         self.item_codes = item_codes
         self.cfg = cfg
 
-    def _item_tokens(self, e: Event) -> list[int]:
+    def _codes(self, e: Event) -> Sequence[int]:
         codes = self.item_codes.get((e.service, e.item_id))
         if codes is None:
             raise DataError(
                 f"item {e.service}/{e.item_id} has no semantic ID; were the SIDs built from this catalogue?"
             )
-        return self.vocab.item_tokens(e.service, codes)
+        return codes
 
     def encode(self, events: Sequence[Event], label_items: bool) -> dict[str, list[int]]:
         """``[BOS]`` + the events' tokens, with ``domain_ids`` and (if asked) item-code ``labels``."""
         input_ids, domain_ids, labels = [BOS], [], [IGNORE_INDEX]
         for e in events:
-            tokens = self._item_tokens(e)
+            tokens = self.vocab.item_tokens(e.service, self._codes(e))
             input_ids += tokens
             domain_ids += [self.vocab.service_index(e.service)] * len(tokens)
             labels += [IGNORE_INDEX] + (tokens[1:] if label_items else [IGNORE_INDEX] * (len(tokens) - 1))
@@ -185,15 +202,10 @@ class SequenceBuilder:
                     and (target.timestamp is None or e.timestamp is None or e.timestamp < target.timestamp)
                 )
             ][-self.cfg.max_events :]
-            sample = self.encode(context, label_items=False)
-            sample["input_ids"].append(self.vocab.service_token(target.service))
-            sample["domain_ids"].append(self.vocab.service_index(target.service))
-            if not context:
-                sample["domain_ids"][0] = sample["domain_ids"][-1]
             yield {
                 "user": user,
                 "service": target.service,
-                **sample,
+                **prompt(self.vocab, [(e.service, self._codes(e)) for e in context], target.service),
                 "target": list(self.item_codes[(target.service, target.item_id)]),
                 "target_item": target.item_id,
             }

@@ -44,8 +44,8 @@ import torch
 import transformers
 
 import moe_rec
-from moe_rec.data.sequences import user_bucket
-from moe_rec.data.vocab import BOS, Vocabulary
+from moe_rec.data.sequences import prompt, user_bucket
+from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.evaluate import left_pad
 from moe_rec.model import MoERecForCausalLM
 from moe_rec.sid.io import SIDFileError, sha256_file
@@ -152,15 +152,8 @@ def table_probes(
     rows = []
     for p in range(n):
         picks = [(p * 7919 + e * 104729) % len(table) for e in range(events)]
-        ids, domains = [BOS], []
-        for r in picks:
-            tokens = vocab.item_tokens(str(services[r]), table.codes[r].tolist())
-            ids += tokens
-            domains += [vocab.service_index(str(services[r]))] * len(tokens)
-        target = vocab.services[p % len(vocab.services)]
-        ids.append(vocab.service_token(target))
-        domains.append(vocab.service_index(target))
-        rows.append({"user": f"probe-{p}", "input_ids": ids, "domain_ids": [domains[0], *domains]})
+        items = [(str(services[r]), table.codes[r].tolist()) for r in picks]
+        rows.append({"user": f"probe-{p}", **prompt(vocab, items, vocab.services[p % len(vocab.services)])})
     return rows
 
 

@@ -32,8 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from moe_rec.data.sequences import user_bucket
-from moe_rec.data.vocab import BOS
+from moe_rec.data.sequences import prompt, user_bucket
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.evaluate import left_pad
 from moe_rec.export.bundle import Bundle, load_bundle
@@ -211,16 +210,10 @@ class Recommender:
         services, items = self._events(history)
         rows = self._rows(services, items)
         codes = self.table.codes[rows]  # (n, L+1)
-        ids, domains = [BOS], []
-        for s, c in list(zip(services, codes.tolist()))[-self.max_history :]:
-            tokens = self.vocab.item_tokens(s, c)
-            ids += tokens
-            domains += [self.vocab.service_index(s)] * len(tokens)
-        ids.append(self.vocab.service_token(service))
-        domains.append(self.vocab.service_index(service))
+        recent = list(zip(services, codes.tolist()))[-self.max_history :]
         seen = [i for i, s in enumerate(services) if s == service] if exclude_seen else []
         return _Job(
-            prompt={"input_ids": ids, "domain_ids": [domains[0], *domains]},
+            prompt=prompt(self.vocab, recent, service),
             service=service,
             k=k,
             user=user_bucket(user_id or "", self.bundle.model.config.num_user_buckets),
