@@ -108,20 +108,28 @@ def test_run_ends_with_a_bundle_that_recommends(run_dir: Path, capsys: pytest.Ca
     assert manifest["source"]["tag"] == (run_dir / "checkpoints" / "best").read_text().strip()
     assert manifest["verification"]["passed"]
     events = store.load_table(run_dir / "data")
-    first = events.filter(pc.equal(events["split"], "train")).slice(0, 2).to_pylist()
+    train = events.filter(pc.equal(events["split"], "train"))
+    first = train.filter(pc.equal(train["service"], "delivery")).slice(0, 2).to_pylist()
     history = [f"{e['service']}:{e['item_id']}" for e in first]
+    seen = {e["item_id"] for e in first}
+    every = 40  # TINY: every delivery item, so what exclusion removes is exactly the history's items
     capsys.readouterr()
-    argv = ["recommend", str(bundle), "--service", "delivery", "--k", "4", "--history", *history]
+    argv = ["recommend", str(bundle), "--service", "delivery", "--k", str(every), "--history", *history]
     assert main(argv) == 0
-    out = "".join(capsys.readouterr())  # the table goes to the console (stderr)
+
+    def rows() -> str:  # the table's rows (on the console, stderr); its title repeats the history
+        return "\n".join(line for line in "".join(capsys.readouterr()).splitlines() if line.startswith("│"))
+
+    out = rows()
     assert main([*argv, "--no-exclude-seen"]) == 0
-    out_with_seen = "".join(capsys.readouterr())
+    out_with_seen = rows()
     with Recommender.from_bundle(bundle) as rec:  # the same answers straight from the Python API
-        events = [tuple(h.split(":")) for h in history]
-        want = rec.recommend(events, "delivery", k=4)
-        want_with_seen = rec.recommend(events, "delivery", k=4, exclude_seen=False)
-    assert len(want) == 4 and all(r.item_id in out for r in want)
-    assert all(r.item_id in out_with_seen for r in want_with_seen)
+        pairs = [tuple(h.split(":")) for h in history]
+        want = rec.recommend(pairs, "delivery", k=every)
+        want_with_seen = rec.recommend(pairs, "delivery", k=every, exclude_seen=False)
+    assert len(want) == every - len(seen) and all(r.item_id in out for r in want)
+    assert len(want_with_seen) == every and all(r.item_id in out_with_seen for r in want_with_seen)
+    assert not any(i in out for i in seen) and all(i in out_with_seen for i in seen)
     assert main([*argv[:-1], "delivery:no-such-item"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "error:" in err and "no-such-item" in err and "Traceback" not in err
