@@ -5,7 +5,8 @@ histories, each ending with the requested service's token) over a synthetic sema
 catalogue:
 
 * **ours** — :func:`moe_rec.eval.beam_search.constrained_beam_search`: one prefill over the
-  prompts, the KV cache repeated per beam, the next-code mask of all beams from the tensor trie;
+  prompts, then a cache whose beams share their prompt's keys (``BeamCache``), the next-code
+  mask of all beams from the tensor trie;
 * **generate** (the baseline) — ``model.generate(num_beams=W, max_new_tokens=L+1,
   prefix_allowed_tokens_fn=...)`` with a Python callback that walks a dict trie of token ids, once
   per beam and step (``length_penalty=0`` so its scores are plain sums of log-probabilities).

@@ -13,11 +13,11 @@ forcing the item's tokens gives), not renormalised over the allowed codes, so th
 across prompts and services. When fewer than ``W`` valid continuations exist, the remaining
 beams have score ``-inf`` and codes ``-1``.
 
-Cost: one prefill over the ``B`` prompts (the first expansion gathers the cache rows straight
-into ``B*W`` beams, rather than prefilling ``B*W`` copies as ``generate`` does), then ``L``
-single-token steps over ``B*W`` beams; the last depth needs no forward pass after it. Each step
-copies the cache twice (beam reorder, then ``DynamicCache``'s append), which dominates at large
-batches on CPU.
+Cost: one prefill over the ``B`` prompts (not ``B*W`` copies of them, as ``generate`` does),
+then ``L`` single-token steps over ``B*W`` beams; the last depth needs no forward pass after it.
+After the prefill the cache is a :class:`BeamCache`: the beams of a prompt share its keys and
+values, so a step reads each prompt's keys once and a beam reorder moves only the ``<= L``
+generated tokens (with a ``DynamicCache`` both copied ``W`` copies of every prompt per step).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_rec.data.vocab import Vocabulary
-from moe_rec.model.modeling import MoERecCache, MoERecForCausalLM
+from moe_rec.model.cache import BeamCache, MoERecCache
+from moe_rec.model.modeling import MoERecForCausalLM
 from moe_rec.sid.trie import SIDTrie, check_radices, in_range, pack_codes
 
 
@@ -138,7 +139,10 @@ def constrained_beam_search(
         codes = torch.cat([codes[parent], (order % v).reshape(-1, 1)], 1)  # (B*W, d+1)
         n = w
         if d < depth - 1:  # feed the chosen code; the dedup code needs no forward pass
-            cache.reorder_cache(parent)  # (B*n_old) -> (B*W) rows, profile state included
+            if d == 0:  # first expansion: each prompt's W beams start from the prompt (parent = b)
+                cache = BeamCache(cache, w, max_new_tokens=depth - 1)
+            else:
+                cache.reorder_cache(parent)  # (B*W) -> (B*W) rows within each prompt, profile included
             mask = torch.cat([mask, mask.new_ones(b * w, 1)], 1)  # (B*W, T+d+1)
             out = model(
                 codes[:, -1:] + start + offset,

@@ -3,8 +3,9 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from moe_rec.model.cache import MoERecCache
 from moe_rec.model.config import MoERecConfig, build_config
-from moe_rec.model.modeling import MoERecCache, MoERecForCausalLM, MoERecModel, parameter_report
+from moe_rec.model.modeling import MoERecForCausalLM, MoERecModel, parameter_report
 
 AutoConfig.register("moe_rec", MoERecConfig, exist_ok=True)
 AutoModelForCausalLM.register(MoERecConfig, MoERecForCausalLM, exist_ok=True)

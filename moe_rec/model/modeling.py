@@ -7,7 +7,8 @@ running user profile used by the router, :class:`MoERecModel` and :class:`MoERec
 Routing inputs are explicit ``forward`` arguments: ``domain_ids (B, T)`` — the service of each
 token's event — and ``user_ids (B,)`` — hashed user buckets. The KV cache is a
 ``transformers.DynamicCache`` (:class:`MoERecCache` also carries the profile state when the
-router reads it), so ``generate`` and our own beam search both work with it.
+router reads it), so ``generate`` works with it; our beam search prefills with one and then
+continues with a :class:`BeamCache`, whose beams share their prompt's keys (:mod:`moe_rec.model.cache`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 
+from moe_rec.model.cache import BeamCache, KVCache, MoERecCache, ProfileState, shared_prefix_attention
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.moe import GatedFeedForward, MoEAux, MoEFeedForward
 from moe_rec.model.router import Router
@@ -85,7 +87,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: DynamicCache | None,
+        cache: KVCache | None,
     ) -> torch.Tensor:
         """x (B, T, D); mask (B, 1, T, S) bool (True = attend) or None for plain causal."""
         b, t, _ = x.shape
@@ -95,6 +97,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if isinstance(cache, BeamCache):  # beams share their prompt's keys: no per-beam copy of them
+            out = shared_prefix_attention(q, *cache.append(k, v, self.layer_idx), mask, self.scale)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, S, hd)
         out = F.scaled_dot_product_attention(
@@ -153,7 +158,7 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: DynamicCache | None,
+        cache: KVCache | None,
         domain_ids: torch.Tensor,
         user_ids: torch.Tensor | None,
         profile: torch.Tensor | None,
@@ -174,43 +179,13 @@ class DecoderLayer(nn.Module):
         return x + h, aux
 
 
-class MoERecCache(DynamicCache):
-    """A ``DynamicCache`` that also keeps the router's running profile (sum and count of the
-    history's embeddings), reordered with the beams like the keys and values."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.profile_sum: torch.Tensor | None = None  # (B, D) fp32
-        self.profile_count: torch.Tensor | None = None  # (B, 1) fp32
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.profile_sum is not None:
-            self.profile_sum = self.profile_sum.index_select(0, beam_idx.to(self.profile_sum.device))
-            self.profile_count = self.profile_count.index_select(0, beam_idx.to(self.profile_count.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.profile_sum is not None:
-            self.profile_sum = self.profile_sum.repeat_interleave(repeats, dim=0)
-            self.profile_count = self.profile_count.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.profile_sum is not None:
-            self.profile_sum = self.profile_sum[indices]
-            self.profile_count = self.profile_count[indices]
-
-
-def running_profile(
-    embeds: torch.Tensor, token_mask: torch.Tensor, cache: DynamicCache | None
-) -> torch.Tensor:
+def running_profile(embeds: torch.Tensor, token_mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
     """Causal running mean of the history's (non-pad) embeddings: position t sees tokens <= t.
 
     Args:
         embeds: (B, T, D) input embeddings.
         token_mask: (B, T) 1 for real tokens, 0 for padding.
-        cache: when it is a :class:`MoERecCache`, the sums of earlier steps are read and updated.
+        cache: when it carries a :class:`ProfileState`, the sums of earlier steps are read and updated.
 
     Returns:
         (B, T, D) profile vectors, in the embeddings' dtype.
@@ -218,7 +193,7 @@ def running_profile(
     m = token_mask[..., None].float()  # (B, T, 1)
     csum = torch.cumsum(embeds.float() * m, dim=1)  # (B, T, D)
     ccount = torch.cumsum(m, dim=1)  # (B, T, 1)
-    if isinstance(cache, MoERecCache):
+    if isinstance(cache, ProfileState):
         if cache.profile_sum is not None:
             csum = csum + cache.profile_sum[:, None]
             ccount = ccount + cache.profile_count[:, None]
@@ -249,7 +224,7 @@ class MoERecOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: DynamicCache | None = None
+    past_key_values: KVCache | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     load_balancing_loss: torch.Tensor | None = None
@@ -301,9 +276,9 @@ class MoERecModel(MoERecPreTrainedModel):
         user_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        past_key_values: KVCache | None = None,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, DynamicCache | None, list[MoEAux]]:
+    ) -> tuple[torch.Tensor, KVCache | None, list[MoEAux]]:
         """Returns hidden states (B, T, D), the cache, and one :class:`MoEAux` per MoE layer."""
         cfg = self.config
         b, t = input_ids.shape
@@ -374,7 +349,7 @@ class MoERecForCausalLM(MoERecPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        past_key_values: KVCache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
@@ -418,7 +393,7 @@ class MoERecForCausalLM(MoERecPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: DynamicCache | None = None,
+        past_key_values: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         domain_ids: torch.LongTensor | None = None,
         user_ids: torch.LongTensor | None = None,
