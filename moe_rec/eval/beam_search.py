@@ -45,7 +45,7 @@ def _excluded_keys(
     return torch.sort(pack_codes(digits, radices)).values
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 re-partitions parameters gathered during validation
 def constrained_beam_search(
     model: MoERecForCausalLM,
     trie: SIDTrie,

@@ -22,6 +22,7 @@ from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.metrics import RankingMetrics
 from moe_rec.model import MoERecForCausalLM
 from moe_rec.sid.table import SIDTable
+from moe_rec.sid.trie import SIDTrie
 
 
 def left_pad(rows: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,53 +52,59 @@ def history_codes(input_ids: Sequence[int], vocab: Vocabulary, service: str) -> 
     return torch.tensor(codes, dtype=torch.long).reshape(-1, vocab.levels + 1)
 
 
-@torch.inference_mode()
+def rank_requests(
+    model: MoERecForCausalLM, table: SIDTable, trie: SIDTrie, rows: Sequence[dict[str, Any]], cfg: EvalConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constrained beam search for a batch of leave-one-out samples (``valid`` / ``test`` rows).
+
+    Returns:
+        ranked (B, W) table rows of the ``cfg.beam_width`` best items, best first (-1: none), and
+        target (B,) the table row of each sample's held-out item.
+    """
+    device = next(model.parameters()).device
+    vocab = table.vocabulary()
+    services = [r["service"] for r in rows]
+    ids, mask, domains = left_pad(rows)
+    users = (
+        torch.tensor([user_bucket(r["user"], model.config.num_user_buckets) for r in rows])
+        if model.config.router_mode == "domain_user"
+        else None
+    )
+    exclude = [history_codes(r["input_ids"], vocab, r["service"]) for r in rows] if cfg.exclude_seen else None
+    codes, _ = constrained_beam_search(
+        model,
+        trie,
+        vocab,
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        domain_ids=domains.to(device),
+        user_ids=users.to(device) if users is not None else None,
+        services=services,
+        beam_width=cfg.beam_width,
+        exclude_codes=exclude,
+    )  # (B, W, L+1)
+    b, w, depth = codes.shape
+    flat_services = [s for s in services for _ in range(w)]
+    ranked = table.rows_for_codes(flat_services, codes.reshape(b * w, depth).cpu()).view(b, w)
+    target = torch.from_numpy(table.rows(services, [r["target_item"] for r in rows])).long()
+    return ranked, target
+
+
+@torch.no_grad()
 def evaluate_model(
     model: MoERecForCausalLM, table: SIDTable, samples: datasets.Dataset, cfg: EvalConfig
 ) -> dict[str, Any]:
     """Recall@K / NDCG@K (K = 5, 10, 20) per service and overall for ``samples`` (eval rows of one split)."""
     model.eval()
-    device = next(model.parameters()).device
-    vocab = table.vocabulary()
-    trie = table.trie().to(device)
-    needs_users = model.config.router_mode == "domain_user"
-    metrics = RankingMetrics(list(vocab.services), prefix=cfg.split)
+    trie = table.trie().to(next(model.parameters()).device)
+    metrics = RankingMetrics(list(table.vocabulary().services), prefix=cfg.split)
     n = len(samples) if not cfg.max_samples else min(cfg.max_samples, len(samples))
     with progress() as bar:
         task = bar.add_task(f"eval {cfg.split}", total=n)
         for start in range(0, n, cfg.batch_size):
             rows = samples.select(range(start, min(start + cfg.batch_size, n))).to_list()
-            services = [r["service"] for r in rows]
-            ids, mask, domains = left_pad(rows)
-            users = (
-                torch.tensor([user_bucket(r["user"], model.config.num_user_buckets) for r in rows])
-                if needs_users
-                else None
-            )
-            exclude = (
-                [history_codes(r["input_ids"], vocab, r["service"]) for r in rows]
-                if cfg.exclude_seen
-                else None
-            )
-            codes, _ = constrained_beam_search(
-                model,
-                trie,
-                vocab,
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                domain_ids=domains.to(device),
-                user_ids=users.to(device) if users is not None else None,
-                services=services,
-                beam_width=cfg.beam_width,
-                exclude_codes=exclude,
-            )  # (B, W, L+1)
-            b, w, depth = codes.shape
-            flat_services = [s for s in services for _ in range(w)]
-            ranked = table.rows_for_codes(flat_services, codes.reshape(b * w, depth).cpu()).view(
-                b, w
-            )  # -1: none
-            target = torch.from_numpy(table.rows(services, [r["target_item"] for r in rows])).long()
-            metrics.update(ranked, target, services)
+            ranked, target = rank_requests(model, table, trie, rows, cfg)
+            metrics.update(ranked, target, [r["service"] for r in rows])
             bar.advance(task, len(rows))
     metrics.reduce()
     return metrics.compute()

@@ -49,8 +49,8 @@ class TrainConfig:
     eval_every: int = 100  # optimizer steps between validations (0: only at the end)
     max_eval_samples: int = 2048  # validation subsample (first N valid rows; 0: all)
     log_every: int = 10  # optimizer steps between log lines
-    best_metric: str = "valid/token_acc"  # higher is better; a key of the validation metrics (per-code
-    # accuracy moves before exact match does, so early checkpoints do not win every tie)
+    best_metric: str = "valid/ndcg@10"  # higher is better; picks the `best` checkpoint. recall@K / ndcg@K
+    # rank items by beam search as the test does; valid/token_acc (teacher-forced) is the cheap alternative
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run_dir>/checkpoints/latest
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the GPU's name (no MFU on CPU)

@@ -1,10 +1,14 @@
-"""What training reports: validation (teacher-forced next-item accuracy per service), throughput
-and MFU, and the rank-0 logger that writes ``metrics.jsonl`` and W&B.
+"""What training reports: validation (teacher-forced next-item accuracy, and Recall / NDCG by
+constrained beam search, per service), throughput and MFU, and the rank-0 logger that writes
+``metrics.jsonl`` and W&B.
 
-Validation asks the model for the held-out item's ``L+1`` codes given the context (which ends
-with the item's service token), feeding the true codes (teacher forcing). ``exact_match`` is the
-share of items whose every code is the arg-max; ``token_acc`` the share of codes. Counts are
-summed over ranks before dividing, so the numbers do not depend on the world size.
+Teacher-forced validation asks the model for the held-out item's ``L+1`` codes given the context
+(which ends with the item's service token), feeding the true codes. ``exact_match`` is the share
+of items whose every code is the arg-max; ``token_acc`` the share of codes. Retrieval validation
+ranks the service's items for the same requests exactly as the test evaluation does
+(:func:`moe_rec.eval.evaluate.rank_requests`): ``recall@K`` and ``ndcg@K``, the numbers a checkpoint
+is chosen by. Counts are summed over ranks before dividing, so the numbers do not depend on the
+world size.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ import torch.distributed as dist
 
 from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.data.vocab import Vocabulary
+from moe_rec.eval.config import EvalConfig
+from moe_rec.eval.evaluate import rank_requests
+from moe_rec.eval.metrics import DEFAULT_KS, MACRO, RankingMetrics
 from moe_rec.model import MoERecConfig
+from moe_rec.sid.table import SIDTable
 from moe_rec.train.data import Collator
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # bf16 dense
@@ -79,6 +87,38 @@ def evaluate(
             out[f"valid/{name}exact_match"] = (c[1] / c[0]).item()
             out[f"valid/{name}token_acc"] = (c[2] / c[3]).item()
     return out
+
+
+def retrieval(
+    engine: Any, samples: Sequence[dict[str, Any]], table: SIDTable, cfg: EvalConfig
+) -> dict[str, float]:
+    """``valid/recall@K`` and ``valid/ndcg@K``, overall and per service, of constrained beam search
+    over ``samples`` (valid rows), rank-sharded and reduced. Every rank runs the same number of
+    searches (ZeRO-3 gathers parameters collectively); a rank out of rows searches row 0 unscored."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(samples[rank::world])
+    num_batches = math.ceil(math.ceil(len(samples) / world) / cfg.batch_size)
+    metrics = RankingMetrics(list(table.vocabulary().services), prefix="valid")
+    trie = table.trie().to(engine.device)
+    engine.eval()
+    for i in range(num_batches):
+        chunk = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        ranked, target = rank_requests(engine.module, table, trie, chunk or [samples[0]], cfg)
+        if chunk:
+            metrics.update(ranked, target, [r["service"] for r in chunk])
+    engine.train()
+    metrics.reduce()
+    return {
+        k: v
+        for k, v in metrics.compute().items()
+        if not k.endswith("/count") and f"/{MACRO}/" not in k  # the micro mean and each service
+    }
+
+
+def validation_keys(services: Sequence[str]) -> list[str]:
+    """Every metric :func:`evaluate` and :func:`retrieval` can report (``train.best_metric`` is one)."""
+    names = ["exact_match", "token_acc", *(f"{m}@{k}" for m in ("recall", "ndcg") for k in DEFAULT_KS)]
+    return [f"valid/{scope}{name}" for scope in ["", *(f"{s}/" for s in services)] for name in names]
 
 
 def flops_per_token(config: MoERecConfig, active_params: int, seq_len: float) -> float:

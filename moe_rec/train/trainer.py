@@ -11,6 +11,7 @@ batches per rank; logs, validation and checkpoints count optimizer steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,10 +32,19 @@ from moe_rec.data.schema import DataError
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.experiment import ExperimentConfig
 from moe_rec.model import MoERecConfig, MoERecForCausalLM, build_config, parameter_report
+from moe_rec.sid.table import META_FILE, SIDTable
 from moe_rec.train import checkpoint as ckpt
 from moe_rec.train.config import ModelSection, TrainConfig
 from moe_rec.train.data import Collator, DataPosition, ShardedTrainData, load_split
-from moe_rec.train.metrics import RankZeroLogger, eval_rows, evaluate, flops_per_token, peak_flops
+from moe_rec.train.metrics import (
+    RankZeroLogger,
+    eval_rows,
+    evaluate,
+    flops_per_token,
+    peak_flops,
+    retrieval,
+    validation_keys,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,8 +140,25 @@ class Trainer:
                 f"{vocab_path} not found: no sequences in run_dir {cfg.run_dir}; build them first with "
                 f"`moe-rec run --config <experiment> run_dir={cfg.run_dir}`"
             )
+        if not (cfg.sid_dir / META_FILE).exists():
+            raise DataError(
+                f"{cfg.sid_dir / META_FILE} not found: validation ranks items by their semantic IDs; build them "
+                f"with `moe-rec sids build --config <experiment> run_dir={cfg.run_dir}`"
+            )
         self.cfg, self.tc = cfg, cfg.train
         self.vocab = Vocabulary.from_dict(json.loads(vocab_path.read_text()))
+        self.sids = SIDTable.load(cfg.sid_dir)
+        if self.sids.vocabulary() != self.vocab:
+            raise DataError(
+                f"the SID table in {cfg.sid_dir} does not match {vocab_path}; rebuild the sequences"
+            )
+        known = validation_keys(self.vocab.services)
+        if self.tc.best_metric not in known:
+            raise ValueError(
+                f"train.best_metric={self.tc.best_metric!r} is not a validation metric; known: "
+                + ", ".join(k for k in known if k.count("/") == 1)
+                + " (and the same per service, e.g. valid/<service>/ndcg@10)"
+            )
         train_ds = load_split(cfg.sequences_dir, "train")
         valid_ds = load_split(cfg.sequences_dir, "valid")
         self.model_config = model_config(cfg.model, self.vocab)
@@ -151,6 +178,9 @@ class Trainer:
         )
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch
         self.eval_rows = eval_rows(valid_ds, self.vocab, self.tc.max_eval_samples)
+        n_valid = min(self.tc.max_eval_samples or len(valid_ds), len(valid_ds))
+        self.valid_requests = valid_ds.select(range(n_valid)).to_list()  # the same rows, for beam search
+        self.retrieval_cfg = dataclasses.replace(cfg.eval, split="valid")
         self.probe = self.collator(train_ds.select(range(self.tc.micro_batch_size)))
 
         random.seed(self.tc.seed)
@@ -252,6 +282,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         metrics = evaluate(self.engine, self.eval_rows, self.vocab, self.collator, self.tc.micro_batch_size)
+        metrics.update(retrieval(self.engine, self.valid_requests, self.sids, self.retrieval_cfg))
         self.logger.log(metrics, self.step)
         if self.rank == 0:
             shown = {k: v for k, v in metrics.items() if k.count("/") == 1}  # overall, not per service

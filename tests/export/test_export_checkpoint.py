@@ -16,7 +16,7 @@ from moe_rec.data.store import write_items
 from moe_rec.export import BundleError, export_checkpoint, load_bundle
 from moe_rec.serve import Recommender
 from moe_rec.sid.table import SIDTable
-from tests.train.conftest import ITEMS, VOCAB, _codes, tiny_config, write_sequences
+from tests.train.conftest import ITEMS, VOCAB, tiny_config, write_sequences
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +29,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("zero3") / "run"
     write_sequences(run)
     keys = [(s, i) for s in VOCAB.services for i in range(ITEMS)]
-    table = SIDTable(
-        services=[s for s, _ in keys], item_ids=[str(i) for _, i in keys],
-        codes=torch.tensor([_codes(i) for _, i in keys]), codebook_size=VOCAB.codebook_size,
-        max_dedup=VOCAB.dedup_size,
-    )  # fmt: skip
-    assert table.vocabulary() == VOCAB
-    table.save(run / "sids")
     write_items(
         pa.table({"service": [s for s, _ in keys], "item_id": [str(i) for _, i in keys],
                   "title": [f"{s} {i}" for s, i in keys], "categories": [[s] for s, _ in keys],

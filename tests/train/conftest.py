@@ -1,5 +1,6 @@
-"""A tiny sequences directory (what ``moe-rec sequences build`` writes) with a learnable pattern:
-every user walks a service's catalogue in order, so the next item's codes are predictable."""
+"""A tiny sequences directory (what ``moe-rec sequences build`` writes) and the SID table it was
+made from, with a learnable pattern: every user walks a service's catalogue in order, so the next
+item's codes are predictable."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from moe_rec.config import load_config
 from moe_rec.data.sequences import IGNORE_INDEX, SAMPLE_FEATURES
 from moe_rec.data.vocab import BOS, Vocabulary
 from moe_rec.experiment import ExperimentConfig
+from moe_rec.sid.table import SIDTable
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = Vocabulary(services=("grocery", "market"), levels=2, codebook_size=8, dedup_size=2)
@@ -33,7 +36,21 @@ def _encode(events: list[tuple[int, int]], label: bool) -> dict[str, list[int]]:
     return {"input_ids": ids, "domain_ids": doms, "labels": labels}
 
 
+def sid_table() -> SIDTable:
+    """Item ``i`` of every service has codes :func:`_codes` (i)."""
+    keys = [(s, i) for s in VOCAB.services for i in range(ITEMS)]
+    table = SIDTable(
+        services=[s for s, _ in keys], item_ids=[str(i) for _, i in keys],
+        codes=torch.tensor([_codes(i) for _, i in keys]), codebook_size=VOCAB.codebook_size,
+        max_dedup=VOCAB.dedup_size,
+    )  # fmt: skip
+    assert table.vocabulary() == VOCAB
+    return table
+
+
 def write_sequences(run_dir: Path, num_users: int = 48, parts: int = 2) -> None:
+    """``<run_dir>/sequences`` (train and valid) and ``<run_dir>/sids``."""
+    sid_table().save(run_dir / "sids")
     seq = run_dir / "sequences"
     seq.mkdir(parents=True, exist_ok=True)
     (seq / "vocab.json").write_text(json.dumps(VOCAB.to_dict()))

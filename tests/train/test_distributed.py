@@ -17,7 +17,10 @@ import torch
 import torch.multiprocessing as mp
 
 from moe_rec.data.sequences import user_bucket
+from moe_rec.eval.config import EvalConfig
+from moe_rec.eval.evaluate import evaluate_model
 from moe_rec.model import MoERecForCausalLM
+from moe_rec.sid.table import SIDTable
 from moe_rec.train import train
 from moe_rec.train.checkpoint import consolidate
 from moe_rec.train.data import load_split
@@ -93,8 +96,9 @@ def _assert_loads_and_reproduces(run_dir: Path, summary: dict) -> None:
 
 
 def _assert_validation_matches(model: MoERecForCausalLM, run_dir: Path, metrics: dict[str, float]) -> None:
-    """Teacher-forced accuracy recomputed one unpadded row at a time on one process must equal the
-    trainer's batched, rank-sharded and reduced numbers, overall and per service."""
+    """Teacher-forced accuracy recomputed one unpadded row at a time on one process, and Recall /
+    NDCG of the test-time evaluator on one process, must equal the trainer's batched, rank-sharded
+    and reduced numbers, overall and per service."""
     rows = load_split(run_dir / "sequences", "valid").select(range(8))
     counts = {"": [0, 0, 0, 0], **{f"{s}/": [0, 0, 0, 0] for s in VOCAB.services}}  # rows, exact, hits, codes
     for r in rows:
@@ -113,6 +117,10 @@ def _assert_validation_matches(model: MoERecForCausalLM, run_dir: Path, metrics:
     for key, (n_rows, exact, hits, codes) in counts.items():
         expected[f"valid/{key}exact_match"] = exact / n_rows
         expected[f"valid/{key}token_acc"] = hits / codes
+    ranking = evaluate_model(model, SIDTable.load(run_dir / "sids"), load_split(run_dir / "sequences", "valid"),
+                             EvalConfig(split="valid", max_samples=8, batch_size=3))  # fmt: skip
+    expected.update({k: v for k, v in ranking.items() if not k.endswith("/count") and "/macro/" not in k})
+    assert "valid/ndcg@10" in expected and "valid/grocery/recall@5" in expected
     assert metrics == pytest.approx(expected)
 
 
