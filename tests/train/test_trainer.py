@@ -1,5 +1,5 @@
 """The pieces of the trainer that need no process group: model sizing from the vocabulary, the LR
-schedule, the DeepSpeed config written from ours, and the FLOP count."""
+schedule, the DeepSpeed config written from ours, the FLOP count, and what start-up refuses."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from moe_rec.data.schema import DataError
 from moe_rec.model import MoERecForCausalLM, parameter_report
 from moe_rec.train.metrics import flops_per_token
-from moe_rec.train.trainer import deepspeed_config, lr_lambda, model_config
+from moe_rec.train.trainer import Trainer, deepspeed_config, lr_lambda, model_config
 from tests.train.conftest import VOCAB, tiny_config
 
 
@@ -69,3 +70,12 @@ def test_expert_load_heatmap_maps_shares_to_colours() -> None:
     assert img[0, 3].tolist() == [8, 48, 107]  # the largest share: dark blue
     half = img[3, 0].tolist()  # half the largest share: halfway between
     assert half == [round((255 + 8) / 2), round((255 + 48) / 2), round((255 + 107) / 2)]
+
+
+def test_a_run_without_sids_or_with_an_unknown_best_metric_is_refused(run_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"train.best_metric='valid/ndcg@11' is not a validation metric"):
+        Trainer(tiny_config(run_dir, "train.best_metric=valid/ndcg@11"))
+    for f in (run_dir / "sids").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match="sid_table.json not found.*moe-rec sids build"):
+        Trainer(tiny_config(run_dir))
