@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_rec.model import MoERecCache, MoERecForCausalLM, build_config
+from moe_rec.model import MoERecCache
 from moe_rec.model.cache import BeamCache, shared_prefix_attention
-
-V, DOMAINS, USERS = 64, 3, 11
+from tests.model.test_modeling import DOMAINS, USERS, V, _model
 
 
 def _reference(q, prefix_k, prefix_v, new_k, new_v, mask, scale):
@@ -42,21 +41,10 @@ def test_shared_prefix_attention_matches_sdpa(b, w, h, hkv, t, prefix_len, s, se
     torch.testing.assert_close(got16.float(), want, rtol=0.05, atol=0.05)
 
 
-def _model(mode: str, seed: int) -> MoERecForCausalLM:
-    torch.manual_seed(seed)
-    cfg = build_config("tiny", vocab_size=V, num_domains=DOMAINS, num_user_buckets=USERS, router_mode=mode)
-    model = MoERecForCausalLM(cfg).eval()
-    with torch.no_grad():  # give the zero-initialised norms and domain biases some signal
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "domain_bias" in name:
-                p.normal_(0, 0.3)
-    return model
-
-
 @pytest.mark.parametrize("mode, seed", [("token", 0), ("domain", 1), ("domain_user", 2), ("domain_user", 3)])
 def test_beam_steps_match_a_per_beam_dynamic_cache(mode: str, seed: int) -> None:
     b, w, t, steps = 3, 4, 7, 3
-    model = _model(mode, seed)
+    model = _model(seed, router_mode=mode)
     g = torch.Generator().manual_seed(seed + 100)
     ids = torch.randint(8, V, (b, t), generator=g)
     domains = torch.randint(0, DOMAINS, (b, t), generator=g)
@@ -95,7 +83,7 @@ def test_beam_steps_match_a_per_beam_dynamic_cache(mode: str, seed: int) -> None
 def test_beam_cache_refuses_an_empty_prefill_and_overflow() -> None:
     with pytest.raises(ValueError, match="prefill"):
         BeamCache(MoERecCache(), 2, max_new_tokens=1)
-    model = _model("token", 0)
+    model = _model(0, router_mode="token")
     ids = torch.randint(8, V, (2, 4))
     with torch.no_grad():
         out = model(ids, torch.zeros_like(ids), past_key_values=MoERecCache(), use_cache=True)
