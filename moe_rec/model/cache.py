@@ -33,15 +33,16 @@ class ProfileState:
             self.profile_sum = self.profile_sum.index_select(0, index.to(self.profile_sum.device))
             self.profile_count = self.profile_count.index_select(0, index.to(self.profile_count.device))
 
+    def _repeat_profile(self, repeats: int) -> None:
+        """Each row ``repeats`` times in a row (one copy per beam)."""
+        if self.profile_sum is not None:
+            self.profile_sum = self.profile_sum.repeat_interleave(repeats, dim=0)
+            self.profile_count = self.profile_count.repeat_interleave(repeats, dim=0)
+
 
 class MoERecCache(DynamicCache, ProfileState):
     """A ``DynamicCache`` that also keeps the router's running profile, reordered with the beams like
     the keys and values."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.profile_sum = None
-        self.profile_count = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -49,9 +50,7 @@ class MoERecCache(DynamicCache, ProfileState):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.profile_sum is not None:
-            self.profile_sum = self.profile_sum.repeat_interleave(repeats, dim=0)
-            self.profile_count = self.profile_count.repeat_interleave(repeats, dim=0)
+        self._repeat_profile(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
@@ -81,9 +80,8 @@ class BeamCache(ProfileState):
         self.new_keys = [k.new_empty(b * beams, hkv, max_new_tokens, hd) for k in self.prefix_keys]
         self.new_values = [v.new_empty(b * beams, hkv, max_new_tokens, hd) for v in self.prefix_values]
         self.lengths = [0] * len(self.prefix_keys)  # generated tokens held, per layer
-        if prompts.profile_sum is not None:
-            self.profile_sum = prompts.profile_sum.repeat_interleave(beams, dim=0)
-            self.profile_count = prompts.profile_count.repeat_interleave(beams, dim=0)
+        self.profile_sum, self.profile_count = prompts.profile_sum, prompts.profile_count
+        self._repeat_profile(beams)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.prefix_len + self.lengths[layer_idx]

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -32,15 +31,16 @@ from moe_rec.eval.evaluate import rank_requests
 from moe_rec.eval.metrics import DEFAULT_KS, MACRO, RankingMetrics
 from moe_rec.model import MoERecConfig
 from moe_rec.sid.table import SIDTable
+from moe_rec.sid.trie import SIDTrie
 from moe_rec.train.data import Collator
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # bf16 dense
 
 
-def eval_rows(valid: datasets.Dataset, vocab: Vocabulary, limit: int) -> list[dict[str, Any]]:
+def eval_rows(valid: Sequence[dict[str, Any]], vocab: Vocabulary) -> list[dict[str, Any]]:
     """Valid samples as teacher-forced rows: the target's codes appended, labelled, rest -100."""
     rows = []
-    for r in valid.select(range(min(limit, len(valid)) if limit else len(valid))):
+    for r in valid:
         target = vocab.item_tokens(r["service"], r["target"])[1:]  # (L+1,) codes after the service token
         service = vocab.service_index(r["service"])
         rows.append(
@@ -90,7 +90,7 @@ def evaluate(
 
 
 def retrieval(
-    engine: Any, samples: Sequence[dict[str, Any]], table: SIDTable, cfg: EvalConfig
+    engine: Any, samples: Sequence[dict[str, Any]], table: SIDTable, trie: SIDTrie, cfg: EvalConfig
 ) -> dict[str, float]:
     """``valid/recall@K`` and ``valid/ndcg@K``, overall and per service, of constrained beam search
     over ``samples`` (valid rows), rank-sharded and reduced. Every rank runs the same number of
@@ -99,7 +99,6 @@ def retrieval(
     mine = list(samples[rank::world])
     num_batches = math.ceil(math.ceil(len(samples) / world) / cfg.batch_size)
     metrics = RankingMetrics(list(table.vocabulary().services), prefix="valid")
-    trie = table.trie().to(engine.device)
     engine.eval()
     for i in range(num_batches):
         chunk = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]

@@ -177,10 +177,11 @@ class Trainer:
             collator=self.collator,
         )
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch
-        self.eval_rows = eval_rows(valid_ds, self.vocab, self.tc.max_eval_samples)
         n_valid = min(self.tc.max_eval_samples or len(valid_ds), len(valid_ds))
-        self.valid_requests = valid_ds.select(range(n_valid)).to_list()  # the same rows, for beam search
+        self.valid_requests = valid_ds.select(range(n_valid)).to_list()  # for beam search
+        self.eval_rows = eval_rows(self.valid_requests, self.vocab)  # the same requests, teacher-forced
         self.retrieval_cfg = dataclasses.replace(cfg.eval, split="valid")
+        self.sid_trie = self.sids.trie().to(self.device)
         self.probe = self.collator(train_ds.select(range(self.tc.micro_batch_size)))
 
         random.seed(self.tc.seed)
@@ -282,7 +283,9 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         metrics = evaluate(self.engine, self.eval_rows, self.vocab, self.collator, self.tc.micro_batch_size)
-        metrics.update(retrieval(self.engine, self.valid_requests, self.sids, self.retrieval_cfg))
+        metrics.update(
+            retrieval(self.engine, self.valid_requests, self.sids, self.sid_trie, self.retrieval_cfg)
+        )
         self.logger.log(metrics, self.step)
         if self.rank == 0:
             shown = {k: v for k, v in metrics.items() if k.count("/") == 1}  # overall, not per service
