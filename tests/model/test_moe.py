@@ -128,6 +128,7 @@ def test_uneven_routing_with_empty_experts(seed: int, k: int) -> None:
     with torch.no_grad():
         loop.router.domain_bias[:, 3:] = -30.0
         loop.router.domain_bias[0, 0] = 5.0  # service 0 piles onto expert 0
+        loop.router.domain_bias[1, 1] = 5.0  # service 1 onto expert 1: two experts surely carry tokens
     grouped = _twin(loop, "grouped_mm", **kwargs)
     inputs = _inputs(16)
     grad_out = torch.randn(*inputs[0].shape)
