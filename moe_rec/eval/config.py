@@ -11,7 +11,7 @@ from moe_rec.eval.metrics import DEFAULT_KS
 class EvalConfig:
     split: str = "test"  # test | valid
     beam_width: int = 20  # beams = items ranked per request (>= the largest K)
-    batch_size: int = 32  # requests per beam search
+    batch_size: int = 128  # requests per beam search (similar history lengths batched together)
     exclude_seen: bool = False  # drop items already in the request's history of that service
     max_samples: int = 0  # evaluate the first N requests only (0: all)
 

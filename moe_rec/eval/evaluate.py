@@ -90,6 +90,12 @@ def rank_requests(
     return ranked, target
 
 
+def by_length(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` shortest history first: a batch of similar lengths pads its prompts little (the
+    metrics are sums over requests, so the order does not change them)."""
+    return sorted(rows, key=lambda r: len(r["input_ids"]))
+
+
 @torch.no_grad()
 def evaluate_model(
     model: MoERecForCausalLM, table: SIDTable, samples: datasets.Dataset, cfg: EvalConfig
@@ -99,10 +105,11 @@ def evaluate_model(
     trie = table.trie().to(next(model.parameters()).device)
     metrics = RankingMetrics(list(table.vocabulary().services), prefix=cfg.split)
     n = len(samples) if not cfg.max_samples else min(cfg.max_samples, len(samples))
+    requests = by_length(samples.select(range(n)).to_list())
     with progress() as bar:
         task = bar.add_task(f"eval {cfg.split}", total=n)
         for start in range(0, n, cfg.batch_size):
-            rows = samples.select(range(start, min(start + cfg.batch_size, n))).to_list()
+            rows = requests[start : start + cfg.batch_size]
             ranked, target = rank_requests(model, table, trie, rows, cfg)
             metrics.update(ranked, target, [r["service"] for r in rows])
             bar.advance(task, len(rows))

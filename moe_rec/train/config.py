@@ -32,7 +32,9 @@ class WandbConfig:
 @dataclass
 class TrainConfig:
     deepspeed: Path = Path("configs/deepspeed/zero2.json")  # JSON or YAML; relative: cwd, else repo root
-    micro_batch_size: int = 16  # samples per rank per forward
+    micro_batch_size: int = 16  # samples per rank per forward (and per validation batch)
+    micro_batch_tokens: int = 0  # > 0: train on length-grouped micro batches of at most this many
+    # padded tokens instead (samples of similar length together: little compute spent on padding)
     grad_accum: int = 1  # micro batches per optimizer step
     lr: float = 1e-3  # peak learning rate (after warmup)
     min_lr: float = 1e-4  # cosine floor
@@ -61,7 +63,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_steps", "stop_at", "eval_every", "max_eval_samples"):
+        for name in (
+            "micro_batch_tokens",
+            "warmup_steps",
+            "max_steps",
+            "stop_at",
+            "eval_every",
+            "max_eval_samples",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:

@@ -1,10 +1,13 @@
 """The train split, sharded over data-parallel ranks, and the collator that pads it into batches.
 
-Every rank reads the whole (small) sample table through HF ``datasets`` and takes its own slice of
-a permutation that depends only on ``seed + epoch``, so no two ranks see the same sample in an
-epoch and a restart reproduces the order exactly. An optimizer step consumes
-``world_size * micro_batch_size * grad_accum`` samples; the remainder of an epoch is dropped, so
-every rank runs the same number of steps (collectives under ZeRO-3 would deadlock otherwise).
+Every rank reads the whole (small) sample table through HF ``datasets`` and computes the same plan
+of an epoch's micro batches, a function of ``seed + epoch`` only, and takes its own share, so no two
+ranks see the same sample in an epoch and a restart reproduces the order exactly. A plan is either
+fixed-size micro batches of a shuffled epoch (``micro_batch_tokens=0``) or length-grouped ones
+(:func:`length_grouped_batches`): samples of similar length together, each micro batch at most
+``micro_batch_tokens`` padded tokens, so little of the compute goes to padding. An optimizer step
+consumes ``world_size * grad_accum`` micro batches; the remainder of an epoch is dropped, so every
+rank runs the same number of steps (collectives under ZeRO-3 would deadlock otherwise).
 
 :class:`DataPosition` ``(epoch, step)`` is all the state there is: saved in a checkpoint, it
 restarts the stream at the next unseen step.
@@ -19,6 +22,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from datasets.table import InMemoryTable
@@ -82,15 +86,40 @@ class Collator:
         return batch
 
 
+def length_grouped_batches(
+    lengths: np.ndarray, max_tokens: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Micro batches (sample indices) of similar length, each at most ``max_tokens`` once padded
+    (``len(batch) * longest``; a longer sample goes alone), in random order.
+
+    The samples are shuffled, then stably sorted by length, so samples of equal length meet at
+    random; which lengths share a batch is the same every epoch, and so is the number of batches.
+    Every batch holds about ``max_tokens`` tokens, so the per-token mean loss weighs every token
+    alike, as fixed-size batches of random samples do on average.
+    """
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(lengths[order], kind="stable")]
+    sorted_lengths = lengths[order]
+    bounds, start = [0], 0
+    for end in range(1, len(order) + 1):  # sorted ascending: a batch's last sample is its longest
+        if end - start > 1 and (end - start) * sorted_lengths[end - 1] > max_tokens:
+            start = end - 1
+            bounds.append(start)
+    bounds.append(len(order))
+    batches = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 class ShardedTrainData:
     """This rank's micro batches, step by step, epoch after epoch.
 
     Args:
         dataset: the whole train split (every rank passes the same one).
-        micro_batch_size: samples per rank per forward.
+        micro_batch_size: samples per rank per forward, when ``micro_batch_tokens`` is 0.
+        micro_batch_tokens: > 0: length-grouped micro batches of at most this many padded tokens.
         grad_accum: micro batches per optimizer step.
         rank, world_size: data-parallel coordinates.
-        seed: the shuffle of epoch ``e`` is a permutation seeded by ``seed + e``.
+        seed: the plan of epoch ``e`` is drawn from a generator seeded by ``seed + e``.
         collator: rows -> tensors.
     """
 
@@ -104,36 +133,58 @@ class ShardedTrainData:
         world_size: int,
         seed: int,
         collator: Collator,
+        micro_batch_tokens: int = 0,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.grad_accum = grad_accum
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.collator = collator
-        self.samples_per_step = world_size * micro_batch_size * grad_accum
-        self.steps_per_epoch = len(dataset) // self.samples_per_step
+        self.batches_per_step = world_size * grad_accum
+        self.lengths = self.token_lengths(dataset)
+        self._plans: dict[int, list[np.ndarray]] = {}
+        self.steps_per_epoch = len(self.plan(0)) // self.batches_per_step
         if self.steps_per_epoch == 0:
+            per_batch = (
+                f"length-grouped micro batches of <= {micro_batch_tokens} tokens ({len(self.plan(0))} of them)"
+                if micro_batch_tokens
+                else f"micro_batch_size {micro_batch_size}"
+            )
             raise DataError(
                 f"the train split has {len(dataset)} samples, too few for one optimizer step of "
-                f"world_size {world_size} x micro_batch_size {micro_batch_size} x grad_accum {grad_accum} "
-                f"= {self.samples_per_step} samples; use fewer ranks or smaller batches"
+                f"world_size {world_size} x grad_accum {grad_accum} x {per_batch}; "
+                f"use fewer ranks or smaller batches"
             )
 
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(self.seed + epoch).permutation(len(self.dataset))
+    @staticmethod
+    def token_lengths(dataset: datasets.Dataset) -> np.ndarray:
+        """(N,) tokens of every sample, read from the Arrow column without decoding rows."""
+        return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy()
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """Every micro batch of ``epoch`` (sample indices, all ranks), in the order they are run."""
+        if epoch not in self._plans:
+            rng = np.random.default_rng(self.seed + epoch)
+            if self.micro_batch_tokens:
+                plan = length_grouped_batches(self.lengths, self.micro_batch_tokens, rng)
+            else:
+                order = rng.permutation(len(self.dataset))
+                whole = len(order) - len(order) % self.micro_batch_size
+                plan = list(order[:whole].reshape(-1, self.micro_batch_size))
+            self._plans = {epoch: plan}  # one epoch at a time is all a stream needs
+        return self._plans[epoch]
 
     def micro_batches(self, epoch: int, step: int) -> list[dict[str, torch.Tensor]]:
-        """The ``grad_accum`` micro batches of this rank for optimizer step ``step`` of ``epoch``."""
-        order = self._order(epoch)[step * self.samples_per_step : (step + 1) * self.samples_per_step]
-        # (grad_accum, world_size, micro_batch_size): micro batch m of rank r
-        order = order.reshape(self.grad_accum, self.world_size, self.micro_batch_size)
-        return [
-            self.collator(self.dataset.select(order[m, self.rank].tolist())) for m in range(self.grad_accum)
-        ]
+        """The ``grad_accum`` micro batches of this rank for optimizer step ``step`` of ``epoch``:
+        micro batch ``m`` of rank ``r`` is the plan's ``step * world_size * grad_accum + m * world_size + r``."""
+        first = step * self.batches_per_step + self.rank
+        mine = self.plan(epoch)[first : first + self.batches_per_step : self.world_size]
+        return [self.collator(self.dataset.select(idx.tolist())) for idx in mine]
 
     def __call__(self, start: DataPosition) -> Iterator[tuple[DataPosition, list[dict[str, torch.Tensor]]]]:
         """Endless ``(position after this step, micro batches)`` from ``start`` on."""

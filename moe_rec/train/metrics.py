@@ -27,7 +27,7 @@ import torch.distributed as dist
 from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.config import EvalConfig
-from moe_rec.eval.evaluate import rank_requests
+from moe_rec.eval.evaluate import by_length, rank_requests
 from moe_rec.eval.metrics import DEFAULT_KS, MACRO, RankingMetrics
 from moe_rec.model import MoERecConfig
 from moe_rec.sid.table import SIDTable
@@ -96,7 +96,7 @@ def retrieval(
     over ``samples`` (valid rows), rank-sharded and reduced. Every rank runs the same number of
     searches (ZeRO-3 gathers parameters collectively); a rank out of rows searches row 0 unscored."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = list(samples[rank::world])
+    mine = by_length(samples[rank::world])
     num_batches = math.ceil(math.ceil(len(samples) / world) / cfg.batch_size)
     metrics = RankingMetrics(list(table.vocabulary().services), prefix="valid")
     engine.eval()

@@ -170,6 +170,7 @@ class Trainer:
         self.data = ShardedTrainData(
             train_ds,
             micro_batch_size=self.tc.micro_batch_size,
+            micro_batch_tokens=self.tc.micro_batch_tokens,
             grad_accum=self.tc.grad_accum,
             rank=self.rank,
             world_size=self.world_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
 from moe_rec.data.vocab import PAD
 from moe_rec.train import train
-from moe_rec.train.data import Collator, DataPosition, ShardedTrainData, load_split
+from moe_rec.train.data import Collator, DataPosition, ShardedTrainData, length_grouped_batches, load_split
 from tests.train.conftest import tiny_config
 
 
@@ -25,25 +26,78 @@ def _shards(run_dir: Path, world: int, **kw: int) -> list[ShardedTrainData]:
     ]
 
 
-def test_ranks_see_disjoint_samples_and_run_the_same_steps(run_dir: Path) -> None:
-    shards = _shards(run_dir, world=3)
-    assert len({s.steps_per_epoch for s in shards}) == 1
-    assert shards[0].steps_per_epoch == 96 // (3 * 4 * 2)
-    seen = [np.concatenate([s._order(0)[st * 24 : (st + 1) * 24].reshape(2, 3, 4)[:, s.rank].ravel()
-                            for st in range(s.steps_per_epoch)]) for s in shards]  # fmt: skip
-    flat = np.concatenate(seen)
-    assert len(flat) == len(set(flat.tolist())) == 96  # every sample once per epoch, on one rank
+def _varied_lengths(n: int, seed: int) -> datasets.Dataset:
+    """``n`` samples of 1-60 tokens (skewed short, like real histories), each with its row index."""
+    lengths = np.minimum(np.random.default_rng(seed).geometric(0.06, n), 60)
+    return datasets.Dataset.from_dict({"row": list(range(n)), "input_ids": [[7] * int(k) for k in lengths]})
 
 
-def test_order_is_deterministic_per_epoch_and_resumes_exactly(run_dir: Path) -> None:
-    a, b = _shards(run_dir, world=2)[0], _shards(run_dir, world=2)[0]
-    assert not np.array_equal(a._order(0), a._order(1))
+def _row_indices(rows: datasets.Dataset) -> list[int]:
+    """A collator that hands back which samples a micro batch holds."""
+    return list(rows["row"])
+
+
+@pytest.mark.parametrize("tokens", [0, 120])
+def test_ranks_see_disjoint_samples_and_run_the_same_steps(tokens: int) -> None:
+    ds = _varied_lengths(400, seed=int(np.random.SeedSequence().entropy % 2**32))
+    shards = [ShardedTrainData(ds, micro_batch_size=4, micro_batch_tokens=tokens, grad_accum=2, rank=r,
+                               world_size=3, seed=0, collator=_row_indices) for r in range(3)]  # fmt: skip
+    steps = shards[0].steps_per_epoch
+    assert {s.steps_per_epoch for s in shards} == {steps}
+    seen = [i for s in shards for st in range(steps) for mb in s.micro_batches(0, st) for i in mb]
+    assert len(seen) == len(set(seen))  # no sample twice in an epoch, on any rank
+    # what is not seen is the dropped remainder: fewer micro batches than one step's 3 ranks x 2
+    plan = shards[0].plan(0)
+    dropped = np.concatenate([[], *plan[steps * 6 :]]).astype(int).tolist()
+    assert len(plan) - steps * 6 < 6
+    if tokens:
+        assert sorted(seen + dropped) == list(range(400))
+    else:  # and the last 400 % 4 samples of the shuffle, which fill no micro batch
+        assert len(set(seen + dropped)) == len(seen + dropped) == 400 - 400 % 4
+        assert steps == 400 // (3 * 4 * 2)
+
+
+def test_length_grouped_batches_by_hand() -> None:
+    lengths = np.array([3, 1, 2, 3, 1])
+    for budget, expected in [
+        (4, [[1, 1], [2], [3], [3]]),
+        (6, [[1, 1, 2], [3, 3]]),
+        (2, [[1, 1], [2], [3], [3]]),
+    ]:
+        batches = length_grouped_batches(lengths, budget, np.random.default_rng(0))
+        assert sorted(sorted(lengths[b].tolist()) for b in batches) == expected
+        assert sorted(np.concatenate(batches).tolist()) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("budget", [64, 256, 1000])
+def test_length_grouped_batches_fit_the_budget_and_waste_little(budget: int) -> None:
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    lengths = np.array([len(x) for x in _varied_lengths(3000, seed)["input_ids"]])
+    batches = length_grouped_batches(lengths, budget, np.random.default_rng(seed))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(3000))
+    padded = [len(b) * lengths[b].max() for b in batches]
+    assert all(p <= budget or len(b) == 1 for p, b in zip(padded, batches))
+    # random batches of the same mean size pad the short samples up to the longest one in the batch
+    size = max(1, round(3000 / len(batches)))
+    order = np.random.default_rng(seed).permutation(3000)
+    random_padded = sum(len(c) * lengths[c].max() for c in np.array_split(order, range(size, 3000, size)))
+    assert lengths.sum() / sum(padded) > 0.9 > lengths.sum() / random_padded, seed
+
+
+@pytest.mark.parametrize("tokens", [0, 60])
+def test_order_is_deterministic_per_epoch_and_resumes_exactly(run_dir: Path, tokens: int) -> None:
+    a, b = (
+        _shards(run_dir, world=2, micro_batch_tokens=tokens)[0],
+        _shards(run_dir, world=2, micro_batch_tokens=tokens)[0],
+    )
+    assert not all(np.array_equal(x, y) for x, y in zip(a.plan(0), a.plan(1)))
+    per_epoch = a.steps_per_epoch
     stream = a(DataPosition())
-    steps = [next(stream) for _ in range(9)]  # crosses the epoch boundary (6 steps per epoch)
-    assert steps[5][0] == DataPosition(0, 6) and steps[6][0] == DataPosition(1, 1)
-    pos, _ = steps[3]
+    steps = [next(stream) for _ in range(per_epoch + 3)]  # crosses the epoch boundary
+    assert steps[per_epoch - 1][0] == DataPosition(0, per_epoch) and steps[per_epoch][0] == DataPosition(1, 1)
+    pos, _ = steps[per_epoch - 2]
     resumed = b(pos)
-    for (p, batches), (q, again) in zip(steps[4:], (next(resumed) for _ in range(5))):
+    for (p, batches), (q, again) in zip(steps[per_epoch - 1 :], (next(resumed) for _ in range(4))):
         assert p == q
         for x, y in zip(batches, again):
             torch.testing.assert_close(x, y)
@@ -63,8 +117,13 @@ def test_collator_right_pads_and_hashes_users(run_dir: Path) -> None:
 
 
 def test_world_size_the_data_cannot_feed_is_an_error(run_dir: Path) -> None:
-    with pytest.raises(DataError, match=r"96 samples.*world_size 16 x micro_batch_size 4"):
+    with pytest.raises(DataError, match=r"96 samples.*world_size 16 x grad_accum 2 x micro_batch_size 4"):
         _shards(run_dir, world=16)
+    with pytest.raises(
+        DataError,
+        match=r"96 samples.*world_size 2 x grad_accum 2 x length-grouped micro batches of <= 4000 tokens \(1 of them\)",
+    ):
+        _shards(run_dir, world=2, micro_batch_tokens=4000)
 
 
 def test_config_typo_names_the_key(run_dir: Path) -> None:

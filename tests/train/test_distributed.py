@@ -1,6 +1,7 @@
 """Two ranks over gloo on CPU: under ZeRO-2 and ZeRO-3 the loss falls and the ranks hold the same
 weights; the checkpoint consolidates to an fp32 state dict that reproduces the engine's logits; a
-run stopped at step k and resumed matches an uninterrupted run step for step; a corrupt
+run stopped at step k and resumed matches an uninterrupted run step for step (with fixed-size and
+with length-grouped micro batches); a corrupt
 checkpoint stops the resume with an error."""
 
 from __future__ import annotations
@@ -44,16 +45,18 @@ def _worker(rank: int, port: int, out: Path, scenario: str) -> None:
                 ds = f"train.deepspeed=configs/deepspeed/zero{stage}.json"
                 cfg = tiny_config(out / f"zero{stage}", ds, "train.save_every=2", "train.eval_every=4")
                 results[stage] = train(cfg)
-        else:  # resume{stage}
-            ds = f"train.deepspeed=configs/deepspeed/zero{scenario[-1]}.json"
-            results["full"] = train(tiny_config(out / "full", ds))
-            results["first"] = train(tiny_config(out / "split", ds, "train.stop_at=3"))
-            results["rest"] = train(tiny_config(out / "split", ds))
+        else:  # resume{stage}-{micro_batch_tokens}
+            stage, tokens = scenario.removeprefix("resume").split("-")
+            ds = f"train.deepspeed=configs/deepspeed/zero{stage}.json"
+            batches = f"train.micro_batch_tokens={tokens}"
+            results["full"] = train(tiny_config(out / "full", ds, batches))
+            results["first"] = train(tiny_config(out / "split", ds, batches, "train.stop_at=3"))
+            results["rest"] = train(tiny_config(out / "split", ds, batches))
             if rank == 0:  # damage the newest checkpoint: the next resume must refuse it
                 (out / "split/checkpoints/step_00000008/rng_rank1.pt").unlink()
             torch.distributed.barrier()
             try:
-                train(tiny_config(out / "split", ds))
+                train(tiny_config(out / "split", ds, batches))
             except Exception as e:  # noqa: BLE001 - the error itself is the result
                 results["corrupt"] = f"{type(e).__name__}: {e}"
     except Exception:
@@ -146,9 +149,10 @@ def test_zero2_and_zero3_train_agree_and_consolidate(tmp_path: Path) -> None:
         assert tags == sorted({best, "step_00000006", "step_00000008"})
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_matches_an_uninterrupted_run(tmp_path: Path, stage: int) -> None:
-    ranks = _spawn(tmp_path, f"resume{stage}")
+@pytest.mark.parametrize("stage, tokens", [(2, 0), (3, 60)])
+def test_resume_matches_an_uninterrupted_run(tmp_path: Path, stage: int, tokens: int) -> None:
+    """ZeRO-3 with length-grouped micro batches: the ranks' batches differ in shape every step."""
+    ranks = _spawn(tmp_path, f"resume{stage}-{tokens}")
     for r in ranks:
         assert r["first"]["step"] == 3 and r["rest"]["step"] == 8
         resumed = r["first"]["losses"] + r["rest"]["losses"]
