@@ -52,6 +52,7 @@ class MoERecConfig(PretrainedConfig):
         rope_thetas: list[float] | None = None,  # per-layer rotary base (Gemma 3); default rope_theta
         rms_norm_eps: float = 1e-6,
         attention_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,  # on the embeddings and on each attention / FFN output (training only)
         initializer_range: float = 0.02,
         pad_token_id: int = 0,
         bos_token_id: int = 1,
@@ -91,6 +92,7 @@ class MoERecConfig(PretrainedConfig):
         self.rope_thetas = list(rope_thetas) if rope_thetas is not None else [rope_theta] * num_hidden_layers
         self.rms_norm_eps = rms_norm_eps
         self.attention_dropout = attention_dropout
+        self.hidden_dropout = hidden_dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.sid_token_offset = sid_token_offset

@@ -127,6 +127,7 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(d, eps) if config.use_post_norms else None
         self.pre_ffn_norm = RMSNorm(d, eps)
         self.post_ffn_norm = RMSNorm(d, eps) if config.use_post_norms else None
+        self.dropout = nn.Dropout(config.hidden_dropout)  # before each residual add
         if self.is_moe:
             router = Router(
                 hidden_size=d,
@@ -167,7 +168,7 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(self.input_norm(x), cos, sin, mask, cache)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
-        x = x + h
+        x = x + self.dropout(h)
         h = self.pre_ffn_norm(x)
         aux = None
         if self.is_moe:
@@ -176,7 +177,7 @@ class DecoderLayer(nn.Module):
             h = self.mlp(h)
         if self.post_ffn_norm is not None:
             h = self.post_ffn_norm(h)
-        return x + h, aux
+        return x + self.dropout(h), aux
 
 
 def running_profile(embeds: torch.Tensor, token_mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
@@ -265,6 +266,7 @@ class MoERecModel(MoERecPreTrainedModel):
     def __init__(self, config: MoERecConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
@@ -308,6 +310,7 @@ class MoERecModel(MoERecPreTrainedModel):
             profile = running_profile(
                 x.detach(), token_mask if token_mask is not None else torch.ones_like(input_ids), cache
             )
+        x = self.embed_dropout(x)
         rotary = {theta: rotary_cos_sin(position_ids, cfg.head_dim, theta) for theta in set(cfg.rope_thetas)}
         mask = attention_mask_4d(attention_mask, b, t, past_len, input_ids.device)
         auxes = []

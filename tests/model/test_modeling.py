@@ -121,6 +121,25 @@ def test_loss_is_shifted_cross_entropy_plus_weighted_aux() -> None:
     assert all(p.grad is not None for n, p in model.named_parameters() if "router" in n)
 
 
+def test_hidden_dropout_acts_in_training_only(tmp_path: Path) -> None:
+    ids, domains, users = _batch(seed=int(torch.seed() % 2**31))
+    plain, dropped = _model(), _model(hidden_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        reference = plain(ids, domains, users).logits
+        torch.testing.assert_close(dropped(ids, domains, users).logits, reference)  # eval: no dropout
+        plain.train(), dropped.train()
+        torch.testing.assert_close(plain(ids, domains, users).logits, reference)  # p = 0: nothing dropped
+        outs = []
+        for _ in range(2):
+            torch.manual_seed(7)
+            outs.append(dropped(ids, domains, users).logits)
+    assert not torch.allclose(outs[0], reference, atol=1e-3)
+    torch.testing.assert_close(outs[0], outs[1])  # the same seed drops the same units
+    dropped.save_pretrained(tmp_path)
+    assert MoERecConfig.from_pretrained(tmp_path).hidden_dropout == 0.5
+
+
 def test_backends_agree_in_the_model() -> None:
     ref = _model(moe_backend="loop")
     fast = _model(moe_backend="grouped_mm")
