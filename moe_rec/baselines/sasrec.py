@@ -344,6 +344,9 @@ def fit_service(
             model.load_state_dict(torch.load(model_path, map_location="cpu"))
             console.print(f"sasrec {data.service}: reusing {model_path} (best epoch {meta['best_epoch']})")
             return model.to(device).eval(), meta
+    # From here on this directory holds another run: the record of a finished one must not stay
+    # beside weights it does not describe (an interrupted fit would otherwise be "reused" later).
+    meta_path.unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
     model = SASRec(data.num_items, cfg).to(device)
     optimizer = torch.optim.AdamW(
@@ -393,7 +396,6 @@ def fit_service(
             if score > run["best"]:
                 run.update(best=score, best_epoch=epoch, bad=0)
                 best_state = copy.deepcopy(model.state_dict())
-                torch.save(best_state, model_path)
             else:
                 run["bad"] += 1
             console.print(
@@ -417,7 +419,9 @@ def fit_service(
         "seconds_per_epoch": run["seconds"] / max(run["epoch"], 1),
         "history": run["history"],
     }
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    torch.save(best_state, model_path.with_suffix(".tmp"))
+    model_path.with_suffix(".tmp").replace(model_path)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")  # last: it marks the run finished
     model.load_state_dict(best_state)
     return model.eval(), meta
 

@@ -249,6 +249,31 @@ def test_deterministic_resumable_and_reused(tmp_path: Path, monkeypatch: pytest.
     assert all(torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+def test_an_interrupted_fit_of_another_config_is_never_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = random_service(users=50, seed=3)
+    cfg = SASRecConfig(**{**TINY.__dict__, "epochs": 4, "eval_every": 1, "patience": 50})
+    first, _ = fit_service(data, cfg, tmp_path)
+    real, calls = sasrec._validate, []
+
+    def crash_on_second(*args: object, **kwargs: object) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the job is killed after its first evaluation
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sasrec, "_validate", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        fit_service(
+            data, SASRecConfig(**{**cfg.__dict__, "seed": 1}), tmp_path
+        )  # another config, same directory
+    monkeypatch.setattr(sasrec, "_validate", real)
+    again, meta = fit_service(data, cfg, tmp_path)  # the first config: retrained, same weights
+    assert meta["epochs_run"] == 4
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
+
+
 def test_config_section_and_its_typos(tmp_path: Path) -> None:
     cfg = load_config(ExperimentConfig, None, ["sasrec.hidden=32", "sasrec.services=[beauty]"])
     assert cfg.sasrec.hidden == 32 and cfg.sasrec.services == ["beauty"] and cfg.sasrec.max_len == 50
