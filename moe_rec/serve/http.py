@@ -18,6 +18,7 @@ before they are parsed.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -314,7 +315,15 @@ def _log_config(level: str) -> dict[str, Any]:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server that also logs one line with the URL it actually listens on."""
+    """uvicorn's server that also logs one line with the URL it actually listens on, and remembers
+    the first signal that stopped it."""
+
+    stopped_by: int | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets: list[Any] | None = None) -> None:
         await super().startup(sockets)
@@ -370,4 +379,10 @@ def run_server(
         access_log=access_log,
         timeout_graceful_shutdown=30,
     )
-    _Server(config).run()
+    server = _Server(config)
+    server.run()
+    # uvicorn re-raises the stopping signal after its graceful shutdown, which does nothing where
+    # SIGINT was ignored at start (a background job of a non-interactive shell): SIGINT always ends
+    # as KeyboardInterrupt here, so the CLI exits 130 however it was started.
+    if server.stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt

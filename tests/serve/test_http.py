@@ -402,10 +402,17 @@ def test_concurrent_load(served: Served) -> None:
 
 
 @pytest.mark.slow  # a fresh process imports torch and loads the bundle: ~10 s
-def test_cli_serve(tiny_bundle: Path) -> None:
-    """``moe-rec serve BUNDLE --port 0`` logs its URL, answers, and shuts down cleanly on SIGINT."""
+@pytest.mark.parametrize("inherited_sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
+def test_cli_serve(tiny_bundle: Path, inherited_sigint: signal.Handlers) -> None:
+    """``moe-rec serve BUNDLE --port 0`` logs its URL, answers, and shuts down cleanly on SIGINT with
+    the interrupt's exit code, also when started with SIGINT ignored (as ``cmd &`` in a script)."""
     cmd = [sys.executable, "-m", "moe_rec.cli", "serve", str(tiny_bundle), "--port", "0", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, inherited_sigint),
+    )
     lines: list[str] = []
     try:
         assert proc.stderr is not None
