@@ -113,7 +113,7 @@ def constrained_beam_search(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache, logits = out.past_key_values, out.logits[:, -1]  # logits (B*n, V)
+    cache, logits = out.kv_cache, out.logits[:, -1]  # logits (B*n, V)
     mask = attention_mask.repeat_interleave(w, dim=0)  # (B*W, T)
     n = 1  # live beams per prompt: one until the first expansion, then W
     scores = torch.zeros(b, n, device=device)  # (B, n)

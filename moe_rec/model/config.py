@@ -18,7 +18,8 @@ MOE_BACKENDS = ("loop", "grouped_mm", "megablocks")
 
 class MoERecConfig(PretrainedConfig):
     model_type = "moe_rec"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # the output's cache field: past_key_values before transformers 5.24, cache from then on
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -27,6 +29,12 @@ from moe_rec.model.cache import BeamCache, KVCache, MoERecCache, ProfileState, s
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.moe import GatedFeedForward, MoEAux, MoEFeedForward
 from moe_rec.model.router import Router
+
+# transformers 5.24 renamed every model's ``past_key_values`` to ``cache``: in outputs (``generate``
+# reads ``outputs["cache"]``) and in the kwargs ``generate`` hands ``prepare_inputs_for_generation``.
+# Our outputs carry the cache under the name of the installed version (read it as ``out.kv_cache``);
+# our ``forward`` keeps taking ``past_key_values``.
+CACHE_FIELD = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
 class RMSNorm(nn.Module):
@@ -225,7 +233,10 @@ class MoERecOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: KVCache | None = None
+    if CACHE_FIELD == "cache":
+        cache: KVCache | None = None
+    else:
+        past_key_values: KVCache | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     load_balancing_loss: torch.Tensor | None = None
@@ -233,6 +244,11 @@ class MoERecOutput(ModelOutput):
     expert_load: torch.Tensor | None = None  # (L_moe, num_domains, E) token counts
     router_entropy: torch.Tensor | None = None  # (L_moe,)
     hidden_states: torch.Tensor | None = None
+
+    @property
+    def kv_cache(self) -> KVCache | None:
+        """The cache to pass back as ``past_key_values`` (whatever transformers calls the field)."""
+        return getattr(self, CACHE_FIELD)
 
 
 class MoERecPreTrainedModel(PreTrainedModel):
@@ -375,7 +391,7 @@ class MoERecForCausalLM(MoERecPreTrainedModel, GenerationMixin):
             use_cache=bool(use_cache),
         )
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T', V)
-        out = MoERecOutput(logits=logits, past_key_values=cache)
+        out = MoERecOutput(logits=logits, **{CACHE_FIELD: cache})
         if auxes:
             out.load_balancing_loss = torch.stack([a.load_balancing_loss for a in auxes]).sum()
             out.z_loss = torch.stack([a.z_loss for a in auxes]).sum()
@@ -400,10 +416,14 @@ class MoERecForCausalLM(MoERecPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         domain_ids: torch.LongTensor | None = None,
         user_ids: torch.LongTensor | None = None,
+        cache: KVCache | None = None,
         **kwargs,
     ) -> dict:
         """For ``generate``: feed only new tokens; a generated token takes the domain of the last
-        given token (the service token of the requested item)."""
+        given token (the service token of the requested item). ``generate`` passes the cache as
+        ``past_key_values`` before transformers 5.24 and as ``cache`` from then on."""
+        if cache is not None:
+            past_key_values = cache
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past_len == 0 and not isinstance(past_key_values, MoERecCache):
             past_key_values = MoERecCache()  # generate() adopts the cache our forward returns

@@ -57,7 +57,7 @@ def test_beam_steps_match_a_per_beam_dynamic_cache(mode: str, seed: int) -> None
         def prefill() -> MoERecCache:
             return model(
                 ids, domains, users, attention_mask=mask, past_key_values=MoERecCache(), use_cache=True
-            ).past_key_values
+            ).kv_cache
 
         reference = prefill()
         reference.batch_repeat_interleave(w)  # W full copies of each prompt
@@ -87,7 +87,7 @@ def test_beam_cache_refuses_an_empty_prefill_and_overflow() -> None:
     ids = torch.randint(8, V, (2, 4))
     with torch.no_grad():
         out = model(ids, torch.zeros_like(ids), past_key_values=MoERecCache(), use_cache=True)
-        beams = BeamCache(out.past_key_values, 2, max_new_tokens=1)
+        beams = BeamCache(out.kv_cache, 2, max_new_tokens=1)
         step = torch.randint(8, V, (4, 1))
         model(step, torch.zeros_like(step), past_key_values=beams, use_cache=True)
         with pytest.raises(ValueError, match="holds 1 new tokens"):

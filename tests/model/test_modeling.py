@@ -63,7 +63,7 @@ def test_kv_cache_matches_full_forward(mode: str) -> None:
                 ids[:, i : i + 1],
                 domains[:, i : i + 1],
                 users,
-                past_key_values=out.past_key_values,
+                past_key_values=out.kv_cache,
                 use_cache=True,
             )
             steps.append(out.logits)
