@@ -9,7 +9,9 @@ service alone (``per_service`` expands to one scope per service). A *variant* is
 and evaluates that checkpoint on the test split with constrained beam search.
 
 Every step runs as its own ``moe-rec`` process and is skipped when its output exists, so an
-interrupted matrix resumes where it stopped. Examples::
+interrupted matrix resumes where it stopped, and parts of one matrix can run as separate commands
+(one per core, or one a day). ``summary.md`` and ``summary.json`` cover every finished run under
+``--root``, not only this command's; ``--summary-only`` rewrites them and starts nothing. Examples::
 
     # the published benchmark, ablation on the joint model, 3 seeds (a GPU node: --launch)
     python tools/run_benchmark.py --config configs/experiments/amazon2014.yaml --root runs/bench \\
@@ -17,6 +19,8 @@ interrupted matrix resumes where it stopped. Examples::
     # per-service models of the best variant only
     python tools/run_benchmark.py --config configs/experiments/amazon2014.yaml --root runs/bench \\
         --scopes per_service --variants domain_user
+    # the table of every finished run so far, while others are still training
+    python tools/run_benchmark.py --root runs/bench --summary-only
     # small CPU run on synthetic data
     python tools/run_benchmark.py train.max_steps=300 --config configs/experiments/demo.yaml \\
         --root runs/bench-demo --seeds 0 1 2
@@ -75,7 +79,7 @@ def prepare_scope(config: str, scope_dir: Path, overrides: list[str]) -> None:
 
 def run_one(
     config: str, scope_dir: Path, variant: str, seed: int, overrides: list[str], launch: str | None
-) -> dict:
+) -> None:
     """Train one (variant, seed) on a prepared scope, evaluate its best checkpoint on test."""
     run_dir = scope_dir / f"{variant}-seed{seed}"
     report = run_dir / "eval" / "test-best.json"
@@ -96,15 +100,33 @@ def run_one(
         )
         tag = (run_dir / "checkpoints" / "best").read_text().strip()
         (run_dir / "eval" / f"test-{tag}.json").replace(report)
-    return json.loads(report.read_text())["metrics"]
 
 
-def summarise(results: dict[tuple[str, str], list[dict]]) -> tuple[str, dict]:
+def finished_runs(root: Path) -> dict[tuple[str, str], dict[int, dict]]:
+    """Test metrics of every finished run under ``root``: {(scope, variant): {seed: metrics}}, scopes
+    ``joint`` first then by name, variants in ``VARIANTS`` order, seeds ascending."""
+    found: dict[tuple[str, str], dict[int, dict]] = {}
+    for report in root.glob("*/*-seed*/eval/test-best.json"):
+        variant, _, seed = report.parents[1].name.rpartition("-seed")
+        if variant in VARIANTS and seed.isdigit():
+            try:
+                metrics = json.loads(report.read_text())["metrics"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                sys.exit(f"{report}: not an eval report ({e!r}); rerun that run's eval or remove the file")
+            found.setdefault((report.parents[2].name, variant), {})[int(seed)] = metrics
+    order = list(VARIANTS)
+    keys = sorted(found, key=lambda k: (k[0] != "joint", k[0], order.index(k[1])))
+    return {k: dict(sorted(found[k].items())) for k in keys}
+
+
+def summarise(results: dict[tuple[str, str], dict[int, dict]]) -> tuple[str, dict]:
     """Markdown table (mean ± std over seeds, per service) and the same numbers as JSON."""
     lines = ["| scope | variant | service | seeds | " + " | ".join(COLUMNS) + " |"]
     lines.append("|" + "---|" * (4 + len(COLUMNS)))
     out: dict = {}
-    for (scope, variant), runs in results.items():
+    for (scope, variant), by_seed in results.items():
+        runs = list(by_seed.values())
+        seeds = " ".join(map(str, by_seed))
         services = sorted(
             {k.split("/")[1] for r in runs for k in r if k.count("/") == 2 and "macro" not in k}
         )
@@ -116,17 +138,17 @@ def summarise(results: dict[tuple[str, str], list[dict]]) -> tuple[str, dict]:
                 mean = statistics.fmean(values)
                 std = statistics.stdev(values) if len(values) > 1 else math.nan
                 out.setdefault(scope, {}).setdefault(variant, {}).setdefault(service, {})[col] = {
-                    "mean": mean, "std": std, "values": values,
+                    "mean": mean, "std": std, "values": values, "seeds": list(by_seed),
                 }  # fmt: skip
                 cells.append(f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}")
-            lines.append(f"| {scope} | {variant} | {service} | {len(runs)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {scope} | {variant} | {service} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--config", required=True, help="experiment YAML (data, SIDs, model, training)")
+    parser.add_argument("--config", help="experiment YAML (data, SIDs, model, training)")
     parser.add_argument("--root", required=True, type=Path, help="directory for every scope and run")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -135,12 +157,20 @@ def main() -> None:
         "--launch", help='training launcher taking CONFIG then overrides, e.g. "launch/cpu.sh 2"'
     )
     parser.add_argument(
+        "--summary-only", action="store_true", help="rewrite the summary of the finished runs; start nothing"
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
         help="applied to every step (before the options, or after --)",
     )
     args = parser.parse_args()
+    if args.summary_only:
+        write_summary(args.root)
+        return
+    if not args.config:
+        parser.error("--config is required (except with --summary-only)")
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # fails early on a typo
     scopes: list[str] = []
@@ -152,7 +182,6 @@ def main() -> None:
         else:
             scopes.append(scope)
 
-    results: dict[tuple[str, str], list[dict]] = {}
     for scope in scopes:
         scope_dir = args.root / scope
         only = [] if scope == "joint" else [f"data.services=[{scope}]"]
@@ -161,17 +190,20 @@ def main() -> None:
         for variant in args.variants:
             for seed in args.seeds:
                 print(f"[{scope}] {variant} seed {seed}", flush=True)
-                metrics = run_one(
-                    args.config, scope_dir, variant, seed, [*args.overrides, *only], args.launch
-                )
-                results.setdefault((scope, variant), []).append(metrics)
+                run_one(args.config, scope_dir, variant, seed, [*args.overrides, *only], args.launch)
+    write_summary(args.root)
 
+
+def write_summary(root: Path) -> None:
+    """``summary.md`` and ``summary.json`` of every finished run under ``root``; the table printed."""
+    results = finished_runs(root)
+    if not results:
+        sys.exit(f"no finished runs under {root} (none has <scope>/<variant>-seed<N>/eval/test-best.json)")
     table, numbers = summarise(results)
-    args.root.mkdir(parents=True, exist_ok=True)
-    (args.root / "summary.md").write_text(table)
-    (args.root / "summary.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    (root / "summary.md").write_text(table)
+    (root / "summary.json").write_text(json.dumps(numbers, indent=2) + "\n")
     print(table)
-    print(f"wrote {args.root / 'summary.md'} and summary.json")
+    print(f"wrote {root / 'summary.md'} and summary.json")
 
 
 if __name__ == "__main__":
