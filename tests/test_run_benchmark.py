@@ -56,6 +56,8 @@ def test_matrix_trains_every_variant_and_summarises_the_seeds(tmp_path: Path) ->
     table = (tmp_path / "bench" / "summary.md").read_text()
     assert "| joint | dense | overall | 0 1 |" in table
 
+    log = runs[0] / "logs" / "train.log"
+    assert log.read_text().count("==> ") == 1  # one command, its header line, then its output
     again = _bench(tmp_path / "bench", tmp_path / "cache", "0", "1")  # everything on disk: nothing reruns
     assert again.returncode == 0, again.stderr[-3000:]
     assert "$ " not in again.stdout

@@ -56,11 +56,14 @@ def _moe_rec(*args: str) -> list[str]:
 
 
 def _run(cmd: list[str], log: Path) -> None:
-    """Run one step; its output goes to ``log``; a failure stops the matrix and names the log."""
+    """Run one step; its output is appended to ``log`` (a resumed run keeps the log of the part
+    before), after a line naming the command; a failure stops the matrix and names the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"  $ {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "a") as f:
+        f.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(cmd)}\n")
+        f.flush()
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
