@@ -59,10 +59,11 @@ def _run(cmd: list[str], log: Path) -> None:
     """Run one step; its output is appended to ``log`` (a resumed run keeps the log of the part
     before), after a line naming the command; a failure stops the matrix and names the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"  $ {shlex.join(cmd)}", flush=True)
+    line = shlex.join(cmd)
+    print(f"  $ {line}", flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as f:
-        f.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(cmd)}\n")
+        f.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} $ {line}\n")
         f.flush()
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
     if code != 0:
