@@ -1,13 +1,17 @@
-"""tools/run_benchmark.py end to end on tiny synthetic data: the dense twin x two seeds, run as two
-commands (one seed each), each trained in its own process with W&B offline, evaluated on test; the
-second command's summary covers both, its mean ± std equal the per-run reports; a rerun resumes
-without retraining; --summary-only rewrites the same table. (MoE variants train the same way
-through the same command; tests/test_cli.py trains one.)"""
+"""tools/run_benchmark.py. Slow: end to end on tiny synthetic data, the dense twin x two seeds, run
+as two commands (one seed each), each trained in its own process with W&B offline, evaluated on
+test; the second command's summary covers both, its mean ± std equal the per-run reports; a rerun
+resumes without retraining; --summary-only rewrites the same table. (MoE variants train the same
+way through the same command; tests/test_cli.py trains one.) Fast: the summary of hand-written
+reports against a plain loop, bad input to --summary-only, and the step logs a resumed run appends."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -18,13 +22,14 @@ import pytest
 from tests.test_cli import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+TOOL = ROOT / "tools" / "run_benchmark.py"
+COLUMNS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 
 def _bench(root: Path, cache: Path, *seeds: str) -> subprocess.CompletedProcess:
     overrides = [o for o in TINY if not o.startswith("train.wandb")]
     cmd = [
-        sys.executable, str(ROOT / "tools" / "run_benchmark.py"), *overrides, "train.wandb.mode=offline",
+        sys.executable, str(TOOL), *overrides, "train.wandb.mode=offline",
         f"sid.encoder.cache_dir={cache}", "--config", "configs/experiments/demo.yaml", "--root", str(root),
         "--variants", "dense", "--seeds", *seeds,
     ]  # fmt: skip
@@ -34,6 +39,7 @@ def _bench(root: Path, cache: Path, *seeds: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_matrix_trains_every_variant_and_summarises_the_seeds(tmp_path: Path) -> None:
     for seed in ("0", "1"):  # two commands: the second summary covers the first one's run too
         done = _bench(tmp_path / "bench", tmp_path / "cache", seed)
@@ -49,8 +55,9 @@ def test_matrix_trains_every_variant_and_summarises_the_seeds(tmp_path: Path) ->
         assert list((runs[0] / "wandb").glob("offline-run-*")), "no offline W&B run"
         for key in ("recall@10", "ndcg@10"):
             values = [rep["metrics"][f"test/{key}"] for rep in reports]
-            cell = summary["joint"][variant]["overall"][key]
-            assert cell["values"] == values and cell["seeds"] == [0, 1]
+            assert summary["joint"][variant]["seeds"] == [0, 1]
+            cell = summary["joint"][variant]["services"]["overall"][key]
+            assert cell["values"] == values
             assert cell["mean"] == pytest.approx(sum(values) / 2)
             assert cell["std"] == pytest.approx(statistics.stdev(values), nan_ok=True)
     table = (tmp_path / "bench" / "summary.md").read_text()
@@ -64,8 +71,90 @@ def test_matrix_trains_every_variant_and_summarises_the_seeds(tmp_path: Path) ->
 
     (tmp_path / "bench" / "summary.md").unlink()
     only = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "run_benchmark.py"), "--root", str(tmp_path / "bench"), "--summary-only"],
+        [sys.executable, str(TOOL), "--root", str(tmp_path / "bench"), "--summary-only"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert only.returncode == 0, only.stderr[-3000:]
     assert (tmp_path / "bench" / "summary.md").read_text() == table
+
+
+def _summary_only(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(TOOL), "--root", str(root), "--summary-only", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _report(root: Path, scope: str, run: str, metrics: dict[str, float]) -> None:
+    path = root / scope / run / "eval" / "test-best.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"model": "step_00000100", "config": {}, "metrics": metrics}))
+
+
+def test_summary_of_hand_written_reports_matches_a_plain_loop(tmp_path: Path) -> None:
+    rng = random.Random()
+    services = {"joint": ["a", "b"], "a": ["a"]}
+    runs = {("joint", "token"): [2, 0, 1], ("joint", "dense"): [0], ("a", "domain_user"): [0, 5]}
+    written: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    for (scope, variant), seeds in runs.items():
+        for seed in seeds:
+            metrics = {"test/count": 7.0, "test/macro/ndcg@10": rng.random()}
+            for col in COLUMNS:
+                metrics[f"test/{col}"] = rng.random()
+                for service in services[scope]:
+                    metrics[f"test/{service}/{col}"] = rng.random()
+            _report(tmp_path, scope, f"{variant}-seed{seed}", metrics)
+            written.setdefault((scope, variant), {})[seed] = metrics
+    _report(tmp_path, "joint", "wide-seed0", {"test/ndcg@10": 1.0})  # not a variant: ignored
+    (tmp_path / "joint" / "token-seed3" / "eval").mkdir(parents=True)  # still training: ignored
+
+    done = _summary_only(tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = [line.split(" | ")[:4] for line in (tmp_path / "summary.md").read_text().splitlines()[2:]]
+    expected_rows = []
+    for scope, variant in [("joint", "dense"), ("joint", "token"), ("a", "domain_user")]:  # joint first
+        seeds = sorted(runs[scope, variant])
+        entry = summary[scope][variant]
+        assert entry["seeds"] == seeds
+        for service in [*services[scope], "overall"]:
+            expected_rows.append([f"| {scope}", variant, service, " ".join(map(str, seeds))])
+            prefix = "test/" if service == "overall" else f"test/{service}/"
+            for col in COLUMNS:
+                values = [written[scope, variant][s][prefix + col] for s in seeds]
+                mean = sum(values) / len(values)
+                var = (
+                    sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else math.nan
+                )
+                cell = entry["services"][service][col]
+                assert cell["values"] == values
+                assert cell["mean"] == pytest.approx(mean, abs=1e-12)
+                assert cell["std"] == pytest.approx(math.sqrt(var), abs=1e-12, nan_ok=True)
+    assert rows == expected_rows
+
+
+def test_summary_only_rejects_bad_input_with_the_reason(tmp_path: Path) -> None:
+    empty = _summary_only(tmp_path)
+    assert empty.returncode != 0 and "no finished runs" in empty.stderr
+    _report(tmp_path, "joint", "dense-seed0", {"test/ndcg@10": 0.1})
+    mixed = _summary_only(tmp_path, "--seeds", "1")
+    assert mixed.returncode == 2 and "--summary-only" in mixed.stderr and "--seeds" in mixed.stderr
+    bad = tmp_path / "joint" / "dense-seed1" / "eval" / "test-best.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"model": "step_1", "metr')
+    broken = _summary_only(tmp_path)
+    assert broken.returncode != 0 and str(bad) in broken.stderr and "not an eval report" in broken.stderr
+    assert not (tmp_path / "summary.md").exists()
+
+
+def test_a_rerun_step_appends_to_its_log_and_a_failure_names_it(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("run_benchmark", TOOL)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    log = tmp_path / "logs" / "train.log"
+    for word in ("first", "second"):
+        bench._run([sys.executable, "-c", f"print('{word} part')"], log)
+    text = log.read_text()
+    assert text.count("==> ") == 2 and text.index("first part") < text.index("second part")
+    with pytest.raises(SystemExit, match="exit 3") as failed:
+        bench._run([sys.executable, "-c", "print('third part'); raise SystemExit(3)"], log)
+    assert str(log) in str(failed.value) and "third part" in str(failed.value)
+    assert "first part" in log.read_text()

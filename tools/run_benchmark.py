@@ -124,13 +124,15 @@ def finished_runs(root: Path) -> dict[tuple[str, str], dict[int, dict]]:
 
 
 def summarise(results: dict[tuple[str, str], dict[int, dict]]) -> tuple[str, dict]:
-    """Markdown table (mean ± std over seeds, per service) and the same numbers as JSON."""
+    """Markdown table (mean ± std over seeds, per service) and the same numbers as JSON:
+    {scope: {variant: {"seeds": [...], "services": {service: {metric: {mean, std, values}}}}}}."""
     lines = ["| scope | variant | service | seeds | " + " | ".join(COLUMNS) + " |"]
     lines.append("|" + "---|" * (4 + len(COLUMNS)))
     out: dict = {}
     for (scope, variant), by_seed in results.items():
         runs = list(by_seed.values())
         seeds = " ".join(map(str, by_seed))
+        cell = out.setdefault(scope, {})[variant] = {"seeds": list(by_seed), "services": {}}
         services = sorted(
             {k.split("/")[1] for r in runs for k in r if k.count("/") == 2 and "macro" not in k}
         )
@@ -141,9 +143,7 @@ def summarise(results: dict[tuple[str, str], dict[int, dict]]) -> tuple[str, dic
                 values = [r[prefix + col] for r in runs if prefix + col in r]
                 mean = statistics.fmean(values)
                 std = statistics.stdev(values) if len(values) > 1 else math.nan
-                out.setdefault(scope, {}).setdefault(variant, {}).setdefault(service, {})[col] = {
-                    "mean": mean, "std": std, "values": values, "seeds": list(by_seed),
-                }  # fmt: skip
+                cell["services"].setdefault(service, {})[col] = {"mean": mean, "std": std, "values": values}
                 cells.append(f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}")
             lines.append(f"| {scope} | {variant} | {service} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", out
@@ -154,9 +154,9 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--config", help="experiment YAML (data, SIDs, model, training)")
     parser.add_argument("--root", required=True, type=Path, help="directory for every scope and run")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--scopes", nargs="+", default=["joint"], help="joint, per_service, or service names")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all four")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
+    parser.add_argument("--scopes", nargs="+", help="joint (the default), per_service, or service names")
     parser.add_argument(
         "--launch", help='training launcher taking CONFIG then overrides, e.g. "launch/cpu.sh 2"'
     )
@@ -171,10 +171,18 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.summary_only:
+        given = [f"--{k}" for k in ("config", "variants", "seeds", "scopes", "launch") if getattr(args, k)]
+        if given or args.overrides:
+            parser.error(
+                f"--summary-only starts nothing and takes only --root, not {' '.join(given or args.overrides)}"
+            )
         write_summary(args.root)
         return
     if not args.config:
         parser.error("--config is required (except with --summary-only)")
+    args.variants = args.variants or list(VARIANTS)
+    args.seeds = args.seeds or [0, 1, 2]
+    args.scopes = args.scopes or ["joint"]
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # fails early on a typo
     scopes: list[str] = []
