@@ -132,7 +132,7 @@ def summarise(results: dict[tuple[str, str], dict[int, dict]]) -> tuple[str, dic
     for (scope, variant), by_seed in results.items():
         runs = list(by_seed.values())
         seeds = " ".join(map(str, by_seed))
-        cell = out.setdefault(scope, {})[variant] = {"seeds": list(by_seed), "services": {}}
+        row = out.setdefault(scope, {})[variant] = {"seeds": list(by_seed), "services": {}}
         services = sorted(
             {k.split("/")[1] for r in runs for k in r if k.count("/") == 2 and "macro" not in k}
         )
@@ -143,7 +143,7 @@ def summarise(results: dict[tuple[str, str], dict[int, dict]]) -> tuple[str, dic
                 values = [r[prefix + col] for r in runs if prefix + col in r]
                 mean = statistics.fmean(values)
                 std = statistics.stdev(values) if len(values) > 1 else math.nan
-                cell["services"].setdefault(service, {})[col] = {"mean": mean, "std": std, "values": values}
+                row["services"].setdefault(service, {})[col] = {"mean": mean, "std": std, "values": values}
                 cells.append(f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}")
             lines.append(f"| {scope} | {variant} | {service} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", out
