@@ -47,6 +47,7 @@ VARIANTS = {
     "domain": ["model.router_mode=domain"],
     "domain_user": ["model.router_mode=domain_user"],
 }
+DEFAULT_SCOPES, DEFAULT_SEEDS = ["joint"], [0, 1, 2]
 SHARED = ("data", "sids", "sequences")  # built once per scope, linked into each run
 COLUMNS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
 
@@ -154,9 +155,13 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--config", help="experiment YAML (data, SIDs, model, training)")
     parser.add_argument("--root", required=True, type=Path, help="directory for every scope and run")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all four")
-    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
-    parser.add_argument("--scopes", nargs="+", help="joint (the default), per_service, or service names")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
+    parser.add_argument("--seeds", nargs="+", type=int, help=f"default: {' '.join(map(str, DEFAULT_SEEDS))}")
+    parser.add_argument(
+        "--scopes",
+        nargs="+",
+        help=f"joint, per_service, or service names; default: {' '.join(DEFAULT_SCOPES)}",
+    )
     parser.add_argument(
         "--launch", help='training launcher taking CONFIG then overrides, e.g. "launch/cpu.sh 2"'
     )
@@ -174,15 +179,15 @@ def main() -> None:
         given = [f"--{k}" for k in ("config", "variants", "seeds", "scopes", "launch") if getattr(args, k)]
         if given or args.overrides:
             parser.error(
-                f"--summary-only starts nothing and takes only --root, not {' '.join(given or args.overrides)}"
+                f"--summary-only starts nothing and takes only --root, not {' '.join([*given, *args.overrides])}"
             )
         write_summary(args.root)
         return
     if not args.config:
         parser.error("--config is required (except with --summary-only)")
     args.variants = args.variants or list(VARIANTS)
-    args.seeds = args.seeds or [0, 1, 2]
-    args.scopes = args.scopes or ["joint"]
+    args.seeds = args.seeds or DEFAULT_SEEDS
+    args.scopes = args.scopes or DEFAULT_SCOPES
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)  # fails early on a typo
     scopes: list[str] = []
