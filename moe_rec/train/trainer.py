@@ -18,6 +18,7 @@ import os
 import random
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,20 @@ class Trainer:
             console.print(f"step {self.step}  " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
         return metrics
 
+    def plan(self, stop: int) -> str:
+        """One line for the log: the steps this process will run, the validation set per service and
+        the wall-clock start (a resumed run's log then says when each part ran)."""
+        per_service = Counter(r["service"] for r in self.valid_requests)
+        services = ", ".join(f"{s} {per_service[s]:,}" for s in self.vocab.services if per_service[s])
+        when = f"at step {self.total_steps:,}"
+        if self.tc.eval_every:
+            when = f"every {self.tc.eval_every:,} steps and {when}"
+        return (
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')}  steps {self.step:,} -> {stop:,} of {self.total_steps:,} "
+            f"(an epoch is {self.data.steps_per_epoch:,}); validation {when} on "
+            f"{len(self.valid_requests):,} requests ({services or 'none'})"
+        )
+
     def fit(self) -> dict[str, Any]:
         tc, engine = self.tc, self.engine
         stop = min(self.total_steps, tc.stop_at or self.total_steps)
@@ -304,6 +319,10 @@ class Trainer:
         losses: list[float] = []
         metrics: dict[str, float] = {}
         stream = self.data(self.position)
+        plan = self.plan(stop)
+        if self.rank == 0:
+            console.print(plan)
+        started = time.perf_counter()
         with progress() if self.rank == 0 else _NullBar() as bar:
             task = bar.add_task("train", total=stop, completed=self.step)
             while self.step < stop:
@@ -372,6 +391,8 @@ class Trainer:
                     self.save(metrics if evaluating else None)
         return {
             "step": self.step,
+            "plan": plan,
+            "seconds": time.perf_counter() - started,
             "losses": losses,
             "valid": metrics,
             "probe": self._probe(),
@@ -432,6 +453,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         world_size=trainer.world_size,
     )
     if trainer.rank == 0:
+        console.print(f"trained to step {trainer.step:,} in {summary['seconds']:,.0f} s")
         console.print(f"checkpoint: {summary['checkpoint']} (best: {trainer.best['tag']})")
         console.print(f"W&B: {summary['wandb']}; metrics: {summary['metrics_jsonl']}")
     trainer.engine.destroy()

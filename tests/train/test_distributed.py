@@ -127,6 +127,14 @@ def _assert_validation_matches(model: MoERecForCausalLM, run_dir: Path, metrics:
     assert metrics == pytest.approx(expected)
 
 
+def _assert_plan(plan: str, run_dir: Path, start: int, stop: int, when: str) -> None:
+    """The start-up line names the steps to run and the validation requests of each service."""
+    services = [r["service"] for r in load_split(run_dir / "sequences", "valid").select(range(8))]
+    counted = ", ".join(f"{s} {services.count(s)}" for s in VOCAB.services if s in services)
+    assert f"steps {start} -> {stop} of 8 " in plan, plan
+    assert plan.endswith(f"validation {when} on 8 requests ({counted})"), plan
+
+
 def test_zero2_and_zero3_train_agree_and_consolidate(tmp_path: Path) -> None:
     ranks = _spawn(tmp_path, "zero")
     for stage in (2, 3):
@@ -137,6 +145,7 @@ def test_zero2_and_zero3_train_agree_and_consolidate(tmp_path: Path) -> None:
         # unreduced loss and logits on the same batch: equal only if both ranks hold the same weights
         torch.testing.assert_close(ranks[0][stage]["probe"]["logits"], ranks[1][stage]["probe"]["logits"])
         _assert_loads_and_reproduces(tmp_path / f"zero{stage}", ranks[0][stage])
+        _assert_plan(ranks[0][stage]["plan"], tmp_path / f"zero{stage}", 0, 8, "every 4 steps and at step 8")
     # the same seed, data and fp32 math: ZeRO-3's partitioned parameters train like ZeRO-2's
     z2, z3 = torch.tensor(ranks[0][2]["losses"]), torch.tensor(ranks[0][3]["losses"])
     torch.testing.assert_close(z2, z3, rtol=1e-4, atol=1e-4)
@@ -161,4 +170,6 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, stage: int, tokens:
             torch.tensor(resumed), torch.tensor(r["full"]["losses"]), rtol=1e-6, atol=1e-6
         )
         torch.testing.assert_close(r["rest"]["probe"]["logits"], r["full"]["probe"]["logits"])
+        _assert_plan(r["first"]["plan"], tmp_path / "split", 0, 3, "at step 8")
+        _assert_plan(r["rest"]["plan"], tmp_path / "split", 3, 8, "at step 8")
         assert "CheckpointError" in r["corrupt"] and "rng_rank1.pt is missing" in r["corrupt"], r["corrupt"]
