@@ -159,7 +159,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Beam-search evaluation of a checkpoint (or a baseline: most popular, SASRec); JSON report + table."""
+    """Evaluation of a checkpoint or bundle (exact scoring or beam search, by model kind) or of a
+    baseline (most popular, SASRec); JSON report + table."""
     from moe_rec.eval.metrics import metrics_table
 
     cfg = _load(args)
@@ -394,7 +395,11 @@ def _parser() -> argparse.ArgumentParser:
         groups.add_parser("train", help="train on a run's sequences (DeepSpeed, one process)")
     )
     train.set_defaults(func=cmd_train)
-    evaluate = with_config(groups.add_parser("eval", help="Recall/NDCG@K by constrained beam search"))
+    evaluate = with_config(
+        groups.add_parser(
+            "eval", help="Recall/NDCG@K: exact scoring (item-level model) or constrained beam search"
+        )
+    )
     evaluate.add_argument("--checkpoint", default="best", help="best (default), latest, or a step_* tag")
     evaluate.add_argument("--bundle", help="evaluate an exported bundle instead of a checkpoint")
     evaluate.add_argument(

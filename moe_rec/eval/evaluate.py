@@ -19,8 +19,9 @@ from moe_rec.data.sequences import user_bucket
 from moe_rec.data.vocab import PAD, Vocabulary
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.config import EvalConfig
+from moe_rec.eval.exact import evaluate_exact
 from moe_rec.eval.metrics import RankingMetrics
-from moe_rec.model import MoERecForCausalLM
+from moe_rec.model import MoERecForCausalLM, MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 from moe_rec.sid.trie import SIDTrie
 
@@ -98,13 +99,19 @@ def by_length(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def evaluate_model(
-    model: MoERecForCausalLM, table: SIDTable, samples: datasets.Dataset, cfg: EvalConfig
+    model: MoERecForCausalLM | MoERecForItemPrediction,
+    table: SIDTable,
+    samples: datasets.Dataset,
+    cfg: EvalConfig,
 ) -> dict[str, Any]:
-    """Recall@K / NDCG@K (K = 5, 10, 20) per service and overall for ``samples`` (eval rows of one split)."""
+    """Recall@K / NDCG@K (K = 5, 10, 20) per service and overall for ``samples`` (eval rows of one
+    split): by exact scoring for the item-level model, by constrained beam search for the token-level one."""
+    n = len(samples) if not cfg.max_samples else min(cfg.max_samples, len(samples))
+    if isinstance(model, MoERecForItemPrediction):
+        return evaluate_exact(model, table, samples.select(range(n)).to_list(), cfg, prefix=cfg.split)
     model.eval()
     trie = table.trie().to(next(model.parameters()).device)
     metrics = RankingMetrics(list(table.vocabulary().services), prefix=cfg.split)
-    n = len(samples) if not cfg.max_samples else min(cfg.max_samples, len(samples))
     requests = by_length(samples.select(range(n)).to_list())
     with progress() as bar:
         task = bar.add_task(f"eval {cfg.split}", total=n)

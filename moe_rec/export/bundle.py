@@ -10,7 +10,8 @@ Layout::
     <bundle>/model/generation_config.json  written by ``save_pretrained``
     <bundle>/sids/sid_table.parquet        every item's semantic ID (``SIDTable.save``)
     <bundle>/sids/sid_table.json
-    <bundle>/sids/sid_trie.safetensors     the trie of valid IDs (``SIDTrie.save``)
+    <bundle>/sids/sid_trie.safetensors     the trie of valid IDs (``SIDTrie.save``); token-level models
+                                           only (the item-level model scores every item exactly)
     <bundle>/catalogue.parquet             service, item_id and every catalogue field, in SID-table row order
     <bundle>/vocab.json                    the token layout (``Vocabulary.to_dict``)
 
@@ -44,10 +45,11 @@ import torch
 import transformers
 
 import moe_rec
+from moe_rec.data.positions import item_batch
 from moe_rec.data.sequences import prompt, user_bucket
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.evaluate import left_pad
-from moe_rec.model import MoERecForCausalLM
+from moe_rec.model import MoERecConfig, MoERecForCausalLM, MoERecForItemPrediction, model_class
 from moe_rec.sid.io import SIDFileError, sha256_file
 from moe_rec.sid.table import SIDTable
 from moe_rec.sid.trie import TRIE_FILE, SIDTrie
@@ -92,9 +94,9 @@ class Bundle:
     """A loaded bundle: everything constrained decoding and serving need."""
 
     path: Path
-    model: MoERecForCausalLM
+    model: MoERecForCausalLM | MoERecForItemPrediction
     table: SIDTable
-    trie: SIDTrie
+    trie: SIDTrie | None  # the beam-search trie; None for the item-level model
     vocab: Vocabulary
     catalogue: pa.Table  # row i describes table row i: service, item_id, then the catalogue fields
     manifest: dict[str, Any]
@@ -157,11 +159,21 @@ def table_probes(
     return rows
 
 
-def _probe_logits(model: MoERecForCausalLM, probes: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, ...]:
-    """Float32 logits (N, V) at every real position of the left-padded probes, and their argmax."""
-    ids, mask, domains = left_pad(probes)
+def _probe_logits(
+    model: MoERecForCausalLM | MoERecForItemPrediction, probes: Sequence[Mapping[str, Any]], vocab: Vocabulary
+) -> torch.Tensor:
+    """Float32 logits at every real position of the left-padded probes: (N, V) of the token-level
+    model; (N x P, K) of the item-level one, one row per code position (``-inf`` past a short
+    code range read as 0, so differences stay finite)."""
     users = torch.tensor([user_bucket(str(p.get("user", "")), model.config.num_user_buckets) for p in probes])
     with torch.inference_mode():
+        if isinstance(model, MoERecForItemPrediction):
+            batch = item_batch([{**p, "user": ""} for p in probes], vocab, 1, left_pad=True)
+            batch["user_ids"] = users
+            logits = model(**batch).logits.float()  # (B, T, P, K)
+            real = logits[batch["attention_mask"].bool()]  # (N, P, K)
+            return real.masked_fill(torch.isinf(real), 0.0).flatten(0, 1)
+        ids, mask, domains = left_pad(probes)
         logits = model(
             ids + model.config.sid_token_offset, domains, user_ids=users, attention_mask=mask
         ).logits.float()
@@ -206,7 +218,7 @@ def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def export_model(
-    model: MoERecForCausalLM,
+    model: MoERecForCausalLM | MoERecForItemPrediction,
     table: SIDTable,
     vocab: Vocabulary,
     catalogue: pa.Table,
@@ -256,11 +268,12 @@ def export_model(
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         working = copy.deepcopy(model).to("cpu", torch.float32).eval()  # the fp32 reference
-        reference = _probe_logits(working, probes)
+        reference = _probe_logits(working, probes, vocab)
         working.to(DTYPES[dtype]).save_pretrained(tmp / MODEL_DIR)
         del working
         table.save(tmp / SID_DIR)
-        table.trie().save(tmp / SID_DIR / TRIE_FILE)
+        if isinstance(model, MoERecForCausalLM):
+            table.trie().save(tmp / SID_DIR / TRIE_FILE)
         pq.write_table(aligned, tmp / CATALOGUE_FILE)
         (tmp / VOCAB_FILE).write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
         for p in tmp.rglob("*"):  # some writers create 0600 temp files; a bundle is meant to be shipped
@@ -276,6 +289,7 @@ def export_model(
                 "python": platform.python_version(),
             },
             "dtype": dtype,
+            "model_kind": "item" if isinstance(model, MoERecForItemPrediction) else "token",
             "source": source,
             "config": config,
             "items": {"total": len(table), "per_service": dict(zip(table.services, counts, strict=True))},
@@ -283,7 +297,7 @@ def export_model(
             "files": _file_entries(tmp),
         }
         _write_manifest(tmp, manifest)
-        exported = _probe_logits(load_bundle(tmp).model, probes)
+        exported = _probe_logits(load_bundle(tmp).model, probes, vocab)
         result = _compare(reference, exported, dtype)
         if not result["passed"]:
             off = ", ".join(
@@ -341,19 +355,21 @@ def load_bundle(path: Path | str, device: str | torch.device = "cpu") -> Bundle:
     try:
         vocab = Vocabulary.from_dict(json.loads((root / VOCAB_FILE).read_text()))
         table = SIDTable.load(root / SID_DIR)
-        trie = SIDTrie.load(root / SID_DIR / TRIE_FILE, device=device)
+        config = MoERecConfig.from_pretrained(root / MODEL_DIR)
+        item_level = model_class(config) is MoERecForItemPrediction
+        trie = None if item_level else SIDTrie.load(root / SID_DIR / TRIE_FILE, device=device)
         catalogue = pq.read_table(root / CATALOGUE_FILE)
     except SIDFileError as e:
         raise _wrapped(e, e.path) from None
-    except (ValueError, TypeError, KeyError, pa.ArrowException) as e:
+    except (ValueError, TypeError, KeyError, OSError, pa.ArrowException) as e:
         raise BundleError(root, f"unreadable bundle part ({type(e).__name__}: {e})") from None
     _check_vocab(vocab, table, root / VOCAB_FILE)
-    if trie.services != table.services or trie.vocab_sizes != table.vocab_sizes:
+    if trie is not None and (trie.services != table.services or trie.vocab_sizes != table.vocab_sizes):
         raise BundleError(root / SID_DIR / TRIE_FILE, "trie does not match the SID table")
     keys = _item_keys(catalogue.column("service").to_pylist(), catalogue.column("item_id").to_pylist())
     if len(keys) != len(table) or not (keys == _item_keys(_table_services(table), table.item_ids)).all():
         raise BundleError(root / CATALOGUE_FILE, "catalogue rows do not match the SID table's items")
-    model = MoERecForCausalLM.from_pretrained(root / MODEL_DIR, dtype=dtype).to(device).eval()
+    model = model_class(config).from_pretrained(root / MODEL_DIR, dtype=dtype).to(device).eval()
     return Bundle(root, model, table, trie, vocab, catalogue, manifest)
 
 

@@ -61,6 +61,10 @@ class MoERecConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
         sid_token_offset: int = 0,  # first id of our vocabulary (after an upcycled LM's text tokens)
+        # item-level model (moe_rec.model.item_model): the token id range [start, stop) of each code
+        # position of an item (L levels, then dedup); its heads score those rows of the embedding
+        code_token_ranges: list[list[int]] | None = None,
+        item_head_temperature: float = 0.07,  # cosine-similarity code logits are divided by this
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -97,6 +101,8 @@ class MoERecConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.sid_token_offset = sid_token_offset
+        self.code_token_ranges = [list(map(int, r)) for r in code_token_ranges] if code_token_ranges else None
+        self.item_head_temperature = item_head_temperature
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -126,6 +132,16 @@ class MoERecConfig(PretrainedConfig):
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_experts}]"
             )
+        if self.code_token_ranges is not None:
+            bad = [
+                r for r in self.code_token_ranges if len(r) != 2 or not 0 <= r[0] < r[1] <= self.vocab_size
+            ]
+            if bad:
+                raise ValueError(
+                    f"code_token_ranges {bad} are not [start, stop) ranges inside the vocabulary"
+                )
+            if self.item_head_temperature <= 0:
+                raise ValueError(f"item_head_temperature must be > 0, got {self.item_head_temperature}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

@@ -251,6 +251,22 @@ class MoERecOutput(ModelOutput):
         return getattr(self, CACHE_FIELD)
 
 
+def router_stats(auxes: list[MoEAux], config: MoERecConfig) -> dict[str, torch.Tensor]:
+    """The :class:`MoERecOutput` fields of the MoE layers' statistics (none without MoE layers):
+    summed load-balancing and z losses, their weighted sum ``aux_loss``, expert load, entropy."""
+    if not auxes:
+        return {}
+    lb = torch.stack([a.load_balancing_loss for a in auxes]).sum()
+    z = torch.stack([a.z_loss for a in auxes]).sum()
+    return {
+        "load_balancing_loss": lb,
+        "z_loss": z,
+        "aux_loss": config.router_aux_loss_coef * lb + config.router_z_loss_coef * z,
+        "expert_load": torch.stack([a.expert_load for a in auxes]),
+        "router_entropy": torch.stack([a.router_entropy for a in auxes]),
+    }
+
+
 class MoERecPreTrainedModel(PreTrainedModel):
     config_class = MoERecConfig
     base_model_prefix = "model"
@@ -289,21 +305,26 @@ class MoERecModel(MoERecPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None,
         domain_ids: torch.LongTensor,
         user_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None, list[MoEAux]]:
-        """Returns hidden states (B, T, D), the cache, and one :class:`MoEAux` per MoE layer."""
+        """Returns hidden states (B, T, D), the cache, and one :class:`MoEAux` per MoE layer.
+
+        ``inputs_embeds`` (B, T, D), already scaled, replaces ``input_ids``: the item-level model
+        composes one vector per event from its tokens (:mod:`moe_rec.model.item_model`).
+        """
         cfg = self.config
-        b, t = input_ids.shape
-        if domain_ids.shape != input_ids.shape:
-            raise ValueError(
-                f"domain_ids {tuple(domain_ids.shape)} must match input_ids {tuple(input_ids.shape)}"
-            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if domain_ids.shape != (b, t):
+            raise ValueError(f"domain_ids {tuple(domain_ids.shape)} must be (B, T) = {(b, t)}")
         if cfg.router_mode == "domain_user" and user_ids is None:
             raise ValueError("router_mode 'domain_user' needs user_ids (B,) hashed user buckets")
         if use_cache and past_key_values is None:
@@ -314,21 +335,24 @@ class MoERecModel(MoERecPreTrainedModel):
             if attention_mask is not None:  # left padding: positions count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past_len : past_len + t]
             else:
-                position_ids = torch.arange(past_len, past_len + t, device=input_ids.device)[None].expand(
+                position_ids = torch.arange(past_len, past_len + t, device=domain_ids.device)[None].expand(
                     b, t
                 )
-        x = self.embed_tokens(input_ids) * math.sqrt(cfg.hidden_size)  # (B, T, D)
+        if inputs_embeds is None:
+            x = self.embed_tokens(input_ids) * math.sqrt(cfg.hidden_size)  # (B, T, D)
+        else:
+            x = inputs_embeds
         token_mask = (
             attention_mask[:, past_len : past_len + t] if attention_mask is not None else None
         )  # (B, T)
         profile = None
         if cfg.router_mode == "domain_user" and cfg.router_use_profile:
             profile = running_profile(
-                x.detach(), token_mask if token_mask is not None else torch.ones_like(input_ids), cache
+                x.detach(), token_mask if token_mask is not None else torch.ones_like(domain_ids), cache
             )
         x = self.embed_dropout(x)
         rotary = {theta: rotary_cos_sin(position_ids, cfg.head_dim, theta) for theta in set(cfg.rope_thetas)}
-        mask = attention_mask_4d(attention_mask, b, t, past_len, input_ids.device)
+        mask = attention_mask_4d(attention_mask, b, t, past_len, domain_ids.device)
         auxes = []
         for layer, theta in zip(self.layers, cfg.rope_thetas):
             x, aux = layer(x, *rotary[theta], mask, cache, domain_ids, user_ids, profile, token_mask)
@@ -391,16 +415,7 @@ class MoERecForCausalLM(MoERecPreTrainedModel, GenerationMixin):
             use_cache=bool(use_cache),
         )
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, T', V)
-        out = MoERecOutput(logits=logits, **{CACHE_FIELD: cache})
-        if auxes:
-            out.load_balancing_loss = torch.stack([a.load_balancing_loss for a in auxes]).sum()
-            out.z_loss = torch.stack([a.z_loss for a in auxes]).sum()
-            out.aux_loss = (
-                self.config.router_aux_loss_coef * out.load_balancing_loss
-                + self.config.router_z_loss_coef * out.z_loss
-            )
-            out.expert_load = torch.stack([a.expert_load for a in auxes])
-            out.router_entropy = torch.stack([a.router_entropy for a in auxes])
+        out = MoERecOutput(logits=logits, **{CACHE_FIELD: cache}, **router_stats(auxes, self.config))
         if labels is not None:
             shift_logits = logits[:, :-1].float()
             out.lm_loss = F.cross_entropy(

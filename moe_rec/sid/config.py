@@ -35,8 +35,15 @@ class RQVAEConfig:
 
 
 @dataclass
+class PQConfig:
+    opq_iters: int = 10  # quantizer "opq": rounds of rotation learning (each a PQ fit + one SVD)
+
+
+@dataclass
 class SIDConfig:
-    quantizer: Literal["residual_kmeans", "rqvae"] = "residual_kmeans"  # how embeddings become codes
+    # how embeddings become codes: residual levels (residual_kmeans, rqvae) or independent
+    # sub-space codes (pq, opq; `levels` must divide the embedding size, e.g. 8, 16, 32 for 384)
+    quantizer: Literal["residual_kmeans", "rqvae", "pq", "opq"] = "residual_kmeans"
     levels: int = 3  # L codebook levels
     codebook_size: int = 256  # K codes per level (one codebook shared by all services)
     max_dedup: int = 256  # size of the final dedup code range; more colliding items is an error
@@ -46,9 +53,12 @@ class SIDConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # item text -> embedding
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # residual k-means; inits RQ-VAE codes
     rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)  # used when quantizer == "rqvae"
+    pq: PQConfig = field(default_factory=PQConfig)  # used when quantizer == "opq"
 
     def __post_init__(self) -> None:
         if self.levels < 1 or self.codebook_size < 2 or self.max_dedup < 1:
             raise ValueError("levels >= 1, codebook_size >= 2 and max_dedup >= 1 are required")
         if self.kmeans.iters < 1 or self.kmeans.fit_sample < 1 or self.kmeans.chunk_size < 1:
             raise ValueError("kmeans.iters, kmeans.fit_sample and kmeans.chunk_size must be >= 1")
+        if self.pq.opq_iters < 1 and self.quantizer == "opq":
+            raise ValueError("sid.pq.opq_iters must be >= 1 for quantizer 'opq' (0 rounds is plain 'pq')")

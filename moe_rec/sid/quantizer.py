@@ -1,4 +1,4 @@
-"""The quantiser interface shared by residual k-means and RQ-VAE, and the pick by config.
+"""The quantiser interface shared by residual k-means, RQ-VAE and (O)PQ, and the pick by config.
 
 A quantiser turns embeddings (N, D) into codes (N, L) with values in ``[0, K)``; the rest of the
 stage (dedup, table, trie) sees only this interface. Both kinds save to one checksummed
@@ -15,6 +15,7 @@ import torch
 from moe_rec.sid.config import SIDConfig
 from moe_rec.sid.embed import resolve_device
 from moe_rec.sid.io import SIDFileError, load_tensors
+from moe_rec.sid.product import ProductQuantizer
 from moe_rec.sid.residual_kmeans import ResidualKMeans
 from moe_rec.sid.rqvae import RQVAEQuantizer
 
@@ -72,7 +73,21 @@ def fit_quantizer(embeddings: torch.Tensor, cfg: SIDConfig) -> Quantizer:
             normalize=cfg.normalize,
             device=device,
         )
-    raise ValueError(f"unknown quantizer {cfg.quantizer!r}; use 'residual_kmeans' or 'rqvae'")
+    if cfg.quantizer in ("pq", "opq"):
+        return ProductQuantizer.fit(
+            embeddings,
+            levels=cfg.levels,
+            codebook_size=cfg.codebook_size,
+            opq_iters=cfg.pq.opq_iters if cfg.quantizer == "opq" else 0,
+            iters=cfg.kmeans.iters,
+            init=cfg.kmeans.init,
+            fit_sample=cfg.kmeans.fit_sample,
+            seed=cfg.seed,
+            chunk_size=cfg.kmeans.chunk_size,
+            normalize=cfg.normalize,
+            device=device,
+        )
+    raise ValueError(f"unknown quantizer {cfg.quantizer!r}; use 'residual_kmeans', 'rqvae', 'pq' or 'opq'")
 
 
 def load_quantizer(path: Path, device: str = "cpu") -> Quantizer:
@@ -81,7 +96,12 @@ def load_quantizer(path: Path, device: str = "cpu") -> Quantizer:
     if path.is_dir():
         path = path / QUANTIZER_FILE
     _, meta = load_tensors(path, "quantiser")
-    kinds = {ResidualKMeans.kind: ResidualKMeans, RQVAEQuantizer.kind: RQVAEQuantizer}
+    kinds = {
+        ResidualKMeans.kind: ResidualKMeans,
+        RQVAEQuantizer.kind: RQVAEQuantizer,
+        "pq": ProductQuantizer,
+        "opq": ProductQuantizer,
+    }
     if meta.get("kind") not in kinds:
         raise SIDFileError(path, f"unknown quantiser kind {meta.get('kind')!r}; known: {sorted(kinds)}")
     return kinds[meta["kind"]].load(path, device=resolve_device(device))

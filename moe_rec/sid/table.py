@@ -27,7 +27,7 @@ import torch
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.sid.dedup import assign_dedup
 from moe_rec.sid.io import SIDFileError, atomic_path, read_json, sha256_file, write_json
-from moe_rec.sid.trie import SIDTrie, UnknownServiceError, check_radices, in_range, pack_codes
+from moe_rec.sid.trie import SIDTrie, UnknownServiceError, fits_int64, in_range, pack_codes
 
 TABLE_FILE = "sid_table.parquet"
 META_FILE = "sid_table.json"
@@ -83,7 +83,7 @@ class SIDTable:
 
         if not bool(in_range(self.codes, self.vocab_sizes).all()):
             raise ValueError(f"codes outside the ranges {self.vocab_sizes}")
-        check_radices(self._radices)
+        self.packable = fits_int64(self._radices)  # full IDs pack into one int64 (beam-search tries)
         item_keys = np.char.add(np.char.add(service_arr, _SEP), self.item_ids)
         self._item_order = np.argsort(item_keys, kind="stable")
         self._item_keys = item_keys[self._item_order]
@@ -92,13 +92,17 @@ class SIDTable:
             raise ValueError(
                 f"item {item!r} of service {service!r} appears {dup.size + 1}+ times; ids must be unique"
             )
-        id_keys = pack_codes(torch.cat([self.service_index[:, None], self.codes], 1), self._radices)
-        self._id_order = torch.argsort(id_keys, stable=True)
-        self._id_keys = id_keys[self._id_order]
-        if n > 1 and bool((self._id_keys[1:] == self._id_keys[:-1]).any()):
+        digits = torch.cat([self.service_index[:, None], self.codes], 1)  # (N, 1 + L + 1)
+        if n > 1 and torch.unique(digits, dim=0).shape[0] < n:
             raise ValueError(
                 "two items of one service share a full semantic ID; run dedup before building the table"
             )
+        if self.packable:
+            id_keys = pack_codes(digits, self._radices)
+            self._id_order = torch.argsort(id_keys, stable=True)
+            self._id_keys = id_keys[self._id_order]
+        else:  # long IDs (product quantisation): look full IDs up by their digit tuples
+            self._id_rows = {tuple(d): i for i, d in enumerate(digits.tolist())}
 
     @classmethod
     def from_quantized(
@@ -181,6 +185,8 @@ class SIDTable:
         """Table rows (B,) of full IDs ``codes`` (B, L+1); -1 where no item has that ID."""
         codes = codes.cpu().long()
         digits = torch.cat([self._service_indices(service, codes.shape[0])[:, None], codes], 1)
+        if not self.packable:
+            return torch.tensor([self._id_rows.get(tuple(d), -1) for d in digits.tolist()], dtype=torch.long)
         ok = in_range(digits, self._radices)
         key = pack_codes(torch.where(ok[:, None], digits, 0), self._radices)
         pos = torch.searchsorted(self._id_keys, key).clamp_max(max(len(self) - 1, 0))
@@ -216,7 +222,12 @@ class SIDTable:
         )
 
     def trie(self) -> SIDTrie:
-        """The tensor trie of this table's IDs."""
+        """The tensor trie of this table's IDs (for beam search; needs IDs that pack into int64)."""
+        if not self.packable:
+            raise ValueError(
+                f"IDs of {self.levels} codes of {self.codebook_size} do not fit the beam-search trie "
+                "(int64 prefixes); long IDs are scored exactly by the item-level model (model.kind=item)"
+            )
         return SIDTrie.build(self.services, self.service_index, self.codes, self.vocab_sizes)
 
     def metadata(self) -> dict[str, Any]:

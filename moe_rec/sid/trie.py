@@ -28,12 +28,17 @@ class UnknownServiceError(LookupError):
     """A service that has no semantic IDs."""
 
 
-def check_radices(radices: Sequence[int]) -> None:
-    """Raise unless IDs in mixed radix ``radices`` fit an int64."""
+def fits_int64(radices: Sequence[int]) -> bool:
+    """Whether IDs in mixed radix ``radices`` pack into an int64 key."""
     total = 1
     for r in radices:
         total *= r
-    if total >= 2**63:
+    return total < 2**63
+
+
+def check_radices(radices: Sequence[int]) -> None:
+    """Raise unless IDs in mixed radix ``radices`` fit an int64."""
+    if not fits_int64(radices):
         raise ValueError(
             f"IDs with digit ranges {list(radices)} do not fit in int64; use fewer levels or codes"
         )

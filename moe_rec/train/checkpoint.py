@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_rec.model import MoERecConfig, MoERecForCausalLM
+from moe_rec.model import MoERecConfig, MoERecForCausalLM, MoERecForItemPrediction, model_class
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -150,14 +150,19 @@ def resolve_tag(ckpt_dir: Path, tag: str | None = None) -> str:
     return tag
 
 
-def load_model(ckpt_dir: Path, tag: str | None = None) -> MoERecForCausalLM:
-    """The checkpointed model, consolidated to fp32, built from the config saved beside it."""
+def load_model(ckpt_dir: Path, tag: str | None = None) -> MoERecForCausalLM | MoERecForItemPrediction:
+    """The checkpointed model (token- or item-level, as its saved config says), consolidated to
+    fp32, built from the config saved beside it."""
     tag = resolve_tag(ckpt_dir, tag)
     config_file = Path(ckpt_dir) / tag / MODEL_CONFIG_FILE
     if not config_file.exists():
         raise CheckpointError(f"{config_file} is missing: the checkpoint does not say which model it holds")
-    model = MoERecForCausalLM(MoERecConfig.from_json_file(str(config_file)))
-    model.load_state_dict(consolidate(ckpt_dir, tag))
+    config = MoERecConfig.from_json_file(str(config_file))
+    model = model_class(config)(config)
+    state = consolidate(ckpt_dir, tag)
+    if not hasattr(model, "lm_head"):  # the item-level model's heads are tied to the embedding itself
+        state.pop("lm_head.weight")
+    model.load_state_dict(state)
     return model
 
 

@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 @dataclass
 class ModelSection:
+    # token: one position per code token, beam search (MoERecForCausalLM); item: one position per
+    # event, parallel code heads, exact scoring of every item (MoERecForItemPrediction)
+    kind: Literal["token", "item"] = "token"
     size: Literal["tiny", "small", "base"] = "tiny"  # a named builder in moe_rec.model.config
     router_mode: Literal["token", "domain", "domain_user"] = "domain_user"
     moe_backend: Literal["loop", "grouped_mm", "megablocks"] = "grouped_mm"
@@ -34,7 +37,7 @@ class TrainConfig:
     deepspeed: Path = Path("configs/deepspeed/zero2.json")  # JSON or YAML; relative: cwd, else repo root
     micro_batch_size: int = 16  # samples per rank per forward (and per validation batch)
     micro_batch_tokens: int = 0  # > 0: train on length-grouped micro batches of at most this many
-    # padded tokens instead (samples of similar length together: little compute spent on padding)
+    # padded tokens (positions, for model.kind=item) instead (samples of similar length together)
     grad_accum: int = 1  # micro batches per optimizer step
     lr: float = 1e-3  # peak learning rate (after warmup)
     min_lr: float = 1e-4  # cosine floor

@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 import torch
 from datasets.table import InMemoryTable
 
+from moe_rec.data.positions import item_batch
 from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
-from moe_rec.data.vocab import PAD
+from moe_rec.data.vocab import PAD, Vocabulary
 
 
 def load_split(sequences_dir: Path, split: str) -> datasets.Dataset:
@@ -86,6 +87,18 @@ class Collator:
         return batch
 
 
+class ItemCollator:
+    """Right-pads samples into an item-level batch, one position per event
+    (:func:`moe_rec.data.positions.item_batch`)."""
+
+    def __init__(self, vocab: Vocabulary, num_user_buckets: int) -> None:
+        self.vocab = vocab
+        self.num_user_buckets = num_user_buckets
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return item_batch(rows, self.vocab, self.num_user_buckets)
+
+
 def length_grouped_batches(
     lengths: np.ndarray, max_tokens: int, rng: np.random.Generator
 ) -> list[np.ndarray]:
@@ -121,6 +134,8 @@ class ShardedTrainData:
         rank, world_size: data-parallel coordinates.
         seed: the plan of epoch ``e`` is drawn from a generator seeded by ``seed + e``.
         collator: rows -> tensors.
+        positions_per_sample: (N,) the length each sample pads to in a batch, for length grouping;
+            default: its token count (the item-level model passes its event count + 1).
     """
 
     def __init__(
@@ -132,8 +147,9 @@ class ShardedTrainData:
         rank: int,
         world_size: int,
         seed: int,
-        collator: Collator,
+        collator: Collator | ItemCollator,
         micro_batch_tokens: int = 0,
+        positions_per_sample: np.ndarray | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -146,7 +162,7 @@ class ShardedTrainData:
         self.seed = seed
         self.collator = collator
         self.batches_per_step = world_size * grad_accum
-        self.lengths = self.token_lengths(dataset)
+        self.lengths = self.token_lengths(dataset) if positions_per_sample is None else positions_per_sample
         self._plans: dict[int, list[np.ndarray]] = {}
         self.steps_per_epoch = len(self.plan(0)) // self.batches_per_step
         if self.steps_per_epoch == 0:

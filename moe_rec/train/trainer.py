@@ -29,14 +29,17 @@ import yaml
 
 from moe_rec.config import to_dict
 from moe_rec.console import console, progress
+from moe_rec.data.positions import code_token_ranges
 from moe_rec.data.schema import DataError
 from moe_rec.data.vocab import Vocabulary
+from moe_rec.eval.exact import ServiceCatalogue, evaluate_exact
+from moe_rec.eval.metrics import MACRO
 from moe_rec.experiment import ExperimentConfig
-from moe_rec.model import MoERecConfig, MoERecForCausalLM, build_config, parameter_report
+from moe_rec.model import MoERecConfig, build_config, model_class, parameter_report
 from moe_rec.sid.table import META_FILE, SIDTable
 from moe_rec.train import checkpoint as ckpt
 from moe_rec.train.config import ModelSection, TrainConfig
-from moe_rec.train.data import Collator, DataPosition, ShardedTrainData, load_split
+from moe_rec.train.data import Collator, DataPosition, ItemCollator, ShardedTrainData, load_split
 from moe_rec.train.metrics import (
     RankZeroLogger,
     eval_rows,
@@ -51,13 +54,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def model_config(section: ModelSection, vocab: Vocabulary) -> MoERecConfig:
-    """The decoder for ``vocab``: a named size, the vocabulary's token count and service slots."""
+    """The decoder for ``vocab``: a named size, the vocabulary's token count and service slots, and
+    for the item-level model (``kind: item``) the token range of each code position."""
+    ranges = {"code_token_ranges": code_token_ranges(vocab)} if section.kind == "item" else {}
     cfg = build_config(
         section.size,
         vocab_size=vocab.size,
         num_domains=vocab.service_slots,
         router_mode=section.router_mode,
         moe_backend=section.moe_backend,
+        **ranges,
         **section.overrides,
     )
     return cfg.dense_twin() if section.dense else cfg
@@ -167,7 +173,15 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed()
         import deepspeed
 
-        self.collator = Collator(self.model_config.num_user_buckets)
+        self.item_level = cfg.model.kind == "item"
+        lengths = None
+        if self.item_level:
+            self.collator: Collator | ItemCollator = ItemCollator(
+                self.vocab, self.model_config.num_user_buckets
+            )
+            lengths = (ShardedTrainData.token_lengths(train_ds) - 1) // self.vocab.tokens_per_item + 1
+        else:
+            self.collator = Collator(self.model_config.num_user_buckets)
         self.data = ShardedTrainData(
             train_ds,
             micro_batch_size=self.tc.micro_batch_size,
@@ -177,19 +191,23 @@ class Trainer:
             world_size=self.world_size,
             seed=self.tc.seed,
             collator=self.collator,
+            positions_per_sample=lengths,
         )
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch
         n_valid = min(self.tc.max_eval_samples or len(valid_ds), len(valid_ds))
-        self.valid_requests = valid_ds.select(range(n_valid)).to_list()  # for beam search
-        self.eval_rows = eval_rows(self.valid_requests, self.vocab)  # the same requests, teacher-forced
+        self.valid_requests = valid_ds.select(range(n_valid)).to_list()
         self.retrieval_cfg = dataclasses.replace(cfg.eval, split="valid")
-        self.sid_trie = self.sids.trie().to(self.device)
+        if self.item_level:  # exact scoring of every item of the asked service
+            self.catalogue = ServiceCatalogue(self.sids, self.device)
+        else:  # beam search, and the same requests teacher-forced
+            self.eval_rows = eval_rows(self.valid_requests, self.vocab)
+            self.sid_trie = self.sids.trie().to(self.device)
         self.probe = self.collator(train_ds.select(range(self.tc.micro_batch_size)))
 
         random.seed(self.tc.seed)
         np.random.seed(self.tc.seed)
         torch.manual_seed(self.tc.seed)
-        model = MoERecForCausalLM(self.model_config)
+        model = model_class(self.model_config)(self.model_config)
         self.params = parameter_report(model)
         bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")
         optimizer = _optimizer(model, self.tc)
@@ -284,10 +302,24 @@ class Trainer:
         return {"batch": self.probe, "loss": out.loss.item(), "logits": out.logits[:2].float().cpu()}
 
     def validate(self) -> dict[str, float]:
-        metrics = evaluate(self.engine, self.eval_rows, self.vocab, self.collator, self.tc.micro_batch_size)
-        metrics.update(
-            retrieval(self.engine, self.valid_requests, self.sids, self.sid_trie, self.retrieval_cfg)
-        )
+        if self.item_level:
+            ranking = evaluate_exact(
+                self.engine.module,
+                self.sids,
+                self.valid_requests,
+                self.retrieval_cfg,
+                prefix="valid",
+                catalogue=self.catalogue,
+                show_progress=False,
+            )
+            metrics = {k: v for k, v in ranking.items() if not k.endswith("/count") and f"/{MACRO}/" not in k}
+        else:
+            metrics = evaluate(
+                self.engine, self.eval_rows, self.vocab, self.collator, self.tc.micro_batch_size
+            )
+            metrics.update(
+                retrieval(self.engine, self.valid_requests, self.sids, self.sid_trie, self.retrieval_cfg)
+            )
         self.logger.log(metrics, self.step)
         if self.rank == 0:
             shown = {k: v for k, v in metrics.items() if k.count("/") == 1}  # overall, not per service
@@ -426,7 +458,7 @@ def _micro_stats(out: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     loss, lm, aux, lb, z, ent = on_device.double().cpu().tolist()
     tokens = batch["attention_mask"].sum().item()  # the batch is still on the CPU
     return torch.tensor(
-        [loss, lm, aux, lb, z, tokens, tokens * batch["input_ids"].shape[1], ent], dtype=torch.float64
+        [loss, lm, aux, lb, z, tokens, tokens * batch["attention_mask"].shape[1], ent], dtype=torch.float64
     )
 
 

@@ -30,6 +30,6 @@ def test_fit_save_load_by_kind(kind: str, clustered: torch.Tensor, tmp_path) -> 
 
 
 def test_unknown_kind_is_a_file_error(tmp_path) -> None:
-    save_tensors(tmp_path / "quantizer.safetensors", {"x": torch.zeros(1)}, {"kind": "pq"})
-    with pytest.raises(SIDFileError, match="unknown quantiser kind 'pq'"):
+    save_tensors(tmp_path / "quantizer.safetensors", {"x": torch.zeros(1)}, {"kind": "lsh"})
+    with pytest.raises(SIDFileError, match="unknown quantiser kind 'lsh'"):
         load_quantizer(tmp_path)

@@ -1,8 +1,8 @@
 """Two ranks over gloo on CPU: under ZeRO-2 and ZeRO-3 the loss falls and the ranks hold the same
 weights; the checkpoint consolidates to an fp32 state dict that reproduces the engine's logits; a
 run stopped at step k and resumed matches an uninterrupted run step for step (with fixed-size and
-with length-grouped micro batches); a corrupt
-checkpoint stops the resume with an error."""
+with length-grouped micro batches, and for the item-level model); a corrupt checkpoint stops the
+resume with an error."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import torch.multiprocessing as mp
 from moe_rec.data.sequences import user_bucket
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.evaluate import evaluate_model
-from moe_rec.model import MoERecForCausalLM
+from moe_rec.model import MoERecForCausalLM, MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 from moe_rec.train import train
-from moe_rec.train.checkpoint import consolidate
+from moe_rec.train.checkpoint import consolidate, load_model
 from moe_rec.train.data import load_split
 from moe_rec.train.trainer import model_config
 from tests.train.conftest import VOCAB, tiny_config, write_sequences
@@ -45,6 +45,12 @@ def _worker(rank: int, port: int, out: Path, scenario: str) -> None:
                 ds = f"train.deepspeed=configs/deepspeed/zero{stage}.json"
                 cfg = tiny_config(out / f"zero{stage}", ds, "train.save_every=2", "train.eval_every=4")
                 results[stage] = train(cfg)
+        elif scenario == "item":  # the item-level model, ZeRO-3, length-grouped, stopped and resumed
+            args = ("model.kind=item", "train.deepspeed=configs/deepspeed/zero3.json", "train.micro_batch_tokens=12",
+                    "train.eval_every=4", "train.max_eval_samples=0")  # fmt: skip
+            results["full"] = train(tiny_config(out / "full", *args))
+            results["first"] = train(tiny_config(out / "split", *args, "train.stop_at=3"))
+            results["rest"] = train(tiny_config(out / "split", *args))
         else:  # resume{stage}-{micro_batch_tokens}
             stage, tokens = scenario.removeprefix("resume").split("-")
             ds = f"train.deepspeed=configs/deepspeed/zero{stage}.json"
@@ -173,3 +179,30 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, stage: int, tokens:
         _assert_plan(r["first"]["plan"], tmp_path / "split", 0, 3, "at step 8")
         _assert_plan(r["rest"]["plan"], tmp_path / "split", 3, 8, "at step 8")
         assert "CheckpointError" in r["corrupt"] and "rng_rank1.pt is missing" in r["corrupt"], r["corrupt"]
+
+
+def test_item_level_model_trains_resumes_and_validates_on_every_request(tmp_path: Path) -> None:
+    """Two ranks, ZeRO-3: the loss falls, a resumed run matches an uninterrupted one step for step,
+    the checkpoint loads as the item-level model and reproduces the engine's logits, and the
+    rank-sharded validation equals one process's exact ranking of all 48 valid requests."""
+    ranks = _spawn(tmp_path, "item")
+    for r in ranks:
+        losses = r["full"]["losses"]
+        assert len(losses) == 8 and sum(losses[-3:]) < sum(losses[:3]), losses
+        resumed = r["first"]["losses"] + r["rest"]["losses"]
+        torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r["rest"]["probe"]["logits"], r["full"]["probe"]["logits"])
+    assert ranks[0]["full"]["valid"] == ranks[1]["full"]["valid"]
+    model = load_model(tmp_path / "full" / "checkpoints", "latest").eval()
+    assert isinstance(model, MoERecForItemPrediction)
+    summary = ranks[0]["full"]
+    with torch.no_grad():
+        out = model(**summary["probe"]["batch"])
+    torch.testing.assert_close(out.logits[:2], summary["probe"]["logits"], rtol=1e-5, atol=1e-5)
+    valid = load_split(tmp_path / "full" / "sequences", "valid")
+    assert len(valid) == 48
+    ranking = evaluate_model(model, SIDTable.load(tmp_path / "full" / "sids"), valid,
+                             EvalConfig(split="valid", batch_size=7))  # fmt: skip
+    expected = {k: v for k, v in ranking.items() if not k.endswith("/count") and "/macro/" not in k}
+    assert summary["valid"] == pytest.approx(expected)
+    assert expected["valid/ndcg@10"] > 0

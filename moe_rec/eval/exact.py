@@ -1,0 +1,229 @@
+"""Exact full-catalogue ranking for the item-level model, and the one evaluation loop that both
+training-time validation and ``moe-rec eval`` run.
+
+An item's score is the sum of its codes' log-probabilities under the model's parallel heads
+(:mod:`moe_rec.model.item_model`), so ranking every item of a service is a gather over the SID
+table: for each code position p, ``scores += log_probs[:, p, codes[:, p]]``. Only the asked
+service's items are scored, so other services' items can never be returned. Items are scored in
+chunks of ``chunk_items`` and a running top-k is kept, so a million-item catalogue needs memory
+for one (B, chunk) block. :func:`reference_scores` is the plain loop the fast path is tested
+against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_rec.console import progress
+from moe_rec.data.positions import item_batch
+from moe_rec.eval.config import EvalConfig
+from moe_rec.eval.metrics import RankingMetrics
+from moe_rec.model import MoERecForItemPrediction
+from moe_rec.sid.table import SIDTable
+
+
+def item_scores(log_probs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Scores (B, N) of items with full IDs ``codes`` (N, P) under ``log_probs`` (B, P, K)."""
+    return _scores_by_item(_by_code(log_probs), codes).T
+
+
+def _by_code(log_probs: torch.Tensor) -> torch.Tensor:
+    """(B, P, K) -> (P, K, B) contiguous: a code's scores for every request lie in one row."""
+    return log_probs.permute(1, 2, 0).contiguous()
+
+
+def _scores_by_item(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(N, B) scores: per code position, one gather of whole rows of ``by_code`` (P, K, B), which
+    reads memory in order (gathering columns of (B, K) instead is several times slower)."""
+    scores = torch.index_select(by_code[0], 0, codes[:, 0])  # (N, B)
+    for p in range(1, codes.shape[1]):
+        scores += torch.index_select(by_code[p], 0, codes[:, p])
+    return scores
+
+
+def reference_scores(log_probs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """:func:`item_scores` as a plain float64 loop over requests, items and codes (for tests)."""
+    lp, c = log_probs.double().tolist(), codes.tolist()
+    return torch.tensor(
+        [[sum(row[p][code] for p, code in enumerate(item)) for item in c] for row in lp], dtype=torch.float64
+    )
+
+
+def top_items(
+    log_probs: torch.Tensor,
+    codes: torch.Tensor,
+    k: int,
+    exclude: torch.Tensor | None = None,
+    chunk_items: int = 65_536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of N items for each request, exactly (equal scores: lower index first).
+
+    Args:
+        log_probs: (B, P, K) per-code log-probabilities.
+        codes: (N, P) the candidate items' full IDs.
+        k: how many to return (fewer when N < k).
+        exclude: (B, N) True for items a request must not get (e.g. already seen).
+        chunk_items: items scored at once.
+
+    Returns:
+        scores (B, k') and item indices (B, k') into ``codes``, best first, k' = min(k, N).
+    """
+    b, n = log_probs.shape[0], codes.shape[0]
+    by_code = _by_code(log_probs)
+    best_s = log_probs.new_full((b, 0), -math.inf)
+    best_i = torch.zeros((b, 0), dtype=torch.long, device=log_probs.device)
+    for start in range(0, n, chunk_items):
+        s = _scores_by_item(by_code, codes[start : start + chunk_items])  # (n_chunk, B)
+        if exclude is not None:
+            s = s.masked_fill(exclude[:, start : start + chunk_items].T, -math.inf)
+        top_s, top_i = torch.topk(s, min(k, s.shape[0]), dim=0)  # (k', B)
+        cand_s, cand_i = torch.cat([best_s, top_s.T], 1), torch.cat([best_i, top_i.T + start], 1)
+        # order by index, then stably by descending score: equal scores keep the lower index first
+        by_index = torch.argsort(cand_i, dim=1)
+        cand_s, cand_i = cand_s.gather(1, by_index), cand_i.gather(1, by_index)
+        order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]
+        best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+    return best_s, best_i
+
+
+class ServiceCatalogue:
+    """The items of each service as table rows and full IDs, on one device (built once per run)."""
+
+    def __init__(self, table: SIDTable, device: torch.device | str = "cpu") -> None:
+        self.table = table
+        self.rows: dict[str, torch.Tensor] = {}  # service -> (N_s,) table rows
+        self.codes: dict[str, torch.Tensor] = {}  # service -> (N_s, P) full IDs
+        self.local = torch.full((len(table),), -1, dtype=torch.long)  # table row -> index in its service
+        for i, service in enumerate(table.services):
+            rows = (table.service_index == i).nonzero().flatten()
+            self.rows[service] = rows.to(device)
+            self.codes[service] = table.codes[rows].to(device)
+            self.local[rows] = torch.arange(len(rows))
+
+
+@torch.no_grad()
+def request_log_probs(model: MoERecForItemPrediction, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-code log-probabilities (B, P, K) of the next item at the last position of a left-padded
+    item-level batch (:func:`moe_rec.data.positions.item_batch` with ``left_pad=True``)."""
+    device = next(model.parameters()).device
+    if model.config.router_mode != "domain_user":
+        batch = {k: v for k, v in batch.items() if k != "user_ids"}
+    logits = model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=1).logits[:, -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def top_for_requests(
+    log_probs: torch.Tensor,
+    services: Sequence[str],
+    catalogue: ServiceCatalogue,
+    k: int,
+    exclude_rows: Sequence[Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best items of each request's own service, exactly.
+
+    Args:
+        log_probs: (B, P, K) per-code log-probabilities of each request.
+        services: (B,) the service each request asks for; only its items are scored.
+        k: items per request.
+        exclude_rows: per request, table rows never to return (e.g. its history's items).
+
+    Returns:
+        table rows (B, k), best first, and their scores (B, k); -1 / -inf where the service has
+        fewer than k items left after exclusion.
+    """
+    b = len(services)
+    ranked = torch.full((b, k), -1, dtype=torch.long)
+    scores = torch.full((b, k), -math.inf)
+    for service in dict.fromkeys(services):
+        mine = [i for i, s in enumerate(services) if s == service]
+        codes = catalogue.codes[service]
+        exclude = None
+        if exclude_rows is not None:
+            exclude = torch.zeros(len(mine), codes.shape[0], dtype=torch.bool, device=codes.device)
+            for j, i in enumerate(mine):
+                rows = torch.as_tensor(list(exclude_rows[i]), dtype=torch.long)
+                rows = rows[catalogue.table.service_index[rows] == catalogue.table.services.index(service)]
+                exclude[j, catalogue.local[rows].to(codes.device)] = True
+        top_s, idx = top_items(log_probs[mine], codes, k, exclude)
+        picked = catalogue.rows[service][idx].cpu()  # (b_s, k')
+        top_s = top_s.cpu()
+        picked = torch.where(torch.isneginf(top_s), -1, picked)  # an excluded item is no answer
+        ranked[mine, : picked.shape[1]] = picked
+        scores[mine, : top_s.shape[1]] = top_s
+    return ranked, scores
+
+
+def history_rows(item_tokens: torch.Tensor, service: str, table: SIDTable) -> list[int]:
+    """Table rows of the items of ``service`` among one request's positions ``item_tokens`` (T, S)."""
+    vocab = table.vocabulary()
+    events = item_tokens[item_tokens[:, 0] == vocab.service_token(service)]  # (n, S)
+    if not len(events):
+        return []
+    starts = torch.tensor([vocab.code_token_range(d)[0] for d in range(vocab.levels + 1)])
+    return [int(r) for r in table.rows_for_codes(service, events[:, 1:] - starts) if r >= 0]
+
+
+def rank_exact(
+    model: MoERecForItemPrediction,
+    catalogue: ServiceCatalogue,
+    rows: Sequence[dict[str, Any]],
+    k: int,
+    exclude_seen: bool = False,
+) -> torch.Tensor:
+    """Table rows (B, k) of the best ``k`` items of each request's service, best first (-1 where
+    fewer exist). ``rows`` are ``valid`` / ``test`` requests."""
+    table = catalogue.table
+    batch = item_batch(rows, table.vocabulary(), model.config.num_user_buckets, left_pad=True)
+    services = [r["service"] for r in rows]
+    exclude = (
+        [history_rows(batch["item_tokens"][i], s, table) for i, s in enumerate(services)]
+        if exclude_seen
+        else None
+    )
+    ranked, _ = top_for_requests(request_log_probs(model, batch), services, catalogue, k, exclude)
+    return ranked
+
+
+def evaluate_exact(
+    model: MoERecForItemPrediction,
+    table: SIDTable,
+    requests: Sequence[dict[str, Any]],
+    cfg: EvalConfig,
+    *,
+    prefix: str,
+    catalogue: ServiceCatalogue | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Recall@K / NDCG@K of ``requests`` (valid / test rows), overall and per service, as
+    :meth:`RankingMetrics.compute` reports them.
+
+    Under a process group every rank scores its share (``requests[rank::world]``) and the sums
+    are reduced; every rank runs the same number of forward passes (ZeRO-3 gathers parameters
+    collectively), a rank out of requests scoring the first one again, unscored.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    catalogue = catalogue or ServiceCatalogue(table, next(model.parameters()).device)
+    mine = sorted(requests[rank::world], key=lambda r: (r["service"], len(r["input_ids"])))
+    num_batches = math.ceil(math.ceil(len(requests) / world) / cfg.batch_size)
+    metrics = RankingMetrics(list(table.vocabulary().services), prefix=prefix)
+    k = max(metrics.ks)
+    was_training = model.training
+    model.eval()
+    with progress() as bar:
+        task = bar.add_task(f"eval {prefix}", total=len(mine), visible=show_progress and rank == 0)
+        for i in range(num_batches):
+            chunk = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            ranked = rank_exact(model, catalogue, chunk or requests[:1], k, cfg.exclude_seen)
+            if chunk:
+                services = [r["service"] for r in chunk]
+                target = torch.from_numpy(table.rows(services, [r["target_item"] for r in chunk])).long()
+                metrics.update(ranked, target, services)
+                bar.advance(task, len(chunk))
+    model.train(was_training)
+    metrics.reduce()
+    return metrics.compute()

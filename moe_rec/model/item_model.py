@@ -1,0 +1,140 @@
+"""The item-level recommender: one position per event, every code of the next item predicted at
+once, every item of a service scored exactly.
+
+Input. A position is a bag of vocabulary tokens, ``item_tokens (B, T, S)``: an event is its
+``[service][c1]..[cL][dedup]`` tokens (S = L + 2), the start position is ``[BOS]`` alone (the other
+slots ``[PAD]``), and a later text position (a critique word) would be one text token. Its vector is
+the mean of its tokens' embeddings times sqrt(D) (the Gemma scale); ``[PAD]`` rows are zero and not
+counted. The codebook is the shared vocabulary's, so every service's items live in one space, and
+a new item has an input vector from its text-born ID alone.
+
+Decoder. :class:`~moe_rec.model.modeling.MoERecModel` unchanged: Gemma-style blocks, routed MoE.
+
+Heads (RPG, KDD 2025). At position t the query is ``h_t`` plus the embedding of the service asked
+next (the next event's in training, the request's at serving time), so the prediction knows which
+catalogue it ranks. Each code position p has its own projection ``W_p``; its logits are the cosine
+similarity of ``W_p q`` with the embedding rows of p's codes (tied to the input), divided by a
+temperature. An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability
+of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it).
+
+Loss. Cross-entropy of every code of the next event, at every position that has one, averaged over
+codes and positions; plus the routers' auxiliary losses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_rec.model.config import MoERecConfig
+from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERecPreTrainedModel, router_stats
+
+IGNORE_INDEX = -100
+
+
+class MoERecForItemPrediction(MoERecPreTrainedModel):
+    """Decoder over event positions with parallel, embedding-tied semantic-ID heads."""
+
+    def __init__(self, config: MoERecConfig) -> None:
+        super().__init__(config)
+        if not config.code_token_ranges:
+            raise ValueError(
+                "the item-level model needs config.code_token_ranges (one [start, stop) per code)"
+            )
+        self.model = MoERecModel(config)
+        self.num_codes = len(config.code_token_ranges)  # P
+        d = config.hidden_size
+        self.code_proj = nn.Linear(d, self.num_codes * d, bias=False)  # W_p for every p, stacked
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def code_layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, K_max) embedding row of each code, and (P, K_max) False past a shorter code range.
+        Built from the config on each call (a few hundred integers), not stored: nothing to load."""
+        ranges = self.config.code_token_ranges
+        width = max(stop - start for start, stop in ranges)  # K_max
+        offsets = torch.arange(width, device=device)  # (K_max,)
+        starts = torch.tensor([r[0] for r in ranges], device=device)[:, None]  # (P, 1)
+        sizes = torch.tensor([r[1] - r[0] for r in ranges], device=device)[:, None]
+        valid = offsets < sizes  # (P, K_max)
+        return torch.where(valid, starts + offsets, starts), valid
+
+    def embed_positions(self, item_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, S) bags of tokens -> (B, T, D): mean of the non-pad tokens' embeddings x sqrt(D)."""
+        emb = self.model.embed_tokens(item_tokens)  # (B, T, S, D); [PAD] rows are zero
+        count = (item_tokens != self.config.pad_token_id).sum(-1, keepdim=True).clamp_min(1)  # (B, T, 1)
+        return emb.sum(2) / count.to(emb.dtype) * math.sqrt(self.config.hidden_size)
+
+    def code_logits(self, hidden: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
+        """Logits of every code position for the next item.
+
+        Args:
+            hidden: (B, T, D) decoder outputs.
+            query_services: (B, T) token id of the service each position's next item belongs to.
+
+        Returns:
+            (B, T, P, K_max) cosine logits / temperature; ``-inf`` past a code position's range.
+        """
+        b, t, d = hidden.shape
+        query = hidden + self.model.embed_tokens(query_services)  # (B, T, D)
+        q = F.normalize(self.code_proj(query).view(b, t, self.num_codes, d), dim=-1)  # (B, T, P, D)
+        rows, valid = self.code_layout(hidden.device)
+        codes = F.normalize(self.model.embed_tokens(rows), dim=-1)  # (P, K_max, D)
+        logits = torch.einsum("btpd,pkd->btpk", q, codes) / self.config.item_head_temperature
+        return logits.masked_fill(~valid, float("-inf"))
+
+    def forward(
+        self,
+        item_tokens: torch.LongTensor,
+        domain_ids: torch.LongTensor,
+        user_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        query_services: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MoERecOutput:
+        """Args:
+        item_tokens: (B, T, S) each position's tokens (``[PAD]``-filled).
+        domain_ids: (B, T) service index of each position (the router reads it).
+        user_ids: (B,) hashed user buckets (``router_mode='domain_user'``).
+        attention_mask: (B, T) 1 for real positions, 0 for padding (left or right).
+        labels: (B, T, P) code indices of each position's own event, -100 where none; position t
+            is trained to predict the codes of position t + 1.
+        query_services: (B, T) service token asked after each position; default: the next
+            position's service token (the last position repeats its own).
+        logits_to_keep: code logits for only the last this-many positions (0 = all).
+
+        Returns:
+            ``logits`` (B, T', P, K_max) and, with ``labels``, ``loss`` = ``lm_loss`` + ``aux_loss``.
+        """
+        if query_services is None:
+            service = item_tokens[..., 0]  # (B, T)
+            query_services = torch.cat([service[:, 1:], service[:, -1:]], dim=1)
+        hidden, _, auxes = self.model(
+            None,
+            domain_ids,
+            user_ids=user_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=self.embed_positions(item_tokens),
+        )
+        if logits_to_keep:
+            hidden, query_services = hidden[:, -logits_to_keep:], query_services[:, -logits_to_keep:]
+        logits = self.code_logits(hidden, query_services)  # (B, T', P, K)
+        out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position (logits_to_keep=0)")
+            target = labels[:, 1:]  # (B, T-1, P): the next event's codes
+            out.lm_loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                target.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+            out.loss = out.lm_loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+        return out

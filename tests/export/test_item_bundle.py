@@ -1,0 +1,88 @@
+"""The item-level model from a real DeepSpeed checkpoint to a bundle and a served answer: the bundle
+has no beam-search trie, reproduces the engine's logits, evaluates like the checkpoint, and the
+Recommender (Python and HTTP) returns the items exact scoring ranks first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from moe_rec.data.store import write_items
+from moe_rec.data.vocab import BOS
+from moe_rec.eval.config import EvalConfig
+from moe_rec.eval.evaluate import evaluate_model
+from moe_rec.eval.exact import ServiceCatalogue, rank_exact
+from moe_rec.export import export_checkpoint, load_bundle
+from moe_rec.model import MoERecForItemPrediction
+from moe_rec.serve import Recommender
+from moe_rec.sid.table import SIDTable
+from moe_rec.train.checkpoint import load_model
+from moe_rec.train.data import load_split
+from tests.train.conftest import ITEMS, VOCAB, tiny_config, write_sequences
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    from moe_rec.train import train
+
+    run = tmp_path_factory.mktemp("item") / "run"
+    write_sequences(run)
+    keys = [(s, i) for s in VOCAB.services for i in range(ITEMS)]
+    write_items(
+        pa.table({"service": [s for s, _ in keys], "item_id": [str(i) for _, i in keys],
+                  "title": [f"{s} {i}" for s, i in keys], "categories": [[s] for s, _ in keys],
+                  "brand": ["acme"] * len(keys), "price": [float(i) for _, i in keys], "text": [""] * len(keys)}),
+        run / "data",
+    )  # fmt: skip
+    summary = train(tiny_config(run, "model.kind=item", "train.eval_every=4", "train.max_eval_samples=0"))
+    return run, summary
+
+
+def test_bundle_reproduces_the_checkpoint_and_serves_its_ranking(
+    trained: tuple[Path, dict], tmp_path: Path
+) -> None:
+    run, summary = trained
+    out = export_checkpoint(
+        run / "checkpoints", tmp_path / "bundle", tag="latest"
+    )  # the probe is the last step's
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model_kind"] == "item" and manifest["verification"]["passed"]
+    assert manifest["verification"]["max_abs_diff"] <= 1e-5
+    assert not any(name.endswith("sid_trie.safetensors") for name in manifest["files"])
+    bundle = load_bundle(out)
+    assert isinstance(bundle.model, MoERecForItemPrediction) and bundle.trie is None
+    with torch.no_grad():
+        logits = bundle.model(**summary["probe"]["batch"]).logits[:2]
+    torch.testing.assert_close(logits, summary["probe"]["logits"], rtol=1e-5, atol=1e-5)
+
+    valid = load_split(run / "sequences", "valid")
+    checkpoint = load_model(run / "checkpoints", "latest")
+    table = SIDTable.load(run / "sids")
+    cfg = EvalConfig(split="valid", batch_size=5)
+    assert evaluate_model(bundle.model, bundle.table, valid, cfg) == evaluate_model(
+        checkpoint, table, valid, cfg
+    )
+
+    history = [("grocery", "1"), ("market", "4"), ("grocery", "2")]
+    ids, doms = [BOS], [0]
+    for s, i in history:
+        toks = VOCAB.item_tokens(s, table.codes_for(s, [i])[0].tolist())
+        ids, doms = ids + toks, doms + [VOCAB.service_index(s)] * len(toks)
+    request = {"user": "", "service": "grocery", "input_ids": [*ids, VOCAB.service_token("grocery")],
+               "domain_ids": [*doms, VOCAB.service_index("grocery")]}  # fmt: skip
+    expected = rank_exact(checkpoint, ServiceCatalogue(table), [request], k=ITEMS, exclude_seen=True)[0]
+    expected_ids = [str(table.item_ids[r]) for r in expected.tolist() if r >= 0]
+    with Recommender.from_bundle(out, device="cpu") as rec:
+        got = rec.recommend(history, "grocery", k=5)
+        assert [r.item_id for r in got] == expected_ids[:5]
+        assert {"1", "2"}.isdisjoint(r.item_id for r in got)
+        assert got[0].fields["title"] == f"grocery {got[0].item_id}"
+        everything = rec.recommend(history, "grocery", k=ITEMS)
+        assert len(everything) == ITEMS - 2  # all unseen items, and no more
+        assert all(a.score >= b.score for a, b in zip(everything, everything[1:]))

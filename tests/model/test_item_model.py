@@ -1,0 +1,143 @@
+"""The item-level model: token samples regrouped into positions, the loss against a float64
+per-code cross-entropy computed by hand, padding invariance, and the service-conditioned heads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_rec.data.positions import code_token_ranges, item_batch, split_positions
+from moe_rec.data.sequences import IGNORE_INDEX
+from moe_rec.data.vocab import BOS, PAD, Vocabulary
+from moe_rec.model import MoERecForItemPrediction, build_config, model_class
+
+VOCAB = Vocabulary(services=("a", "b", "c"), levels=3, codebook_size=8, dedup_size=4)
+
+
+def _model(seed: int, router_mode: str = "domain_user", dense: bool = False) -> MoERecForItemPrediction:
+    torch.manual_seed(seed)
+    cfg = build_config(
+        "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode=router_mode,
+        code_token_ranges=code_token_ranges(VOCAB),
+    )  # fmt: skip
+    cfg = cfg.dense_twin() if dense else cfg
+    model = model_class(cfg)(cfg)
+    assert isinstance(model, MoERecForItemPrediction)
+    return model.eval()
+
+
+def _sample(events: list[tuple[str, list[int]]], user: str, ask: str | None = None) -> dict:
+    ids, doms = [BOS], [VOCAB.service_index(events[0][0]) if events else 0]
+    for s, codes in events:
+        toks = VOCAB.item_tokens(s, codes)
+        ids += toks
+        doms += [VOCAB.service_index(s)] * len(toks)
+    row = {"user": user, "input_ids": ids, "domain_ids": doms}
+    if ask is None:
+        row["labels"] = [0]  # any labels: a training row
+    else:
+        row["input_ids"] = ids + [VOCAB.service_token(ask)]
+        row["domain_ids"] = doms + [VOCAB.service_index(ask)]
+    return row
+
+
+def _random_events(g: torch.Generator, n: int) -> list[tuple[str, list[int]]]:
+    out = []
+    for _ in range(n):
+        s = VOCAB.services[int(torch.randint(3, (1,), generator=g))]
+        out.append(
+            (s, [*torch.randint(8, (3,), generator=g).tolist(), int(torch.randint(4, (1,), generator=g))])
+        )
+    return out
+
+
+def test_positions_regroup_tokens_by_event() -> None:
+    events = [("b", [1, 2, 3, 0]), ("a", [7, 0, 5, 3])]
+    row = _sample(events, "u", ask="c")
+    tokens, domains, asked = split_positions(row["input_ids"], row["domain_ids"], VOCAB)
+    assert tokens[0].tolist() == [BOS] + [PAD] * 4
+    assert tokens[1].tolist() == VOCAB.item_tokens("b", [1, 2, 3, 0])
+    assert tokens[2].tolist() == VOCAB.item_tokens("a", [7, 0, 5, 3])
+    assert domains.tolist() == [1, 1, 0] and asked == VOCAB.service_token("c")
+    with pytest.raises(ValueError, match="not whole events"):
+        split_positions(row["input_ids"][:-3], row["domain_ids"][:-3], VOCAB)
+
+
+def test_labels_are_each_events_code_indices() -> None:
+    batch = item_batch(
+        [_sample([("b", [1, 2, 3, 0]), ("a", [7, 0, 5, 3])], "u"), _sample([("c", [4, 4, 4, 1])], "v")],
+        VOCAB,
+        16,
+    )
+    assert batch["labels"][0].tolist() == [[IGNORE_INDEX] * 4, [1, 2, 3, 0], [7, 0, 5, 3]]
+    assert batch["labels"][1].tolist() == [[IGNORE_INDEX] * 4, [4, 4, 4, 1], [IGNORE_INDEX] * 4]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_is_the_mean_code_cross_entropy_of_the_next_event(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    rows = [_sample(_random_events(g, n), f"u{n}") for n in (1, 4, 6)]
+    batch = item_batch(rows, VOCAB, 16)
+    model = _model(seed)
+    out = model(**batch)
+    # reference: the unpadded sample alone, per-code log-softmax in float64, a plain loop
+    total, count = 0.0, 0
+    for row in rows:
+        one = item_batch([row], VOCAB, 16)
+        logits = model(**one).logits[0].detach().double()  # (T, P, K)
+        labels = one["labels"][0]
+        for t in range(labels.shape[0] - 1):
+            for p in range(labels.shape[1]):
+                target = int(labels[t + 1, p])
+                if target == IGNORE_INDEX:
+                    continue
+                lp = logits[t, p] - torch.logsumexp(logits[t, p], 0)
+                total -= float(lp[target])
+                count += 1
+    assert count == 4 * (1 + 4 + 6)  # every event, the first one predicted from [BOS]
+    assert out.lm_loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert out.loss.item() > out.lm_loss.item()  # the routers' auxiliary loss is added
+    out.loss.backward()
+    assert (
+        model.code_proj.weight.grad.abs().sum() > 0 and model.model.embed_tokens.weight.grad.abs().sum() > 0
+    )
+
+
+@pytest.mark.parametrize("router_mode", ["token", "domain", "domain_user"])
+def test_last_position_logits_do_not_depend_on_padding(router_mode: str) -> None:
+    g = torch.Generator().manual_seed(7)
+    rows = [_sample(_random_events(g, n), f"u{n}", ask="b") for n in (0, 2, 5)]
+    model = _model(3, router_mode)
+    batch = item_batch(rows, VOCAB, 16, left_pad=True)
+    if router_mode != "domain_user":
+        batch.pop("user_ids")
+    together = model(**batch, logits_to_keep=1).logits[:, -1]
+    for i, row in enumerate(rows):
+        one = item_batch([row], VOCAB, 16, left_pad=True)
+        if router_mode != "domain_user":
+            one.pop("user_ids")
+        torch.testing.assert_close(
+            together[i], model(**one, logits_to_keep=1).logits[0, -1], atol=1e-5, rtol=1e-5
+        )
+
+
+def test_heads_read_the_asked_service_and_mask_short_code_ranges() -> None:
+    model = _model(4)
+    row = _sample([("a", [1, 2, 3, 0])], "u", ask="a")
+    other = {**row, "input_ids": row["input_ids"][:-1] + [VOCAB.service_token("c")]}
+    la = model(**item_batch([row], VOCAB, 16, left_pad=True), logits_to_keep=1).logits[0, -1]
+    lc = model(**item_batch([other], VOCAB, 16, left_pad=True), logits_to_keep=1).logits[0, -1]
+    assert not torch.allclose(la, lc)
+    assert torch.isinf(la[3, 4:]).all() and torch.isfinite(la[3, :4]).all()  # dedup: 4 of K_max = 8
+    assert torch.isfinite(la[:3]).all()
+    assert la.abs()[torch.isfinite(la)].max() <= 1 / model.config.item_head_temperature + 1e-4  # cosine / T
+
+
+def test_dense_twin_is_item_level_too() -> None:
+    model = _model(5, dense=True)
+    assert all(not layer.is_moe for layer in model.model.layers)
+    out = model(**item_batch([_sample([("a", [1, 2, 3, 0]), ("b", [0, 0, 0, 0])], "u")], VOCAB, 16))
+    assert out.aux_loss is None and math.isfinite(out.loss.item())
