@@ -20,8 +20,10 @@ client. Bodies over ``max_body_bytes`` get 413 before they are parsed; a body no
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -436,6 +438,33 @@ class _Server(uvicorn.Server):
                 )
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` for uvicorn to serve on (as its own ``bind_socket``
+    does), bound before the bundle loads, so a bad port fails at once and in one line.
+
+    Raises:
+        ValueError: ``port`` is outside 0..65535.
+        OSError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is invalid: use 1..65535, or 0 for any free port")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = {
+            errno.EADDRINUSE: "already in use; pick another port, or 0 for any free one",
+            errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+            errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        }.get(e.errno, e.strerror or str(e))
+        shown = f"[{host}]" if ":" in host else host
+        raise OSError(f"cannot listen on {shown}:{port}: {why}") from None
+    return sock
+
+
 def run_server(
     bundle: str | Path,
     *,
@@ -453,17 +482,24 @@ def run_server(
     """Load ``bundle`` and serve it in this process until SIGINT / SIGTERM.
 
     Shutdown is graceful: the socket stops accepting, in-flight requests finish, then the
-    Recommender is closed. ``port=0`` picks a free port (the startup line says which).
+    Recommender is closed. ``port=0`` picks a free port (the startup line says which). The port is
+    bound before the bundle loads: an invalid port raises ValueError, one that cannot be bound
+    (already in use, ...) OSError, each with a one-line message.
     ``torch_threads`` sets the model's intra-op CPU threads (default: torch's, one per core); on a
     small or shared machine 1 can be many times faster (docs/serving.md).
     """
+    sock = _listen(host, port)
     dictConfig(_log_config(log_level))
     if torch_threads:
         torch.set_num_threads(torch_threads)  # before the Recommender's worker thread starts
     log.info("loading bundle %s (device %s)", bundle, device or "auto")
-    recommender = Recommender.from_bundle(
-        bundle, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_k=max_k
-    )
+    try:
+        recommender = Recommender.from_bundle(
+            bundle, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_k=max_k
+        )
+    except BaseException:
+        sock.close()
+        raise
     counts = recommender.info.get("items_per_service") or {}
     services = ", ".join(f"{s} ({counts.get(s, '?')} items)" for s in recommender.services)
     log.info("model on %s; services: %s", recommender.info.get("device", "?"), services)
@@ -478,7 +514,7 @@ def run_server(
         timeout_graceful_shutdown=30,
     )
     server = _Server(config)
-    server.run()
+    server.run(sockets=[sock])  # uvicorn closes it on shutdown
     # uvicorn re-raises the stopping signal after its graceful shutdown, which does nothing where
     # SIGINT was ignored at start (a background job of a non-interactive shell): SIGINT always ends
     # as KeyboardInterrupt here, so the CLI exits 130 however it was started.
