@@ -162,7 +162,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     )
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "unknown service or item"}
+    404: {"model": ErrorResponse, "description": "unknown service or item"},
+    422: ERRORS[422],  # FastAPI would document its own 422 shape, which this app never sends
 }
 
 

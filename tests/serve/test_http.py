@@ -8,6 +8,7 @@ import http.client
 import json
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,6 +253,11 @@ def test_openapi_lists_the_paths(client: Client) -> None:
     assert {"/v1/recommend", "/v1/items/{service}/{item_id}", "/healthz", "/metrics"} <= set(spec["paths"])
     post = spec["paths"]["/v1/recommend"]["post"]
     assert {"200", "400", "413", "415", "422", "500"} <= set(post["responses"])
+    for path, operations in spec["paths"].items():  # every documented 422 is the one shape sent
+        for op in operations.values():
+            if "422" in op["responses"]:
+                schema = op["responses"]["422"]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/InvalidRequestResponse"}, path
     assert client.call("GET", "/docs").status == 200
 
 
@@ -559,3 +565,29 @@ def test_cli_serve(tiny_bundle: Path, inherited_sigint: signal.Handlers) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- the docs page in a real browser -----------------------------------------------------------
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "check_docs_page.py"
+
+
+@pytest.mark.slow  # a server process and two headless Chromium runs: ~15 s
+@pytest.mark.skipif(
+    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+    reason="needs Chromium (Debian: apt-get install chromium)",
+)
+def test_docs_page_renders_offline_in_chromium(tiny_bundle: Path, tmp_path: Path) -> None:
+    """tools/check_docs_page.py: ``moe-rec serve`` on 127.0.0.1, /docs in headless Chromium with every
+    other host unresolvable; the rendered page has one block per operation of /openapi.json."""
+    shot = tmp_path / "docs.png"
+    cmd = [sys.executable, str(TOOL), str(tiny_bundle), "--screenshot", str(shot)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    for operation in (
+        "POST   /v1/recommend: ok",
+        "GET    /v1/items/{service}/{item_id}: ok",
+        "GET    /healthz: ok",
+    ):
+        assert operation in done.stdout, done.stdout
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
