@@ -239,26 +239,25 @@ def test_recommend_when_the_history_covers_most_of_the_service(
     assert "Traceback" not in out
 
 
-def _serve(bundle: Path, port: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "moe_rec.cli", "serve", str(bundle), "--port", port, "--device", "cpu"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("port", ["99999", "-1", "65536"])
-def test_serve_with_an_invalid_port_is_one_line_and_exit_2(tiny_bundle: Path, port: str) -> None:
-    done = _serve(tiny_bundle, port)
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    assert done.returncode == 2, done.stderr
+def test_serve_with_an_invalid_port_is_one_line_and_exit_2(
+    tiny_bundle: Path, port: str, capsys: pytest.CaptureFixture
+) -> None:
+    capsys.readouterr()
+    assert main(["serve", str(tiny_bundle), "--port", port, "--device", "cpu"]) == 2
+    lines = [line for line in "".join(capsys.readouterr()).splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
     assert f"port {port} is invalid" in lines[0] and "1..65535" in lines[0]
 
 
 def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tiny_bundle: Path) -> None:
+    """A whole ``moe-rec serve`` process: its entire output is the one error line."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = _serve(tiny_bundle, str(port))
+        cmd = [sys.executable, "-m", "moe_rec.cli", "serve", str(tiny_bundle), "--port", str(port)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
