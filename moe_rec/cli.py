@@ -278,6 +278,9 @@ def _print_recommendations(
         mark = " [bold green](held out)[/]" if r.item_id == held_out else ""
         table.add_row(str(rank), r.item_id + mark, f"{r.score:.3f}", str(r.fields.get("title") or "")[:60])
     console.print(table)
+    if len(found) < k:  # the Recommender returns fewer than k only when no more exist
+        why = " (the history has the others)" if exclude_seen else ""
+        console.print(f"only {len(found)} items of {service} are left to recommend{why}: all shown")
     if held_out is not None and all(r.item_id != held_out for r in found):
         console.print(f"held-out item {service}:{held_out} is not in the top {k}")
 
@@ -438,7 +441,7 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)"
     )
     serve.add_argument(
-        "--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)"
+        "--port", type=int, default=8000, help="TCP port, 1..65535; 0 picks a free one (default: %(default)s)"
     )
     serve.add_argument(
         "--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)"
@@ -492,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        console.print(f"[bold red]error:[/] {message}")
+        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, however long
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")

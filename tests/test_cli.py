@@ -1,6 +1,9 @@
 """The moe-rec CLI end to end on a tiny synthetic run, and its one-line errors (exit code 2)."""
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -204,3 +207,58 @@ def test_strict_failure_names_the_row_and_keeps_earlier_data(
     err = " ".join(capsys.readouterr().err.split())
     assert "events.csv:5" in err
     assert sorted(p.name for p in (tmp_path / "run" / "data" / "events").iterdir()) == before
+
+
+# --- recommend and serve on the tiny serving bundle ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.serve.conftest import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.mark.parametrize("unseen", [3, 0])
+def test_recommend_when_the_history_covers_most_of_the_service(
+    tiny_bundle: Path, unseen: int, capsys: pytest.CaptureFixture
+) -> None:
+    """All but ``unseen`` grocery items in the history, k=5: every unseen item is shown, with a line
+    saying there are no more; no traceback."""
+    from tests.serve.conftest import ITEMS_PER_SERVICE
+
+    items = [f"grocery-{i}" for i in range(ITEMS_PER_SERVICE)]
+    seen, left = items[unseen:], items[:unseen]
+    argv = ["recommend", str(tiny_bundle), "--service", "grocery", "--k", "5", "--history"]
+    capsys.readouterr()
+    assert main([*argv, *(f"grocery:{i}" for i in seen)]) == 0
+    out = "".join(capsys.readouterr())
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert sorted(line.split("│")[2].strip() for line in rows) == sorted(left)
+    assert f"only {unseen} items of grocery are left" in " ".join(out.split())
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_serve_with_an_invalid_port_is_one_line_and_exit_2(
+    tiny_bundle: Path, port: str, capsys: pytest.CaptureFixture
+) -> None:
+    capsys.readouterr()
+    assert main(["serve", str(tiny_bundle), "--port", port, "--device", "cpu"]) == 2
+    lines = [line for line in "".join(capsys.readouterr()).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert f"port {port} is invalid" in lines[0] and "1..65535" in lines[0]
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tiny_bundle: Path) -> None:
+    """A whole ``moe-rec serve`` process: its entire output is the one error line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "moe_rec.cli", "serve", str(tiny_bundle), "--port", str(port)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert f"127.0.0.1:{port}" in lines[0] and "already in use" in lines[0]

@@ -1,6 +1,8 @@
 """The HTTP service: a FastAPI app over one :class:`~moe_rec.serve.recommender.Recommender`.
 
-Endpoints (OpenAPI at ``/openapi.json``, interactive docs at ``/docs``):
+Endpoints (OpenAPI at ``/openapi.json``, interactive docs at ``/docs`` and ``/redoc``, whose
+JavaScript and CSS come from the ``fastapi-offline`` package and are served by this app, so the
+docs work without internet):
 
 * ``POST /v1/recommend`` — top-``k`` items of one service for a cross-service history;
 * ``GET /v1/items/{service}/{item_id}`` — one catalogue row (404 when unknown);
@@ -10,15 +12,18 @@ Endpoints (OpenAPI at ``/openapi.json``, interactive docs at ``/docs``):
 The model call blocks, so the recommend endpoint is a plain ``def``: FastAPI runs it in the
 thread pool, and concurrent requests wait together inside the Recommender, which batches them.
 Every error is JSON ``{"error", "message", "field"}``: bad input is a 4xx that names the field
-at fault; anything unexpected is a 500 with an ``error_id`` that is also in the server log
-beside the traceback, which never reaches the client. Bodies over ``max_body_bytes`` get 413
-before they are parsed.
+at fault (a 422 also lists every problem in ``errors``); anything unexpected is a 500 with an
+``error_id`` that is also in the server log beside the traceback, which never reaches the
+client. Bodies over ``max_body_bytes`` get 413 before they are parsed; a body not sent as
+``application/json`` gets 415, an empty or malformed one 400.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -27,17 +32,20 @@ from copy import deepcopy
 from importlib.metadata import version
 from logging.config import dictConfig
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio.to_thread
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Body, Depends, FastAPI
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.routing import BaseRoute, Match
 
 from moe_rec.serve.metrics import ServeMetrics
 from moe_rec.serve.recommender import DEFAULT_MAX_K, Recommender, RequestError
@@ -58,13 +66,24 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # --- request and response bodies (they are also the OpenAPI schema) ---------------------------
 
+# The OpenAPI examples use ids of the demo bundle (`moe-rec run --config configs/experiments/demo.yaml`:
+# synthetic services grocery, marketplace and delivery with items g00000.., m00000.., d00000..),
+# so "Try it out" in /docs works against it as written.
+EXAMPLE_HISTORY = [{"service": "grocery", "item_id": "g00004"}, {"service": "delivery", "item_id": "d00014"}]
+EXAMPLE_REQUEST = {"history": EXAMPLE_HISTORY, "service": "marketplace", "k": 5}
+
+
+def _demo(value: Any) -> dict[str, Any]:
+    """An OpenAPI ``examples`` entry (shown and pre-filled by /docs) for the demo bundle."""
+    return {"demo": {"summary": "the demo bundle", "value": value}}
+
 
 class HistoryEvent(BaseModel):
     """One past interaction of the user."""
 
     model_config = ConfigDict(extra="forbid")
     service: StrictStr = Field(description="the service it happened in", examples=["grocery"])
-    item_id: StrictStr = Field(description="the item, unique within its service", examples=["grocery-17"])
+    item_id: StrictStr = Field(description="the item, unique within its service", examples=["g00004"])
 
 
 class RecommendRequest(BaseModel):
@@ -74,7 +93,7 @@ class RecommendRequest(BaseModel):
     history: list[HistoryEvent] = Field(
         min_length=1, description="past interactions in every service, oldest first"
     )
-    service: StrictStr = Field(description="the service to recommend items of", examples=["grocery"])
+    service: StrictStr = Field(description="the service to recommend items of", examples=["marketplace"])
     k: StrictInt = Field(10, ge=1, description="how many items (at most `max_k`, see /healthz)")
     exclude_seen: StrictBool = Field(True, description="leave out items already in the history")
     user_id: StrictStr | None = Field(
@@ -93,36 +112,95 @@ class RecommendedItem(BaseModel):
 
 class RecommendResponse(BaseModel):
     service: str
-    items: list[RecommendedItem] = Field(description="best first")
+    items: list[RecommendedItem] = Field(description="best first; fewer than `k` only when `exhausted`")
+    available: int = Field(
+        description="items of the service this request may get: all of them, less the history's "
+        "when `exclude_seen`"
+    )
+    exhausted: bool = Field(
+        description="true when fewer than `k` items came back because only `available` exist (then all of them)"
+    )
     latency_ms: float = Field(description="time spent in the Recommender (queue + batch + decode)")
 
 
 class ErrorResponse(BaseModel):
     error: str = Field(
-        description="invalid_json, invalid_request, too_large, not_found, http_error or internal_error"
+        description="invalid_json, unsupported_media_type, invalid_request, too_large, not_found, "
+        "http_error or internal_error"
     )
     message: str = Field(description="what is wrong")
     field: str | None = Field(None, description='the input at fault, e.g. "history[3].item_id"')
-    error_id: str | None = Field(None, description="500 only: quote it to find the server log entry")
+
+
+class FieldError(BaseModel):
+    field: str = Field(description='the input at fault, e.g. "history[3].item_id"')
+    message: str
+
+
+class InvalidRequestResponse(ErrorResponse):
+    """Every 422: ``message`` joins the ``errors``, ``field`` is the first one's."""
+
+    errors: list[FieldError] = Field(description="every problem of the request")
+
+
+class InternalErrorResponse(ErrorResponse):
+    error_id: str = Field(description="quote it to find the traceback in the server log")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in (
-        (400, "body is not valid JSON"),
-        (413, "body over the size limit"),
-        (422, "a field is missing, has the wrong type or an unknown value (e.g. unknown item)"),
-        (500, "internal error (no details; see error_id in the server log)"),
+    code: {"model": model, "description": text}
+    for code, model, text in (
+        (400, ErrorResponse, "the body is empty or not valid JSON"),
+        (413, ErrorResponse, "body over the size limit"),
+        (415, ErrorResponse, "the body is not sent as JSON (Content-Type: application/json)"),
+        (
+            422,
+            InvalidRequestResponse,
+            "a field is missing, has the wrong type or an unknown value (e.g. unknown item)",
+        ),
+        (500, InternalErrorResponse, "internal error (no details; see error_id in the server log)"),
     )
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "unknown service or item"}
+    404: {"model": ErrorResponse, "description": "unknown service or item"},
+    422: ERRORS[422],  # FastAPI would document its own 422 shape, which this app never sends
 }
 
 
 def _error(status: int, error: str, message: str, field: str | None = None, **extra: Any) -> JSONResponse:
     body = {"error": error, "message": message, "field": field, **extra}
     return JSONResponse(body, status_code=status)
+
+
+def _invalid(errors: list[dict[str, str]]) -> JSONResponse:
+    """The one 422 shape: every ``{field, message}``, joined in ``message``, the first in ``field``."""
+    message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return _error(422, "invalid_request", message, errors[0]["field"], errors=errors)
+
+
+class Refused(Exception):
+    """A request turned away before its body is validated; answered as ``_error(*args)``."""
+
+    def __init__(self, status: int, error: str, message: str, field: str) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message, self.field = status, error, message, field
+
+
+async def json_body(request: Request) -> None:
+    """Refuses a body not declared as JSON (415) or empty (400), before FastAPI validates it: a
+    form-encoded or text body would otherwise be reported as a wrong type, an empty one as a
+    missing field."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        got = f"got {media!r}" if media else "no Content-Type was sent"
+        raise Refused(
+            415,
+            "unsupported_media_type",
+            f"send the body as JSON with Content-Type: application/json ({got})",
+            "body",
+        )
+    if not await request.body():  # a non-empty body that is not JSON fails FastAPI's parse: 400 too
+        raise Refused(400, "invalid_json", "body is empty: send a JSON object", "body")
 
 
 def _field(loc: tuple[int | str, ...]) -> str:
@@ -140,16 +218,28 @@ class _Observe:
     """Outermost layer: counts and times every request; turns an unhandled exception into a 500.
 
     The traceback goes to the server log under a fresh error id; the client sees only the id.
+    A request's ``endpoint`` label is the template of the route its path matches (``/docs``,
+    ``/openapi.json``, the docs' asset mount, ...), found before the app runs, so a request refused
+    before routing (413) still counts under its endpoint; ``unmatched`` for unknown paths.
     """
 
-    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics, routes: list[BaseRoute]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def _endpoint(self, scope: Scope) -> str:
+        """The route template ``scope``'s path matches (a wrong method still names its route)."""
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:
+                return getattr(route, "path", "unmatched")
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start, status = time.perf_counter(), 499  # 499: the client went away before an answer
+        endpoint = self._endpoint(scope)
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
@@ -166,8 +256,6 @@ class _Observe:
                 response = _error(500, "internal_error", "internal server error", error_id=error_id)
                 await response(scope, receive, send_and_note)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")  # the template: bounded label values
             self.metrics.observe(endpoint, scope["method"], status, time.perf_counter() - start)
 
 
@@ -231,7 +319,7 @@ def create_app(
         log.info("shutting down: closing the recommender")
         await anyio.to_thread.run_sync(recommender.close)
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="moe-rec",
         summary="Generative multi-service recommendations by constrained beam search over semantic IDs.",
         version=version("moe-rec"),
@@ -240,21 +328,28 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             return _error(400, "invalid_json", f"body is not valid JSON: {first['ctx']['error']}", "body")
-        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return _error(422, "invalid_request", message, errors[0]["field"], errors=errors)
+        return _invalid([{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()])
+
+    @app.exception_handler(Refused)
+    async def refused(_: Request, exc: Refused) -> JSONResponse:
+        return _error(exc.status, exc.error, exc.message, exc.field)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "http_error"
         return _error(exc.status_code, code, str(exc.detail))
 
-    @app.post("/v1/recommend", response_model=RecommendResponse, responses=ERRORS)
-    def recommend(request: RecommendRequest) -> JSONResponse:
-        """Top-``k`` items of ``service`` for the history: real items only, best first."""
+    @app.post(
+        "/v1/recommend", response_model=RecommendResponse, responses=ERRORS, dependencies=[Depends(json_body)]
+    )
+    def recommend(
+        request: Annotated[RecommendRequest, Body(openapi_examples=_demo(EXAMPLE_REQUEST))],
+    ) -> JSONResponse:
+        """Top-``k`` items of ``service`` for the history: real items only, best first; fewer than
+        ``k`` only when fewer exist (``exhausted``)."""
         start = time.perf_counter()
         history = [event.model_dump() for event in request.history]
         try:
@@ -265,18 +360,24 @@ def create_app(
                 exclude_seen=request.exclude_seen,
                 user_id=request.user_id,
             )
+            available = recommender.available(history, request.service, request.exclude_seen)
         except RequestError as e:
-            return _error(422, "invalid_request", str(e), e.field)
+            return _invalid([{"field": e.field, "message": e.message}])
         items = [
             {"item_id": r.item_id, "score": r.score, "rank": rank}
             | {f: v for f, v in r.fields.items() if f not in RESERVED}
             for rank, r in enumerate(recs, start=1)
         ]
         latency_ms = (time.perf_counter() - start) * 1000
-        return JSONResponse({"service": request.service, "items": items, "latency_ms": latency_ms})
+        body = {"service": request.service, "items": items, "available": available,
+                "exhausted": len(items) < request.k, "latency_ms": latency_ms}  # fmt: skip
+        return JSONResponse(body)
 
     @app.get("/v1/items/{service}/{item_id:path}", response_model=dict[str, Any], responses=NOT_FOUND)
-    def item(service: str, item_id: str) -> JSONResponse:
+    def item(
+        service: Annotated[str, PathParam(openapi_examples=_demo("grocery"))],
+        item_id: Annotated[str, PathParam(openapi_examples=_demo("g00004"))],
+    ) -> JSONResponse:
         """One catalogue row."""
         try:
             return JSONResponse(recommender.item(service, item_id))
@@ -300,7 +401,7 @@ def create_app(
         return Response(metrics.render(), media_type=metrics.content_type)
 
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(_Observe, metrics=metrics)  # added last = outermost
+    app.add_middleware(_Observe, metrics=metrics, routes=app.router.routes)  # added last = outermost
     return app
 
 
@@ -338,6 +439,33 @@ class _Server(uvicorn.Server):
                 )
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` for uvicorn to serve on (as its own ``bind_socket``
+    does), bound before the bundle loads, so a bad port fails at once and in one line.
+
+    Raises:
+        ValueError: ``port`` is outside 0..65535.
+        OSError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is invalid: use 1..65535, or 0 for any free port")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = {
+            errno.EADDRINUSE: "already in use; pick another port, or 0 for any free one",
+            errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+            errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        }.get(e.errno, e.strerror or str(e))
+        shown = f"[{host}]" if ":" in host else host
+        raise OSError(f"cannot listen on {shown}:{port}: {why}") from None
+    return sock
+
+
 def run_server(
     bundle: str | Path,
     *,
@@ -355,17 +483,24 @@ def run_server(
     """Load ``bundle`` and serve it in this process until SIGINT / SIGTERM.
 
     Shutdown is graceful: the socket stops accepting, in-flight requests finish, then the
-    Recommender is closed. ``port=0`` picks a free port (the startup line says which).
+    Recommender is closed. ``port=0`` picks a free port (the startup line says which). The port is
+    bound before the bundle loads: an invalid port raises ValueError, one that cannot be bound
+    (already in use, ...) OSError, each with a one-line message.
     ``torch_threads`` sets the model's intra-op CPU threads (default: torch's, one per core); on a
     small or shared machine 1 can be many times faster (docs/serving.md).
     """
+    sock = _listen(host, port)
     dictConfig(_log_config(log_level))
     if torch_threads:
         torch.set_num_threads(torch_threads)  # before the Recommender's worker thread starts
     log.info("loading bundle %s (device %s)", bundle, device or "auto")
-    recommender = Recommender.from_bundle(
-        bundle, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_k=max_k
-    )
+    try:
+        recommender = Recommender.from_bundle(
+            bundle, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_k=max_k
+        )
+    except BaseException:
+        sock.close()
+        raise
     counts = recommender.info.get("items_per_service") or {}
     services = ", ".join(f"{s} ({counts.get(s, '?')} items)" for s in recommender.services)
     log.info("model on %s; services: %s", recommender.info.get("device", "?"), services)
@@ -380,7 +515,7 @@ def run_server(
         timeout_graceful_shutdown=30,
     )
     server = _Server(config)
-    server.run()
+    server.run(sockets=[sock])  # uvicorn closes it on shutdown
     # uvicorn re-raises the stopping signal after its graceful shutdown, which does nothing where
     # SIGINT was ignored at start (a background job of a non-interactive shell): SIGINT always ends
     # as KeyboardInterrupt here, so the CLI exits 130 however it was started.

@@ -5,16 +5,24 @@ input at fault and never reaches the model), turned into the prompt training and
 (``[BOS]``, then ``[service][c1]..[cL][dedup]`` per history event, then the requested service's
 token; ``domain_ids`` the event's service, the ``[BOS]`` taking the first event's), and queued.
 One worker thread takes up to ``max_batch_size`` queued requests, waiting at most
-``max_wait_ms`` after the first for more, runs them as one :func:`constrained_beam_search` and
-hands each caller its items through a future. A token-level bundle is answered by one
-:func:`constrained_beam_search`; an item-level bundle (``model_kind: item``) by exact scoring of
-every item of the asked service (:mod:`moe_rec.eval.exact`), the same code evaluation ranks with.
+``max_wait_ms`` after the first for more, answers them together and hands each caller its items
+through a future. A token-level bundle is answered by one :func:`constrained_beam_search`; an
+item-level bundle (``model_kind: item``) by exact scoring of every item of the asked service
+(:mod:`moe_rec.eval.exact`, the code evaluation ranks with), the excluded ones left out, so it
+always has ``min(k, available)`` items.
 
 Every request is decoded with the same beam width ``max_k`` whatever its ``k`` (then cut to
 ``k``), so an answer does not depend on which other requests shared its batch. Scores are the
 summed log-probabilities of the item's full semantic ID (the beam score). Histories longer than
 ``max_history`` events keep the most recent ``max_history`` (training's ``sequences.max_events``);
-``exclude_seen`` removes every item of the whole given history in the requested service. The user
+``exclude_seen`` removes every item of the whole given history in the requested service.
+
+Beam search masks seen items only at the last code, so when the history covers much of a service the
+``max_k`` beams can end on seen items and die. A request whose decode comes back with fewer than
+``min(k, available)`` items (``available``: the service's items not excluded) is decoded again, on
+its own, over a trie of just its unseen items: every prefix there leads to an unseen item, so
+that search returns ``min(max_k, available)`` of them. Fewer than ``k`` items therefore means that
+only that many exist (:meth:`Recommender.available` says how many). The user
 bucket is ``user_bucket(user_id)`` as in training; ``user_id=None`` hashes the empty key, the same
 treatment evaluation gives any user key (an unseen user shares the bucket its hash lands in).
 """
@@ -41,6 +49,7 @@ from moe_rec.eval.evaluate import left_pad
 from moe_rec.eval.exact import ServiceCatalogue, request_log_probs, top_for_requests
 from moe_rec.export.bundle import Bundle, load_bundle
 from moe_rec.model import MoERecForItemPrediction
+from moe_rec.sid.trie import SIDTrie
 
 DEFAULT_MAX_K = 50
 DEFAULT_MAX_HISTORY = 50  # sequences.max_events when the bundle's config does not say
@@ -82,6 +91,8 @@ class _Job:
     k: int
     user: int
     exclude: torch.Tensor  # (n, L+1) full IDs never to return
+    excluded_rows: list[int]  # their table rows
+    available: int  # items of the service that may be returned
     future: Future
 
 
@@ -126,6 +137,10 @@ class Recommender:
         )
         self.max_history: int = min(int(max_events or DEFAULT_MAX_HISTORY), fits)
         self._needs_users = cfg.router_mode == "domain_user"
+        index = self.table.service_index
+        self._service_rows = {
+            s: torch.nonzero(index == i).flatten() for i, s in enumerate(self.table.services)
+        }
         self.catalogue = _nan_to_null(bundle.catalogue)  # NaN is not JSON: a missing price is a null
         self._fields = [c for c in self.catalogue.column_names if c not in ("service", "item_id")]
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
@@ -209,27 +224,61 @@ class Recommender:
                     ) from None
             raise
 
-    def _job(self, history: Any, service: Any, k: Any, exclude_seen: Any, user_id: Any) -> _Job:
-        """Validate one request and build its prompt (caller's thread)."""
+    def _service(self, service: Any) -> str:
+        """``service`` checked to be one the bundle serves."""
         if not isinstance(service, str) or service not in self.services:
             raise RequestError("service", f"unknown service {service!r}; known: {self.services}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_k:
-            raise RequestError("k", f"must be an integer in [1, {self.max_k}], got {k!r}")
+        return service
+
+    @staticmethod
+    def _check_exclude_seen(exclude_seen: Any) -> None:
         if not isinstance(exclude_seen, bool):
             raise RequestError("exclude_seen", f"must be true or false, got {exclude_seen!r}")
+
+    @staticmethod
+    def _seen(service: str, services: list[str], rows: list[int], exclude_seen: bool) -> list[int]:
+        """Distinct table rows that must not be returned: the history's items of ``service``."""
+        return sorted({r for s, r in zip(services, rows) if s == service}) if exclude_seen else []
+
+    def available(
+        self,
+        history: Sequence[Mapping[str, str] | tuple[str, str]],
+        service: str,
+        exclude_seen: bool = True,
+    ) -> int:
+        """How many items of ``service`` a request may get: all of them, less the history's when
+        ``exclude_seen``. :meth:`recommend` returns fewer than ``k`` only when this is below ``k``.
+
+        Raises:
+            RequestError: naming the bad input, as :meth:`recommend` does.
+        """
+        service = self._service(service)
+        self._check_exclude_seen(exclude_seen)
+        services, items = self._events(history)
+        seen = self._seen(service, services, self._rows(services, items), exclude_seen)
+        return len(self._service_rows[service]) - len(seen)
+
+    def _job(self, history: Any, service: Any, k: Any, exclude_seen: Any, user_id: Any) -> _Job:
+        """Validate one request and build its prompt (caller's thread)."""
+        service = self._service(service)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_k:
+            raise RequestError("k", f"must be an integer in [1, {self.max_k}], got {k!r}")
+        self._check_exclude_seen(exclude_seen)
         if user_id is not None and not isinstance(user_id, str):
             raise RequestError("user_id", f"must be a string or null, got {type(user_id).__name__}")
         services, items = self._events(history)
         rows = self._rows(services, items)
         codes = self.table.codes[rows]  # (n, L+1)
         recent = list(zip(services, codes.tolist()))[-self.max_history :]
-        seen = [i for i, s in enumerate(services) if s == service] if exclude_seen else []
+        seen = self._seen(service, services, rows, exclude_seen)
         return _Job(
             prompt=prompt(self.vocab, recent, service),
             service=service,
             k=k,
             user=user_bucket(user_id or "", self.bundle.model.config.num_user_buckets),
-            exclude=codes[seen],
+            exclude=self.table.codes[seen],
+            excluded_rows=seen,
+            available=len(self._service_rows[service]) - len(seen),
             future=Future(),
         )
 
@@ -248,7 +297,8 @@ class Recommender:
         user_id: str | None = None,
     ) -> list[Recommendation]:
         """The ``k`` best items of ``service`` for a cross-service ``history`` (oldest first), best
-        first; fewer only when the service has fewer than ``k`` items left after exclusion.
+        first; fewer only when the service has fewer than ``k`` items left after exclusion
+        (:meth:`available`), and then all of them.
 
         Raises:
             RequestError: naming the bad input (unknown service or item, empty history, k out of range).
@@ -288,8 +338,7 @@ class Recommender:
 
     def item(self, service: str, item_id: str) -> dict[str, Any]:
         """The catalogue row (``service``, ``item_id`` and every field) of one item."""
-        if not isinstance(service, str) or service not in self.services:
-            raise RequestError("service", f"unknown service {service!r}; known: {self.services}")
+        service = self._service(service)
         if not isinstance(item_id, str):
             raise RequestError("item_id", f"must be a string, got {type(item_id).__name__}")
         try:
@@ -322,23 +371,17 @@ class Recommender:
                 for j in batch:
                     j.future.set_exception(e)
 
-    def _decode(self, batch: list[_Job]) -> list[list[Recommendation]]:
-        """Each job's top ``k`` real items: exact scores (item-level) or one beam search."""
-        t0 = time.perf_counter()
-        services = [j.service for j in batch]
-        if self.item_level:
-            inputs = item_batch([{**j.prompt, "user": ""} for j in batch], self.vocab, 1, left_pad=True)
-            inputs["user_ids"] = torch.tensor([j.user for j in batch])
-            exclude = [self.table.rows_for_codes(j.service, j.exclude).tolist() for j in batch]
-            rows_t, scores_t = top_for_requests(
-                request_log_probs(self.bundle.model, inputs), services, self.exact, self.max_k, exclude
-            )
-            return self._answers(batch, rows_t.tolist(), scores_t.tolist(), t0)
+    def _search(
+        self, batch: list[_Job], trie: SIDTrie, exclude: list[torch.Tensor] | None
+    ) -> list[list[tuple[int, float]]]:
+        """One beam search of width ``max_k`` over the batch's prompts: per job, its ``(table row,
+        score)`` of every live beam, best first."""
         ids, mask, domains = left_pad([j.prompt for j in batch])
         users = torch.tensor([j.user for j in batch], device=self.device) if self._needs_users else None
+        services = [j.service for j in batch]
         codes, scores = constrained_beam_search(
             self.bundle.model,
-            self.trie,
+            trie,
             self.vocab,
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -346,21 +389,55 @@ class Recommender:
             user_ids=users,
             services=services,
             beam_width=self.max_k,
-            exclude_codes=[j.exclude for j in batch],
+            exclude_codes=exclude,
         )  # (B, W, L+1), (B, W)
         b, w, depth = codes.shape
         rows = self.table.rows_for_codes([s for s in services for _ in range(w)], codes.reshape(b * w, depth))
-        return self._answers(batch, rows.view(b, w).tolist(), scores.cpu().tolist(), t0)
+        return [
+            [(r, s) for r, s in zip(job_rows, job_scores) if r >= 0]
+            for job_rows, job_scores in zip(rows.view(b, w).tolist(), scores.cpu().tolist())
+        ]
 
-    def _answers(
-        self, batch: list[_Job], rows: list[list[int]], scores: list[list[float]], t0: float
-    ) -> list[list[Recommendation]]:
-        """Each job's first ``k`` real items (table row >= 0) as recommendations, counted."""
+    def _unseen_trie(self, job: _Job) -> SIDTrie:
+        """The trie of the job's service's items that it may get (none of those it excludes)."""
+        rows = self._service_rows[job.service]
+        rows = rows[~torch.isin(rows, torch.tensor(job.excluded_rows, dtype=torch.long))]
+        index = torch.full((len(rows),), self.services.index(job.service), dtype=torch.long)
+        return SIDTrie.build(self.trie.services, index, self.table.codes[rows], self.trie.vocab_sizes).to(
+            self.device
+        )
+
+    def _score_exactly(self, batch: list[_Job]) -> list[list[tuple[int, float]]]:
+        """The item-level model: every item of each job's service scored exactly, the excluded
+        ones left out; per job, its ``(table row, score)`` of the ``max_k`` best, best first."""
+        inputs = item_batch([{**j.prompt, "user": ""} for j in batch], self.vocab, 1, left_pad=True)
+        inputs["user_ids"] = torch.tensor([j.user for j in batch])
+        log_probs = request_log_probs(self.bundle.model, inputs)
+        rows, scores = top_for_requests(
+            log_probs, [j.service for j in batch], self.exact, self.max_k, [j.excluded_rows for j in batch]
+        )
+        return [
+            [(r, s) for r, s in zip(job_rows, job_scores) if r >= 0]
+            for job_rows, job_scores in zip(rows.tolist(), scores.tolist())
+        ]
+
+    def _decode(self, batch: list[_Job]) -> list[list[Recommendation]]:
+        """Each job's top ``k`` real items. Item-level bundles score every item exactly. Token-level
+        ones run one beam search over the batch's prompts; a job that got fewer than it can have
+        (its beams ended on excluded items) is searched again alone over the trie of its unseen items."""
+        t0 = time.perf_counter()
+        if self.item_level:
+            found = self._score_exactly(batch)
+        else:
+            found = self._search(batch, self.trie, [j.exclude for j in batch])
+            for i, j in enumerate(batch):
+                if len(found[i]) < min(j.k, j.available):
+                    found[i] = self._search([j], self._unseen_trie(j), None)[0]
         results, scored = [], 0
-        for j, job_rows, job_scores in zip(batch, rows, scores):
-            keep = [(r, s) for r, s in zip(job_rows, job_scores) if r >= 0][: j.k]
+        for j, beams in zip(batch, found):
+            keep = beams[: j.k]
             scored += len(keep)
-            records = self.catalogue.take([r for r, _ in keep]).to_pylist()
+            records = self.catalogue.take(pa.array([r for r, _ in keep], pa.int64())).to_pylist()
             results.append(
                 [
                     Recommendation(

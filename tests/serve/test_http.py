@@ -8,6 +8,7 @@ import http.client
 import json
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,8 +39,12 @@ MAX_K = 20  # the beam width of every decode: smaller is faster
 @dataclass
 class Reply:
     status: int
-    text: str
+    data: bytes
     headers: dict[str, str]
+
+    @property
+    def text(self) -> str:
+        return self.data.decode()
 
     @property
     def json(self) -> Any:
@@ -53,12 +58,15 @@ class Client:
         parts = urlsplit(url)
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
 
-    def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None) -> Reply:
+    def call(
+        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+        content_type: str | None = "application/json",
+    ) -> Reply:  # fmt: skip
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers = {"Content-Type": content_type} if data is not None and content_type else {}
         self.conn.request(method, path, body=data, headers=headers)
         r = self.conn.getresponse()
-        return Reply(r.status, r.read().decode(), {k.lower(): v for k, v in r.getheaders()})
+        return Reply(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
 
     def close(self) -> None:
         self.conn.close()
@@ -124,9 +132,15 @@ def history(catalogue: dict[str, list[str]], rng: random.Random, n: int = 6) -> 
 
 
 def check_answer(body: dict[str, Any], request: dict[str, Any], catalogue: dict[str, list[str]]) -> None:
-    """The contract of a 200 answer: k distinct real items of the service, best first, ranked 1..k."""
-    assert set(body) == {"service", "items", "latency_ms"} and body["latency_ms"] > 0
-    assert body["service"] == request["service"]
+    """The contract of a 200 answer: k distinct real items of the service, best first, ranked 1..k
+    (these requests leave more than k items unseen)."""
+    assert (
+        set(body) == {"service", "items", "available", "exhausted", "latency_ms"} and body["latency_ms"] > 0
+    )
+    assert body["service"] == request["service"] and body["exhausted"] is False
+    seen = {e["item_id"] for e in request["history"] if e["service"] == request["service"]}
+    unseen = len(catalogue[request["service"]]) - (len(seen) if request.get("exclude_seen", True) else 0)
+    assert body["available"] == unseen
     items = body["items"]
     ids = [it["item_id"] for it in items]
     assert len(items) == request.get("k", 10) and len(set(ids)) == len(ids)
@@ -135,7 +149,6 @@ def check_answer(body: dict[str, Any], request: dict[str, Any], catalogue: dict[
     assert scores == sorted(scores, reverse=True)
     assert [it["rank"] for it in items] == list(range(1, len(items) + 1))
     if request.get("exclude_seen", True):
-        seen = {e["item_id"] for e in request["history"] if e["service"] == request["service"]}
         assert not seen & set(ids)
 
 
@@ -180,6 +193,26 @@ def test_recommend_defaults(served: Served, client: Client) -> None:
     check_answer(reply.json, request, served.catalogue)  # k=10, exclude_seen=true
 
 
+@pytest.mark.parametrize("unseen", [7, 5, 3, 0])
+def test_a_history_covering_most_of_the_service(served: Served, client: Client, unseen: int) -> None:
+    """All but ``unseen`` items seen, k=5: ``min(5, unseen)`` unseen items (the Python API's), and
+    ``exhausted`` says when that is fewer than k."""
+    items = sorted(served.catalogue["grocery"])
+    random.Random(unseen).shuffle(items)
+    request = {
+        "history": [{"service": "grocery", "item_id": i} for i in items[unseen:]],
+        "service": "grocery",
+        "k": 5,
+    }
+    reply = client.call("POST", "/v1/recommend", request)
+    assert reply.status == 200, reply.text
+    body = reply.json
+    ids = [it["item_id"] for it in body["items"]]
+    assert len(ids) == min(5, unseen) and set(ids) <= set(items[:unseen])
+    assert body["available"] == unseen and body["exhausted"] is (unseen < 5)
+    assert ids == [r.item_id for r in served.recommender.recommend(**request)]
+
+
 def test_healthz(served: Served, client: Client) -> None:
     reply = client.call("GET", "/healthz")
     assert reply.status == 200
@@ -219,8 +252,64 @@ def test_openapi_lists_the_paths(client: Client) -> None:
     spec = reply.json
     assert {"/v1/recommend", "/v1/items/{service}/{item_id}", "/healthz", "/metrics"} <= set(spec["paths"])
     post = spec["paths"]["/v1/recommend"]["post"]
-    assert {"200", "400", "413", "422", "500"} <= set(post["responses"])
+    assert {"200", "400", "413", "415", "422", "500"} <= set(post["responses"])
+    for path, operations in spec["paths"].items():  # every documented 422 is the one shape sent
+        for op in operations.values():
+            if "422" in op["responses"]:
+                schema = op["responses"]["422"]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/InvalidRequestResponse"}, path
     assert client.call("GET", "/docs").status == 200
+
+
+def test_docs_pages_load_their_assets_from_this_server(client: Client) -> None:
+    """/docs and /redoc reference only this server's own files (no CDN), and each of them loads."""
+    for page in ("/docs", "/redoc"):
+        reply = client.call("GET", page)
+        assert reply.status == 200 and reply.headers["content-type"].startswith("text/html")
+        urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", reply.text)
+        urls += re.findall(r"""url:\s*["']([^"']+)["']""", reply.text)  # Swagger UI's spec URL
+        assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), urls
+        assert "http://" not in reply.text.replace("http://www.w3.org", "") and "https://" not in reply.text
+        for url in urls:
+            asset = client.call("GET", url)
+            assert asset.status == 200 and len(asset.data) > 100, url
+
+
+def demo_catalogue() -> dict[str, set[str]]:
+    """Item ids per service of the demo run's synthetic catalogue (configs/experiments/demo.yaml)."""
+    from moe_rec.config import load_config
+    from moe_rec.data.sources.synthetic import SERVICES, build_catalogue
+    from moe_rec.experiment import ExperimentConfig
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(ExperimentConfig, root / "configs" / "experiments" / "demo.yaml", [])
+    out: dict[str, set[str]] = {}
+    for row in build_catalogue(cfg.data.synthetic, SERVICES).table.select(["service", "item_id"]).to_pylist():
+        out.setdefault(row["service"], set()).add(row["item_id"])
+    return out
+
+
+def test_openapi_examples_name_items_of_the_demo_bundle(client: Client) -> None:
+    spec = client.call("GET", "/openapi.json").json
+    demo = demo_catalogue()
+    body = spec["paths"]["/v1/recommend"]["post"]["requestBody"]["content"]["application/json"]
+    requests = [e["value"] for e in body["examples"].values()]
+    assert requests
+    for request in requests:
+        assert request["service"] in demo
+        assert all(e["item_id"] in demo[e["service"]] for e in request["history"])
+    event = spec["components"]["schemas"]["HistoryEvent"]["properties"]
+    for service, item in zip(event["service"]["examples"], event["item_id"]["examples"], strict=True):
+        assert item in demo[service]
+    request_schema = spec["components"]["schemas"]["RecommendRequest"]["properties"]
+    assert all(s in demo for s in request_schema["service"]["examples"])
+    params = {
+        p["name"]: [e["value"] for e in p["examples"].values()]
+        for p in spec["paths"]["/v1/items/{service}/{item_id}"]["get"]["parameters"]
+    }
+    assert params["service"]
+    for service, item in zip(params["service"], params["item_id"], strict=True):
+        assert item in demo[service]
 
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
@@ -259,6 +348,26 @@ def test_metrics_parse_and_move(served: Served, client: Client) -> None:
     assert after[key("moe_rec_recommender_mean_batch_size")] >= 1
 
 
+def test_docs_openapi_and_413_have_their_own_endpoint_labels(served: Served, client: Client) -> None:
+    def count(text: str, endpoint: str, method: str, status: str) -> float:
+        name = key("moe_rec_http_requests_total", endpoint=endpoint, method=method, status=status)
+        return metric_samples(text).get(name, 0.0)
+
+    docs = client.call("GET", "/docs")
+    asset = re.search(r"""src\s*=\s*["']([^"']+\.js)["']""", docs.text).group(1)
+    sent = [("GET", "/docs", "/docs", "200"), ("GET", "/openapi.json", "/openapi.json", "200"),
+            ("GET", "/redoc", "/redoc", "200"), ("GET", asset, asset.rsplit("/", 1)[0], "200"),
+            ("POST", "/v1/recommend", "/v1/recommend", "413"), ("GET", "/v2/nothing", "unmatched", "404")]  # fmt: skip
+    before = client.call("GET", "/metrics").text
+    for method, path, _, _ in sent:
+        body = {**GOOD, "history": [GOOD["history"][0]] * 400} if method == "POST" else None  # over the limit
+        assert client.call(method, path, body).status != 0
+    after = client.call("GET", "/metrics").text
+    for method, _, endpoint, status in sent:
+        assert count(after, endpoint, method, status) - count(before, endpoint, method, status) == 1, endpoint
+    assert count(after, "unmatched", "GET", "200") == 0
+
+
 # --- bad input: a 4xx that names the field, never a traceback ------------------------------------
 
 GOOD = {"history": [{"service": "grocery", "item_id": "grocery-1"}, {"service": "market", "item_id": "market-2"}],
@@ -289,20 +398,40 @@ BAD = [
 
 @pytest.mark.parametrize(("what", "body", "status", "field", "words"), BAD, ids=[b[0] for b in BAD])
 def test_bad_request(client: Client, what: str, body: Any, status: int, field: str, words: str) -> None:
+    """Every 422 has one shape, the schema's: each problem in ``errors``, joined in ``message``, the
+    first one's ``field`` (whether pydantic or the Recommender found it)."""
     reply = client.call("POST", "/v1/recommend", body)
     assert reply.status == status, reply.text
-    assert reply.json["field"] == field and words in reply.json["message"], reply.json
-    assert reply.json["error"] == "invalid_request"
+    got = reply.json
+    assert got["field"] == field and words in got["message"], got
+    assert got["error"] == "invalid_request"
+    assert set(got) == {"error", "message", "field", "errors"}
+    assert got["errors"][0]["field"] == field and all(set(e) == {"field", "message"} for e in got["errors"])
+    assert got["message"] == "; ".join(f"{e['field']}: {e['message']}" for e in got["errors"])
+    schema = client.call("GET", "/openapi.json").json["components"]["schemas"]["InvalidRequestResponse"]
+    assert set(schema["properties"]) == set(got) and set(schema["required"]) == {"error", "message", "errors"}
     no_traceback(reply.text)
 
 
-def test_invalid_json_is_400(client: Client) -> None:
-    for raw in (b'{"history": [', b"not json", b'{"k": 1,}'):
+def test_empty_and_invalid_json_are_400(client: Client) -> None:
+    for raw, words in ((b'{"history": [', "not valid JSON"), (b"not json", "not valid JSON"),
+                       (b'{"k": 1,}', "not valid JSON"), (b"", "body is empty"), (b"  \n", "not valid JSON")):  # fmt: skip
         reply = client.call("POST", "/v1/recommend", raw=raw)
         assert reply.status == 400, reply.text
-        assert reply.json["error"] == "invalid_json" and reply.json["field"] == "body"
-        assert "not valid JSON" in reply.json["message"]
+        assert reply.json == {"error": "invalid_json", "message": reply.json["message"], "field": "body"}
+        assert words in reply.json["message"]
         no_traceback(reply.text)
+
+
+def test_a_body_not_sent_as_json_is_415(served: Served, client: Client) -> None:
+    raw = json.dumps(GOOD).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None, "application/xml"):
+        reply = client.call("POST", "/v1/recommend", raw=raw, content_type=content_type)
+        assert reply.status == 415, (content_type, reply.text)
+        assert reply.json["error"] == "unsupported_media_type" and reply.json["field"] == "body"
+        assert "Content-Type: application/json" in reply.json["message"]
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        assert client.call("POST", "/v1/recommend", raw=raw, content_type=content_type).status == 200
 
 
 def test_body_over_the_limit_is_413(served: Served, client: Client) -> None:
@@ -436,3 +565,29 @@ def test_cli_serve(tiny_bundle: Path, inherited_sigint: signal.Handlers) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- the docs page in a real browser -----------------------------------------------------------
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "check_docs_page.py"
+
+
+@pytest.mark.slow  # a server process and two headless Chromium runs: ~15 s
+@pytest.mark.skipif(
+    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+    reason="needs Chromium (Debian: apt-get install chromium)",
+)
+def test_docs_page_renders_offline_in_chromium(tiny_bundle: Path, tmp_path: Path) -> None:
+    """tools/check_docs_page.py: ``moe-rec serve`` on 127.0.0.1, /docs in headless Chromium with every
+    other host unresolvable; the rendered page has one block per operation of /openapi.json."""
+    shot = tmp_path / "docs.png"
+    cmd = [sys.executable, str(TOOL), str(tiny_bundle), "--screenshot", str(shot)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    for operation in (
+        "POST   /v1/recommend: ok",
+        "GET    /v1/items/{service}/{item_id}: ok",
+        "GET    /healthz: ok",
+    ):
+        assert operation in done.stdout, done.stdout
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

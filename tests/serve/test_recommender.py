@@ -19,7 +19,8 @@ from moe_rec.data.vocab import BOS
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.export import load_bundle
 from moe_rec.serve import Recommendation, Recommender, RequestError
-from tests.serve.conftest import ITEMS_PER_SERVICE, SERVICES, make_bundle
+from tests.eval.test_beam_search import teacher_forced_scores
+from tests.serve.conftest import ITEMS_PER_SERVICE, SERVICES, USER_BUCKETS, make_bundle
 
 HISTORY = [("grocery", "grocery-3"), ("market", "market-10"), ("grocery", "grocery-17"),
            ("delivery", "delivery-2"), ("market", "market-41"), ("grocery", "grocery-8")]  # fmt: skip
@@ -84,6 +85,42 @@ def test_recommend_matches_a_direct_beam_search(
                             "categories": [service, f"aisle-{i % 3}"], "price": 1.0 + i}  # fmt: skip
     if exclude_seen:
         assert not seen & {r.item_id for r in got}
+
+
+@pytest.mark.parametrize("unseen", [8, 5, 3, 0])
+def test_a_history_covering_most_of_the_service_gets_the_best_unseen_items(
+    tiny_bundle: Path, unseen: int
+) -> None:
+    """All but ``unseen`` grocery items seen, k=5: the ``min(5, unseen)`` best unseen items by their
+    teacher-forced score (every unseen item scored, so the reference does not rely on beam search)."""
+    import random
+
+    k, ids = 5, [f"grocery-{i}" for i in range(ITEMS_PER_SERVICE)]
+    random.Random(unseen).shuffle(ids)
+    seen, left = ids[unseen:], ids[:unseen]
+    history = [("grocery", item) for item in seen]
+    with Recommender.from_bundle(tiny_bundle, device="cpu", max_k=10) as rec:
+        got = rec.recommend(history, "grocery", k=k)
+        b = rec.bundle
+        prompt_ids, domains = [BOS], []
+        for service, item in history[-rec.max_history :]:
+            tokens = b.vocab.item_tokens(service, b.table.codes_for(service, [item])[0].tolist())
+            prompt_ids += tokens
+            domains += [b.vocab.service_index(service)] * len(tokens)
+        prompt_ids.append(b.vocab.service_token("grocery"))
+        domains.append(b.vocab.service_index("grocery"))
+        want: list[tuple[str, float]] = []
+        if left:
+            codes = b.table.codes_for("grocery", left)
+            user = user_bucket("", USER_BUCKETS)
+            scores = teacher_forced_scores(
+                b.model, b.vocab, (prompt_ids, [domains[0], *domains]), user, "grocery", codes
+            )
+            want = sorted(zip(left, scores.tolist()), key=lambda p: -p[1])[:k]
+        assert [r.item_id for r in got] == [item for item, _ in want]
+        assert [r.score for r in got] == pytest.approx([s for _, s in want], abs=1e-4)
+        assert rec.available(history, "grocery") == unseen
+        assert rec.available(history, "grocery", exclude_seen=False) == ITEMS_PER_SERVICE
 
 
 def test_history_forms_and_truncation(rec: Recommender) -> None:
