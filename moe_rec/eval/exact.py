@@ -24,26 +24,18 @@ from moe_rec.data.positions import item_batch
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.metrics import RankingMetrics
 from moe_rec.model import MoERecForItemPrediction
+from moe_rec.model.item_model import gather_scores
 from moe_rec.sid.table import SIDTable
 
 
 def item_scores(log_probs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Scores (B, N) of items with full IDs ``codes`` (N, P) under ``log_probs`` (B, P, K)."""
-    return _scores_by_item(_by_code(log_probs), codes).T
+    return gather_scores(_by_code(log_probs), codes).T
 
 
 def _by_code(log_probs: torch.Tensor) -> torch.Tensor:
     """(B, P, K) -> (P, K, B) contiguous: a code's scores for every request lie in one row."""
     return log_probs.permute(1, 2, 0).contiguous()
-
-
-def _scores_by_item(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """(N, B) scores: per code position, one gather of whole rows of ``by_code`` (P, K, B), which
-    reads memory in order (gathering columns of (B, K) instead is several times slower)."""
-    scores = torch.index_select(by_code[0], 0, codes[:, 0])  # (N, B)
-    for p in range(1, codes.shape[1]):
-        scores += torch.index_select(by_code[p], 0, codes[:, p])
-    return scores
 
 
 def reference_scores(log_probs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -78,7 +70,7 @@ def top_items(
     best_s = log_probs.new_full((b, 0), -math.inf)
     best_i = torch.zeros((b, 0), dtype=torch.long, device=log_probs.device)
     for start in range(0, n, chunk_items):
-        s = _scores_by_item(by_code, codes[start : start + chunk_items])  # (n_chunk, B)
+        s = gather_scores(by_code, codes[start : start + chunk_items])  # (n_chunk, B)
         if exclude is not None:
             s = s.masked_fill(exclude[:, start : start + chunk_items].T, -math.inf)
         top_s, top_i = torch.topk(s, min(k, s.shape[0]), dim=0)  # (k', B)

@@ -65,6 +65,9 @@ class MoERecConfig(PretrainedConfig):
         # position of an item (L levels, then dedup); its heads score those rows of the embedding
         code_token_ranges: list[list[int]] | None = None,
         item_head_temperature: float = 0.07,  # cosine-similarity code logits are divided by this
+        # codes: cross-entropy of each code of the next item (RPG); items: one softmax over every item
+        # of the next item's service, an item's logit the sum of its codes' logits (ranks as at test)
+        item_loss: str = "codes",
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -103,6 +106,7 @@ class MoERecConfig(PretrainedConfig):
         self.sid_token_offset = sid_token_offset
         self.code_token_ranges = [list(map(int, r)) for r in code_token_ranges] if code_token_ranges else None
         self.item_head_temperature = item_head_temperature
+        self.item_loss = item_loss
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -140,6 +144,8 @@ class MoERecConfig(PretrainedConfig):
                 raise ValueError(
                     f"code_token_ranges {bad} are not [start, stop) ranges inside the vocabulary"
                 )
+            if self.item_loss not in ("codes", "items"):
+                raise ValueError(f"item_loss {self.item_loss!r} not in ('codes', 'items')")
             if self.item_head_temperature <= 0:
                 raise ValueError(f"item_head_temperature must be > 0, got {self.item_head_temperature}")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -17,8 +17,11 @@ similarity of ``W_p q`` with the embedding rows of p's codes (tied to the input)
 temperature. An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability
 of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it).
 
-Loss. Cross-entropy of every code of the next event, at every position that has one, averaged over
-codes and positions; plus the routers' auxiliary losses.
+Loss (``item_loss``). ``codes``: cross-entropy of every code of the next event, at every position
+that has one, averaged over codes and positions. ``items``: one softmax over every item of the next
+event's service (the catalogue is handed over once, :meth:`set_train_catalogue`), an item's logit
+being the sum of its codes' logits; the per-code normalisers are the same for every item, so this
+trains exactly the ranking the test scores. Plus the routers' auxiliary losses either way.
 """
 
 from __future__ import annotations
@@ -35,6 +38,20 @@ from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERe
 IGNORE_INDEX = -100
 
 
+def gather_scores(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Scores (N, M) of N items for M queries: ``sum_p by_code[p, codes[:, p]]``.
+
+    Args:
+        by_code: (P, K, M) per-code scores, a code's scores for every query in one row (so each
+            gather reads whole rows, in order: several times faster than gathering columns).
+        codes: (N, P) the items' full IDs.
+    """
+    scores = torch.index_select(by_code[0], 0, codes[:, 0])  # (N, M)
+    for p in range(1, codes.shape[1]):
+        scores += torch.index_select(by_code[p], 0, codes[:, p])
+    return scores
+
+
 class MoERecForItemPrediction(MoERecPreTrainedModel):
     """Decoder over event positions with parallel, embedding-tied semantic-ID heads."""
 
@@ -48,7 +65,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.num_codes = len(config.code_token_ranges)  # P
         d = config.hidden_size
         self.code_proj = nn.Linear(d, self.num_codes * d, bias=False)  # W_p for every p, stacked
+        # item_loss='items': every item's codes (N, P) and service token (N,), set_train_catalogue
+        self.register_buffer("train_codes", None, persistent=False)
+        self.register_buffer("train_services", None, persistent=False)
         self.post_init()
+
+    def set_train_catalogue(self, codes: torch.Tensor, service_tokens: torch.Tensor) -> None:
+        """The items the ``items`` loss normalises over: full IDs (N, P) and service tokens (N,).
+        Kept as non-persistent buffers (they move with the model, are not saved with it)."""
+        device = self.model.embed_tokens.weight.device
+        self.train_codes = codes.long().to(device)
+        self.train_services = service_tokens.long().to(device)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -131,10 +158,37 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
             target = labels[:, 1:]  # (B, T-1, P): the next event's codes
-            out.lm_loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                target.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-            )
+            if self.config.item_loss == "items":
+                out.lm_loss = self._item_softmax_loss(logits[:, :-1], target, query_services[:, :-1])
+            else:
+                out.lm_loss = F.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                    target.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                )
             out.loss = out.lm_loss + (out.aux_loss if out.aux_loss is not None else 0.0)
         return out
+
+    def _item_softmax_loss(
+        self, logits: torch.Tensor, target: torch.Tensor, services: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean over scored positions of ``logsumexp_i s_i - s_target`` over the items i of the
+        target's service, ``s_i`` the sum of item i's code logits.
+
+        Args:
+            logits: (B, T, P, K) code logits; target: (B, T, P) next codes (-100: no target);
+            services: (B, T) the target's service token.
+        """
+        if self.train_codes is None:
+            raise ValueError(
+                "item_loss='items' needs the catalogue: call set_train_catalogue(codes, services)"
+            )
+        scored = target[..., 0] != IGNORE_INDEX  # (B, T)
+        z = logits[scored].float()  # (M, P, K)
+        z = z.masked_fill(torch.isinf(z), 0.0)  # slots past a short code range are never an item's code
+        tgt = target[scored]  # (M, P)
+        target_score = z.gather(-1, tgt[..., None]).squeeze(-1).sum(-1)  # (M,)
+        scores = gather_scores(z.permute(1, 2, 0), self.train_codes).T  # (M, N)
+        other = self.train_services[None, :] != services[scored][:, None]  # (M, N): not the asked service
+        scores = scores.masked_fill(other, float("-inf"))
+        return (torch.logsumexp(scores, dim=1) - target_score).mean()

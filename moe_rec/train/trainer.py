@@ -208,6 +208,8 @@ class Trainer:
         np.random.seed(self.tc.seed)
         torch.manual_seed(self.tc.seed)
         model = model_class(self.model_config)(self.model_config)
+        if self.item_level and self.model_config.item_loss == "items":  # the softmax runs over the catalogue
+            model.set_train_catalogue(self.sids.codes, self.sids.service_index + self.vocab.service_offset)
         self.params = parameter_report(model)
         bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")
         optimizer = _optimizer(model, self.tc)

@@ -141,3 +141,45 @@ def test_dense_twin_is_item_level_too() -> None:
     assert all(not layer.is_moe for layer in model.model.layers)
     out = model(**item_batch([_sample([("a", [1, 2, 3, 0]), ("b", [0, 0, 0, 0])], "u")], VOCAB, 16))
     assert out.aux_loss is None and math.isfinite(out.loss.item())
+
+
+def test_item_softmax_loss_is_the_cross_entropy_over_the_target_services_items() -> None:
+    """item_loss='items': a float64 loop over every scored position and every item of its service."""
+    torch.manual_seed(8)
+    cfg = build_config(
+        "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+        code_token_ranges=code_token_ranges(VOCAB), item_loss="items",
+    )  # fmt: skip
+    model = MoERecForItemPrediction(cfg).eval()
+    g = torch.Generator().manual_seed(9)
+    catalogue = [
+        (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
+    ]
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    )
+    rows = [
+        _sample([catalogue[i] for i in picks], f"u{j}") for j, picks in enumerate([[0, 5, 9], [11, 2], [7]])
+    ]
+    batch = item_batch(rows, VOCAB, 16)
+    batch.pop("user_ids")
+    out = model(**batch)
+    total, count = 0.0, 0
+    for row in rows:
+        one = item_batch([row], VOCAB, 16)
+        one.pop("user_ids")
+        with torch.no_grad():
+            z = model(**one).logits[0].double()  # (T, P, K)
+        tokens = one["item_tokens"][0]
+        for t in range(tokens.shape[0] - 1):
+            service = int(tokens[t + 1, 0])
+            nxt = one["labels"][0, t + 1].tolist()
+            logits = [sum(float(z[t, p, c]) for p, c in enumerate(codes)) for s, codes in catalogue
+                      if VOCAB.service_token(s) == service]  # fmt: skip
+            target = sum(float(z[t, p, c]) for p, c in enumerate(nxt))
+            total += math.log(sum(math.exp(x) for x in logits)) - target
+            count += 1
+    assert count == 6
+    assert out.lm_loss.item() == pytest.approx(total / count, rel=1e-5)
+    with pytest.raises(ValueError, match="set_train_catalogue"):
+        MoERecForItemPrediction(cfg)(**batch)
