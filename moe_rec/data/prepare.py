@@ -16,7 +16,7 @@ from typing import Any
 from moe_rec.config import to_dict
 from moe_rec.data import store
 from moe_rec.data.config import DataConfig
-from moe_rec.data.schema import ReadReport
+from moe_rec.data.schema import DataError, ReadReport
 
 
 def _clear(out_dir: Path) -> None:
@@ -26,9 +26,28 @@ def _clear(out_dir: Path) -> None:
             old.unlink()
 
 
+def _require_kept_rows(report: ReadReport) -> None:
+    """Stop when a reader kept no row: an empty table would only fail later, far from the cause
+    (``datasets`` then says ``Instruction "train" corresponds to no data!``)."""
+    if report.rows_kept:
+        return
+    what = "re-run `moe-rec data prepare`; the prepared directory was left as it was"
+    if not report.rows_read:
+        notes = f" ({', '.join(f'{k} {v:,}' for k, v in sorted(report.notes.items()))})" if report.notes else ""
+        raise DataError(f"{report.source}: no rows read{notes}; check the data paths and services, then {what}")
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in report.rejected.most_common())
+    first = f"; first: {report.examples[0]}" if report.examples else ""
+    unit = " (is data.files.timestamp_unit right: s, ms or iso?)" if "bad_timestamp" in report.rejected else ""
+    raise DataError(
+        f"{report.source}: all {report.rows_read:,} rows were rejected ({reasons}){first}; fix the input or "
+        f"the data config{unit}, then {what}"
+    )
+
+
 def _read_source(cfg: DataConfig, out_dir: Path) -> tuple[ReadReport, ReadReport]:
     """Run the configured source; returns (events report, items report) once shards are written.
-    A reader that fails (bad input in strict mode) fails before anything earlier is removed."""
+    A reader that fails (bad input in strict mode, or every row rejected) fails before anything
+    earlier is removed."""
     if cfg.source == "synthetic":
         from moe_rec.data.sources import synthetic
 
@@ -41,6 +60,8 @@ def _read_source(cfg: DataConfig, out_dir: Path) -> tuple[ReadReport, ReadReport
     else:
         from moe_rec.data.sources import files as reader
     events, items, events_report, items_report = reader.read(cfg)
+    for report in (items_report, events_report):  # the catalogue first: without it no event is kept
+        _require_kept_rows(report)
     _clear(out_dir)
     store.write_items(items, out_dir)
     store.write_events(events, out_dir, cfg.num_shards)
