@@ -139,7 +139,7 @@ class Trainer:
         if not vocab_path.exists():
             raise DataError(
                 f"{vocab_path} not found: no sequences in run_dir {cfg.run_dir}; build them first with "
-                f"`moe-rec run --config <experiment> run_dir={cfg.run_dir}`"
+                f"`moe-rec sequences build --config <experiment> run_dir={cfg.run_dir}`"
             )
         if not (cfg.sid_dir / META_FILE).exists():
             raise DataError(
