@@ -228,7 +228,9 @@ def _compact(text: object) -> str:
     return "".join(str(text).split())
 
 
-def test_truncated_catalogue_shard_is_named(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_truncated_catalogue_shard_is_named(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     copy, args = _copy_run(run_dir, tmp_path)
     items = copy / "data" / "items" / "part-00000.parquet"
     items.write_bytes(items.read_bytes()[: items.stat().st_size // 2])  # as an interrupted copy leaves it

@@ -108,7 +108,9 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
     fields = {p.name: p.default for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD}
     section_sets = {"vocab_size", "num_domains", "router_mode", "moe_backend"}
     assert section_sets <= fields.keys()
-    overrides = [f"model.overrides.{name}={default!r}" for name, default in fields.items() if name not in section_sets]
+    overrides = [
+        f"model.overrides.{name}={default!r}" for name, default in fields.items() if name not in section_sets
+    ]
     cfg = load_config(ExperimentConfig, None, [o.replace("=None", "=null") for o in overrides])
     assert set(cfg.model.overrides) == fields.keys() - section_sets
     for name in sorted(section_sets):

@@ -26,21 +26,25 @@ def _clear(out_dir: Path) -> None:
             old.unlink()
 
 
+def _counts(counter: dict[str, int]) -> str:
+    return ", ".join(f"{key} {n:,}" for key, n in sorted(counter.items(), key=lambda kv: -kv[1]))
+
+
 def _require_kept_rows(report: ReadReport) -> None:
     """Stop when a reader kept no row: an empty table would only fail later, far from the cause
     (``datasets`` then says ``Instruction "train" corresponds to no data!``)."""
     if report.rows_kept:
         return
-    what = "re-run `moe-rec data prepare`; the prepared directory was left as it was"
+    then = "then re-run `moe-rec data prepare` (the prepared directory was left as it was)"
     if not report.rows_read:
-        notes = f" ({', '.join(f'{k} {v:,}' for k, v in sorted(report.notes.items()))})" if report.notes else ""
-        raise DataError(f"{report.source}: no rows read{notes}; check the data paths and services, then {what}")
-    reasons = ", ".join(f"{reason} {n:,}" for reason, n in report.rejected.most_common())
+        notes = f" ({_counts(report.notes)})" if report.notes else ""
+        raise DataError(f"{report.source}: no rows read{notes}; check the data paths and services, {then}")
     first = f"; first: {report.examples[0]}" if report.examples else ""
-    unit = " (is data.files.timestamp_unit right: s, ms or iso?)" if "bad_timestamp" in report.rejected else ""
+    timestamps = "bad_timestamp" in report.rejected
+    hint = "data.files.timestamp_unit (s, ms or iso)" if timestamps else "the data config"
     raise DataError(
-        f"{report.source}: all {report.rows_read:,} rows were rejected ({reasons}){first}; fix the input or "
-        f"the data config{unit}, then {what}"
+        f"{report.source}: all {report.rows_read:,} rows were rejected ({_counts(report.rejected)}){first}; "
+        f"fix the input or {hint}, {then}"
     )
 
 

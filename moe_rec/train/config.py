@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from moe_rec.config import ConfigError, check_keys
 
-
 # MoERecConfig fields the trainer sets itself: from the vocabulary, or from this section's own keys
 SET_ELSEWHERE = {
     "vocab_size": "the vocabulary",

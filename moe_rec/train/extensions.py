@@ -58,7 +58,9 @@ def check_build_locks(root: Path, local_rank: int) -> None:
                 f"{op} now, an interrupted build left it: delete it."
             )
         elif holders:
-            console.print(f"waiting for process {', '.join(map(str, holders))} to finish building {op} ({lock})")
+            console.print(
+                f"waiting for process {', '.join(map(str, holders))} to finish building {op} ({lock})"
+            )
         elif local_rank == 0:
             lock.unlink(missing_ok=True)
             console.print(

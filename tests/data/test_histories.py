@@ -212,7 +212,9 @@ def test_conflicting_item_text_names_the_first_row_and_keeps_it_only_when_lenien
     for catalogue in (lenient, strict):
         catalogue.add("a", "i1", "c:1", text="red shoe")
     lenient.add("a", "i1", "c:2", text="blue shoe")
-    assert lenient.report.examples == ["c:2: conflicting_item_text: a/i1 has a different text than c:1; kept that one"]
+    assert lenient.report.examples == [
+        "c:2: conflicting_item_text: a/i1 has a different text than c:1; kept that one"
+    ]
     with pytest.raises(DataError) as error:
         strict.add("a", "i1", "c:2", text="blue shoe")
     assert str(error.value) == "c:2: conflicting_item_text: a/i1 has a different text than c:1"

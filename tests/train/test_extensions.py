@@ -38,7 +38,9 @@ def test_a_lock_no_process_holds_is_removed_with_a_message(
     assert f"removed{lock}".replace(" ", "") in said and "interrupted" in said
 
 
-def test_a_lock_a_live_build_holds_is_kept_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_lock_a_live_build_holds_is_kept_and_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()
     fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as torch's FileBaton holds it during a build
