@@ -19,7 +19,12 @@ def test_one_cpu_process_builds_no_shm_op(tmp_path: Path) -> None:
     dist = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCH_EXTENSIONS_DIR")
     env = {k: v for k, v in os.environ.items() if k not in dist}
     env.update(MOE_REC_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
-    script = "from moe_rec.train.trainer import init_distributed; print('ranks', init_distributed()[:2])"
+    script = (
+        "import torch.distributed as dist\n"
+        "from moe_rec.train.trainer import init_distributed\n"
+        "print('ranks', init_distributed()[:2])\n"
+        "dist.destroy_process_group()\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "ranks (0, 1)" in done.stdout
