@@ -136,9 +136,14 @@ def cmd_sids_build(args: argparse.Namespace) -> None:
 
 def cmd_sequences_build(args: argparse.Namespace) -> None:
     from moe_rec.data.sequences import SequenceBuilder, write_sequences
-    from moe_rec.sid.table import SIDTable
+    from moe_rec.sid.table import META_FILE, SIDTable
 
     cfg = _load(args)
+    if not (cfg.sid_dir / META_FILE).exists():
+        raise DataError(
+            f"{cfg.sid_dir / META_FILE} not found: a sequence spells items by their semantic IDs; build "
+            f"them first with `moe-rec sids build --config <experiment> run_dir={cfg.run_dir}`"
+        )
     table = SIDTable.load(cfg.sid_dir)
     vocab = table.vocabulary()
     builder = SequenceBuilder(vocab, table.code_map(), cfg.sequences)

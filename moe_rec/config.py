@@ -127,17 +127,29 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     return value
 
 
+def check_keys(keys: typing.Iterable[str], known: typing.Collection[str], prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for the first of ``keys`` not in ``known``, naming it (``prefix``
+    + key) and the closest known key. Also for a mapping whose keys a dataclass cannot list (e.g.
+    ``model.overrides``, keyword arguments of another class), called from its ``__post_init__``."""
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {sorted(known)}"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+
+
 def _build(cls: type[T], raw: dict[str, Any], where: str, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {sorted(fields)}"
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
+    try:
+        check_keys(raw, fields, prefix)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     kwargs = {name: _coerce(raw[name], hints[name], prefix + name, where) for name in raw}
     try:
         obj = cls(**kwargs)
+    except ConfigError as e:  # from __post_init__, already naming its key
+        raise ConfigError(f"{where}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
     return obj

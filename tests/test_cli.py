@@ -159,6 +159,9 @@ def test_data_stats_prints_json(run_dir: Path, capsys: pytest.CaptureFixture) ->
         (["data", "stats", "/nonexistent/run/data"], "no stats.json"),
         (["sids", "build", "run_dir=/nonexistent/run"], "moe-rec data prepare"),
         (["sequences", "build", "run_dir=/nonexistent/run"], "sid_table"),
+        (["sequences", "build", "run_dir=/nonexistent/run"], "`moe-rec sids build"),
+        (["train", "run_dir=/nonexistent/run"], "`moe-rec sequences build"),
+        (["train", "run_dir=/nonexistent/run", "model.overrides.num_expert=6"], "did you mean"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -262,3 +265,64 @@ def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tiny_bundle: Path) -> Non
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
     assert f"127.0.0.1:{port}" in lines[0] and "already in use" in lines[0]
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy, [f"run_dir={copy}", *TINY]
+
+
+def _one_error(capsys: pytest.CaptureFixture) -> str:
+    """The one error message on stderr, without whitespace (the console wraps long paths anywhere)."""
+    err = "".join(capsys.readouterr().err.split())
+    assert err.count("error:") == 1 and "Traceback" not in err
+    return err
+
+
+def _compact(text: object) -> str:
+    return "".join(str(text).split())
+
+
+def test_truncated_catalogue_shard_is_named(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    copy, args = _copy_run(run_dir, tmp_path)
+    items = copy / "data" / "items" / "part-00000.parquet"
+    items.write_bytes(items.read_bytes()[: items.stat().st_size // 2])  # as an interrupted copy leaves it
+    capsys.readouterr()
+    assert main(["sids", "build", *args, f"sid.encoder.cache_dir={copy / 'cache'}"]) == 2
+    err = _one_error(capsys)
+    assert _compact(items) in err and _compact("re-run `moe-rec data prepare`") in err
+    assert main(["export", *args, "--overwrite"]) == 2
+    err = _one_error(capsys)
+    assert _compact(items) in err and _compact("re-run `moe-rec data prepare`") in err
+
+
+def test_damaged_trainer_state_is_named(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    copy, args = _copy_run(run_dir, tmp_path)
+    state = copy / "checkpoints" / (copy / "checkpoints" / "best").read_text().strip() / "trainer_state.json"
+    state.write_text(state.read_text()[:20])
+    capsys.readouterr()
+    assert main(["export", *args, "--overwrite"]) == 2
+    assert _compact(f"{state}: damaged checkpoint file") in _one_error(capsys)
+
+
+def test_prepare_that_rejects_every_row_says_why(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "events.csv").write_text("user,service,item_id,timestamp\nu1,shop,a,100\nu1,shop,b,200\n")
+    (tmp_path / "items.jsonl").write_text(
+        "\n".join(json.dumps({"service": "shop", "item_id": i, "title": f"item {i}"}) for i in "ab") + "\n"
+    )
+    args = [
+        f"run_dir={tmp_path / 'run'}",
+        "data.source=files",
+        f"data.files.events=[{tmp_path / 'events.csv'}]",
+        f"data.files.catalogue=[{tmp_path / 'items.jsonl'}]",
+        "data.files.timestamp_unit=iso",  # the files hold unix seconds
+    ]
+    assert main(["data", "prepare", *args]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "all 2 rows were rejected (bad_timestamp 2)" in err and "timestamp_unit" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "data" / "events").exists()

@@ -80,3 +80,39 @@ def test_round_trip_through_dict(tmp_path: Path) -> None:
     from moe_rec.config import from_dict
 
     assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+
+
+def test_unknown_model_override_is_refused_like_any_other_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(ExperimentConfig, None, ["model.overrides.num_expert=6"])
+    assert str(error.value) == (
+        "command-line override: unknown key 'model.overrides.num_expert' "
+        "(did you mean 'model.overrides.num_experts'?)"
+    )
+    path = tmp_path / "typo.yaml"
+    path.write_text("model:\n  overrides: {hidden_size: 32, num_expert: 6}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key 'model\.overrides\.num_expert'"):
+        load_config(ExperimentConfig, path)
+    from moe_rec.train.config import ModelSection
+
+    with pytest.raises(ConfigError, match=r"did you mean 'model\.overrides\.num_experts'"):
+        ModelSection(overrides={"num_expert": 6})  # built in Python, not from a file
+
+
+def test_every_model_config_field_is_an_override_but_those_the_model_section_sets() -> None:
+    import inspect
+
+    from moe_rec.model import MoERecConfig
+
+    params = inspect.signature(MoERecConfig.__init__).parameters.values()
+    fields = {p.name: p.default for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD}
+    section_sets = {"vocab_size", "num_domains", "router_mode", "moe_backend"}
+    assert section_sets <= fields.keys()
+    overrides = [
+        f"model.overrides.{name}={default!r}" for name, default in fields.items() if name not in section_sets
+    ]
+    cfg = load_config(ExperimentConfig, None, [o.replace("=None", "=null") for o in overrides])
+    assert set(cfg.model.overrides) == fields.keys() - section_sets
+    for name in sorted(section_sets):
+        with pytest.raises(ConfigError, match=rf"model\.overrides\.{name}.*(model\.{name}|vocabulary)"):
+            load_config(ExperimentConfig, None, [f"model.overrides.{name}={fields[name]!r}"])

@@ -155,6 +155,7 @@ class CatalogueBuilder:
         self.services = set(services)
         self.report = report
         self._items: dict[tuple[str, str], dict[str, Any]] = {}
+        self._where: dict[tuple[str, str], str] = {}  # where each kept row was read
 
     def add(
         self,
@@ -188,14 +189,16 @@ class CatalogueBuilder:
         if first is not None:
             if first == row:
                 self.report.reject("duplicate_item", where, f"{service}/{item_id} repeated")
-            else:
+            else:  # strict mode stops here, so only a lenient run keeps the first row
+                kept = "" if self.report.strict else "; kept that one"
                 self.report.reject(
                     "conflicting_item_text",
                     where,
-                    f"{service}/{item_id} has a different text; kept the first",
+                    f"{service}/{item_id} has a different text than {self._where[key]}{kept}",
                 )
             return
         self._items[key] = row
+        self._where[key] = where
 
     def keys(self) -> set[tuple[str, str]]:
         return set(self._items)

@@ -16,7 +16,7 @@ from typing import Any
 from moe_rec.config import to_dict
 from moe_rec.data import store
 from moe_rec.data.config import DataConfig
-from moe_rec.data.schema import ReadReport
+from moe_rec.data.schema import DataError, ReadReport
 
 
 def _clear(out_dir: Path) -> None:
@@ -26,9 +26,32 @@ def _clear(out_dir: Path) -> None:
             old.unlink()
 
 
+def _counts(counter: dict[str, int]) -> str:
+    return ", ".join(f"{key} {n:,}" for key, n in sorted(counter.items(), key=lambda kv: -kv[1]))
+
+
+def _require_kept_rows(report: ReadReport) -> None:
+    """Stop when a reader kept no row: an empty table would only fail later, far from the cause
+    (``datasets`` then says ``Instruction "train" corresponds to no data!``)."""
+    if report.rows_kept:
+        return
+    then = "then re-run `moe-rec data prepare` (the prepared directory was left as it was)"
+    if not report.rows_read:
+        notes = f" ({_counts(report.notes)})" if report.notes else ""
+        raise DataError(f"{report.source}: no rows read{notes}; check the data paths and services, {then}")
+    first = f"; first: {report.examples[0]}" if report.examples else ""
+    timestamps = "bad_timestamp" in report.rejected
+    hint = "data.files.timestamp_unit (s, ms or iso)" if timestamps else "the data config"
+    raise DataError(
+        f"{report.source}: all {report.rows_read:,} rows were rejected ({_counts(report.rejected)}){first}; "
+        f"fix the input or {hint}, {then}"
+    )
+
+
 def _read_source(cfg: DataConfig, out_dir: Path) -> tuple[ReadReport, ReadReport]:
     """Run the configured source; returns (events report, items report) once shards are written.
-    A reader that fails (bad input in strict mode) fails before anything earlier is removed."""
+    A reader that fails (bad input in strict mode, or every row rejected) fails before anything
+    earlier is removed."""
     if cfg.source == "synthetic":
         from moe_rec.data.sources import synthetic
 
@@ -41,6 +64,8 @@ def _read_source(cfg: DataConfig, out_dir: Path) -> tuple[ReadReport, ReadReport
     else:
         from moe_rec.data.sources import files as reader
     events, items, events_report, items_report = reader.read(cfg)
+    for report in (items_report, events_report):  # the catalogue first: without it no event is kept
+        _require_kept_rows(report)
     _clear(out_dir)
     store.write_items(items, out_dir)
     store.write_events(events, out_dir, cfg.num_shards)

@@ -20,6 +20,8 @@ from typing import Any
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets.exceptions import DatasetGenerationError
 from datasets.table import InMemoryTable
 
 from moe_rec.data.schema import EVENT_SCHEMA, ITEM_SCHEMA, DataError
@@ -89,6 +91,30 @@ def _shards(data_dir: Path, sub: str) -> list[str]:
     return files
 
 
+def _damaged(path: str, error: Exception) -> DataError:
+    return DataError(f"damaged or truncated Parquet shard ({error}); re-run `moe-rec data prepare`", path)
+
+
+def _from_parquet(files: list[str], schema: pa.Schema, **kwargs: Any) -> datasets.Dataset:
+    """``datasets.Dataset.from_parquet`` that names a damaged shard instead of failing deep inside
+    ``datasets``: every footer is read first (a truncated file has none), and when the data itself
+    does not read, each shard is read on its own to find the bad one."""
+    for path in files:
+        try:
+            pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as e:
+            raise _damaged(path, e) from None
+    try:
+        return datasets.Dataset.from_parquet(files, features=_features(schema), keep_in_memory=True, **kwargs)
+    except (DatasetGenerationError, pa.ArrowException, OSError) as e:
+        for path in files:
+            try:
+                pq.read_table(path)
+            except (pa.ArrowException, OSError) as bad:
+                raise _damaged(path, bad) from e
+        raise
+
+
 def load_events(
     data_dir: Path, split: str | None = None, services: list[str] | None = None
 ) -> datasets.Dataset:
@@ -98,19 +124,12 @@ def load_events(
         filters.append(("split", "=", split))
     if services is not None:
         filters.append(("service", "in", list(services)))
-    return datasets.Dataset.from_parquet(
-        _shards(data_dir, EVENTS_DIR),
-        features=_features(EVENT_SCHEMA),
-        filters=filters or None,
-        keep_in_memory=True,
-    )
+    return _from_parquet(_shards(data_dir, EVENTS_DIR), EVENT_SCHEMA, filters=filters or None)
 
 
 def load_items(data_dir: Path) -> datasets.Dataset:
     """The catalogue of a prepared directory as a ``datasets.Dataset``."""
-    return datasets.Dataset.from_parquet(
-        _shards(data_dir, ITEMS_DIR), features=_features(ITEM_SCHEMA), keep_in_memory=True
-    )
+    return _from_parquet(_shards(data_dir, ITEMS_DIR), ITEM_SCHEMA)
 
 
 def event_shard_paths(data_dir: Path) -> list[str]:

@@ -382,6 +382,18 @@ def _history_probes(run_dir: Path) -> list[dict[str, Any]]:
     return []
 
 
+def _checkpoint_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a checkpoint tag directory; a damaged one is a :class:`BundleError` naming it."""
+    other = "export another checkpoint of the run (--tag step_...)"
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(path, f"damaged checkpoint file ({type(e).__name__}: {e}); {other}") from None
+    if not isinstance(data, dict):
+        raise BundleError(path, f"damaged checkpoint file (not a JSON object); {other}")
+    return data
+
+
 def export_checkpoint(
     checkpoint_dir: Path | str,
     out: Path | str,
@@ -417,9 +429,9 @@ def export_checkpoint(
     try:
         tag = ckpt.resolve_tag(ckpt_dir, tag)
         state_file = ckpt_dir / tag / ckpt.STATE_FILE
-        world_size = json.loads(state_file.read_text()).get("world_size") if state_file.exists() else None
+        world_size = _checkpoint_json(state_file).get("world_size") if state_file.exists() else None
         state = ckpt.verify(ckpt_dir, tag, world_size)
-        vocab = Vocabulary.from_dict(json.loads((ckpt_dir / tag / ckpt.VOCAB_FILE).read_text()))
+        vocab = Vocabulary.from_dict(_checkpoint_json(ckpt_dir / tag / ckpt.VOCAB_FILE))
         table = SIDTable.load(run_dir / SID_DIR)
         catalogue = load_items(run_dir / "data").data.table
         model = ckpt.load_model(ckpt_dir, tag)

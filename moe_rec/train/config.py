@@ -8,9 +8,31 @@ written into it at start-up, so one number is never set in two places.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from moe_rec.config import ConfigError, check_keys
+
+# MoERecConfig fields the trainer sets itself: from the vocabulary, or from this section's own keys
+SET_ELSEWHERE = {
+    "vocab_size": "the vocabulary",
+    "num_domains": "the vocabulary",
+    "router_mode": "model.router_mode",
+    "moe_backend": "model.moe_backend",
+    "code_token_ranges": "the vocabulary (model.kind=item)",
+}
+
+
+def model_config_fields() -> list[str]:
+    """The keyword arguments ``MoERecConfig.__init__`` names, read from its signature so that a new
+    field is an accepted override without a list to keep up to date."""
+    from moe_rec.model.config import MoERecConfig  # transformers: imported only when overrides are given
+
+    params = inspect.signature(MoERecConfig.__init__).parameters.values()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.name != "self" and p.kind in named]
 
 
 @dataclass
@@ -23,6 +45,16 @@ class ModelSection:
     moe_backend: Literal["loop", "grouped_mm", "megablocks"] = "grouped_mm"
     dense: bool = False  # train the all-dense twin (same active parameters per token) instead
     overrides: dict[str, Any] = field(default_factory=dict)  # any other MoERecConfig field
+
+    def __post_init__(self) -> None:
+        """Refuse an override MoERecConfig does not take (it would be stored and ignored) or one the
+        trainer sets itself, here at config load rather than after the process group is up."""
+        if not self.overrides:
+            return
+        for key in self.overrides:
+            if key in SET_ELSEWHERE:
+                raise ConfigError(f"model.overrides.{key}: set from {SET_ELSEWHERE[key]}, not an override")
+        check_keys(self.overrides, set(model_config_fields()) - SET_ELSEWHERE.keys(), "model.overrides.")
 
 
 @dataclass

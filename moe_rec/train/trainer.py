@@ -40,6 +40,7 @@ from moe_rec.sid.table import META_FILE, SIDTable
 from moe_rec.train import checkpoint as ckpt
 from moe_rec.train.config import ModelSection, TrainConfig
 from moe_rec.train.data import Collator, DataPosition, ItemCollator, ShardedTrainData, load_split
+from moe_rec.train.extensions import check_build_locks, skip_shm_op
 from moe_rec.train.metrics import (
     RankZeroLogger,
     eval_rows,
@@ -106,7 +107,9 @@ def deepspeed_config(train: TrainConfig, world_size: int, bf16: bool) -> dict[st
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join (or, started as a plain process, create a one-rank) process group; returns rank, world
-    size and this rank's device. Must run before ``deepspeed`` is imported on a CPU machine."""
+    size and this rank's device. Must run before ``deepspeed`` is imported on a CPU machine. On a
+    CPU, several ranks first clear a stale build lock of DeepSpeed's shared-memory op, and one
+    rank starts without building that op (:mod:`moe_rec.train.extensions`)."""
     single = "RANK" not in os.environ
     if single:
         with socket.socket() as s:
@@ -115,14 +118,19 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(port))
     gpu = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    builds_shm_op = not gpu and int(os.environ["WORLD_SIZE"]) > 1  # one process needs no shared memory
     if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cache = Path(os.environ.get("MOE_REC_CACHE") or Path.home() / ".cache" / "moe_rec")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))  # CPU shm op, built once
+    if builds_shm_op:
+        check_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]), local_rank)
     import deepspeed
 
+    if not gpu and not builds_shm_op:
+        skip_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
@@ -145,7 +153,7 @@ class Trainer:
         if not vocab_path.exists():
             raise DataError(
                 f"{vocab_path} not found: no sequences in run_dir {cfg.run_dir}; build them first with "
-                f"`moe-rec run --config <experiment> run_dir={cfg.run_dir}`"
+                f"`moe-rec sequences build --config <experiment> run_dir={cfg.run_dir}`"
             )
         if not (cfg.sid_dir / META_FILE).exists():
             raise DataError(

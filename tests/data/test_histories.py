@@ -205,3 +205,16 @@ def test_bad_item_in_strict_mode_names_where(service: str, item: str, text: str 
     with pytest.raises(DataError, match=reason) as error:
         catalogue.add(service, item, "c:2", text=text)
     assert error.value.where == "c:2"
+
+
+def test_conflicting_item_text_names_the_first_row_and_keeps_it_only_when_lenient() -> None:
+    lenient, strict = _catalogue(), _catalogue(strict=True)
+    for catalogue in (lenient, strict):
+        catalogue.add("a", "i1", "c:1", text="red shoe")
+    lenient.add("a", "i1", "c:2", text="blue shoe")
+    assert lenient.report.examples == [
+        "c:2: conflicting_item_text: a/i1 has a different text than c:1; kept that one"
+    ]
+    with pytest.raises(DataError) as error:
+        strict.add("a", "i1", "c:2", text="blue shoe")
+    assert str(error.value) == "c:2: conflicting_item_text: a/i1 has a different text than c:1"
