@@ -163,9 +163,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(_load(args))
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     """Evaluation of a checkpoint or bundle (exact scoring or beam search, by model kind) or of a
-    baseline (most popular, SASRec); JSON report + table."""
+    baseline (most popular, SASRec); JSON report + table; returns the metrics."""
     from moe_rec.eval.metrics import metrics_table
 
     cfg = _load(args)
@@ -209,6 +209,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     console.print(metrics_table(results, title=f"{cfg.eval.split} ({name}, full ranking, leave-one-out)"))
     console.print(f"wrote {out}")
+    return results
+
+
+def _versus_popularity(model: dict[str, float], popular: dict[str, float], split: str) -> Table:
+    """The trained model beside the most-popular baseline: Recall@10 / NDCG@10 per service and all."""
+    table = Table(title=f"{split}: the model beside the most popular items (full ranking)")
+    for col in ("service", "model R@10", "popular R@10", "model N@10", "popular N@10"):
+        table.add_column(col, justify="left" if col == "service" else "right")
+    scopes = sorted({k.split("/")[1] for k in model if k.count("/") == 2 and "/macro/" not in k})
+    for scope, prefix in [*((s, f"{split}/{s}/") for s in scopes), ("all", f"{split}/")]:
+        table.add_row(scope, *(f"{d.get(prefix + m, float('nan')):.4f}" for m in ("recall@10", "ndcg@10")
+                                for d in (model, popular)))  # fmt: skip
+    return table
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -324,8 +337,9 @@ def _recommend_for_test_users(cfg: ExperimentConfig, bundle: Path, users: int = 
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    """The main job: data -> semantic IDs -> sequences -> train -> evaluate the best checkpoint ->
-    export it as a serving bundle -> recommend from the bundle for a few test users."""
+    """The main job: data -> semantic IDs -> sequences -> train -> evaluate the best checkpoint
+    beside the most-popular baseline -> export it as a serving bundle -> recommend from the
+    bundle for a few test users."""
     t0 = time.perf_counter()
     args.out = None
     args.data = None
@@ -337,11 +351,16 @@ def cmd_run(args: argparse.Namespace) -> None:
         ("sids build", cmd_sids_build),
         ("sequences build", cmd_sequences_build),
         ("train", cmd_train),
-        ("eval", cmd_eval),
     ):
         console.rule(f"[bold]{title}")
         step(args)
+    console.rule("[bold]eval")
+    model = cmd_eval(args)
+    args.baseline = "popularity"
+    popular = cmd_eval(args)
+    args.baseline = None
     cfg = _load(args)
+    console.print(_versus_popularity(model, popular, cfg.eval.split))
     console.rule("[bold]export")
     args.checkpoint, args.out, args.tag, args.dtype, args.overwrite = None, None, "best", "float32", True
     cmd_export(args)

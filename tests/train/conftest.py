@@ -84,6 +84,7 @@ def tiny_config(run_dir: Path, *overrides: str) -> ExperimentConfig:
     """The train demo shrunk to seconds: a tiny model, 4-sample micro batches, no W&B."""
     base = [
         f"run_dir={run_dir}",
+        "model.kind=token",  # the demo trains the item-level model; these tests the token-level one
         "model.overrides={hidden_size: 32, head_dim: 16, moe_intermediate_size: 32, num_user_buckets: 64}",
         "train.micro_batch_size=4",
         "train.grad_accum=2",
