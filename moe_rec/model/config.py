@@ -66,8 +66,10 @@ class MoERecConfig(PretrainedConfig):
         code_token_ranges: list[list[int]] | None = None,
         item_head_temperature: float = 0.07,  # cosine-similarity code logits are divided by this
         # codes: cross-entropy of each code of the next item (RPG); items: one softmax over every item
-        # of the next item's service, an item's logit the sum of its codes' logits (ranks as at test)
+        # of the next item's service, an item's logit the mean of its codes' logits (ranks as at test)
         item_loss: str = "codes",
+        item_negatives: int = 0,  # item_loss=items: > 0 samples this many items per service (uniformly) per
+        # step instead of normalising over the whole catalogue (a sampled softmax; 0: every item)
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -107,6 +109,7 @@ class MoERecConfig(PretrainedConfig):
         self.code_token_ranges = [list(map(int, r)) for r in code_token_ranges] if code_token_ranges else None
         self.item_head_temperature = item_head_temperature
         self.item_loss = item_loss
+        self.item_negatives = item_negatives
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -146,6 +149,8 @@ class MoERecConfig(PretrainedConfig):
                 )
             if self.item_loss not in ("codes", "items"):
                 raise ValueError(f"item_loss {self.item_loss!r} not in ('codes', 'items')")
+            if self.item_negatives < 0:
+                raise ValueError(f"item_negatives must be >= 0, got {self.item_negatives}")
             if self.item_head_temperature <= 0:
                 raise ValueError(f"item_head_temperature must be > 0, got {self.item_head_temperature}")
         if self.num_attention_heads % self.num_key_value_heads:

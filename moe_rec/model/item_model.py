@@ -20,8 +20,8 @@ of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` rank
 Loss (``item_loss``). ``codes``: cross-entropy of every code of the next event, at every position
 that has one, averaged over codes and positions. ``items``: one softmax over every item of the next
 event's service (the catalogue is handed over once, :meth:`set_train_catalogue`), an item's logit
-being the sum of its codes' logits; the per-code normalisers are the same for every item, so this
-trains exactly the ranking the test scores. Plus the routers' auxiliary losses either way.
+being the mean of its codes' logits; the per-code normalisers and the 1/P are the same for every
+item, so this trains exactly the ranking the test scores. Plus the routers' auxiliary losses either way.
 """
 
 from __future__ import annotations
@@ -76,6 +76,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         device = self.model.embed_tokens.weight.device
         self.train_codes = codes.long().to(device)
         self.train_services = service_tokens.long().to(device)
+        self._rows_of = {
+            int(s): (self.train_services == s).nonzero().flatten() for s in self.train_services.unique()
+        }
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -173,7 +176,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self, logits: torch.Tensor, target: torch.Tensor, services: torch.Tensor
     ) -> torch.Tensor:
         """Mean over scored positions of ``logsumexp_i s_i - s_target`` over the items i of the
-        target's service, ``s_i`` the sum of item i's code logits.
+        target's service, ``s_i`` the mean of item i's code logits; with ``item_negatives`` over
+        the target and that many items of its service drawn uniformly (each drawn item once, a drawn
+        copy of the target left out), so a step costs (positions x samples) instead of (positions x catalogue).
 
         Args:
             logits: (B, T, P, K) code logits; target: (B, T, P) next codes (-100: no target);
@@ -185,10 +190,25 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             )
         scored = target[..., 0] != IGNORE_INDEX  # (B, T)
         z = logits[scored].float()  # (M, P, K)
-        z = z.masked_fill(torch.isinf(z), 0.0)  # slots past a short code range are never an item's code
+        # slots past a short code range are never an item's code; / P: an item's logit is the mean of
+        # its code logits (the sum of P cosines / T would span +-P/T and saturate the softmax)
+        z = z.masked_fill(torch.isinf(z), 0.0) / z.shape[1]
         tgt = target[scored]  # (M, P)
         target_score = z.gather(-1, tgt[..., None]).squeeze(-1).sum(-1)  # (M,)
-        scores = gather_scores(z.permute(1, 2, 0), self.train_codes).T  # (M, N)
-        other = self.train_services[None, :] != services[scored][:, None]  # (M, N): not the asked service
-        scores = scores.masked_fill(other, float("-inf"))
+        asked = services[scored]  # (M,)
+        if not self.config.item_negatives:
+            scores = gather_scores(z.permute(1, 2, 0), self.train_codes).T  # (M, N)
+            other = self.train_services[None, :] != asked[:, None]  # (M, N): not the asked service
+            return (torch.logsumexp(scores.masked_fill(other, float("-inf")), dim=1) - target_score).mean()
+        # sampled: item_negatives items of each asked service, shared by the positions asking it
+        rows = torch.cat(
+            [
+                pool[torch.randint(len(pool), (self.config.item_negatives,), device=pool.device)]
+                for pool in (self._rows_of[int(s)] for s in asked.unique())
+            ]
+        ).unique()  # (C,) each drawn item once
+        codes = self.train_codes[rows]  # (C, P)
+        scores = gather_scores(z.permute(1, 2, 0), codes).T  # (M, C)
+        drop = (self.train_services[rows][None, :] != asked[:, None]) | (codes[None] == tgt[:, None]).all(-1)
+        scores = torch.cat([target_score[:, None], scores.masked_fill(drop, float("-inf"))], dim=1)
         return (torch.logsumexp(scores, dim=1) - target_score).mean()

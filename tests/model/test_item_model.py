@@ -174,12 +174,40 @@ def test_item_softmax_loss_is_the_cross_entropy_over_the_target_services_items()
         for t in range(tokens.shape[0] - 1):
             service = int(tokens[t + 1, 0])
             nxt = one["labels"][0, t + 1].tolist()
-            logits = [sum(float(z[t, p, c]) for p, c in enumerate(codes)) for s, codes in catalogue
+            logits = [sum(float(z[t, p, c]) for p, c in enumerate(codes)) / 4 for s, codes in catalogue
                       if VOCAB.service_token(s) == service]  # fmt: skip
-            target = sum(float(z[t, p, c]) for p, c in enumerate(nxt))
+            target = sum(float(z[t, p, c]) for p, c in enumerate(nxt)) / 4  # the mean of the P = 4 codes
             total += math.log(sum(math.exp(x) for x in logits)) - target
             count += 1
     assert count == 6
     assert out.lm_loss.item() == pytest.approx(total / count, rel=1e-5)
     with pytest.raises(ValueError, match="set_train_catalogue"):
         MoERecForItemPrediction(cfg)(**batch)
+
+
+def test_sampled_item_softmax_covers_the_whole_service_when_it_draws_every_item() -> None:
+    """With far more draws than items every item of the service is drawn: the sampled loss equals the
+    full softmax; with few draws it is smaller (fewer terms in the normaliser), never larger."""
+    g = torch.Generator().manual_seed(10)
+    catalogue = [
+        (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
+    ]
+    codes = torch.tensor([c for _, c in catalogue])
+    tokens = torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    rows = [
+        _sample([catalogue[i] for i in picks], f"u{j}") for j, picks in enumerate([[0, 5, 9], [11, 2], [7]])
+    ]
+    batch = item_batch(rows, VOCAB, 16)
+    batch.pop("user_ids")
+    losses = {}
+    for negatives in (0, 400, 1):
+        torch.manual_seed(8)
+        cfg = build_config(
+            "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+            code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_negatives=negatives,
+        )  # fmt: skip
+        model = MoERecForItemPrediction(cfg).eval()
+        model.set_train_catalogue(codes, tokens)
+        losses[negatives] = model(**batch).lm_loss.item()
+    assert losses[400] == pytest.approx(losses[0], rel=1e-5)
+    assert 0 <= losses[1] < losses[0]
