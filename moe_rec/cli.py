@@ -29,6 +29,7 @@ import datasets
 import transformers
 from rich.table import Table
 
+from moe_rec import stages
 from moe_rec.config import ConfigError, dump_config, load_config, to_dict
 from moe_rec.console import console
 from moe_rec.data.schema import DataError
@@ -104,6 +105,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     stats = prepare(cfg.data, out)
     dump_config(cfg, cfg.run_dir / "config.yaml")
     _print_data_stats(stats)
+    stages.mark(out, stages.data_print(cfg))
     console.print(f"wrote {out}/stats.json")
 
 
@@ -131,6 +133,7 @@ def cmd_sids_build(args: argparse.Namespace) -> None:
     console.print(f"building semantic IDs for {items.num_rows:,} items ({cfg.sid.quantizer}) into {out}")
     stats = build_sids(items, cfg.sid, out, cfg.embedding_cache)
     _print_sid_stats(stats)
+    stages.mark(out, stages.sids_print(cfg, data_dir))
     console.print(f"wrote {out}/stats.json")
 
 
@@ -154,6 +157,7 @@ def cmd_sequences_build(args: argparse.Namespace) -> None:
     console.print(
         "samples: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" -> {cfg.sequences_dir}"
     )
+    stages.mark(cfg.sequences_dir, stages.sequences_print(cfg))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -346,13 +350,17 @@ def cmd_run(args: argparse.Namespace) -> None:
     args.checkpoint = "best"
     args.baseline = None
     args.bundle = None
-    for title, step in (
-        ("data prepare", cmd_data_prepare),
-        ("sids build", cmd_sids_build),
-        ("sequences build", cmd_sequences_build),
-        ("train", cmd_train),
+    cfg = _load(args)
+    for title, step, out, current in (
+        ("data prepare", cmd_data_prepare, cfg.data_dir, lambda: stages.data_print(cfg)),
+        ("sids build", cmd_sids_build, cfg.sid_dir, lambda: stages.sids_print(cfg, cfg.data_dir)),
+        ("sequences build", cmd_sequences_build, cfg.sequences_dir, lambda: stages.sequences_print(cfg)),
+        ("train", cmd_train, None, None),
     ):
         console.rule(f"[bold]{title}")
+        if out is not None and stages.read(out) == current():
+            console.print(f"{out}: made by the same config and inputs; skipped ({out / stages.STAMP_FILE})")
+            continue
         step(args)
     console.rule("[bold]eval")
     model = cmd_eval(args)

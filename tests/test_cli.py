@@ -11,6 +11,7 @@ import pytest
 
 from moe_rec.cli import main
 from moe_rec.data.vocab import Vocabulary
+from moe_rec.experiment import ExperimentConfig
 from moe_rec.sid.table import SIDTable
 
 TINY = [
@@ -326,3 +327,30 @@ def test_prepare_that_rejects_every_row_says_why(tmp_path: Path, capsys: pytest.
     err = " ".join(capsys.readouterr().err.split())
     assert "all 2 rows were rejected (bad_timestamp 2)" in err and "timestamp_unit" in err
     assert "Traceback" not in err and not (tmp_path / "run" / "data" / "events").exists()
+
+
+def test_a_rerun_skips_the_stages_whose_inputs_did_not_change(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    from moe_rec import stages
+    from moe_rec.config import load_config
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    args = [f"run_dir={copy}", f"sid.encoder.cache_dir={tmp_path / 'elsewhere'}", *TINY]
+    made = {d: (copy / d / stages.STAMP_FILE).stat().st_mtime_ns for d in ("data", "sids", "sequences")}
+    capsys.readouterr()
+    assert main(["run", *args]) == 0
+    out = " ".join("".join(capsys.readouterr()).split())
+    for d in ("data", "sids", "sequences"):
+        assert f"{copy / d}: made by the same config and inputs; skipped" in out
+        assert (copy / d / stages.STAMP_FILE).stat().st_mtime_ns == made[d]  # not rewritten
+    assert "test: the model beside the most popular items" in out
+    # a changed quantiser invalidates the IDs and the sequences spelled with them, not the data
+    cfg = load_config(ExperimentConfig, None, [*args, "sid.kmeans.iters=3"])
+    assert stages.read(copy / "data") == stages.data_print(cfg)
+    assert stages.read(copy / "sids") != stages.sids_print(cfg, cfg.data_dir)
+    (copy / "sids" / stages.STAMP_FILE).write_text('{"fingerprint": "other"}')
+    assert stages.read(copy / "sequences") != stages.sequences_print(cfg)  # follows the IDs' stamp
