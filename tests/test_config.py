@@ -106,7 +106,14 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
 
     params = inspect.signature(MoERecConfig.__init__).parameters.values()
     fields = {p.name: p.default for p in params if p.name != "self" and p.kind is not p.VAR_KEYWORD}
-    section_sets = {"vocab_size", "num_domains", "router_mode", "moe_backend", "code_token_ranges"}
+    section_sets = {
+        "vocab_size",
+        "num_domains",
+        "router_mode",
+        "moe_backend",
+        "code_token_ranges",
+        "num_items",
+    }
     assert section_sets <= fields.keys()
     overrides = [
         f"model.overrides.{name}={default!r}" for name, default in fields.items() if name not in section_sets
@@ -114,5 +121,7 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
     cfg = load_config(ExperimentConfig, None, [o.replace("=None", "=null") for o in overrides])
     assert set(cfg.model.overrides) == fields.keys() - section_sets
     for name in sorted(section_sets):
-        with pytest.raises(ConfigError, match=rf"model\.overrides\.{name}.*(model\.{name}|vocabulary)"):
+        with pytest.raises(
+            ConfigError, match=rf"model\.overrides\.{name}.*(model\.{name}|vocabulary|SID table)"
+        ):
             load_config(ExperimentConfig, None, [f"model.overrides.{name}={fields[name]!r}"])

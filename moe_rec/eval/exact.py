@@ -52,6 +52,8 @@ def top_items(
     k: int,
     exclude: torch.Tensor | None = None,
     chunk_items: int = 65_536,
+    query: torch.Tensor | None = None,
+    vectors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best of N items for each request, exactly (equal scores: lower index first).
 
@@ -61,6 +63,8 @@ def top_items(
         k: how many to return (fewer when N < k).
         exclude: (B, N) True for items a request must not get (e.g. already seen).
         chunk_items: items scored at once.
+        query, vectors: (B, D) and (N, D): the item-level model's per-item term, ``P x query .
+            vector`` added to each score (P code positions: the model trains on mean code logits).
 
     Returns:
         scores (B, k') and item indices (B, k') into ``codes``, best first, k' = min(k, N).
@@ -71,6 +75,8 @@ def top_items(
     best_i = torch.zeros((b, 0), dtype=torch.long, device=log_probs.device)
     for start in range(0, n, chunk_items):
         s = gather_scores(by_code, codes[start : start + chunk_items])  # (n_chunk, B)
+        if vectors is not None:
+            s += codes.shape[1] * (vectors[start : start + chunk_items].float() @ query.float().T)
         if exclude is not None:
             s = s.masked_fill(exclude[:, start : start + chunk_items].T, -math.inf)
         top_s, top_i = torch.topk(s, min(k, s.shape[0]), dim=0)  # (k', B)
@@ -99,14 +105,18 @@ class ServiceCatalogue:
 
 
 @torch.no_grad()
-def request_log_probs(model: MoERecForItemPrediction, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def request_log_probs(
+    model: MoERecForItemPrediction, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-code log-probabilities (B, P, K) of the next item at the last position of a left-padded
-    item-level batch (:func:`moe_rec.data.positions.item_batch` with ``left_pad=True``)."""
+    item-level batch (:func:`moe_rec.data.positions.item_batch` with ``left_pad=True``), and the
+    query (B, D) its per-item term reads (None without ``item_embedding``)."""
     device = next(model.parameters()).device
     if model.config.router_mode != "domain_user":
         batch = {k: v for k, v in batch.items() if k != "user_ids"}
-    logits = model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=1).logits[:, -1]
-    return torch.log_softmax(logits.float(), dim=-1)
+    out = model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=1)
+    query = out.hidden_states[:, -1] if out.hidden_states is not None else None
+    return torch.log_softmax(out.logits[:, -1].float(), dim=-1), query
 
 
 def top_for_requests(
@@ -115,6 +125,8 @@ def top_for_requests(
     catalogue: ServiceCatalogue,
     k: int,
     exclude_rows: Sequence[Sequence[int]] | None = None,
+    query: torch.Tensor | None = None,
+    item_vectors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best items of each request's own service, exactly.
 
@@ -123,6 +135,7 @@ def top_for_requests(
         services: (B,) the service each request asks for; only its items are scored.
         k: items per request.
         exclude_rows: per request, table rows never to return (e.g. its history's items).
+        query, item_vectors: (B, D) and (N_table, D), the per-item term (see :func:`top_items`).
 
     Returns:
         table rows (B, k), best first, and their scores (B, k); -1 / -inf where the service has
@@ -141,7 +154,15 @@ def top_for_requests(
                 rows = torch.as_tensor(list(exclude_rows[i]), dtype=torch.long)
                 rows = rows[catalogue.table.service_index[rows] == catalogue.table.services.index(service)]
                 exclude[j, catalogue.local[rows].to(codes.device)] = True
-        top_s, idx = top_items(log_probs[mine], codes, k, exclude)
+        vectors = item_vectors[catalogue.rows[service]] if item_vectors is not None else None
+        top_s, idx = top_items(
+            log_probs[mine],
+            codes,
+            k,
+            exclude,
+            query=query[mine] if query is not None else None,
+            vectors=vectors,
+        )
         picked = catalogue.rows[service][idx].cpu()  # (b_s, k')
         top_s = top_s.cpu()
         picked = torch.where(torch.isneginf(top_s), -1, picked)  # an excluded item is no answer
@@ -177,8 +198,14 @@ def rank_exact(
         if exclude_seen
         else None
     )
-    ranked, _ = top_for_requests(request_log_probs(model, batch), services, catalogue, k, exclude)
+    log_probs, query = request_log_probs(model, batch)
+    ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, item_table(model))
     return ranked
+
+
+def item_table(model: MoERecForItemPrediction) -> torch.Tensor | None:
+    """(N, D) the model's per-item vectors in SID-table row order, or None without them."""
+    return model.item_embed.weight.detach() if model.item_embed is not None else None
 
 
 def evaluate_exact(

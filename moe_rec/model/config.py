@@ -68,6 +68,9 @@ class MoERecConfig(PretrainedConfig):
         # codes: cross-entropy of each code of the next item (RPG); items: one softmax over every item
         # of the next item's service, an item's logit the mean of its codes' logits (ranks as at test)
         item_loss: str = "codes",
+        item_embedding: bool = False,  # item_loss=items: + a per-item vector (zero at start; cold items
+        # keep zero) added to the item's input positions and dotted with the query for its score
+        num_items: int = 0,  # rows of that per-item table: the SID table's items (set from it)
         item_negatives: int = 0,  # item_loss=items: > 0 samples this many items per service (uniformly) per
         # step instead of normalising over the whole catalogue (a sampled softmax; 0: every item)
         **kwargs: Any,
@@ -110,6 +113,8 @@ class MoERecConfig(PretrainedConfig):
         self.item_head_temperature = item_head_temperature
         self.item_loss = item_loss
         self.item_negatives = item_negatives
+        self.item_embedding = item_embedding
+        self.num_items = num_items
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -149,6 +154,10 @@ class MoERecConfig(PretrainedConfig):
                 )
             if self.item_loss not in ("codes", "items"):
                 raise ValueError(f"item_loss {self.item_loss!r} not in ('codes', 'items')")
+            if self.item_embedding and (self.item_loss != "items" or self.num_items < 1):
+                raise ValueError(
+                    "item_embedding needs item_loss='items' and num_items >= 1 (the catalogue's size)"
+                )
             if self.item_negatives < 0:
                 raise ValueError(f"item_negatives must be >= 0, got {self.item_negatives}")
             if self.item_head_temperature <= 0:

@@ -38,6 +38,16 @@ from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERe
 IGNORE_INDEX = -100
 
 
+def item_keys(codes: torch.Tensor, services: torch.Tensor) -> torch.Tensor:
+    """One int64 key per item from its service token (...) and codes (..., P): a polynomial in a
+    large odd base, wrapping on overflow (two catalogue items with one key are refused by
+    :meth:`MoERecForItemPrediction.set_train_catalogue`)."""
+    key = services.long()
+    for p in range(codes.shape[-1]):
+        key = key * 1_000_003 + codes[..., p].long()
+    return key
+
+
 def gather_scores(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Scores (N, M) of N items for M queries: ``sum_p by_code[p, codes[:, p]]``.
 
@@ -68,17 +78,47 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         # item_loss='items': every item's codes (N, P) and service token (N,), set_train_catalogue
         self.register_buffer("train_codes", None, persistent=False)
         self.register_buffer("train_services", None, persistent=False)
+        self.item_embed: nn.Embedding | None = None
+        if config.item_embedding:  # a vector per catalogue item, found by its (service, codes) key
+            self.item_embed = nn.Embedding(config.num_items, d)
+            self.register_buffer("item_keys", torch.zeros(config.num_items, dtype=torch.long))  # sorted
+            self.register_buffer("item_key_rows", torch.zeros(config.num_items, dtype=torch.long))
         self.post_init()
+        if self.item_embed is not None:
+            nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
 
     def set_train_catalogue(self, codes: torch.Tensor, service_tokens: torch.Tensor) -> None:
-        """The items the ``items`` loss normalises over: full IDs (N, P) and service tokens (N,).
-        Kept as non-persistent buffers (they move with the model, are not saved with it)."""
+        """The items the ``items`` loss normalises over: full IDs (N, P) and service tokens (N,),
+        row i being the SID table's row i. The codes stay out of the saved weights; with
+        ``item_embedding`` the (service, codes) keys of the rows are saved (serving finds an
+        item's vector by them)."""
         device = self.model.embed_tokens.weight.device
         self.train_codes = codes.long().to(device)
         self.train_services = service_tokens.long().to(device)
         self._rows_of = {
             int(s): (self.train_services == s).nonzero().flatten() for s in self.train_services.unique()
         }
+        if self.item_embed is not None:
+            if len(codes) != self.config.num_items:
+                raise ValueError(f"{len(codes)} items for an item table of {self.config.num_items}")
+            keys = item_keys(self.train_codes, self.train_services)
+            order = torch.argsort(keys)
+            if bool((keys[order][1:] == keys[order][:-1]).any()):
+                raise ValueError("two catalogue items share a (service, codes) key; their IDs must differ")
+            self.item_keys.copy_(keys[order])
+            self.item_key_rows.copy_(order)
+
+    def item_rows(self, codes: torch.Tensor, services: torch.Tensor) -> torch.Tensor:
+        """Catalogue rows (...) of items given by codes (..., P) and service tokens (...); -1 where
+        no catalogue item has that key (a cold item, [BOS], padding)."""
+        keys = item_keys(codes, services)
+        pos = torch.searchsorted(self.item_keys, keys).clamp_max(len(self.item_keys) - 1)
+        return torch.where(self.item_keys[pos] == keys, self.item_key_rows[pos], -1)
+
+    def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., D) the per-item vectors of catalogue ``rows``; zero where a row is -1."""
+        vec = self.item_embed(rows.clamp_min(0))
+        return vec * (rows >= 0)[..., None].to(vec.dtype)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -98,7 +138,20 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         """(B, T, S) bags of tokens -> (B, T, D): mean of the non-pad tokens' embeddings x sqrt(D)."""
         emb = self.model.embed_tokens(item_tokens)  # (B, T, S, D); [PAD] rows are zero
         count = (item_tokens != self.config.pad_token_id).sum(-1, keepdim=True).clamp_min(1)  # (B, T, 1)
-        return emb.sum(2) / count.to(emb.dtype) * math.sqrt(self.config.hidden_size)
+        x = emb.sum(2) / count.to(emb.dtype)
+        if self.item_embed is not None:  # + the item's own vector where it is a catalogue item
+            x = x + self.item_vectors(self.position_rows(item_tokens))
+        return x * math.sqrt(self.config.hidden_size)
+
+    def position_rows(self, item_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) catalogue row of each position's item (-1: not an item, or not in the catalogue)."""
+        rows, _ = self.code_layout(item_tokens.device)
+        codes = (item_tokens[..., 1:] - rows[:, 0]).clamp_min(0)  # (B, T, P) code indices
+        return self.item_rows(codes, item_tokens[..., 0])
+
+    def query(self, hidden: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) what the heads read: the decoder output plus the asked service's embedding."""
+        return hidden + self.model.embed_tokens(query_services)
 
     def code_logits(self, hidden: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
         """Logits of every code position for the next item.
@@ -111,7 +164,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             (B, T, P, K_max) cosine logits / temperature; ``-inf`` past a code position's range.
         """
         b, t, d = hidden.shape
-        query = hidden + self.model.embed_tokens(query_services)  # (B, T, D)
+        query = self.query(hidden, query_services)  # (B, T, D)
         q = F.normalize(self.code_proj(query).view(b, t, self.num_codes, d), dim=-1)  # (B, T, P, D)
         rows, valid = self.code_layout(hidden.device)
         codes = F.normalize(self.model.embed_tokens(rows), dim=-1)  # (P, K_max, D)
@@ -157,12 +210,15 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             hidden, query_services = hidden[:, -logits_to_keep:], query_services[:, -logits_to_keep:]
         logits = self.code_logits(hidden, query_services)  # (B, T', P, K)
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
+        if self.item_embed is not None:  # the per-item term reads the query: hand it out
+            out.hidden_states = self.query(hidden, query_services)  # (B, T', D)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
             target = labels[:, 1:]  # (B, T-1, P): the next event's codes
             if self.config.item_loss == "items":
-                out.lm_loss = self._item_softmax_loss(logits[:, :-1], target, query_services[:, :-1])
+                query = out.hidden_states[:, :-1] if self.item_embed is not None else None
+                out.lm_loss = self._item_softmax_loss(logits[:, :-1], target, query_services[:, :-1], query)
             else:
                 out.lm_loss = F.cross_entropy(
                     logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -173,7 +229,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         return out
 
     def _item_softmax_loss(
-        self, logits: torch.Tensor, target: torch.Tensor, services: torch.Tensor
+        self, logits: torch.Tensor, target: torch.Tensor, services: torch.Tensor, query: torch.Tensor | None
     ) -> torch.Tensor:
         """Mean over scored positions of ``logsumexp_i s_i - s_target`` over the items i of the
         target's service, ``s_i`` the mean of item i's code logits; with ``item_negatives`` over
@@ -183,6 +239,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         Args:
             logits: (B, T, P, K) code logits; target: (B, T, P) next codes (-100: no target);
             services: (B, T) the target's service token.
+            query: (B, T, D) with ``item_embedding``: an item's logit also gets ``query . vector``.
         """
         if self.train_codes is None:
             raise ValueError(
@@ -196,8 +253,13 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         tgt = target[scored]  # (M, P)
         target_score = z.gather(-1, tgt[..., None]).squeeze(-1).sum(-1)  # (M,)
         asked = services[scored]  # (M,)
+        q = query[scored].float() if query is not None else None  # (M, D)
+        if q is not None:
+            target_score = target_score + (q * self.item_vectors(self.item_rows(tgt, asked)).float()).sum(-1)
         if not self.config.item_negatives:
             scores = gather_scores(z.permute(1, 2, 0), self.train_codes).T  # (M, N)
+            if q is not None:
+                scores = scores + q @ self.item_embed.weight.float().T
             other = self.train_services[None, :] != asked[:, None]  # (M, N): not the asked service
             return (torch.logsumexp(scores.masked_fill(other, float("-inf")), dim=1) - target_score).mean()
         # sampled: item_negatives items of each asked service, shared by the positions asking it
@@ -209,6 +271,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         ).unique()  # (C,) each drawn item once
         codes = self.train_codes[rows]  # (C, P)
         scores = gather_scores(z.permute(1, 2, 0), codes).T  # (M, C)
+        if q is not None:
+            scores = scores + q @ self.item_embed(rows).float().T
         drop = (self.train_services[rows][None, :] != asked[:, None]) | (codes[None] == tgt[:, None]).all(-1)
         scores = torch.cat([target_score[:, None], scores.masked_fill(drop, float("-inf"))], dim=1)
         return (torch.logsumexp(scores, dim=1) - target_score).mean()

@@ -46,7 +46,7 @@ from moe_rec.data.positions import item_batch
 from moe_rec.data.sequences import prompt, user_bucket
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.evaluate import left_pad
-from moe_rec.eval.exact import ServiceCatalogue, request_log_probs, top_for_requests
+from moe_rec.eval.exact import ServiceCatalogue, item_table, request_log_probs, top_for_requests
 from moe_rec.export.bundle import Bundle, load_bundle
 from moe_rec.model import MoERecForItemPrediction
 from moe_rec.sid.trie import SIDTrie
@@ -412,10 +412,11 @@ class Recommender:
         ones left out; per job, its ``(table row, score)`` of the ``max_k`` best, best first."""
         inputs = item_batch([{**j.prompt, "user": ""} for j in batch], self.vocab, 1, left_pad=True)
         inputs["user_ids"] = torch.tensor([j.user for j in batch])
-        log_probs = request_log_probs(self.bundle.model, inputs)
+        log_probs, query = request_log_probs(self.bundle.model, inputs)
         rows, scores = top_for_requests(
-            log_probs, [j.service for j in batch], self.exact, self.max_k, [j.excluded_rows for j in batch]
-        )
+            log_probs, [j.service for j in batch], self.exact, self.max_k, [j.excluded_rows for j in batch],
+            query, item_table(self.bundle.model),
+        )  # fmt: skip
         return [
             [(r, s) for r, s in zip(job_rows, job_scores) if r >= 0]
             for job_rows, job_scores in zip(rows.tolist(), scores.tolist())

@@ -174,7 +174,9 @@ def consolidate(ckpt_dir: Path, tag: str | None = None) -> dict[str, torch.Tenso
 
     tag = resolve_tag(ckpt_dir, tag)
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    state = {k: v.float().contiguous() for k, v in state.items()}
+    state = {
+        k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()
+    }  # int buffers stay
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state

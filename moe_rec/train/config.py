@@ -22,6 +22,7 @@ SET_ELSEWHERE = {
     "router_mode": "model.router_mode",
     "moe_backend": "model.moe_backend",
     "code_token_ranges": "the vocabulary (model.kind=item)",
+    "num_items": "the SID table (model.kind=item with item_embedding)",
 }
 
 

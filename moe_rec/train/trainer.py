@@ -54,10 +54,13 @@ from moe_rec.train.metrics import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def model_config(section: ModelSection, vocab: Vocabulary) -> MoERecConfig:
+def model_config(section: ModelSection, vocab: Vocabulary, num_items: int = 0) -> MoERecConfig:
     """The decoder for ``vocab``: a named size, the vocabulary's token count and service slots, and
-    for the item-level model (``kind: item``) the token range of each code position."""
+    for the item-level model (``kind: item``) the token range of each code position and, with a
+    per-item term (``item_embedding``), the catalogue's ``num_items``."""
     ranges = {"code_token_ranges": code_token_ranges(vocab)} if section.kind == "item" else {}
+    if section.overrides.get("item_embedding"):
+        ranges["num_items"] = num_items
     cfg = build_config(
         section.size,
         vocab_size=vocab.size,
@@ -176,7 +179,7 @@ class Trainer:
             )
         train_ds = load_split(cfg.sequences_dir, "train")
         valid_ds = load_split(cfg.sequences_dir, "valid")
-        self.model_config = model_config(cfg.model, self.vocab)
+        self.model_config = model_config(cfg.model, self.vocab, len(self.sids))
 
         self.rank, self.world_size, self.device = init_distributed()
         import deepspeed

@@ -167,3 +167,34 @@ def test_evaluate_exact_counts_hits_like_a_plain_loop() -> None:
     ndcg10 = sum(1 / math.log2(x + 1) for x in ranks if 0 < x <= 10)
     assert result["test/recall@10"] == pytest.approx(hits10 / 24)
     assert result["test/ndcg@10"] == pytest.approx(ndcg10 / 24)
+
+
+def test_the_per_item_term_joins_every_score() -> None:
+    """item_embedding: score = sum of code log-probs + P x (query . item vector), brute force."""
+    table = _table(7)
+    vocab = table.vocabulary()
+    torch.manual_seed(7)
+    cfg = build_config(
+        "tiny", vocab_size=vocab.size, num_domains=3, num_user_buckets=16, code_token_ranges=code_token_ranges(vocab),
+        item_loss="items", item_embedding=True, num_items=len(table),
+    )  # fmt: skip
+    model = MoERecForItemPrediction(cfg).eval()
+    model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
+    with torch.no_grad():
+        model.item_embed.weight.normal_(0, 0.3)
+    requests = _requests(table, 7, n=6)
+    ranked = rank_exact(model, ServiceCatalogue(table), requests, k=10)
+    for i, r in enumerate(requests):
+        with torch.no_grad():
+            out = model(**item_batch([r], vocab, 16, left_pad=True))
+        logits, query = out.logits[0, -1].double(), out.hidden_states[0, -1].double()
+        log_probs = logits - torch.logsumexp(logits, -1, keepdim=True)
+        vec = model.item_embed.weight.detach().double()
+        brute = {
+            j: sum(float(log_probs[p, c]) for p, c in enumerate(table.codes[j].tolist()))
+            + 4 * float(query @ vec[j])
+            for j in range(len(table))
+            if table.services[int(table.service_index[j])] == r["service"]
+        }
+        best = sorted(brute.values(), reverse=True)[:10]
+        assert [brute[j] for j in ranked[i].tolist()] == pytest.approx(best, abs=1e-4)

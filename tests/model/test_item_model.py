@@ -211,3 +211,53 @@ def test_sampled_item_softmax_covers_the_whole_service_when_it_draws_every_item(
         losses[negatives] = model(**batch).lm_loss.item()
     assert losses[400] == pytest.approx(losses[0], rel=1e-5)
     assert 0 <= losses[1] < losses[0]
+
+
+def _logit(z: torch.Tensor, q: torch.Tensor, vec: torch.Tensor, row: int | None, codes: list[int]) -> float:
+    """An item's logit at one position: the mean of its code logits plus ``query . vector``."""
+    term = float(q @ vec[row]) if row is not None else 0.0
+    return sum(float(z[p, c]) for p, c in enumerate(codes)) / len(codes) + term
+
+
+def test_item_embedding_keys_rows_and_loss() -> None:
+    """item_embedding: each catalogue item found by its (service, codes) key, a cold item and [BOS]
+    by none; the loss adds ``query . vector`` to the mean code logit (a float64 loop again)."""
+    g = torch.Generator().manual_seed(11)
+    catalogue = [
+        (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
+    ]
+    torch.manual_seed(12)
+    cfg = build_config(
+        "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+        code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_embedding=True,
+        num_items=len(catalogue),
+    )  # fmt: skip
+    model = MoERecForItemPrediction(cfg).eval()
+    assert model.item_embed.weight.abs().sum() == 0  # no item term before training
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    )
+    with torch.no_grad():
+        model.item_embed.weight.normal_(0, 0.5)
+    cold = ("b", [7, 7, 7, 3]) if ("b", [7, 7, 7, 3]) not in catalogue else ("b", [6, 6, 6, 3])
+    row = _sample([catalogue[2], cold, catalogue[9]], "u")
+    one = item_batch([row], VOCAB, 16)
+    one.pop("user_ids")
+    assert model.position_rows(one["item_tokens"])[0].tolist() == [-1, 2, -1, 9]
+    out = model(**one)
+    z = out.logits[0].detach().double()
+    q = out.hidden_states[0].detach().double()
+    vec = model.item_embed.weight.detach().double()
+    total = 0.0
+    for t, nxt in ((0, catalogue[2]), (1, cold), (2, catalogue[9])):
+        service = VOCAB.service_token(nxt[0])
+
+        others = [
+            _logit(z[t], q[t], vec, i, c)
+            for i, (s, c) in enumerate(catalogue)
+            if VOCAB.service_token(s) == service
+        ]
+        target = _logit(z[t], q[t], vec, catalogue.index(nxt) if nxt in catalogue else None, nxt[1])
+        # a cold target has no vector and is not in the normaliser (training targets always are)
+        total += math.log(sum(math.exp(x) for x in others)) - target
+    assert out.lm_loss.item() == pytest.approx(total / 3, rel=1e-5)
