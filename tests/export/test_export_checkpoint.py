@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 
 from moe_rec.cli import main
-from moe_rec.data.store import write_items
 from moe_rec.export import BundleError, export_checkpoint, load_bundle
 from moe_rec.serve import Recommender
 from moe_rec.sid.table import SIDTable
-from tests.train.conftest import ITEMS, VOCAB, tiny_config, write_sequences
+from tests.train.conftest import tiny_config, write_catalogue, write_sequences
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +26,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
     run = tmp_path_factory.mktemp("zero3") / "run"
     write_sequences(run)
-    keys = [(s, i) for s in VOCAB.services for i in range(ITEMS)]
-    write_items(
-        pa.table({"service": [s for s, _ in keys], "item_id": [str(i) for _, i in keys],
-                  "title": [f"{s} {i}" for s, i in keys], "categories": [[s] for s, _ in keys],
-                  "brand": ["acme"] * len(keys), "price": [float(i) for _, i in keys], "text": [""] * len(keys)}),
-        run / "data",
-    )  # fmt: skip
+    write_catalogue(run)
     summary = train(tiny_config(run, "train.deepspeed=configs/deepspeed/zero3.json"))
     return run, summary
 

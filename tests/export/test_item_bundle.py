@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 
-from moe_rec.data.store import write_items
 from moe_rec.data.vocab import BOS
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.evaluate import evaluate_model
@@ -22,7 +20,7 @@ from moe_rec.serve import Recommender
 from moe_rec.sid.table import SIDTable
 from moe_rec.train.checkpoint import load_model
 from moe_rec.train.data import load_split
-from tests.train.conftest import ITEMS, VOCAB, tiny_config, write_sequences
+from tests.train.conftest import ITEMS, VOCAB, tiny_config, write_catalogue, write_sequences
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +31,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
     run = tmp_path_factory.mktemp("item") / "run"
     write_sequences(run)
-    keys = [(s, i) for s in VOCAB.services for i in range(ITEMS)]
-    write_items(
-        pa.table({"service": [s for s, _ in keys], "item_id": [str(i) for _, i in keys],
-                  "title": [f"{s} {i}" for s, i in keys], "categories": [[s] for s, _ in keys],
-                  "brand": ["acme"] * len(keys), "price": [float(i) for _, i in keys], "text": [""] * len(keys)}),
-        run / "data",
-    )  # fmt: skip
+    write_catalogue(run)
     summary = train(tiny_config(run, "model.kind=item", "train.eval_every=4", "train.max_eval_samples=0"))
     return run, summary
 
@@ -95,13 +87,7 @@ def test_item_embedding_trains_exports_and_serves(tmp_path: Path) -> None:
 
     run = tmp_path / "run"
     write_sequences(run)
-    keys = [(s, i) for s in VOCAB.services for i in range(ITEMS)]
-    write_items(
-        pa.table({"service": [s for s, _ in keys], "item_id": [str(i) for _, i in keys],
-                  "title": [f"{s} {i}" for s, i in keys], "categories": [[s] for s, _ in keys],
-                  "brand": ["acme"] * len(keys), "price": [float(i) for _, i in keys], "text": [""] * len(keys)}),
-        run / "data",
-    )  # fmt: skip
+    write_catalogue(run)
     args = ("model.kind=item", "model.overrides.item_loss=items", "model.overrides.item_embedding=true",
             "model.overrides.item_negatives=4", "train.deepspeed=configs/deepspeed/zero3.json")  # fmt: skip
     summary = train(tiny_config(run, *args))

@@ -80,6 +80,21 @@ def write_sequences(run_dir: Path, num_users: int = 48, parts: int = 2) -> None:
             datasets.Dataset.from_dict(cols, features=feats).to_parquet(str(path))
 
 
+def write_catalogue(run_dir: Path) -> None:
+    """``<run_dir>/data/items``: the catalogue of :func:`sid_table`'s items, as ``data prepare`` writes it."""
+    import pyarrow as pa
+
+    from moe_rec.data.store import write_items
+
+    keys = [(s, i) for s in VOCAB.services for i in range(ITEMS)]
+    write_items(
+        pa.table({"service": [s for s, _ in keys], "item_id": [str(i) for _, i in keys],
+                  "title": [f"{s} {i}" for s, i in keys], "categories": [[s] for s, _ in keys],
+                  "brand": ["acme"] * len(keys), "price": [float(i) for _, i in keys], "text": [""] * len(keys)}),
+        run_dir / "data",
+    )  # fmt: skip
+
+
 def tiny_config(run_dir: Path, *overrides: str) -> ExperimentConfig:
     """The train demo shrunk to seconds: a tiny model, 4-sample micro batches, no W&B."""
     base = [
