@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_rec.console import progress
-from moe_rec.data.positions import item_batch
+from moe_rec.data.positions import code_token_ranges, item_batch
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.metrics import RankingMetrics
 from moe_rec.model import MoERecForItemPrediction
@@ -177,7 +177,7 @@ def history_rows(item_tokens: torch.Tensor, service: str, table: SIDTable) -> li
     events = item_tokens[item_tokens[:, 0] == vocab.service_token(service)]  # (n, S)
     if not len(events):
         return []
-    starts = torch.tensor([vocab.code_token_range(d)[0] for d in range(vocab.levels + 1)])
+    starts = torch.tensor([start for start, _ in code_token_ranges(vocab)])
     return [int(r) for r in table.rows_for_codes(service, events[:, 1:] - starts) if r >= 0]
 
 

@@ -15,7 +15,9 @@ next (the next event's in training, the request's at serving time), so the predi
 catalogue it ranks. Each code position p has its own projection ``W_p``; its logits are the cosine
 similarity of ``W_p q`` with the embedding rows of p's codes (tied to the input), divided by a
 temperature. An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability
-of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it).
+of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
+``item_embedding`` an item also has a vector of its own, added to its input positions, whose dot
+product with the query (times P) joins its score.
 
 Loss (``item_loss``). ``codes``: cross-entropy of every code of the next event, at every position
 that has one, averaged over codes and positions. ``items``: one softmax over every item of the next
@@ -32,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERecPreTrainedModel, router_stats
-
-IGNORE_INDEX = -100
 
 
 def item_keys(codes: torch.Tensor, services: torch.Tensor) -> torch.Tensor:

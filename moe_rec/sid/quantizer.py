@@ -49,44 +49,17 @@ class Quantizer(Protocol):
 def fit_quantizer(embeddings: torch.Tensor, cfg: SIDConfig) -> Quantizer:
     """Fit the quantiser ``cfg.quantizer`` on ``embeddings`` (N, D)."""
     device = resolve_device(cfg.device)
+    common = dict(levels=cfg.levels, codebook_size=cfg.codebook_size, seed=cfg.seed, normalize=cfg.normalize,
+                  device=device)  # fmt: skip
+    kmeans = dict(iters=cfg.kmeans.iters, init=cfg.kmeans.init, fit_sample=cfg.kmeans.fit_sample,
+                  chunk_size=cfg.kmeans.chunk_size)  # fmt: skip
     if cfg.quantizer == "residual_kmeans":
-        return ResidualKMeans.fit(
-            embeddings,
-            levels=cfg.levels,
-            codebook_size=cfg.codebook_size,
-            iters=cfg.kmeans.iters,
-            init=cfg.kmeans.init,
-            fit_sample=cfg.kmeans.fit_sample,
-            seed=cfg.seed,
-            chunk_size=cfg.kmeans.chunk_size,
-            normalize=cfg.normalize,
-            device=device,
-        )
+        return ResidualKMeans.fit(embeddings, **common, **kmeans)
     if cfg.quantizer == "rqvae":
-        return RQVAEQuantizer.fit(
-            embeddings,
-            levels=cfg.levels,
-            codebook_size=cfg.codebook_size,
-            cfg=cfg.rqvae,
-            kmeans=cfg.kmeans,
-            seed=cfg.seed,
-            normalize=cfg.normalize,
-            device=device,
-        )
+        return RQVAEQuantizer.fit(embeddings, **common, cfg=cfg.rqvae, kmeans=cfg.kmeans)
     if cfg.quantizer in ("pq", "opq"):
-        return ProductQuantizer.fit(
-            embeddings,
-            levels=cfg.levels,
-            codebook_size=cfg.codebook_size,
-            opq_iters=cfg.pq.opq_iters if cfg.quantizer == "opq" else 0,
-            iters=cfg.kmeans.iters,
-            init=cfg.kmeans.init,
-            fit_sample=cfg.kmeans.fit_sample,
-            seed=cfg.seed,
-            chunk_size=cfg.kmeans.chunk_size,
-            normalize=cfg.normalize,
-            device=device,
-        )
+        opq_iters = cfg.pq.opq_iters if cfg.quantizer == "opq" else 0
+        return ProductQuantizer.fit(embeddings, **common, **kmeans, opq_iters=opq_iters)
     raise ValueError(f"unknown quantizer {cfg.quantizer!r}; use 'residual_kmeans', 'rqvae', 'pq' or 'opq'")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_rec.data.vocab import BOS
+from moe_rec.data.sequences import prompt
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.evaluate import evaluate_model
 from moe_rec.eval.exact import ServiceCatalogue, rank_exact
@@ -23,6 +23,12 @@ from moe_rec.train.data import load_split
 from tests.train.conftest import ITEMS, VOCAB, tiny_config, write_catalogue, write_sequences
 
 pytestmark = pytest.mark.slow
+
+
+def _request(table: SIDTable, history: list[tuple[str, str]], service: str) -> dict:
+    """The test request the Recommender builds for ``history`` asking ``service``."""
+    items = [(s, table.codes_for(s, [i])[0].tolist()) for s, i in history]
+    return {"user": "", "service": service, **prompt(VOCAB, items, service)}
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +68,7 @@ def test_bundle_reproduces_the_checkpoint_and_serves_its_ranking(
     )
 
     history = [("grocery", "1"), ("market", "4"), ("grocery", "2")]
-    ids, doms = [BOS], [0]
-    for s, i in history:
-        toks = VOCAB.item_tokens(s, table.codes_for(s, [i])[0].tolist())
-        ids, doms = ids + toks, doms + [VOCAB.service_index(s)] * len(toks)
-    request = {"user": "", "service": "grocery", "input_ids": [*ids, VOCAB.service_token("grocery")],
-               "domain_ids": [*doms, VOCAB.service_index("grocery")]}  # fmt: skip
+    request = _request(table, history, "grocery")
     expected = rank_exact(checkpoint, ServiceCatalogue(table), [request], k=ITEMS, exclude_seen=True)[0]
     expected_ids = [str(table.item_ids[r]) for r in expected.tolist() if r >= 0]
     with Recommender.from_bundle(out, device="cpu") as rec:
@@ -103,12 +104,7 @@ def test_item_embedding_trains_exports_and_serves(tmp_path: Path) -> None:
         probe = bundle.model(**{k: v for k, v in summary["probe"]["batch"].items() if k != "labels"})
     torch.testing.assert_close(probe.logits[:2], summary["probe"]["logits"], rtol=1e-5, atol=1e-5)
     history = [("market", "3"), ("market", "4")]
-    ids, doms = [BOS], [1]
-    for s, i in history:
-        toks = VOCAB.item_tokens(s, table.codes_for(s, [i])[0].tolist())
-        ids, doms = ids + toks, doms + [VOCAB.service_index(s)] * len(toks)
-    request = {"user": "", "service": "market", "input_ids": [*ids, VOCAB.service_token("market")],
-               "domain_ids": [*doms, VOCAB.service_index("market")]}  # fmt: skip
+    request = _request(table, history, "market")
     expected = rank_exact(checkpoint, ServiceCatalogue(table), [request], k=ITEMS, exclude_seen=True)[0]
     with Recommender.from_bundle(out, device="cpu") as rec:
         got = rec.recommend(history, "market", k=ITEMS)
