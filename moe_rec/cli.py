@@ -32,6 +32,7 @@ from rich.table import Table
 from moe_rec import stages
 from moe_rec.config import ConfigError, dump_config, load_config, to_dict
 from moe_rec.console import console
+from moe_rec.data.cold_start import read_cold_items
 from moe_rec.data.schema import DataError
 from moe_rec.experiment import ExperimentConfig
 
@@ -138,6 +139,7 @@ def cmd_sids_build(args: argparse.Namespace) -> None:
 
 
 def cmd_sequences_build(args: argparse.Namespace) -> None:
+    from moe_rec.data.cold_start import COLD_FILE, pick_cold_items, write_cold_items
     from moe_rec.data.sequences import SequenceBuilder, write_sequences
     from moe_rec.sid.table import META_FILE, SIDTable
 
@@ -151,6 +153,12 @@ def cmd_sequences_build(args: argparse.Namespace) -> None:
     vocab = table.vocabulary()
     builder = SequenceBuilder(vocab, table.code_map(), cfg.sequences)
     counts = write_sequences(cfg.data_dir, builder, cfg.sequences_dir)
+    cold = pick_cold_items(builder.item_codes, cfg.sequences.cold_items)
+    write_cold_items(cfg.sequences_dir, cfg.sequences.cold_items, cold)
+    if cold:
+        console.print(
+            f"cold start: {len(cold):,} items kept out of training -> {cfg.sequences_dir / COLD_FILE}"
+        )
     (cfg.sequences_dir / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
     console.print(f"vocabulary: {vocab.size:,} tokens ({len(vocab.services)} services, {vocab.levels}x"
                   f"{vocab.codebook_size} codes + {vocab.dedup_size} dedup)")  # fmt: skip
@@ -169,21 +177,31 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
     """Evaluation of a checkpoint or bundle (exact scoring or beam search, by model kind) or of a
-    baseline (most popular, SASRec); JSON report + table; returns the metrics."""
+    baseline (most popular, SASRec, text neighbours); JSON report + table; returns the metrics.
+    On a cold-start benchmark's sequences, cold and warm targets are reported too."""
     from moe_rec.eval.metrics import metrics_table
 
     cfg = _load(args)
+    cold = read_cold_items(cfg.sequences_dir)  # the cold-start benchmark's items, when it is one
+    split, exclude_seen = cfg.eval.split, cfg.eval.exclude_seen
     if args.baseline == "popularity":
         from moe_rec.eval.popularity import evaluate_popularity
 
         name = "popularity"
-        results = evaluate_popularity(cfg.data_dir, split=cfg.eval.split, exclude_seen=cfg.eval.exclude_seen)
+        results = evaluate_popularity(cfg.data_dir, split=split, exclude_seen=exclude_seen, cold=cold)
     elif args.baseline == "sasrec":
         from moe_rec.baselines.sasrec import evaluate_sasrec
 
         name = "sasrec"
         out_dir = cfg.run_dir / "baselines" / "sasrec"
-        results = evaluate_sasrec(cfg.data_dir, out_dir, cfg.sasrec, cfg.eval.split, cfg.eval.exclude_seen)
+        results = evaluate_sasrec(cfg.data_dir, out_dir, cfg.sasrec, split, exclude_seen, cold=cold)
+    elif args.baseline == "text":
+        from moe_rec.baselines.text_neighbours import evaluate_text_neighbours
+
+        name = "text"
+        results = evaluate_text_neighbours(
+            cfg.data_dir, cfg.sid, cfg.embedding_cache, split, exclude_seen, cold=cold
+        )
     else:
         from moe_rec.eval.evaluate import evaluate_model
 
@@ -205,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
 
             name = resolve_tag(cfg.checkpoint_dir, args.checkpoint)
             model, table = load_model(cfg.checkpoint_dir, name), SIDTable.load(cfg.sid_dir)
-        results = evaluate_model(model, table, samples, cfg.eval)
+        results = evaluate_model(model, table, samples, cfg.eval, cold)
     out = cfg.eval_dir / f"{cfg.eval.split}-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -438,7 +456,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", default="best", help="best (default), latest, or a step_* tag")
     evaluate.add_argument("--bundle", help="evaluate an exported bundle instead of a checkpoint")
     evaluate.add_argument(
-        "--baseline", choices=["popularity", "sasrec"], help="evaluate a baseline instead of a checkpoint"
+        "--baseline",
+        choices=["popularity", "sasrec", "text"],
+        help="evaluate a baseline instead of a checkpoint (text: the last item's nearest text neighbours)",
     )
     evaluate.set_defaults(func=cmd_eval)
     export = with_config(

@@ -103,12 +103,15 @@ def evaluate_model(
     table: SIDTable,
     samples: datasets.Dataset,
     cfg: EvalConfig,
+    cold: set[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Recall@K / NDCG@K (K = 5, 10, 20) per service and overall for ``samples`` (eval rows of one
-    split): by exact scoring for the item-level model, by constrained beam search for the token-level one."""
+    split): by exact scoring for the item-level model, by constrained beam search for the token-level one.
+    ``cold``: items kept out of training; the item-level model then also reports cold / warm targets."""
     n = len(samples) if not cfg.max_samples else min(cfg.max_samples, len(samples))
     if isinstance(model, MoERecForItemPrediction):
-        return evaluate_exact(model, table, samples.select(range(n)).to_list(), cfg, prefix=cfg.split)
+        requests = samples.select(range(n)).to_list()
+        return evaluate_exact(model, table, requests, cfg, prefix=cfg.split, cold=cold)
     model.eval()
     trie = table.trie().to(next(model.parameters()).device)
     metrics = RankingMetrics(list(table.vocabulary().services), prefix=cfg.split)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_rec.console import progress
+from moe_rec.data.cold_start import COLD, WARM, cold_labels
 from moe_rec.data.positions import code_token_ranges, item_batch
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.metrics import RankingMetrics
@@ -217,9 +218,11 @@ def evaluate_exact(
     prefix: str,
     catalogue: ServiceCatalogue | None = None,
     show_progress: bool = True,
+    cold: set[tuple[str, str]] | None = None,
 ) -> dict[str, float]:
     """Recall@K / NDCG@K of ``requests`` (valid / test rows), overall and per service, as
-    :meth:`RankingMetrics.compute` reports them.
+    :meth:`RankingMetrics.compute` reports them; with ``cold`` (the items kept out of training)
+    also for ``cold`` and ``warm`` targets.
 
     Under a process group every rank scores its share (``requests[rank::world]``) and the sums
     are reduced; every rank runs the same number of forward passes (ZeRO-3 gathers parameters
@@ -229,7 +232,8 @@ def evaluate_exact(
     catalogue = catalogue or ServiceCatalogue(table, next(model.parameters()).device)
     mine = sorted(requests[rank::world], key=lambda r: (r["service"], len(r["input_ids"])))
     num_batches = math.ceil(math.ceil(len(requests) / world) / cfg.batch_size)
-    metrics = RankingMetrics(list(table.vocabulary().services), prefix=prefix)
+    groups = (COLD, WARM) if cold else ()
+    metrics = RankingMetrics(list(table.vocabulary().services), prefix=prefix, groups=groups)
     k = max(metrics.ks)
     was_training = model.training
     model.eval()
@@ -239,9 +243,9 @@ def evaluate_exact(
             chunk = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             ranked = rank_exact(model, catalogue, chunk or requests[:1], k, cfg.exclude_seen)
             if chunk:
-                services = [r["service"] for r in chunk]
-                target = torch.from_numpy(table.rows(services, [r["target_item"] for r in chunk])).long()
-                metrics.update(ranked, target, services)
+                services, items = [r["service"] for r in chunk], [r["target_item"] for r in chunk]
+                target = torch.from_numpy(table.rows(services, items)).long()
+                metrics.update(ranked, target, services, cold_labels(services, items, cold or set()))
                 bar.advance(task, len(chunk))
     model.train(was_training)
     metrics.reduce()

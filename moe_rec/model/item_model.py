@@ -88,21 +88,28 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
 
-    def set_train_catalogue(self, codes: torch.Tensor, service_tokens: torch.Tensor) -> None:
+    def set_train_catalogue(
+        self, codes: torch.Tensor, service_tokens: torch.Tensor, trained: torch.Tensor | None = None
+    ) -> None:
         """The items the ``items`` loss normalises over: full IDs (N, P) and service tokens (N,),
-        row i being the SID table's row i. The codes stay out of the saved weights; with
-        ``item_embedding`` the (service, codes) keys of the rows are saved (serving finds an
-        item's vector by them)."""
+        row i being the SID table's row i; ``trained`` (N,) False for items kept out of training
+        (the cold-start benchmark: never a negative, so their per-item vector stays zero). The
+        codes stay out of the saved weights; with ``item_embedding`` the (service, codes) keys of
+        the rows are saved (serving finds an item's vector by them)."""
         device = self.model.embed_tokens.weight.device
         self.train_codes = codes.long().to(device)
-        self.train_services = service_tokens.long().to(device)
+        services = service_tokens.long().to(device)
+        # the service each row is a candidate of; -1: no service's (kept out of training)
+        self.train_services = services if trained is None else services.masked_fill(~trained.to(device), -1)
         self._rows_of = {
-            int(s): (self.train_services == s).nonzero().flatten() for s in self.train_services.unique()
+            int(s): (self.train_services == s).nonzero().flatten()
+            for s in self.train_services.unique()
+            if s >= 0
         }
         if self.item_embed is not None:
             if len(codes) != self.config.num_items:
                 raise ValueError(f"{len(codes)} items for an item table of {self.config.num_items}")
-            keys = item_keys(self.train_codes, self.train_services)
+            keys = item_keys(self.train_codes, services)
             order = torch.argsort(keys)
             if bool((keys[order][1:] == keys[order][:-1]).any()):
                 raise ValueError("two catalogue items share a (service, codes) key; their IDs must differ")

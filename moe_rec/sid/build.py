@@ -49,6 +49,26 @@ STATS_FILE = "stats.json"
 CONFIG_FILE = "sid_config.yaml"
 
 
+def item_embeddings(
+    items: pa.Table, cfg: SIDConfig, cache_dir: Path
+) -> tuple[torch.Tensor, TextEncoder, int]:
+    """(N, D) text embeddings of the catalogue's items (cached by text), the encoder, and how many
+    items had no text.
+
+    An item with no text at all (e.g. food_kitchen) is named by its id, so it still gets its own
+    embedding rather than colliding with every other text-less item."""
+    services = items.column("service").to_pylist()
+    item_ids = items.column("item_id").to_pylist()
+    encoder = TextEncoder.from_config(cfg.encoder, cache_dir)
+    texts = item_texts(items)
+    without_text = [i for i, text in enumerate(texts) if not text]
+    for i in without_text:
+        texts[i] = f"{services[i]} item {item_ids[i]}"
+    if without_text:
+        console.log(f"[yellow]{len(without_text):,} items have no text; their ids stand in for it")
+    return encoder.encode(texts), encoder, len(without_text)
+
+
 def build_sids(
     items: pa.Table, cfg: SIDConfig, out_dir: Path, cache_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -76,18 +96,9 @@ def build_sids(
     item_ids = items.column("item_id").to_pylist()
 
     t0 = time.perf_counter()
-    encoder = TextEncoder.from_config(
-        cfg.encoder, cache_dir if cache_dir is not None else out_dir / "embedding_cache"
-    )
-    texts = item_texts(items)
-    # an item with no text at all (e.g. food_kitchen) is named by its id, so it still gets its own
-    # embedding rather than colliding with every other text-less item; counted in the stats
-    without_text = [i for i, text in enumerate(texts) if not text]
-    for i in without_text:
-        texts[i] = f"{services[i]} item {item_ids[i]}"
-    if without_text:
-        console.log(f"[yellow]{len(without_text):,} items have no text; their ids stand in for it")
-    embeddings = encoder.encode(texts)  # (N, D)
+    embeddings, encoder, without_text = item_embeddings(
+        items, cfg, cache_dir if cache_dir is not None else out_dir / "embedding_cache"
+    )  # (N, D)
     t_encode = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -123,7 +134,7 @@ def build_sids(
     stats = {
         "items": len(table),
         "items_per_service": table.metadata()["items_per_service"],
-        "items_without_text": len(without_text),
+        "items_without_text": without_text,
         "unique_ids": int(
             torch.unique(torch.cat([table.service_index[:, None], table.codes], 1), dim=0).shape[0]
         ),

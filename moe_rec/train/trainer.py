@@ -29,6 +29,7 @@ import yaml
 
 from moe_rec.config import to_dict
 from moe_rec.console import console, progress
+from moe_rec.data.cold_start import read_cold_items
 from moe_rec.data.positions import code_token_ranges
 from moe_rec.data.schema import DataError
 from moe_rec.data.vocab import Vocabulary
@@ -219,8 +220,14 @@ class Trainer:
         np.random.seed(self.tc.seed)
         torch.manual_seed(self.tc.seed)
         model = model_class(self.model_config)(self.model_config)
+        self.cold = read_cold_items(cfg.sequences_dir)  # the cold-start benchmark's held-out items
         if self.item_level and self.model_config.item_loss == "items":  # the softmax runs over the catalogue
-            model.set_train_catalogue(self.sids.codes, self.sids.service_index + self.vocab.service_offset)
+            trained = torch.ones(len(self.sids.codes), dtype=torch.bool)
+            if self.cold:
+                trained[self.sids.rows(*map(list, zip(*sorted(self.cold))))] = False
+            model.set_train_catalogue(
+                self.sids.codes, self.sids.service_index + self.vocab.service_offset, trained
+            )
         self.params = parameter_report(model)
         bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")
         optimizer = _optimizer(model, self.tc)
@@ -324,6 +331,7 @@ class Trainer:
                 prefix="valid",
                 catalogue=self.catalogue,
                 show_progress=False,
+                cold=self.cold,
             )
             metrics = {k: v for k, v in ranking.items() if not k.endswith("/count") and f"/{MACRO}/" not in k}
         else:

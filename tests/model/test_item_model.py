@@ -261,3 +261,48 @@ def test_item_embedding_keys_rows_and_loss() -> None:
         # a cold target has no vector and is not in the normaliser (training targets always are)
         total += math.log(sum(math.exp(x) for x in others)) - target
     assert out.lm_loss.item() == pytest.approx(total / 3, rel=1e-5)
+
+
+def test_items_kept_out_of_training_are_no_negatives_and_keep_a_zero_vector() -> None:
+    """set_train_catalogue(..., trained): the loss over a catalogue with cold rows equals the loss
+    over the catalogue without them (a second model, same weights), and cold rows get no gradient."""
+    g = torch.Generator().manual_seed(13)
+    catalogue = [
+        (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
+    ]
+    codes = torch.tensor([c for _, c in catalogue])
+    tokens = torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    trained = torch.ones(len(catalogue), dtype=torch.bool)
+    trained[[1, 4, 10]] = False  # never a target below
+    rows = [_sample([catalogue[i] for i in picks], f"u{j}") for j, picks in enumerate([[0, 5, 9], [11, 2]])]
+    batch = item_batch(rows, VOCAB, 16)
+    batch.pop("user_ids")
+    losses = []
+    for keep in (trained, None):
+        torch.manual_seed(14)
+        cfg = build_config(
+            "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+            code_token_ranges=code_token_ranges(VOCAB), item_loss="items",
+        )  # fmt: skip
+        model = MoERecForItemPrediction(cfg).eval()
+        if keep is None:
+            model.set_train_catalogue(codes[trained], tokens[trained])
+        else:
+            model.set_train_catalogue(codes, tokens, keep)
+        losses.append(model(**batch).lm_loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+    for negatives in (0, 64):
+        torch.manual_seed(15)
+        cfg = build_config(
+            "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+            code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_embedding=True,
+            num_items=len(catalogue), item_negatives=negatives,
+        )  # fmt: skip
+        model = MoERecForItemPrediction(cfg).train()
+        model.set_train_catalogue(codes, tokens, trained)
+        with torch.no_grad():
+            model.item_embed.weight.normal_(0, 0.5)
+        model(**batch).loss.backward()
+        grad = model.item_embed.weight.grad.abs().sum(-1)  # (N,)
+        assert (grad[~trained] == 0).all() and (grad[trained] > 0).any()
