@@ -242,7 +242,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         """Mean over scored positions of ``logsumexp_i s_i - s_target`` over the items i of the
         target's service, ``s_i`` the mean of item i's code logits; with ``item_negatives`` over
         the target and that many items of its service drawn uniformly (each drawn item once, a drawn
-        copy of the target left out), so a step costs (positions x samples) instead of (positions x catalogue).
+        copy of the target left out), so a step costs (positions x samples) instead of (positions x
+        catalogue). Positions are grouped by asked service: each scores its own service's items only.
 
         Args:
             logits: (B, T, P, K) code logits; target: (B, T, P) next codes (-100: no target);
@@ -264,23 +265,20 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         q = query[scored].float() if query is not None else None  # (M, D)
         if q is not None:
             target_score = target_score + (q * self.item_vectors(self.item_rows(tgt, asked)).float()).sum(-1)
-        if not self.config.item_negatives:
-            scores = gather_scores(z.permute(1, 2, 0), self.train_codes).T  # (M, N)
+        total = z.new_zeros(())
+        for service in asked.unique().tolist():  # each service's positions against its own items only
+            pos = (asked == service).nonzero().flatten()  # (M_s,)
+            rows = self._rows_of[service]  # (N_s,) every trained item of the service
+            if self.config.item_negatives:  # that many draws, each drawn item once
+                rows = rows[
+                    torch.randint(len(rows), (self.config.item_negatives,), device=rows.device)
+                ].unique()
+            codes = self.train_codes[rows]  # (C, P)
+            scores = gather_scores(z[pos].permute(1, 2, 0), codes).T  # (M_s, C)
             if q is not None:
-                scores = scores + q @ self.item_embed.weight.float().T
-            other = self.train_services[None, :] != asked[:, None]  # (M, N): not the asked service
-            return (torch.logsumexp(scores.masked_fill(other, float("-inf")), dim=1) - target_score).mean()
-        # sampled: item_negatives items of each asked service, shared by the positions asking it
-        rows = torch.cat(
-            [
-                pool[torch.randint(len(pool), (self.config.item_negatives,), device=pool.device)]
-                for pool in (self._rows_of[int(s)] for s in asked.unique())
-            ]
-        ).unique()  # (C,) each drawn item once
-        codes = self.train_codes[rows]  # (C, P)
-        scores = gather_scores(z.permute(1, 2, 0), codes).T  # (M, C)
-        if q is not None:
-            scores = scores + q @ self.item_embed(rows).float().T
-        drop = (self.train_services[rows][None, :] != asked[:, None]) | (codes[None] == tgt[:, None]).all(-1)
-        scores = torch.cat([target_score[:, None], scores.masked_fill(drop, float("-inf"))], dim=1)
-        return (torch.logsumexp(scores, dim=1) - target_score).mean()
+                scores = scores + q[pos] @ self.item_embed(rows).float().T
+            if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
+                copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
+                scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)
+            total = total + (torch.logsumexp(scores, dim=1) - target_score[pos]).sum()
+        return total / len(asked)
