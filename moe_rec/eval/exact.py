@@ -188,9 +188,11 @@ def rank_exact(
     rows: Sequence[dict[str, Any]],
     k: int,
     exclude_seen: bool = False,
+    vectors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Table rows (B, k) of the best ``k`` items of each request's service, best first (-1 where
-    fewer exist). ``rows`` are ``valid`` / ``test`` requests."""
+    fewer exist). ``rows`` are ``valid`` / ``test`` requests; ``vectors``: the model's
+    :meth:`~MoERecForItemPrediction.item_table` when the caller computed it once for many batches."""
     table = catalogue.table
     batch = item_batch(rows, table.vocabulary(), model.config.num_user_buckets, left_pad=True)
     services = [r["service"] for r in rows]
@@ -200,13 +202,9 @@ def rank_exact(
         else None
     )
     log_probs, query = request_log_probs(model, batch)
-    ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, item_table(model))
+    vectors = vectors if vectors is not None else model.item_table()
+    ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, vectors)
     return ranked
-
-
-def item_table(model: MoERecForItemPrediction) -> torch.Tensor | None:
-    """(N, D) the model's per-item vectors in SID-table row order, or None without them."""
-    return model.item_embed.weight.detach() if model.item_embed is not None else None
 
 
 def evaluate_exact(
@@ -237,11 +235,12 @@ def evaluate_exact(
     k = max(metrics.ks)
     was_training = model.training
     model.eval()
+    vectors = model.item_table()  # (N, D) or None: the weights stay fixed while every batch is ranked
     with progress() as bar:
         task = bar.add_task(f"eval {prefix}", total=len(mine), visible=show_progress and rank == 0)
         for i in range(num_batches):
             chunk = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            ranked = rank_exact(model, catalogue, chunk or requests[:1], k, cfg.exclude_seen)
+            ranked = rank_exact(model, catalogue, chunk or requests[:1], k, cfg.exclude_seen, vectors)
             if chunk:
                 services, items = [r["service"] for r in chunk], [r["target_item"] for r in chunk]
                 target = torch.from_numpy(table.rows(services, items)).long()

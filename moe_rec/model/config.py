@@ -73,6 +73,9 @@ class MoERecConfig(PretrainedConfig):
         num_items: int = 0,  # rows of that per-item table: the SID table's items (set from it)
         item_negatives: int = 0,  # item_loss=items: > 0 samples this many items per service (uniformly) per
         # step instead of normalising over the whole catalogue (a sampled softmax; 0: every item)
+        item_text: bool = False,  # item_embedding: + a learned projection of the item's (frozen) text
+        # embedding in its per-item vector, so an item unseen in training still has one
+        item_text_dim: int = 0,  # width of those text embeddings (set from the SID stage's encoder)
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -115,6 +118,8 @@ class MoERecConfig(PretrainedConfig):
         self.item_negatives = item_negatives
         self.item_embedding = item_embedding
         self.num_items = num_items
+        self.item_text = item_text
+        self.item_text_dim = item_text_dim
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -157,6 +162,10 @@ class MoERecConfig(PretrainedConfig):
             if self.item_embedding and (self.item_loss != "items" or self.num_items < 1):
                 raise ValueError(
                     "item_embedding needs item_loss='items' and num_items >= 1 (the catalogue's size)"
+                )
+            if self.item_text and (not self.item_embedding or self.item_text_dim < 1):
+                raise ValueError(
+                    "item_text needs item_embedding and item_text_dim >= 1 (the text embeddings' width)"
                 )
             if self.item_negatives < 0:
                 raise ValueError(f"item_negatives must be >= 0, got {self.item_negatives}")

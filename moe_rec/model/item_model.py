@@ -84,6 +84,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             self.item_embed = nn.Embedding(config.num_items, d)
             self.register_buffer("item_keys", torch.zeros(config.num_items, dtype=torch.long))  # sorted
             self.register_buffer("item_key_rows", torch.zeros(config.num_items, dtype=torch.long))
+        self.text_proj: nn.Linear | None = None
+        if config.item_text:  # frozen text embeddings (saved with the weights: a bundle needs them)
+            self.register_buffer("item_text", torch.zeros(config.num_items, config.item_text_dim))
+            self.text_proj = nn.Linear(config.item_text_dim, d, bias=False)
         self.post_init()
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
@@ -123,10 +127,31 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         pos = torch.searchsorted(self.item_keys, keys).clamp_max(len(self.item_keys) - 1)
         return torch.where(self.item_keys[pos] == keys, self.item_key_rows[pos], -1)
 
+    def set_item_text(self, vectors: torch.Tensor) -> None:
+        """The catalogue's text embeddings (N, item_text_dim), row i the SID table's row i."""
+        if tuple(vectors.shape) != tuple(self.item_text.shape):
+            raise ValueError(
+                f"text embeddings of shape {tuple(vectors.shape)}; expected {tuple(self.item_text.shape)}"
+            )
+        self.item_text.copy_(vectors)
+
     def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        """(..., D) the per-item vectors of catalogue ``rows``; zero where a row is -1."""
-        vec = self.item_embed(rows.clamp_min(0))
+        """(..., D) the per-item vectors of catalogue ``rows``: the learned vector, plus with
+        ``item_text`` the projection of the item's text embedding; zero where a row is -1."""
+        safe = rows.clamp_min(0)
+        vec = self.item_embed(safe)
+        if self.text_proj is not None:
+            vec = vec + self.text_proj(self.item_text[safe].to(vec.dtype))
         return vec * (rows >= 0)[..., None].to(vec.dtype)
+
+    @torch.no_grad()
+    def item_table(self) -> torch.Tensor | None:
+        """(N, D) every catalogue item's vector in SID-table row order (None without
+        ``item_embedding``). Computed on each call: callers that rank many batches with fixed
+        weights (evaluation, serving) compute it once."""
+        if self.item_embed is None:
+            return None
+        return self.item_vectors(torch.arange(self.config.num_items, device=self.item_embed.weight.device))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -276,7 +301,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             codes = self.train_codes[rows]  # (C, P)
             scores = gather_scores(z[pos].permute(1, 2, 0), codes).T  # (M_s, C)
             if q is not None:
-                scores = scores + q[pos] @ self.item_embed(rows).float().T
+                scores = scores + q[pos] @ self.item_vectors(rows).float().T
             if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
                 copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
                 scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)

@@ -46,7 +46,7 @@ from moe_rec.data.positions import item_batch
 from moe_rec.data.sequences import prompt, user_bucket
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.evaluate import left_pad
-from moe_rec.eval.exact import ServiceCatalogue, item_table, request_log_probs, top_for_requests
+from moe_rec.eval.exact import ServiceCatalogue, request_log_probs, top_for_requests
 from moe_rec.export.bundle import Bundle, load_bundle
 from moe_rec.model import MoERecForItemPrediction
 from moe_rec.sid.trie import SIDTrie
@@ -124,6 +124,8 @@ class Recommender:
         self.item_level = isinstance(bundle.model, MoERecForItemPrediction)
         self.trie = bundle.trie.to(device) if bundle.trie is not None else None
         self.exact = ServiceCatalogue(self.table, device) if self.item_level else None
+        # (N, D) per-item vectors of the item-level model (the bundle's weights never change: once)
+        self.item_vectors = bundle.model.item_table() if self.item_level else None
         self.services: list[str] = list(self.vocab.services)
         self.max_k = max_k
         cfg = bundle.model.config
@@ -415,7 +417,7 @@ class Recommender:
         log_probs, query = request_log_probs(self.bundle.model, inputs)
         rows, scores = top_for_requests(
             log_probs, [j.service for j in batch], self.exact, self.max_k, [j.excluded_rows for j in batch],
-            query, item_table(self.bundle.model),
+            query, self.item_vectors,
         )  # fmt: skip
         return [
             [(r, s) for r, s in zip(job_rows, job_scores) if r >= 0]

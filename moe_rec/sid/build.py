@@ -69,6 +69,19 @@ def item_embeddings(
     return encoder.encode(texts), encoder, len(without_text)
 
 
+def table_text_embeddings(items: pa.Table, table: SIDTable, cfg: SIDConfig, cache_dir: Path) -> torch.Tensor:
+    """(N, D) the text embedding of each SID-table row's item (the item model's ``item_text``)."""
+    vectors, _, _ = item_embeddings(items, cfg, cache_dir)
+    rows = table.rows(items.column("service").to_pylist(), items.column("item_id").to_pylist())
+    if len(rows) != len(table) or len(set(rows.tolist())) != len(table):
+        raise ValueError(
+            f"the catalogue has {len(rows):,} items, the SID table {len(table):,}; rebuild the SIDs"
+        )
+    out = torch.empty(len(table), vectors.shape[1], dtype=torch.float32)
+    out[torch.from_numpy(rows)] = vectors.float()
+    return out
+
+
 def build_sids(
     items: pa.Table, cfg: SIDConfig, out_dir: Path, cache_dir: Path | None = None
 ) -> dict[str, Any]:

@@ -23,6 +23,7 @@ SET_ELSEWHERE = {
     "moe_backend": "model.moe_backend",
     "code_token_ranges": "the vocabulary (model.kind=item)",
     "num_items": "the SID table (model.kind=item with item_embedding)",
+    "item_text_dim": "the SID stage's text encoder (model.kind=item with item_text)",
 }
 
 

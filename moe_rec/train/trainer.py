@@ -29,6 +29,7 @@ import yaml
 
 from moe_rec.config import to_dict
 from moe_rec.console import console, progress
+from moe_rec.data import store
 from moe_rec.data.cold_start import read_cold_items
 from moe_rec.data.positions import code_token_ranges
 from moe_rec.data.schema import DataError
@@ -37,6 +38,7 @@ from moe_rec.eval.exact import ServiceCatalogue, evaluate_exact
 from moe_rec.eval.metrics import MACRO
 from moe_rec.experiment import ExperimentConfig
 from moe_rec.model import MoERecConfig, build_config, model_class, parameter_report
+from moe_rec.sid.build import table_text_embeddings
 from moe_rec.sid.table import META_FILE, SIDTable
 from moe_rec.train import checkpoint as ckpt
 from moe_rec.train.config import ModelSection, TrainConfig
@@ -55,13 +57,18 @@ from moe_rec.train.metrics import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def model_config(section: ModelSection, vocab: Vocabulary, num_items: int = 0) -> MoERecConfig:
+def model_config(
+    section: ModelSection, vocab: Vocabulary, num_items: int = 0, text_dim: int = 0
+) -> MoERecConfig:
     """The decoder for ``vocab``: a named size, the vocabulary's token count and service slots, and
     for the item-level model (``kind: item``) the token range of each code position and, with a
-    per-item term (``item_embedding``), the catalogue's ``num_items``."""
+    per-item term (``item_embedding``), the catalogue's ``num_items`` (and with ``item_text`` the
+    text embeddings' width ``text_dim``)."""
     ranges = {"code_token_ranges": code_token_ranges(vocab)} if section.kind == "item" else {}
     if section.overrides.get("item_embedding"):
         ranges["num_items"] = num_items
+    if section.overrides.get("item_text"):
+        ranges["item_text_dim"] = text_dim
     cfg = build_config(
         section.size,
         vocab_size=vocab.size,
@@ -180,7 +187,12 @@ class Trainer:
             )
         train_ds = load_split(cfg.sequences_dir, "train")
         valid_ds = load_split(cfg.sequences_dir, "valid")
-        self.model_config = model_config(cfg.model, self.vocab, len(self.sids))
+        self.item_text = None  # (N, D_text) with item_text: the SID stage's embeddings (cached), by table row
+        if cfg.model.overrides.get("item_text"):
+            items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
+            self.item_text = table_text_embeddings(items, self.sids, cfg.sid, cfg.embedding_cache)
+        text_dim = self.item_text.shape[1] if self.item_text is not None else 0
+        self.model_config = model_config(cfg.model, self.vocab, len(self.sids), text_dim)
 
         self.rank, self.world_size, self.device = init_distributed()
         import deepspeed
@@ -228,6 +240,8 @@ class Trainer:
             model.set_train_catalogue(
                 self.sids.codes, self.sids.service_index + self.vocab.service_offset, trained
             )
+        if self.item_text is not None:
+            model.set_item_text(self.item_text)
         self.params = parameter_report(model)
         bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")
         optimizer = _optimizer(model, self.tc)

@@ -81,19 +81,29 @@ def test_bundle_reproduces_the_checkpoint_and_serves_its_ranking(
         assert all(a.score >= b.score for a, b in zip(everything, everything[1:]))
 
 
-def test_item_embedding_trains_exports_and_serves(tmp_path: Path) -> None:
-    """The per-item term through ZeRO-3 (its item-key buffers included): the exported bundle
-    reproduces the engine's logits and query, and serving ranks as exact scoring of the checkpoint."""
+@pytest.mark.parametrize("text", [False, True], ids=["vector", "vector+text"])
+def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool) -> None:
+    """The per-item term through ZeRO-3 (its item-key buffers, and with item_text the catalogue's
+    text embeddings, included): the exported bundle reproduces the engine's logits and query, and
+    serving ranks as exact scoring of the checkpoint."""
     from moe_rec.train import train
 
     run = tmp_path / "run"
     write_sequences(run)
     write_catalogue(run)
     args = ("model.kind=item", "model.overrides.item_loss=items", "model.overrides.item_embedding=true",
-            "model.overrides.item_negatives=4", "train.deepspeed=configs/deepspeed/zero3.json")  # fmt: skip
+            "model.overrides.item_negatives=4", "train.deepspeed=configs/deepspeed/zero3.json",
+            *(["model.overrides.item_text=true"] if text else []))  # fmt: skip
     summary = train(tiny_config(run, *args))
     checkpoint = load_model(run / "checkpoints", "latest")
     assert checkpoint.item_embed.weight.abs().sum() > 0  # trained away from zero
+    if text:  # the text embeddings travel with the weights, and every item's vector reads them
+        assert checkpoint.item_text.shape == (len(SIDTable.load(run / "sids")), 384)
+        assert checkpoint.item_text.norm(dim=1).allclose(torch.ones(1), atol=1e-4)  # MiniLM: unit vectors
+        rows = torch.arange(len(checkpoint.item_text))
+        with torch.no_grad():
+            plain = checkpoint.item_embed(rows) + checkpoint.item_text @ checkpoint.text_proj.weight.T
+        torch.testing.assert_close(checkpoint.item_table(), plain)
     table = SIDTable.load(run / "sids")
     rows = checkpoint.item_rows(table.codes, table.service_index + VOCAB.service_offset)
     assert torch.equal(rows, torch.arange(len(table)))  # every catalogue item finds its own vector

@@ -219,9 +219,11 @@ def _logit(z: torch.Tensor, q: torch.Tensor, vec: torch.Tensor, row: int | None,
     return sum(float(z[p, c]) for p, c in enumerate(codes)) / len(codes) + term
 
 
-def test_item_embedding_keys_rows_and_loss() -> None:
+@pytest.mark.parametrize("text", [False, True], ids=["vector", "vector+text"])
+def test_item_embedding_keys_rows_and_loss(text: bool) -> None:
     """item_embedding: each catalogue item found by its (service, codes) key, a cold item and [BOS]
-    by none; the loss adds ``query . vector`` to the mean code logit (a float64 loop again)."""
+    by none; the loss adds ``query . vector`` to the mean code logit (a float64 loop again); with
+    item_text the vector is the learned one plus the projected text embedding."""
     g = torch.Generator().manual_seed(11)
     catalogue = [
         (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
@@ -230,10 +232,12 @@ def test_item_embedding_keys_rows_and_loss() -> None:
     cfg = build_config(
         "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
         code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_embedding=True,
-        num_items=len(catalogue),
+        num_items=len(catalogue), item_text=text, item_text_dim=6 if text else 0,
     )  # fmt: skip
     model = MoERecForItemPrediction(cfg).eval()
     assert model.item_embed.weight.abs().sum() == 0  # no item term before training
+    if text:
+        model.set_item_text(torch.randn(len(catalogue), 6, generator=g))
     model.set_train_catalogue(
         torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
     )
@@ -248,6 +252,9 @@ def test_item_embedding_keys_rows_and_loss() -> None:
     z = out.logits[0].detach().double()
     q = out.hidden_states[0].detach().double()
     vec = model.item_embed.weight.detach().double()
+    if text:
+        vec = vec + model.item_text.double() @ model.text_proj.weight.detach().double().T
+    torch.testing.assert_close(model.item_table().double(), vec)
     total = 0.0
     for t, nxt in ((0, catalogue[2]), (1, cold), (2, catalogue[9])):
         service = VOCAB.service_token(nxt[0])
