@@ -207,6 +207,19 @@ def rank_exact(
     return ranked
 
 
+def gathered_item_table(model: MoERecForItemPrediction) -> torch.Tensor | None:
+    """:meth:`~MoERecForItemPrediction.item_table`, its weights gathered first where DeepSpeed
+    ZeRO-3 partitions them (outside a forward pass a rank holds only its shard); every rank calls it."""
+    modules = [m for m in (model.item_embed, model.text_proj) if m is not None]
+    partitioned = [p for m in modules for p in m.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return model.item_table()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        return model.item_table()
+
+
 def evaluate_exact(
     model: MoERecForItemPrediction,
     table: SIDTable,
@@ -235,7 +248,7 @@ def evaluate_exact(
     k = max(metrics.ks)
     was_training = model.training
     model.eval()
-    vectors = model.item_table()  # (N, D) or None: the weights stay fixed while every batch is ranked
+    vectors = gathered_item_table(model)  # (N, D) or None: the weights stay fixed while every batch is ranked
     with progress() as bar:
         task = bar.add_task(f"eval {prefix}", total=len(mine), visible=show_progress and rank == 0)
         for i in range(num_batches):

@@ -290,18 +290,23 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         q = query[scored].float() if query is not None else None  # (M, D)
         if q is not None:
             target_score = target_score + (q * self.item_vectors(self.item_rows(tgt, asked)).float()).sum(-1)
-        total = z.new_zeros(())
+        groups = []  # per asked service: its positions and its candidate items
         for service in asked.unique().tolist():  # each service's positions against its own items only
-            pos = (asked == service).nonzero().flatten()  # (M_s,)
             rows = self._rows_of[service]  # (N_s,) every trained item of the service
             if self.config.item_negatives:  # that many draws, each drawn item once
                 rows = rows[
                     torch.randint(len(rows), (self.config.item_negatives,), device=rows.device)
                 ].unique()
+            groups.append(((asked == service).nonzero().flatten(), rows))
+        if q is not None:  # one lookup for every group (under ZeRO-3 each call gathers, on every rank)
+            vectors = self.item_vectors(torch.cat([rows for _, rows in groups])).float()
+            vectors = vectors.split([len(rows) for _, rows in groups])
+        total = z.new_zeros(())
+        for g, (pos, rows) in enumerate(groups):
             codes = self.train_codes[rows]  # (C, P)
             scores = gather_scores(z[pos].permute(1, 2, 0), codes).T  # (M_s, C)
             if q is not None:
-                scores = scores + q[pos] @ self.item_vectors(rows).float().T
+                scores = scores + q[pos] @ vectors[g].T
             if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
                 copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
                 scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)
