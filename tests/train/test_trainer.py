@@ -76,6 +76,28 @@ def test_expert_load_heatmap_maps_shares_to_colours() -> None:
     assert half == [round((255 + 8) / 2), round((255 + 48) / 2), round((255 + 107) / 2)]
 
 
+def test_disabled_wandb_is_never_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.wandb.mode=disabled`` needs no W&B installed (the GPU check's machine has none);
+    metrics.jsonl is written all the same."""
+    import sys
+
+    import torch
+
+    from moe_rec.train.metrics import RankZeroLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    path = tmp_path / "checkpoints" / "metrics.jsonl"
+    logger = RankZeroLogger(
+        rank=0, run_dir=tmp_path, metrics_path=path, project="p", mode="disabled", name="n", config={}
+    )
+    logger.log({"train/loss": 1.5}, step=3)
+    logger.log_expert_load(torch.ones(1, 2, 4), ["a", "b"], step=3)
+    logger.finish()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"step": 3, "train/loss": 1.5} and lines[1]["router/expert_load"][0][0] == [0.25] * 4
+    assert logger.location() == "W&B disabled"
+
+
 def test_a_run_without_sids_or_with_an_unknown_best_metric_is_refused(run_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"train.best_metric='valid/ndcg@11' is not a validation metric"):
         Trainer(tiny_config(run_dir, "train.best_metric=valid/ndcg@11"))
