@@ -158,7 +158,7 @@ def expert_load_heatmap(share: torch.Tensor, cell: int = 24) -> np.ndarray:
 class RankZeroLogger:
     """Rank 0 writes one JSON line per log event to ``metrics.jsonl`` and mirrors it to W&B; other
     ranks do nothing. The W&B run id is kept in ``<run_dir>/wandb_id`` so a resumed run continues
-    the same W&B run."""
+    the same W&B run. With ``mode="disabled"`` W&B is not imported at all (it need not be installed)."""
 
     def __init__(
         self,
@@ -176,9 +176,11 @@ class RankZeroLogger:
         self.run = None
         if not self.active:
             return
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "disabled":
+            return
         import wandb
 
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
@@ -191,7 +193,8 @@ class RankZeroLogger:
             return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.run.log(metrics, step=step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
 
     def log_expert_load(self, load: torch.Tensor, services: Sequence[str], step: int) -> None:
         """Expert load per service as a W&B table (layer, service, expert, share of the service's
@@ -199,13 +202,15 @@ class RankZeroLogger:
         ``metrics.jsonl``; ``load`` is (L, num_domains, E) token counts."""
         if not self.active or load.numel() == 0:  # the dense twin has no experts to show
             return
-        import wandb
-
         counts = load[:, : len(services)]  # (L, S, E)
         share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
         line = {"step": step, "services": list(services), "router/expert_load": share.tolist()}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(line) + "\n")
+        if self.run is None:
+            return
+        import wandb
+
         table = wandb.Table(columns=["layer", "service", "expert", "share"])
         for layer in range(share.shape[0]):
             for d, service in enumerate(services):

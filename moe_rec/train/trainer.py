@@ -217,6 +217,7 @@ class Trainer:
             collator=self.collator,
             positions_per_sample=lengths,
         )
+        self.tc = self.tc.in_steps(self.data.steps_per_epoch)  # save_every / eval_every in epochs -> steps
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch
         n_valid = min(self.tc.max_eval_samples or len(valid_ds), len(valid_ds))
         self.valid_requests = valid_ds.select(range(n_valid)).to_list()

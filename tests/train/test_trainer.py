@@ -1,15 +1,19 @@
 """The pieces of the trainer that need no process group: model sizing from the vocabulary, the LR
-schedule, the DeepSpeed config written from ours, the FLOP count, and what start-up refuses."""
+schedule, the DeepSpeed config written from ours, the FLOP count, validation and checkpoint cadence in
+steps or epochs, and what start-up refuses; and one tiny run whose cadence is given in epochs."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
+from moe_rec.config import ConfigError
 from moe_rec.data.schema import DataError
 from moe_rec.model import MoERecForCausalLM, parameter_report
+from moe_rec.train.config import every_steps
 from moe_rec.train.metrics import flops_per_token
 from moe_rec.train.trainer import Trainer, deepspeed_config, lr_lambda, model_config
 from tests.train.conftest import VOCAB, tiny_config
@@ -72,6 +76,28 @@ def test_expert_load_heatmap_maps_shares_to_colours() -> None:
     assert half == [round((255 + 8) / 2), round((255 + 48) / 2), round((255 + 107) / 2)]
 
 
+def test_disabled_wandb_is_never_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.wandb.mode=disabled`` needs no W&B installed (the GPU check's machine has none);
+    metrics.jsonl is written all the same."""
+    import sys
+
+    import torch
+
+    from moe_rec.train.metrics import RankZeroLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    path = tmp_path / "checkpoints" / "metrics.jsonl"
+    logger = RankZeroLogger(
+        rank=0, run_dir=tmp_path, metrics_path=path, project="p", mode="disabled", name="n", config={}
+    )
+    logger.log({"train/loss": 1.5}, step=3)
+    logger.log_expert_load(torch.ones(1, 2, 4), ["a", "b"], step=3)
+    logger.finish()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"step": 3, "train/loss": 1.5} and lines[1]["router/expert_load"][0][0] == [0.25] * 4
+    assert logger.location() == "W&B disabled"
+
+
 def test_a_run_without_sids_or_with_an_unknown_best_metric_is_refused(run_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"train.best_metric='valid/ndcg@11' is not a validation metric"):
         Trainer(tiny_config(run_dir, "train.best_metric=valid/ndcg@11"))
@@ -79,3 +105,46 @@ def test_a_run_without_sids_or_with_an_unknown_best_metric_is_refused(run_dir: P
         f.unlink()
     with pytest.raises(DataError, match="sid_table.json not found.*moe-rec sids build"):
         Trainer(tiny_config(run_dir))
+
+
+@pytest.mark.parametrize(
+    ("value", "steps"),
+    [(100, 100), ("100 steps", 100), ("1step", 1), (0, 0), ("0 epochs", 0), ("1 epoch", 12), ("2 epochs", 24),
+     ("0.5 epochs", 6), (".25epoch", 3), ("0.01 epochs", 1)],
+)  # fmt: skip
+def test_cadence_in_steps_or_epochs_becomes_steps(tmp_path: Path, value: object, steps: int) -> None:
+    assert every_steps(value, steps_per_epoch=12) == steps
+    tc = tiny_config(tmp_path, f"train.eval_every={value}", f"train.save_every={value if steps else 1}").train
+    assert tc.in_steps(12).eval_every == steps and tc.in_steps(12).save_every == max(steps, 1)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.eval_every=2 weeks", r"eval_every: expected steps .* or epochs"),
+     ("train.eval_every=-1", r"eval_every: expected steps"),
+     ("train.save_every=1.5", r"save_every: a number of steps must be whole.*'1.5 epochs'"),
+     ("train.save_every=0 epochs", "save_every must be more than 0"),
+     ("train.save_every=true", r"train.save_every: expected int \| str")],
+)  # fmt: skip
+def test_a_cadence_that_is_neither_steps_nor_epochs_is_refused(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, override)
+
+
+def test_validation_and_checkpoints_every_epoch_or_half(run_dir: Path) -> None:
+    """96 windows, 4 per micro batch, 2 micro batches a step: 12 steps an epoch, 2 epochs."""
+    from moe_rec.train import train
+
+    cfg = tiny_config(
+        run_dir, "train.max_steps=0", "train.epochs=2", "train.eval_every=1 epoch", "train.save_every=0.5 epochs",
+        "train.keep_last=10", "train.best_metric=valid/token_acc",
+    )  # fmt: skip
+    summary = train(cfg)
+    assert summary["step"] == 24 and "an epoch is 12" in summary["plan"]
+    lines = [json.loads(line) for line in (run_dir / "checkpoints/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "valid/token_acc" in r] == [12, 24]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
+        f"step_{s:08d}" for s in (6, 12, 18, 24)
+    ]
