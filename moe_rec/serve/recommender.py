@@ -42,10 +42,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from moe_rec.data.positions import item_batch
+from moe_rec.data.positions import item_batch, left_pad
 from moe_rec.data.sequences import prompt, user_bucket
 from moe_rec.eval.beam_search import constrained_beam_search
-from moe_rec.eval.evaluate import left_pad
 from moe_rec.eval.exact import ServiceCatalogue, item_table, request_log_probs, top_for_requests
 from moe_rec.export.bundle import Bundle, load_bundle
 from moe_rec.model import MoERecForItemPrediction

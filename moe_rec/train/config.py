@@ -1,5 +1,7 @@
 """Typed configs of the training stage: which model to build (``model:``) and how to train it
-(``train:``), both sections of :class:`moe_rec.experiment.ExperimentConfig`.
+(``train:``), both sections of :class:`moe_rec.experiment.ExperimentConfig`, and
+:class:`TrainInputs`, what training reads of that experiment (it composes every stage's config,
+so the training stage does not import it).
 
 The DeepSpeed JSON under ``configs/deepspeed/`` holds only what is DeepSpeed's own business (ZeRO
 stage, bucket sizes); batch sizes, clipping and precision come from :class:`TrainConfig` and are
@@ -11,9 +13,10 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from moe_rec.config import ConfigError, check_keys
+from moe_rec.eval.config import EvalConfig
 
 # MoERecConfig fields the trainer sets itself: from the vocabulary, or from this section's own keys
 SET_ELSEWHERE = {
@@ -111,3 +114,23 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+
+
+class TrainInputs(Protocol):
+    """What training reads of an experiment (:class:`moe_rec.experiment.ExperimentConfig` is
+    one): its model, training and evaluation sections and where the run keeps its files. The whole
+    experiment is also recorded with the W&B run."""
+
+    run_dir: Path
+    model: ModelSection
+    train: TrainConfig
+    eval: EvalConfig  # validation ranks items as this says (its split set to valid)
+
+    @property
+    def sid_dir(self) -> Path: ...
+
+    @property
+    def sequences_dir(self) -> Path: ...
+
+    @property
+    def checkpoint_dir(self) -> Path: ...

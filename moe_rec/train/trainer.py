@@ -34,11 +34,10 @@ from moe_rec.data.schema import DataError
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.exact import ServiceCatalogue, evaluate_exact
 from moe_rec.eval.metrics import MACRO
-from moe_rec.experiment import ExperimentConfig
 from moe_rec.model import MoERecConfig, build_config, model_class, parameter_report
 from moe_rec.sid.table import META_FILE, SIDTable
 from moe_rec.train import checkpoint as ckpt
-from moe_rec.train.config import ModelSection, TrainConfig
+from moe_rec.train.config import ModelSection, TrainConfig, TrainInputs
 from moe_rec.train.data import Collator, DataPosition, ItemCollator, ShardedTrainData, load_split
 from moe_rec.train.extensions import check_build_locks, skip_shm_op
 from moe_rec.train.metrics import (
@@ -151,7 +150,7 @@ def _optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
 class Trainer:
     """One training run of ``cfg`` on this rank (every rank builds one)."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: TrainInputs) -> None:
         vocab_path = cfg.sequences_dir / "vocab.json"
         if not vocab_path.exists():
             raise DataError(
@@ -481,7 +480,7 @@ def _item(x: torch.Tensor | float | None) -> float:
     return x.item() if isinstance(x, torch.Tensor) else float(x)
 
 
-def train(cfg: ExperimentConfig) -> dict[str, Any]:
+def train(cfg: TrainInputs) -> dict[str, Any]:
     """Train ``cfg`` on this rank (resuming per ``train.resume``); returns a summary dict."""
     trainer = Trainer(cfg)
     try:
