@@ -46,6 +46,7 @@ import transformers
 
 from moe_rec.export.bundle import CATALOGUE_FILE, export_model
 from moe_rec.model import MoERecForCausalLM, build_config
+from moe_rec.model.choices import MODEL_SIZES
 from moe_rec.serve.recommender import Recommender
 from moe_rec.sid.dedup import assign_dedup
 from moe_rec.sid.table import SIDTable
@@ -172,7 +173,7 @@ def quantiles_ms(latencies: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", nargs="?", type=Path, help="bundle directory (or --synthetic)")
-    parser.add_argument("--synthetic", choices=["tiny", "small", "base"], help="export a random bundle first")
+    parser.add_argument("--synthetic", choices=MODEL_SIZES, help="export a random bundle first")
     parser.add_argument("--items", type=int, default=2000, help="items per service of --synthetic")
     parser.add_argument("--url", help="a running server instead of starting one")
     parser.add_argument("--clients", type=int, default=8)

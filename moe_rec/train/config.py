@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 from moe_rec.config import ConfigError, check_keys
 from moe_rec.eval.config import EvalConfig
+from moe_rec.model.choices import ModelSize, MoEBackend, RouterMode
 
 # MoERecConfig fields the trainer sets itself: from the vocabulary, or from this section's own keys
 SET_ELSEWHERE = {
@@ -44,9 +45,9 @@ class ModelSection:
     # token: one position per code token, beam search (MoERecForCausalLM); item: one position per
     # event, parallel code heads, exact scoring of every item (MoERecForItemPrediction)
     kind: Literal["token", "item"] = "token"
-    size: Literal["tiny", "small", "base"] = "tiny"  # a named builder in moe_rec.model.config
-    router_mode: Literal["token", "domain", "domain_user"] = "domain_user"
-    moe_backend: Literal["loop", "grouped_mm", "megablocks"] = "grouped_mm"
+    size: ModelSize = "tiny"  # a named size in moe_rec.model.config.SIZES
+    router_mode: RouterMode = "domain_user"
+    moe_backend: MoEBackend = "grouped_mm"
     dense: bool = False  # train the all-dense twin (same active parameters per token) instead
     overrides: dict[str, Any] = field(default_factory=dict)  # any other MoERecConfig field
 
