@@ -47,6 +47,7 @@ import transformers
 from moe_rec.export.bundle import CATALOGUE_FILE, export_model
 from moe_rec.model import MoERecForCausalLM, build_config
 from moe_rec.model.choices import MODEL_SIZES
+from moe_rec.serve.config import DEFAULT_K, ServeConfig
 from moe_rec.serve.recommender import Recommender
 from moe_rec.sid.dedup import assign_dedup
 from moe_rec.sid.table import SIDTable
@@ -180,10 +181,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="per client")
     parser.add_argument("--baseline-requests", type=int, default=200, help="sent one at a time")
     parser.add_argument("--history", type=int, default=20, help="longest history (events)")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--max-k", type=int, default=50, help="the server's --max-k (beam width)")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
+    parser.add_argument(
+        "--max-k", type=int, default=ServeConfig.max_k, help="the server's --max-k (beam width)"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size)
+    parser.add_argument("--max-wait-ms", type=float, default=ServeConfig.max_wait_ms)
     parser.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--torch-threads", type=int, help="model CPU threads, server and baseline alike")
     parser.add_argument("--seed", type=int, default=0)
@@ -220,7 +223,7 @@ def main() -> None:
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
         rec = Recommender.from_bundle(
-            bundle, device=args.device, max_batch_size=1, max_wait_ms=0, max_k=args.max_k
+            bundle, ServeConfig(device=args.device, max_batch_size=1, max_wait_ms=0, max_k=args.max_k)
         )
         base = requests[: args.baseline_requests]
         for body in warmup[:4]:
