@@ -140,15 +140,26 @@ def test_hidden_dropout_acts_in_training_only(tmp_path: Path) -> None:
     assert MoERecConfig.from_pretrained(tmp_path).hidden_dropout == 0.5
 
 
-def test_backends_agree_in_the_model() -> None:
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_backends_agree_in_the_model(padded: bool) -> None:
+    """grouped_mm against the loop reference: logits of the real tokens and the loss with its router
+    terms, which leave padding out (fp32 both, only the summation order differs)."""
     ref = _model(moe_backend="loop")
     fast = _model(moe_backend="grouped_mm")
     fast.load_state_dict(ref.state_dict())
     ids, domains, users = _batch()
+    mask = torch.ones_like(ids)
+    if padded:  # left padding of a random length per row, as a batch of requests has
+        g = torch.Generator().manual_seed(2)
+        for row, n in enumerate(torch.randint(1, ids.shape[1] - 1, (ids.shape[0],), generator=g).tolist()):
+            mask[row, :n] = 0
+    labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
-        torch.testing.assert_close(
-            fast(ids, domains, users).logits, ref(ids, domains, users).logits, rtol=1e-5, atol=1e-5
-        )
+        got, want = (m(ids, domains, users, attention_mask=mask, labels=labels) for m in (fast, ref))
+    real = mask.bool()
+    torch.testing.assert_close(got.logits[real], want.logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.expert_load, want.expert_load, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["token", "domain", "domain_user"])
