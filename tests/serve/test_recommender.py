@@ -261,6 +261,7 @@ def test_info_close_and_bf16(tiny_bundle: Path, tmp_path: Path) -> None:
     rec.close()  # idempotent
 
 
+@pytest.mark.slow  # a fresh process imports torch and loads the bundle: ~6-20 s
 def test_serving_never_imports_deepspeed(tiny_bundle: Path) -> None:
     code = (
         "import sys, moe_rec.serve\n"
