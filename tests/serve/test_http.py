@@ -175,7 +175,7 @@ def test_recommend_matches_the_python_api(served: Served, client: Client) -> Non
         check_answer(reply.json, request, served.catalogue)
         direct = served.recommender.recommend(**request)
         assert [it["item_id"] for it in reply.json["items"]] == [r.item_id for r in direct]
-        assert [it["score"] for it in reply.json["items"]] == pytest.approx(
+        assert [it["score"] for it in reply.json["items"]] == pytest.approx(  # other batches: fp32 noise
             [r.score for r in direct], abs=1e-4
         )
         for it, r in zip(reply.json["items"], direct):

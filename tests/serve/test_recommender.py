@@ -28,7 +28,8 @@ HISTORY = [("grocery", "grocery-3"), ("market", "market-10"), ("grocery", "groce
 
 
 def _assert_same(got: list[Recommendation], want: list[Recommendation]) -> None:
-    """Same items in the same order; scores equal up to float noise (left padding in a batch)."""
+    """Same items in the same order; scores equal up to float noise (left padding in a batch reorders
+    the fp32 sums of L+1 log-probabilities of order 20, each rounding ~2e-6)."""
     assert [(r.item_id, r.fields) for r in got] == [(r.item_id, r.fields) for r in want]
     assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-4)
 
@@ -73,7 +74,7 @@ def test_recommend_matches_a_direct_beam_search(
     got = rec.recommend(HISTORY, service, k=k, exclude_seen=exclude_seen, user_id=user_id)
     want = _direct(tiny_bundle, HISTORY, service, k, exclude_seen, user_id, rec.config.max_k)
     assert [r.item_id for r in got] == [item for item, _ in want]
-    assert [r.score for r in got] == pytest.approx([s for _, s in want], abs=1e-5)
+    assert [r.score for r in got] == pytest.approx([s for _, s in want], abs=1e-5)  # the same decode, fp32
     seen = {item for s, item in HISTORY if s == service}
     expect_len = min(k, ITEMS_PER_SERVICE - (len(seen) if exclude_seen else 0))
     assert len(got) == expect_len == len({r.item_id for r in got})  # k distinct items (50 minus seen)
@@ -119,7 +120,7 @@ def test_a_history_covering_most_of_the_service_gets_the_best_unseen_items(
             )
             want = sorted(zip(left, scores.tolist()), key=lambda p: -p[1])[:k]
         assert [r.item_id for r in got] == [item for item, _ in want]
-        assert [r.score for r in got] == pytest.approx([s for _, s in want], abs=1e-4)
+        assert [r.score for r in got] == pytest.approx([s for _, s in want], abs=1e-4)  # as _assert_same
         assert rec.available(history, "grocery") == unseen
         assert rec.available(history, "grocery", exclude_seen=False) == ITEMS_PER_SERVICE
 
