@@ -35,6 +35,7 @@ from moe_rec.console import console
 from moe_rec.data.cold_start import read_cold_items
 from moe_rec.data.schema import DataError
 from moe_rec.experiment import ExperimentConfig
+from moe_rec.serve.config import DEFAULT_K, LOG_LEVELS, ServeConfig
 
 if TYPE_CHECKING:
     from moe_rec.serve import Recommender
@@ -276,8 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a bundle over HTTP in this process until Ctrl-C / SIGTERM (then shut down gracefully)."""
     from moe_rec.serve.http import run_server
 
-    run_server(
-        args.bundle,
+    config = ServeConfig(
         host=args.host,
         port=args.port,
         device=args.device,
@@ -289,6 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         access_log=args.access_log,
         log_level=args.log_level,
     )
+    run_server(args.bundle, config)
 
 
 def _parse_event(text: str) -> tuple[str, str]:
@@ -329,7 +330,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     """Recommendations from a bundle for one history given on the command line."""
     from moe_rec.serve import Recommender
 
-    with Recommender.from_bundle(args.bundle, device=args.device) as rec:
+    with Recommender.from_bundle(args.bundle, ServeConfig(device=args.device)) as rec:
         _print_recommendations(rec, args.history, args.service, args.k, args.user, args.exclude_seen)
 
 
@@ -475,7 +476,7 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--history", nargs="+", required=True, type=_parse_event, metavar="SERVICE:ITEM_ID",
                      help="the user's events across services, oldest first")  # fmt: skip
     rec.add_argument("--service", required=True, help="the service to recommend in")
-    rec.add_argument("--k", type=int, default=10, help="how many items (default: %(default)s)")
+    rec.add_argument("--k", type=int, default=DEFAULT_K, help="how many items (default: %(default)s)")
     rec.add_argument("--user", help="user id (hashed into the user-routing bucket, as in training)")
     rec.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
                      help="leave out items already in the history (default: %(default)s)")  # fmt: skip
@@ -490,10 +491,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("bundle", help="bundle directory (written by the export step)")
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)"
+        "--host",
+        default=ServeConfig.host,
+        help="address to listen on; 0.0.0.0 for all (default: %(default)s)",
     )
     serve.add_argument(
-        "--port", type=int, default=8000, help="TCP port, 1..65535; 0 picks a free one (default: %(default)s)"
+        "--port",
+        type=int,
+        default=ServeConfig.port,
+        help="TCP port, 1..65535; 0 picks a free one (default: %(default)s)",
     )
     serve.add_argument(
         "--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)"
@@ -501,20 +507,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-batch-size",
         type=int,
-        default=32,
+        default=ServeConfig.max_batch_size,
         help="most requests decoded in one batch (default: %(default)s)",
     )
     serve.add_argument(
-        "--max-wait-ms", type=float, default=2.0,
+        "--max-wait-ms", type=float, default=ServeConfig.max_wait_ms,
         help="how long the first request of a batch waits for more to arrive (default: %(default)s)",
     )  # fmt: skip
     serve.add_argument(
-        "--max-k", type=int, default=50,
+        "--max-k", type=int, default=ServeConfig.max_k,
         help="largest k a request may ask for; also the beam width of every decode, so latency grows "
         "with it (default: %(default)s)",
     )  # fmt: skip
     serve.add_argument(
-        "--max-body-bytes", type=int, default=1 << 20,
+        "--max-body-bytes", type=int, default=ServeConfig.max_body_bytes,
         help="larger request bodies are refused with 413 (default: %(default)s = 1 MiB)",
     )  # fmt: skip
     serve.add_argument(
@@ -527,8 +533,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
+        default=ServeConfig.log_level,
+        choices=LOG_LEVELS,
         help="server log verbosity (default: %(default)s)",
     )
     serve.set_defaults(func=cmd_serve)

@@ -254,6 +254,7 @@ def test_serve_with_an_invalid_port_is_one_line_and_exit_2(
     assert f"port {port} is invalid" in lines[0] and "1..65535" in lines[0]
 
 
+@pytest.mark.slow  # a whole `moe-rec serve` process imports torch: ~8-10 s
 def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tiny_bundle: Path) -> None:
     """A whole ``moe-rec serve`` process: its entire output is the one error line."""
     with socket.socket() as taken:

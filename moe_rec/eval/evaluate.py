@@ -15,8 +15,9 @@ import datasets
 import torch
 
 from moe_rec.console import progress
+from moe_rec.data.positions import left_pad
 from moe_rec.data.sequences import user_bucket
-from moe_rec.data.vocab import PAD, Vocabulary
+from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.exact import evaluate_exact
@@ -24,21 +25,6 @@ from moe_rec.eval.metrics import RankingMetrics
 from moe_rec.model import MoERecForCausalLM, MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 from moe_rec.sid.trie import SIDTrie
-
-
-def left_pad(rows: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad samples' ``input_ids`` / ``domain_ids``; returns input_ids, attention_mask, domain_ids (B, T)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    domains = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[b, width - n :] = torch.tensor(r["input_ids"])
-        mask[b, width - n :] = 1
-        domains[b, width - n :] = torch.tensor(r["domain_ids"])
-        domains[b, : width - n] = r["domain_ids"][0]
-    return ids, mask, domains
 
 
 def history_codes(input_ids: Sequence[int], vocab: Vocabulary, service: str) -> torch.Tensor:

@@ -45,10 +45,9 @@ import torch
 import transformers
 
 import moe_rec
-from moe_rec.data.positions import item_batch
+from moe_rec.data.positions import item_batch, left_pad
 from moe_rec.data.sequences import prompt, user_bucket
 from moe_rec.data.vocab import Vocabulary
-from moe_rec.eval.evaluate import left_pad
 from moe_rec.model import MoERecConfig, MoERecForCausalLM, MoERecForItemPrediction, model_class
 from moe_rec.sid.io import SIDFileError, sha256_file
 from moe_rec.sid.table import SIDTable

@@ -1,5 +1,7 @@
 """Typed configs of the training stage: which model to build (``model:``) and how to train it
-(``train:``), both sections of :class:`moe_rec.experiment.ExperimentConfig`.
+(``train:``), both sections of :class:`moe_rec.experiment.ExperimentConfig`, and
+:class:`TrainInputs`, what training reads of that experiment (it composes every stage's config,
+so the training stage does not import it).
 
 The DeepSpeed JSON under ``configs/deepspeed/`` holds only what is DeepSpeed's own business (ZeRO
 stage, bucket sizes); batch sizes, clipping and precision come from :class:`TrainConfig` and are
@@ -13,9 +15,12 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from moe_rec.config import ConfigError, check_keys
+from moe_rec.eval.config import EvalConfig
+from moe_rec.model.choices import ModelSize, MoEBackend, RouterMode
+from moe_rec.sid.config import SIDConfig
 
 # MoERecConfig fields the trainer sets itself: from the vocabulary, or from this section's own keys
 SET_ELSEWHERE = {
@@ -44,9 +49,9 @@ class ModelSection:
     # token: one position per code token, beam search (MoERecForCausalLM); item: one position per
     # event, parallel code heads, exact scoring of every item (MoERecForItemPrediction)
     kind: Literal["token", "item"] = "token"
-    size: Literal["tiny", "small", "base"] = "tiny"  # a named builder in moe_rec.model.config
-    router_mode: Literal["token", "domain", "domain_user"] = "domain_user"
-    moe_backend: Literal["loop", "grouped_mm", "megablocks"] = "grouped_mm"
+    size: ModelSize = "tiny"  # a named size in moe_rec.model.config.SIZES
+    router_mode: RouterMode = "domain_user"
+    moe_backend: MoEBackend = "grouped_mm"
     dense: bool = False  # train the all-dense twin (same active parameters per token) instead
     overrides: dict[str, Any] = field(default_factory=dict)  # any other MoERecConfig field
 
@@ -150,3 +155,30 @@ class TrainConfig:
             save_every=every_steps(self.save_every, steps_per_epoch, "save_every"),
             eval_every=every_steps(self.eval_every, steps_per_epoch, "eval_every"),
         )
+
+
+class TrainInputs(Protocol):
+    """What training reads of an experiment (:class:`moe_rec.experiment.ExperimentConfig` is
+    one): its model, training and evaluation sections and where the run keeps its files. The whole
+    experiment is also recorded with the W&B run."""
+
+    run_dir: Path
+    model: ModelSection
+    train: TrainConfig
+    eval: EvalConfig  # validation ranks items as this says (its split set to valid)
+    sid: SIDConfig  # its encoder embeds the item texts (model.overrides.item_text)
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    @property
+    def embedding_cache(self) -> Path: ...
+
+    @property
+    def sid_dir(self) -> Path: ...
+
+    @property
+    def sequences_dir(self) -> Path: ...
+
+    @property
+    def checkpoint_dir(self) -> Path: ...

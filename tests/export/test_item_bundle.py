@@ -17,6 +17,7 @@ from moe_rec.eval.exact import ServiceCatalogue, rank_exact
 from moe_rec.export import export_checkpoint, load_bundle
 from moe_rec.model import MoERecForItemPrediction
 from moe_rec.serve import Recommender
+from moe_rec.serve.config import ServeConfig
 from moe_rec.sid.table import SIDTable
 from moe_rec.train.checkpoint import load_model
 from moe_rec.train.data import load_split
@@ -57,6 +58,7 @@ def test_bundle_reproduces_the_checkpoint_and_serves_its_ranking(
     assert isinstance(bundle.model, MoERecForItemPrediction) and bundle.trie is None
     with torch.no_grad():
         logits = bundle.model(**summary["probe"]["batch"]).logits[:2]
+    # fp32 both; the engine ran the same weights inside DeepSpeed (another summation order allowed)
     torch.testing.assert_close(logits, summary["probe"]["logits"], rtol=1e-5, atol=1e-5)
 
     valid = load_split(run / "sequences", "valid")
@@ -71,7 +73,7 @@ def test_bundle_reproduces_the_checkpoint_and_serves_its_ranking(
     request = _request(table, history, "grocery")
     expected = rank_exact(checkpoint, ServiceCatalogue(table), [request], k=ITEMS, exclude_seen=True)[0]
     expected_ids = [str(table.item_ids[r]) for r in expected.tolist() if r >= 0]
-    with Recommender.from_bundle(out, device="cpu") as rec:
+    with Recommender.from_bundle(out, ServeConfig(device="cpu")) as rec:
         got = rec.recommend(history, "grocery", k=5)
         assert [r.item_id for r in got] == expected_ids[:5]
         assert {"1", "2"}.isdisjoint(r.item_id for r in got)
@@ -120,10 +122,10 @@ def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool) ->
     assert torch.equal(bundle.model.item_keys, checkpoint.item_keys)
     with torch.no_grad():  # no labels: the loss needs the training catalogue, serving does not
         probe = bundle.model(**{k: v for k, v in summary["probe"]["batch"].items() if k != "labels"})
-    torch.testing.assert_close(probe.logits[:2], summary["probe"]["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probe.logits[:2], summary["probe"]["logits"], rtol=1e-5, atol=1e-5)  # as above
     history = [("market", "3"), ("market", "4")]
     request = _request(table, history, "market")
     expected = rank_exact(checkpoint, ServiceCatalogue(table), [request], k=ITEMS, exclude_seen=True)[0]
-    with Recommender.from_bundle(out, device="cpu") as rec:
+    with Recommender.from_bundle(out, ServeConfig(device="cpu")) as rec:
         got = rec.recommend(history, "market", k=ITEMS)
     assert [r.item_id for r in got] == [str(table.item_ids[r]) for r in expected.tolist() if r >= 0]

@@ -1,6 +1,7 @@
 """The pieces of the trainer that need no process group: model sizing from the vocabulary, the LR
-schedule, the DeepSpeed config written from ours, the FLOP count, validation and checkpoint cadence in
-steps or epochs, and what start-up refuses; and one tiny run whose cadence is given in epochs."""
+schedule, the DeepSpeed config written from ours, the FLOP count against a counted step, validation
+and checkpoint cadence in steps or epochs, and what start-up refuses; and one tiny run whose cadence
+is given in epochs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from moe_rec.config import ConfigError
 from moe_rec.data.schema import DataError
@@ -54,17 +58,28 @@ def test_deepspeed_config_takes_batch_clip_and_precision_from_ours(tmp_path: Pat
         )
 
 
-def test_flops_count_matmuls_and_attention(tmp_path: Path) -> None:
-    mc = model_config(tiny_config(tmp_path).model, VOCAB)
-    n = 1000
-    attn = flops_per_token(mc, n, seq_len=64) - flops_per_token(mc, n, seq_len=0)
-    assert flops_per_token(mc, 2 * n, seq_len=0) == 2 * flops_per_token(mc, n, seq_len=0) == 12 * n
-    assert attn == 12 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * 64
+@pytest.mark.parametrize("model", ["model.router_mode=token", "model.dense=true"], ids=["moe", "dense"])
+def test_flops_per_token_matches_a_counted_training_step(tmp_path: Path, model: str) -> None:
+    """The MFU numerator against ``FlopCounterMode`` over one forward and backward (attention as
+    math SDPA, whose matmuls the counter sees; experts as the loop, plain matmuls). The formula
+    also charges 6 FLOPs a token for each parameter that multiplies nothing, the norm weights, so
+    it exceeds the count by exactly that. (User-routed layers add a few more such parameters, the
+    routing signals' embedding rows and projections run once per sequence.)"""
+    mc = model_config(tiny_config(tmp_path, model, "model.moe_backend=loop").model, VOCAB)
+    net = MoERecForCausalLM(mc)
+    b, t = 4, 24
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(VOCAB.size // 2, VOCAB.size, (b, t), generator=g)
+    domains = torch.randint(0, len(VOCAB.services), (b, t), generator=g)
+    users = torch.randint(0, mc.num_user_buckets, (b,), generator=g)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(ids, domains, users, labels=ids).loss.backward()
+    formula = flops_per_token(mc, parameter_report(net)["active_per_token"], seq_len=t) * b * t
+    norms = sum(p.numel() for p in net.parameters() if p.ndim == 1)
+    assert counter.get_total_flops() == formula - 6 * b * t * norms
 
 
 def test_expert_load_heatmap_maps_shares_to_colours() -> None:
-    import torch
-
     from moe_rec.train.metrics import expert_load_heatmap
 
     share = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])  # (L=1, S=2, E=2)
