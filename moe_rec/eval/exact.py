@@ -55,6 +55,7 @@ def top_items(
     chunk_items: int = 65_536,
     query: torch.Tensor | None = None,
     vectors: torch.Tensor | None = None,
+    adjust: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best of N items for each request, exactly (equal scores: lower index first).
 
@@ -66,6 +67,8 @@ def top_items(
         chunk_items: items scored at once.
         query, vectors: (B, D) and (N, D): the item-level model's per-item term, ``P x query .
             vector`` added to each score (P code positions: the model trains on mean code logits).
+        adjust: (B,) an item index per request (-1: none) and (B,) an amount, ``P x amount`` added
+            to that one item's score (the item model's own-item correction of its text prior).
 
     Returns:
         scores (B, k') and item indices (B, k') into ``codes``, best first, k' = min(k, N).
@@ -78,6 +81,10 @@ def top_items(
         s = gather_scores(by_code, codes[start : start + chunk_items])  # (n_chunk, B)
         if vectors is not None:
             s += codes.shape[1] * (vectors[start : start + chunk_items].float() @ query.float().T)
+        if adjust is not None:
+            index, amount = adjust
+            inside = ((index >= start) & (index < start + s.shape[0])).nonzero().flatten()  # requests
+            s[index[inside] - start, inside] += codes.shape[1] * amount[inside].float()
         if exclude is not None:
             s = s.masked_fill(exclude[:, start : start + chunk_items].T, -math.inf)
         top_s, top_i = torch.topk(s, min(k, s.shape[0]), dim=0)  # (k', B)
@@ -108,16 +115,22 @@ class ServiceCatalogue:
 @torch.no_grad()
 def request_log_probs(
     model: MoERecForItemPrediction, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """Per-code log-probabilities (B, P, K) of the next item at the last position of a left-padded
-    item-level batch (:func:`moe_rec.data.positions.item_batch` with ``left_pad=True``), and the
-    query (B, D) its per-item term reads (None without ``item_embedding``)."""
+    item-level batch (:func:`moe_rec.data.positions.item_batch` with ``left_pad=True``), the
+    query (B, D') its per-item term reads (None without ``item_embedding``), and with
+    ``item_text_prior`` the own-item correction: (B,) table row of the last position's item (-1:
+    none) and (B,) what its score loses (None otherwise)."""
     device = next(model.parameters()).device
     if model.config.router_mode != "domain_user":
         batch = {k: v for k, v in batch.items() if k != "user_ids"}
     out = model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=1)
     query = out.hidden_states[:, -1] if out.hidden_states is not None else None
-    return torch.log_softmax(out.logits[:, -1].float(), dim=-1), query
+    own = None
+    if model.text_prior is not None:
+        rows = model.position_rows(batch["item_tokens"].to(device))[:, -1]  # (B,)
+        own = (rows, model.own_item_term(query, rows))
+    return torch.log_softmax(out.logits[:, -1].float(), dim=-1), query, own
 
 
 def top_for_requests(
@@ -128,6 +141,7 @@ def top_for_requests(
     exclude_rows: Sequence[Sequence[int]] | None = None,
     query: torch.Tensor | None = None,
     item_vectors: torch.Tensor | None = None,
+    own: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best items of each request's own service, exactly.
 
@@ -137,6 +151,8 @@ def top_for_requests(
         k: items per request.
         exclude_rows: per request, table rows never to return (e.g. its history's items).
         query, item_vectors: (B, D) and (N_table, D), the per-item term (see :func:`top_items`).
+        own: (B,) table rows (-1: none) and (B,) amounts: the own-item correction (``adjust`` of
+            :func:`top_items`), applied where the row is an item of the request's service.
 
     Returns:
         table rows (B, k), best first, and their scores (B, k); -1 / -inf where the service has
@@ -156,6 +172,14 @@ def top_for_requests(
                 rows = rows[catalogue.table.service_index[rows] == catalogue.table.services.index(service)]
                 exclude[j, catalogue.local[rows].to(codes.device)] = True
         vectors = item_vectors[catalogue.rows[service]] if item_vectors is not None else None
+        adjust = None
+        if own is not None:
+            rows, amount = own[0][mine].cpu(), own[1][mine]
+            local = torch.where(rows >= 0, catalogue.local[rows.clamp_min(0)], -1)
+            mine_service = catalogue.table.service_index[rows.clamp_min(0)] == catalogue.table.services.index(
+                service
+            )
+            adjust = (torch.where(mine_service, local, -1).to(codes.device), amount)
         top_s, idx = top_items(
             log_probs[mine],
             codes,
@@ -163,6 +187,7 @@ def top_for_requests(
             exclude,
             query=query[mine] if query is not None else None,
             vectors=vectors,
+            adjust=adjust,
         )
         picked = catalogue.rows[service][idx].cpu()  # (b_s, k')
         top_s = top_s.cpu()
@@ -201,9 +226,9 @@ def rank_exact(
         if exclude_seen
         else None
     )
-    log_probs, query = request_log_probs(model, batch)
+    log_probs, query, own = request_log_probs(model, batch)
     vectors = vectors if vectors is not None else model.item_table()
-    ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, vectors)
+    ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, vectors, own)
     return ranked
 
 
@@ -211,7 +236,10 @@ def gathered_item_table(model: MoERecForItemPrediction) -> torch.Tensor | None:
     """:meth:`~MoERecForItemPrediction.item_table`, its weights gathered first where DeepSpeed
     ZeRO-3 partitions them (outside a forward pass a rank holds only its shard); every rank calls it."""
     modules = [m for m in (model.item_embed, model.text_proj) if m is not None]
-    partitioned = [p for m in modules for p in m.parameters() if hasattr(p, "ds_id")]
+    params = [p for m in modules for p in m.parameters()] + (
+        [model.text_prior] if model.text_prior is not None else []
+    )
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         return model.item_table()
     import deepspeed

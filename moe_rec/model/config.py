@@ -75,6 +75,8 @@ class MoERecConfig(PretrainedConfig):
         item_text: bool = False,  # item_embedding: + a learned projection of the item's (frozen) text
         # embedding in its per-item vector, so an item unseen in training still has one
         item_text_dim: int = 0,  # width of those text embeddings (set from the SID stage's encoder)
+        item_text_prior: bool = False,  # item_text: + w x cos(text of the position's own item, text of
+        # the candidate), w learned (0 for the own item itself: "more like the last item, not it again")
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -119,6 +121,7 @@ class MoERecConfig(PretrainedConfig):
         self.num_items = num_items
         self.item_text = item_text
         self.item_text_dim = item_text_dim
+        self.item_text_prior = item_text_prior
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -166,6 +169,8 @@ class MoERecConfig(PretrainedConfig):
                 raise ValueError(
                     "item_text needs item_embedding and item_text_dim >= 1 (the text embeddings' width)"
                 )
+            if self.item_text_prior and not self.item_text:
+                raise ValueError("item_text_prior needs item_text (the text embeddings it compares)")
             if self.item_negatives < 0:
                 raise ValueError(f"item_negatives must be >= 0, got {self.item_negatives}")
             if self.item_head_temperature <= 0:

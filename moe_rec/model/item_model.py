@@ -38,6 +38,9 @@ from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERecPreTrainedModel, router_stats
 
+TEXT_PRIOR_INIT = 5.0  # w at the start: the weight that helped most added to a trained model, 128 in
+# summed-log-prob units on Beauty's validation split, is 7.5 per code position (17); a little below it
+
 
 def item_keys(codes: torch.Tensor, services: torch.Tensor) -> torch.Tensor:
     """One int64 key per item from its service token (...) and codes (..., P): a polynomial in a
@@ -88,6 +91,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if config.item_text:  # frozen text embeddings (saved with the weights: a bundle needs them)
             self.register_buffer("item_text", torch.zeros(config.num_items, config.item_text_dim))
             self.text_proj = nn.Linear(config.item_text_dim, d, bias=False)
+        self.text_prior: nn.Parameter | None = None
+        if config.item_text_prior:  # the weight of the last item's text similarity, in mean-code-logit units
+            self.text_prior = nn.Parameter(torch.full((1,), TEXT_PRIOR_INIT))  # (1,): DeepSpeed takes no 0-d
         self.post_init()
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
@@ -144,14 +150,42 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             vec = vec + self.text_proj(self.item_text[safe].to(vec.dtype))
         return vec * (rows >= 0)[..., None].to(vec.dtype)
 
+    def score_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., D') what an item's per-item term dots with the query (:meth:`item_query`): its
+        vector, and with ``item_text_prior`` its unit text embedding; zero where a row is -1."""
+        vec = self.item_vectors(rows)
+        return vec if self.text_prior is None else torch.cat([vec, self._unit_text(rows)], dim=-1)
+
+    def _unit_text(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., D_text) the unit text embeddings of catalogue ``rows``; zero where a row is -1."""
+        text = F.normalize(self.item_text[rows.clamp_min(0)].float(), dim=-1)
+        return text * (rows >= 0)[..., None].to(text.dtype)
+
+    def item_query(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
+        """(..., D') the query of the per-item term: the heads' query, and with ``item_text_prior``
+        the weighted unit text embedding of each position's own item (``own_rows``, -1: none), so
+        that ``item_query . score_vectors`` adds ``w x cos(own item, candidate)``."""
+        if self.text_prior is None:
+            return query
+        return torch.cat(
+            [query, self.text_prior * self.score_vectors(own_rows)[..., query.shape[-1] :]], dim=-1
+        )
+
+    def own_item_term(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
+        """(...) what each position's own item must lose so that its text prior is 0: its cosine
+        with itself is 1, so it got ``w``, which the text part of the query (:meth:`item_query`)
+        dotted with its unit text gives back (read from the query, not the weight: outside a forward
+        pass ZeRO-3 may hold no copy of it)."""
+        return -(query[..., self.config.hidden_size :].float() * self._unit_text(own_rows)).sum(-1)
+
     @torch.no_grad()
     def item_table(self) -> torch.Tensor | None:
-        """(N, D) every catalogue item's vector in SID-table row order (None without
+        """(N, D') every catalogue item's :meth:`score_vectors` in SID-table row order (None without
         ``item_embedding``). Computed on each call: callers that rank many batches with fixed
         weights (evaluation, serving) compute it once."""
         if self.item_embed is None:
             return None
-        return self.item_vectors(torch.arange(self.config.num_items, device=self.item_embed.weight.device))
+        return self.score_vectors(torch.arange(self.config.num_items, device=self.item_embed.weight.device))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -239,19 +273,25 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             attention_mask=attention_mask,
             inputs_embeds=self.embed_positions(item_tokens),
         )
+        own_rows = self.position_rows(item_tokens) if self.text_prior is not None else None  # (B, T)
         if logits_to_keep:
             hidden, query_services = hidden[:, -logits_to_keep:], query_services[:, -logits_to_keep:]
+            own_rows = own_rows[:, -logits_to_keep:] if own_rows is not None else None
         logits = self.code_logits(hidden, query_services)  # (B, T', P, K)
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
-            out.hidden_states = self.query(hidden, query_services)  # (B, T', D)
+            query = self.query(hidden, query_services)  # (B, T', D)
+            out.hidden_states = self.item_query(query, own_rows) if own_rows is not None else query
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
             target = labels[:, 1:]  # (B, T-1, P): the next event's codes
             if self.config.item_loss == "items":
                 query = out.hidden_states[:, :-1] if self.item_embed is not None else None
-                out.lm_loss = self._item_softmax_loss(logits[:, :-1], target, query_services[:, :-1], query)
+                own = own_rows[:, :-1] if own_rows is not None else None
+                out.lm_loss = self._item_softmax_loss(
+                    logits[:, :-1], target, query_services[:, :-1], query, own
+                )
             else:
                 out.lm_loss = F.cross_entropy(
                     logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -262,7 +302,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         return out
 
     def _item_softmax_loss(
-        self, logits: torch.Tensor, target: torch.Tensor, services: torch.Tensor, query: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        services: torch.Tensor,
+        query: torch.Tensor | None,
+        own_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean over scored positions of ``logsumexp_i s_i - s_target`` over the items i of the
         target's service, ``s_i`` the mean of item i's code logits; with ``item_negatives`` over
@@ -273,7 +318,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         Args:
             logits: (B, T, P, K) code logits; target: (B, T, P) next codes (-100: no target);
             services: (B, T) the target's service token.
-            query: (B, T, D) with ``item_embedding``: an item's logit also gets ``query . vector``.
+            query: (B, T, D') with ``item_embedding``: an item's logit also gets ``query .
+                score_vector`` (:meth:`item_query`, :meth:`score_vectors`).
+            own_rows: (B, T) with ``item_text_prior``: each position's own item, whose text prior is 0.
         """
         if self.train_codes is None:
             raise ValueError(
@@ -288,8 +335,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         target_score = z.gather(-1, tgt[..., None]).squeeze(-1).sum(-1)  # (M,)
         asked = services[scored]  # (M,)
         q = query[scored].float() if query is not None else None  # (M, D)
+        own = own_rows[scored] if own_rows is not None else None  # (M,)
         if q is not None:
-            target_score = target_score + (q * self.item_vectors(self.item_rows(tgt, asked)).float()).sum(-1)
+            target_rows = self.item_rows(tgt, asked)  # (M,)
+            target_score = target_score + (q * self.score_vectors(target_rows).float()).sum(-1)
+            if own is not None:  # a repeat of the own item gets no text prior
+                target_score = target_score + self.own_item_term(q, own) * (target_rows == own)
         groups = []  # per asked service: its positions and its candidate items
         for service in asked.unique().tolist():  # each service's positions against its own items only
             rows = self._rows_of[service]  # (N_s,) every trained item of the service
@@ -299,7 +350,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 ].unique()
             groups.append(((asked == service).nonzero().flatten(), rows))
         if q is not None:  # one lookup for every group (under ZeRO-3 each call gathers, on every rank)
-            vectors = self.item_vectors(torch.cat([rows for _, rows in groups])).float()
+            vectors = self.score_vectors(torch.cat([rows for _, rows in groups])).float()
             vectors = vectors.split([len(rows) for _, rows in groups])
         total = z.new_zeros(())
         for g, (pos, rows) in enumerate(groups):
@@ -307,6 +358,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             scores = gather_scores(z[pos].permute(1, 2, 0), codes).T  # (M_s, C)
             if q is not None:
                 scores = scores + q[pos] @ vectors[g].T
+                if own is not None:  # the own item among the candidates: no text prior
+                    scores = scores + self.own_item_term(q[pos], own[pos])[:, None] * (
+                        rows[None] == own[pos][:, None]
+                    )
             if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
                 copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
                 scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)

@@ -369,10 +369,10 @@ class Recommender:
         ones left out; per job, its ``(table row, score)`` of the ``max_k`` best, best first."""
         inputs = item_batch([{**j.prompt, "user": ""} for j in batch], self.vocab, 1, left_pad=True)
         inputs["user_ids"] = torch.tensor([j.user for j in batch])
-        log_probs, query = request_log_probs(self.bundle.model, inputs)
+        log_probs, query, own = request_log_probs(self.bundle.model, inputs)
         rows, scores = top_for_requests(
             log_probs, [j.service for j in batch], self.exact, self.config.max_k, [j.excluded_rows for j in batch],
-            query, self.item_vectors,
+            query, self.item_vectors, own,
         )  # fmt: skip
         return [
             [(r, s) for r, s in zip(job_rows, job_scores) if r >= 0]

@@ -200,3 +200,34 @@ def test_the_per_item_term_joins_every_score() -> None:
         best = sorted(brute.values(), reverse=True)[:10]
         # fp32 against float64, as above
         assert [brute[j] for j in ranked[i].tolist()] == pytest.approx(best, abs=1e-4)
+
+
+def test_per_item_term_and_own_item_correction_match_a_float64_loop() -> None:
+    """top_for_requests with the per-item term (query . vector, x P) and the own-item correction
+    (P x amount on one table row, and only where that row is of the request's service) ranks as a
+    float64 loop over every item of the service."""
+    table = _table(7)
+    catalogue = ServiceCatalogue(table)
+    g = torch.Generator().manual_seed(7)
+    services = ["a", "b", "c", "b"]
+    log_probs = torch.log_softmax(torch.randn(4, 4, K, generator=g), -1)
+    query, vectors = torch.randn(4, 6, generator=g), torch.randn(len(table), 6, generator=g)
+    # own rows: one of the asked service, one of another service (no correction), none, one more
+    own_rows = torch.tensor(
+        [int(catalogue.rows["a"][3]), int(catalogue.rows["a"][0]), -1, int(catalogue.rows["b"][5])]
+    )
+    amount = torch.tensor([-50.0, -50.0, -50.0, -50.0])  # large enough to move the own item down
+    ranked, _ = top_for_requests(log_probs, services, catalogue, 10, None, query, vectors, (own_rows, amount))
+    p = table.codes.shape[1]
+    for b, service in enumerate(services):
+        rows = catalogue.rows[service].tolist()
+        lp, q = log_probs[b].double(), query[b].double()
+        score = {
+            r: sum(float(lp[j, c]) for j, c in enumerate(table.codes[r].tolist()))
+            + p * float(q @ vectors[r].double())
+            + (p * float(amount[b]) if r == int(own_rows[b]) else 0.0)
+            for r in rows
+        }
+        expect = sorted(rows, key=lambda r: -score[r])[:10]
+        assert [score[r] for r in ranked[b].tolist()] == pytest.approx([score[r] for r in expect], abs=1e-3)
+    assert int(own_rows[0]) not in ranked[0].tolist()  # corrected down and out of the top 10

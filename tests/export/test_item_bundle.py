@@ -83,8 +83,9 @@ def test_bundle_reproduces_the_checkpoint_and_serves_its_ranking(
         assert all(a.score >= b.score for a, b in zip(everything, everything[1:]))
 
 
-@pytest.mark.parametrize("text", [False, True], ids=["vector", "vector+text"])
-def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool) -> None:
+@pytest.mark.parametrize(("text", "prior"), [(False, False), (True, False), (True, True)],
+                         ids=["vector", "vector+text", "vector+text+prior"])  # fmt: skip
+def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool, prior: bool) -> None:
     """The per-item term through ZeRO-3 (its item-key buffers, and with item_text the catalogue's
     text embeddings, included): the exported bundle reproduces the engine's logits and query, and
     serving ranks as exact scoring of the checkpoint."""
@@ -98,7 +99,8 @@ def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool) ->
     (tmp_path / "zero3.json").write_text(json.dumps(zero3))
     args = ("model.kind=item", "model.overrides.item_loss=items", "model.overrides.item_embedding=true",
             "model.overrides.item_negatives=4", f"train.deepspeed={tmp_path / 'zero3.json'}",
-            *(["model.overrides.item_text=true"] if text else []))  # fmt: skip
+            *(["model.overrides.item_text=true"] if text else []),
+            *(["model.overrides.item_text_prior=true"] if prior else []))  # fmt: skip
     summary = train(tiny_config(run, *args))
     checkpoint = load_model(run / "checkpoints", "latest")
     # validation under ZeRO-3 (the per-item vectors gathered from their shards) equals the checkpoint's
@@ -113,7 +115,7 @@ def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool) ->
         rows = torch.arange(len(checkpoint.item_text))
         with torch.no_grad():
             plain = checkpoint.item_embed(rows) + checkpoint.item_text @ checkpoint.text_proj.weight.T
-        torch.testing.assert_close(checkpoint.item_table(), plain)
+        torch.testing.assert_close(checkpoint.item_table()[:, : plain.shape[1]], plain)
     table = SIDTable.load(run / "sids")
     rows = checkpoint.item_rows(table.codes, table.service_index + VOCAB.service_offset)
     assert torch.equal(rows, torch.arange(len(table)))  # every catalogue item finds its own vector

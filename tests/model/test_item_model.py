@@ -220,11 +220,14 @@ def _logit(z: torch.Tensor, q: torch.Tensor, vec: torch.Tensor, row: int | None,
     return sum(float(z[p, c]) for p, c in enumerate(codes)) / len(codes) + term
 
 
-@pytest.mark.parametrize("text", [False, True], ids=["vector", "vector+text"])
-def test_item_embedding_keys_rows_and_loss(text: bool) -> None:
+@pytest.mark.parametrize(("text", "prior"), [(False, False), (True, False), (True, True)],
+                         ids=["vector", "vector+text", "vector+text+prior"])  # fmt: skip
+def test_item_embedding_keys_rows_and_loss(text: bool, prior: bool) -> None:
     """item_embedding: each catalogue item found by its (service, codes) key, a cold item and [BOS]
     by none; the loss adds ``query . vector`` to the mean code logit (a float64 loop again); with
-    item_text the vector is the learned one plus the projected text embedding."""
+    item_text the vector is the learned one plus the projected text embedding; with
+    item_text_prior also ``w x cos`` of the position's own item's text and the candidate's, 0 for
+    the own item itself."""
     g = torch.Generator().manual_seed(11)
     catalogue = [
         (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
@@ -233,7 +236,7 @@ def test_item_embedding_keys_rows_and_loss(text: bool) -> None:
     cfg = build_config(
         "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
         code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_embedding=True,
-        num_items=len(catalogue), item_text=text, item_text_dim=6 if text else 0,
+        num_items=len(catalogue), item_text=text, item_text_dim=6 if text else 0, item_text_prior=prior,
     )  # fmt: skip
     model = MoERecForItemPrediction(cfg).eval()
     assert model.item_embed.weight.abs().sum() == 0  # no item term before training
@@ -244,28 +247,39 @@ def test_item_embedding_keys_rows_and_loss(text: bool) -> None:
     )
     with torch.no_grad():
         model.item_embed.weight.normal_(0, 0.5)
-    cold = ("b", [7, 7, 7, 3]) if ("b", [7, 7, 7, 3]) not in catalogue else ("b", [6, 6, 6, 3])
+    # the cold item is of catalogue[2]'s service, so position 1 (own item catalogue[2]) ranks its own item
+    cold = ("a", [7, 7, 7, 3]) if ("a", [7, 7, 7, 3]) not in catalogue else ("a", [6, 6, 6, 3])
     row = _sample([catalogue[2], cold, catalogue[9]], "u")
     one = item_batch([row], VOCAB, 16)
     one.pop("user_ids")
     assert model.position_rows(one["item_tokens"])[0].tolist() == [-1, 2, -1, 9]
     out = model(**one)
     z = out.logits[0].detach().double()
-    q = out.hidden_states[0].detach().double()
+    d = model.config.hidden_size
+    q = out.hidden_states[0, :, :d].detach().double()  # the heads' query; with the prior, text follows
     vec = model.item_embed.weight.detach().double()
     if text:
         vec = vec + model.item_text.double() @ model.text_proj.weight.detach().double().T
-    torch.testing.assert_close(model.item_table().double(), vec)
+    torch.testing.assert_close(model.item_table()[:, :d].double(), vec)
+    own = [-1, 2, -1, 9]  # each position's own catalogue row ([BOS], catalogue[2], cold, catalogue[9])
+
+    def text_prior(t: int, row: int | None) -> float:
+        if not prior or own[t] < 0 or row is None or row == own[t]:
+            return 0.0
+        a, b = model.item_text[own[t]].double(), model.item_text[row].double()
+        return float(model.text_prior) * float(a @ b / (a.norm() * b.norm()))
+
     total = 0.0
     for t, nxt in ((0, catalogue[2]), (1, cold), (2, catalogue[9])):
         service = VOCAB.service_token(nxt[0])
 
         others = [
-            _logit(z[t], q[t], vec, i, c)
+            _logit(z[t], q[t], vec, i, c) + text_prior(t, i)
             for i, (s, c) in enumerate(catalogue)
             if VOCAB.service_token(s) == service
         ]
-        target = _logit(z[t], q[t], vec, catalogue.index(nxt) if nxt in catalogue else None, nxt[1])
+        row = catalogue.index(nxt) if nxt in catalogue else None
+        target = _logit(z[t], q[t], vec, row, nxt[1]) + text_prior(t, row)
         # a cold target has no vector and is not in the normaliser (training targets always are)
         total += math.log(sum(math.exp(x) for x in others)) - target
     assert out.lm_loss.item() == pytest.approx(total / 3, rel=1e-5)  # fp32 against float64 sums
