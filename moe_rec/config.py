@@ -21,10 +21,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from moe_rec.errors import MoeRecError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(MoeRecError, ValueError):
     """A config file or override that does not fit the config schema."""
 
 

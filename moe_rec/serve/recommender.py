@@ -44,6 +44,7 @@ import torch
 
 from moe_rec.data.positions import item_batch
 from moe_rec.data.sequences import prompt, user_bucket
+from moe_rec.errors import MoeRecError
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.evaluate import left_pad
 from moe_rec.eval.exact import ServiceCatalogue, item_table, request_log_probs, top_for_requests
@@ -73,7 +74,7 @@ class Recommendation:
     fields: dict[str, Any]  # the item's catalogue fields (title, brand, ... whatever the catalogue has)
 
 
-class RequestError(ValueError):
+class RequestError(MoeRecError, ValueError):
     """A bad request. ``field`` names the input at fault, e.g. ``history[3].item_id``, ``service``, ``k``."""
 
     def __init__(self, field: str, message: str) -> None:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from moe_rec.errors import MoeRecError
 from moe_rec.sid.io import SIDFileError, load_tensors, save_tensors
 
 TRIE_FILE = "sid_trie.safetensors"
 
 
-class UnknownServiceError(LookupError):
+class UnknownServiceError(MoeRecError, LookupError):
     """A service that has no semantic IDs."""
 
 

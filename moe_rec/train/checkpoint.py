@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moe_rec.errors import MoeRecError
 from moe_rec.model import MoERecConfig, MoERecForCausalLM, MoERecForItemPrediction, model_class
 
 STATE_FILE = "trainer_state.json"
@@ -33,7 +34,7 @@ MODEL_CONFIG_FILE = "config.json"  # the MoERecConfig of the checkpointed model
 VOCAB_FILE = "vocab.json"  # the token layout it was trained on
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoeRecError, ValueError):
     """A checkpoint that is missing, partial or unreadable."""
 
 
