@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 
+from moe_rec.config import ConfigError
 from moe_rec.serve.metrics import ServeMetrics
 from moe_rec.serve.recommender import DEFAULT_MAX_K, Recommender, RequestError
 
@@ -444,11 +445,11 @@ def _listen(host: str, port: int) -> socket.socket:
     does), bound before the bundle loads, so a bad port fails at once and in one line.
 
     Raises:
-        ValueError: ``port`` is outside 0..65535.
+        ConfigError: ``port`` is outside 0..65535.
         OSError: the address cannot be bound (in use, not this machine's, no permission).
     """
     if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is invalid: use 1..65535, or 0 for any free port")
+        raise ConfigError(f"port {port} is invalid: use 1..65535, or 0 for any free port")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
