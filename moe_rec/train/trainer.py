@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from moe_rec.config import to_dict
+from moe_rec.config import ConfigError, to_dict
 from moe_rec.console import console, progress
 from moe_rec.data.positions import code_token_ranges
 from moe_rec.data.schema import DataError
@@ -61,15 +61,18 @@ def model_config(section: ModelSection, vocab: Vocabulary, num_items: int = 0) -
     ranges = {"code_token_ranges": code_token_ranges(vocab)} if section.kind == "item" else {}
     if section.overrides.get("item_embedding"):
         ranges["num_items"] = num_items
-    cfg = build_config(
-        section.size,
-        vocab_size=vocab.size,
-        num_domains=vocab.service_slots,
-        router_mode=section.router_mode,
-        moe_backend=section.moe_backend,
-        **ranges,
-        **section.overrides,
-    )
+    try:
+        cfg = build_config(
+            section.size,
+            vocab_size=vocab.size,
+            num_domains=vocab.service_slots,
+            router_mode=section.router_mode,
+            moe_backend=section.moe_backend,
+            **ranges,
+            **section.overrides,
+        )
+    except ValueError as e:  # a model.overrides value the model refuses, e.g. top-k above num_experts
+        raise ConfigError(f"model: {e}") from None
     return cfg.dense_twin() if section.dense else cfg
 
 
@@ -172,7 +175,7 @@ class Trainer:
             )
         known = validation_keys(self.vocab.services)
         if self.tc.best_metric not in known:
-            raise ValueError(
+            raise ConfigError(
                 f"train.best_metric={self.tc.best_metric!r} is not a validation metric; known: "
                 + ", ".join(k for k in known if k.count("/") == 1)
                 + " (and the same per service, e.g. valid/<service>/ndcg@10)"
@@ -333,7 +336,7 @@ class Trainer:
             metrics.update(
                 retrieval(self.engine, self.valid_requests, self.sids, self.sid_trie, self.retrieval_cfg)
             )
-        self.logger.log(metrics, self.step)
+        self.logger.log(metrics, self.step, kind="valid")
         if self.rank == 0:
             shown = {k: v for k, v in metrics.items() if k.count("/") == 1}  # overall, not per service
             console.print(f"step {self.step}  " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
@@ -413,7 +416,7 @@ class Trainer:
                     }
                     if peak is not None:
                         log["perf/mfu"] = fpt * tokens_per_s / self.world_size / peak
-                    self.logger.log(log, self.step)
+                    self.logger.log(log, self.step, kind="train")
                     if self.rank == 0:
                         console.print(
                             f"step {self.step}/{stop}  loss {log['train/loss']:.4f}  lm {log['train/lm_loss']:.4f}  "
