@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,27 +128,32 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
-def wandb_records(run_file: Path) -> list[Any]:
+def wandb_records(run_file: Path, timeout: float = 60.0) -> list[Any]:
     """The records of a W&B transaction log (``run-<id>.wandb``, what ``wandb sync`` uploads):
     a 7-byte header, then 32 KiB blocks of chunks (crc32, length, type: full / first / middle /
-    last), each whole record a ``wandb_internal_pb2.Record``."""
+    last), each whole record a ``wandb_internal_pb2.Record``. W&B's service process writes the log
+    after ``run.finish()`` returns (on a busy machine, seconds later), so this waits up to
+    ``timeout`` seconds for the run's closing ``exit`` record."""
     from wandb.proto import wandb_internal_pb2
 
-    data, block = Path(run_file).read_bytes(), 32 * 1024
-    assert data[:4] == b":W&B", f"{run_file} is not a W&B transaction log"
-    records, pos, part = [], 7, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if length == 0 and kind == 0:
-            break
-        part += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # full, last
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(part)
-            records.append(record)
-            part = b""
-    return records
+    deadline = time.monotonic() + timeout
+    while True:
+        data, block = Path(run_file).read_bytes(), 32 * 1024
+        records, pos, part = [], 7, b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if length == 0 and kind == 0 or pos + 7 + length > len(data):  # the end, or a chunk half written
+                break
+            part += data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # full, last
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(part)
+                records.append(record)
+                part = b""
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
