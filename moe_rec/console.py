@@ -8,6 +8,7 @@ errors) goes to stderr, through :data:`console`. So ``moe-rec eval ... --json | 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -30,9 +31,20 @@ results = Console()  # a command's results, on whatever sys.stdout is when it pr
 
 
 def print_json(data: Any) -> None:
-    """``data`` as one JSON document on stdout (a command's ``--json``)."""
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """``data`` as one JSON document on stdout (a command's ``--json``); a NaN or infinite number
+    (a mean over no requests) is written as ``null``, so that any JSON parser reads it."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def plain(text: str) -> str:
