@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,9 +40,11 @@ from rich.table import Table
 from moe_rec import stages
 from moe_rec.config import ConfigError, dump_config, load_config, to_dict
 from moe_rec.console import console, plain, print_json, results
+from moe_rec.data.cold_start import read_cold_items
 from moe_rec.data.schema import DataError
 from moe_rec.errors import MoeRecError
 from moe_rec.experiment import ExperimentConfig
+from moe_rec.serve.config import DEFAULT_K, LOG_LEVELS, ServeConfig
 
 if TYPE_CHECKING:
     from moe_rec.serve import Recommender
@@ -136,7 +138,9 @@ def stage_sids(cfg: ExperimentConfig, data_dir: Path, out: Path) -> dict[str, An
 
 
 def stage_sequences(cfg: ExperimentConfig) -> dict[str, int]:
-    """Token samples of every split and the vocabulary; returns the sample count per split."""
+    """Token samples of every split and the vocabulary (and the cold-start benchmark's held-out
+    items, with ``sequences.cold_items``); returns the sample count per split."""
+    from moe_rec.data.cold_start import COLD_FILE, pick_cold_items, write_cold_items
     from moe_rec.data.sequences import SequenceBuilder, write_sequences
     from moe_rec.sid.table import META_FILE, SIDTable
 
@@ -149,6 +153,12 @@ def stage_sequences(cfg: ExperimentConfig) -> dict[str, int]:
     vocab = table.vocabulary()
     builder = SequenceBuilder(vocab, table.code_map(), cfg.sequences)
     counts = write_sequences(cfg.data_dir, builder, cfg.sequences_dir)
+    cold = pick_cold_items(builder.item_codes, cfg.sequences.cold_items)
+    write_cold_items(cfg.sequences_dir, cfg.sequences.cold_items, cold)
+    if cold:
+        console.print(
+            f"cold start: {len(cold):,} items kept out of training -> {cfg.sequences_dir / COLD_FILE}"
+        )
     (cfg.sequences_dir / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
     console.print(f"vocabulary: {vocab.size:,} tokens ({len(vocab.services)} services, {vocab.levels}x"
                   f"{vocab.codebook_size} codes + {vocab.dedup_size} dedup)")  # fmt: skip
@@ -168,23 +178,33 @@ def stage_eval(
     predictions: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint of the run (exact scoring or beam search, by model kind), a bundle, or
-    a baseline (most popular, SASRec) on ``cfg.eval.split``; writes and returns the report
-    ``{"model", "config", "metrics"}`` (``<run_dir>/eval/<split>-<model>.json``). A checkpoint's
+    a baseline (most popular, SASRec, text neighbours) on ``cfg.eval.split``; writes and returns the
+    report ``{"model", "config", "metrics"}`` (``<run_dir>/eval/<split>-<model>.json``). On a
+    cold-start benchmark's sequences, cold and warm targets are reported too. A checkpoint's
     metrics also go to the run's ``metrics.jsonl`` and W&B run; ``predictions``: every request's
     ranking to that JSONL file (:mod:`moe_rec.eval.predictions`; the model's, not a baseline's)."""
     if baseline is not None and predictions is not None:
         raise ConfigError("--save-predictions: the baselines do not write their rankings; evaluate a model")
+    cold = read_cold_items(cfg.sequences_dir)  # the cold-start benchmark's items, when it is one
+    split, exclude_seen = cfg.eval.split, cfg.eval.exclude_seen
     if baseline == "popularity":
         from moe_rec.eval.popularity import evaluate_popularity
 
         name = "popularity"
-        metrics = evaluate_popularity(cfg.data_dir, split=cfg.eval.split, exclude_seen=cfg.eval.exclude_seen)
+        metrics = evaluate_popularity(cfg.data_dir, split=split, exclude_seen=exclude_seen, cold=cold)
     elif baseline == "sasrec":
         from moe_rec.baselines.sasrec import evaluate_sasrec
 
         name = "sasrec"
         out_dir = cfg.run_dir / "baselines" / "sasrec"
-        metrics = evaluate_sasrec(cfg.data_dir, out_dir, cfg.sasrec, cfg.eval.split, cfg.eval.exclude_seen)
+        metrics = evaluate_sasrec(cfg.data_dir, out_dir, cfg.sasrec, split, exclude_seen, cold=cold)
+    elif baseline == "text":
+        from moe_rec.baselines.text_neighbours import evaluate_text_neighbours
+
+        name = "text"
+        metrics = evaluate_text_neighbours(
+            cfg.data_dir, cfg.sid, cfg.embedding_cache, split, exclude_seen, cold=cold
+        )
     else:
         from moe_rec.eval.evaluate import evaluate_model
 
@@ -206,7 +226,7 @@ def stage_eval(
 
             name = resolve_tag(cfg.checkpoint_dir, checkpoint)
             model, table = load_model(cfg.checkpoint_dir, name), SIDTable.load(cfg.sid_dir)
-        metrics = evaluate_model(model, table, samples, cfg.eval, predictions)
+        metrics = evaluate_model(model, table, samples, cfg.eval, cold, predictions=predictions)
         if predictions is not None:
             console.print(f"wrote every request's ranking to {predictions}")
         if not bundle:
@@ -414,8 +434,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a bundle over HTTP in this process until Ctrl-C / SIGTERM (then shut down gracefully)."""
     from moe_rec.serve.http import run_server
 
-    run_server(
-        args.bundle,
+    config = ServeConfig(
         host=args.host,
         port=args.port,
         device=args.device,
@@ -427,13 +446,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         access_log=args.access_log,
         log_level=args.log_level,
     )
+    run_server(args.bundle, config)
 
 
 def cmd_recommend(args: argparse.Namespace) -> None:
     """Recommendations from a bundle for one history given on the command line."""
     from moe_rec.serve import Recommender
 
-    with Recommender.from_bundle(args.bundle, device=args.device) as rec:
+    with Recommender.from_bundle(args.bundle, ServeConfig(device=args.device)) as rec:
         found = recommendations(rec, args.history, args.service, args.k, args.user, args.exclude_seen)
     if args.json:
         print_json(found)
@@ -483,21 +503,6 @@ def _parse_event(text: str) -> tuple[str, str]:
     if not sep or not service or not item_id:
         raise argparse.ArgumentTypeError(f"{text!r}: write an event as SERVICE:ITEM_ID")
     return service, item_id
-
-
-def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
-    """An argparse type: a number of ``kind`` no smaller than ``low`` (a bad one is a usage error)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text} is below {low}")
-        return value
-
-    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -561,7 +566,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", default="best", help="best (default), latest, or a step_* tag")
     evaluate.add_argument("--bundle", help="evaluate an exported bundle instead of a checkpoint")
     evaluate.add_argument(
-        "--baseline", choices=["popularity", "sasrec"], help="evaluate a baseline instead of a checkpoint"
+        "--baseline",
+        choices=["popularity", "sasrec", "text"],
+        help="evaluate a baseline instead of a checkpoint (text: the last item's nearest text neighbours)",
     )
     evaluate.add_argument(
         "--save-predictions", metavar="PATH",
@@ -584,7 +591,7 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--history", nargs="+", required=True, type=_parse_event, metavar="SERVICE:ITEM_ID",
                      help="the user's events across services, oldest first")  # fmt: skip
     rec.add_argument("--service", required=True, help="the service to recommend in")
-    rec.add_argument("--k", type=_at_least(1), default=10, help="how many items (default: %(default)s)")
+    rec.add_argument("--k", type=int, default=DEFAULT_K, help="how many items (default: %(default)s)")
     rec.add_argument("--user", help="user id (hashed into the user-routing bucket, as in training)")
     rec.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
                      help="leave out items already in the history (default: %(default)s)")  # fmt: skip
@@ -600,35 +607,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("bundle", help="bundle directory (written by the export step)")
     serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for all (default: %(default)s)"
+        "--host",
+        default=ServeConfig.host,
+        help="address to listen on; 0.0.0.0 for all (default: %(default)s)",
     )
     serve.add_argument(
-        "--port", type=int, default=8000, help="TCP port, 1..65535; 0 picks a free one (default: %(default)s)"
+        "--port",
+        type=int,
+        default=ServeConfig.port,
+        help="TCP port, 1..65535; 0 picks a free one (default: %(default)s)",
     )
     serve.add_argument(
         "--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)"
     )
     serve.add_argument(
         "--max-batch-size",
-        type=_at_least(1),
-        default=32,
+        type=int,
+        default=ServeConfig.max_batch_size,
         help="most requests decoded in one batch (default: %(default)s)",
     )
     serve.add_argument(
-        "--max-wait-ms", type=_at_least(0.0, float), default=2.0,
+        "--max-wait-ms", type=float, default=ServeConfig.max_wait_ms,
         help="how long the first request of a batch waits for more to arrive (default: %(default)s)",
     )  # fmt: skip
     serve.add_argument(
-        "--max-k", type=_at_least(1), default=50,
+        "--max-k", type=int, default=ServeConfig.max_k,
         help="largest k a request may ask for; also the beam width of every decode, so latency grows "
         "with it (default: %(default)s)",
     )  # fmt: skip
     serve.add_argument(
-        "--max-body-bytes", type=_at_least(1), default=1 << 20,
+        "--max-body-bytes", type=int, default=ServeConfig.max_body_bytes,
         help="larger request bodies are refused with 413 (default: %(default)s = 1 MiB)",
     )  # fmt: skip
     serve.add_argument(
-        "--torch-threads", type=_at_least(1),
+        "--torch-threads", type=int,
         help="CPU threads of the model (default: torch's, one per core); 1 is often fastest on a small "
         "or shared machine, see docs/serving.md",
     )  # fmt: skip
@@ -637,8 +649,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
+        default=ServeConfig.log_level,
+        choices=LOG_LEVELS,
         help="server log verbosity (default: %(default)s)",
     )
     serve.set_defaults(func=cmd_serve)

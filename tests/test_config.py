@@ -32,6 +32,24 @@ def test_include_merges_and_later_wins(tmp_path: Path) -> None:
     assert cfg.sid.levels == 4 and cfg.sid.codebook_size == ExperimentConfig().sid.codebook_size
 
 
+def test_include_paths_are_relative_to_the_including_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ``include:`` resolves from the directory of the file that names it, whatever the current
+    directory; other paths in a config are kept as written (they resolve from the current directory)."""
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "common" / "more").mkdir(parents=True)
+    (tmp_path / "exp" / "run.yaml").write_text("include: [../common/data.yaml, ../common/seed.yaml]\n")
+    (tmp_path / "common" / "data.yaml").write_text(
+        "include: more/shards.yaml\ndata: {source: amazon2014, path: my/data, num_shards: 2}\n"
+    )
+    (tmp_path / "common" / "more" / "shards.yaml").write_text("data: {num_shards: 5, strict: true}\n")
+    (tmp_path / "common" / "seed.yaml").write_text("data: {num_shards: 7}\n")
+    monkeypatch.chdir(tmp_path / "common" / "more")  # includes do not depend on it
+    cfg = load_config(ExperimentConfig, Path("../../exp/run.yaml"))
+    assert (cfg.data.num_shards, cfg.data.strict, cfg.data.path) == (7, True, Path("my/data"))
+
+
 def test_unknown_key_names_key_file_and_suggestion(tmp_path: Path) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text("data:\n  num_shard: 3\n")

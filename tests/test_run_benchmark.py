@@ -131,6 +131,7 @@ def test_summary_of_hand_written_reports_matches_a_plain_loop(tmp_path: Path) ->
     assert rows == expected_rows
 
 
+@pytest.mark.slow  # three runs of the tool, each a fresh process loading the experiment config (torch): ~20 s
 def test_summary_only_rejects_bad_input_with_the_reason(tmp_path: Path) -> None:
     empty = _summary_only(tmp_path)
     assert empty.returncode != 0 and "no finished runs" in empty.stderr

@@ -34,6 +34,7 @@ import torch
 from moe_rec.data.vocab import BOS, Vocabulary
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.model import MoERecForCausalLM, build_config
+from moe_rec.model.choices import MODEL_SIZES
 from moe_rec.sid.dedup import assign_dedup
 from moe_rec.sid.table import SIDTable
 from moe_rec.sid.trie import SIDTrie
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--size", choices=["tiny", "small", "base"], default="small", help="model size")
+    p.add_argument("--size", choices=MODEL_SIZES, default="small", help="model size")
     p.add_argument("--services", type=int, default=3)
     p.add_argument("--items", type=int, default=20000, help="items per service")
     p.add_argument("--levels", type=int, default=3, help="L, quantiser codes per item")

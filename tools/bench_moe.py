@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_rec.model.choices import ROUTER_MODES
 from moe_rec.model.moe import GatedFeedForward, MoEFeedForward
 from moe_rec.model.router import Router
 
@@ -204,9 +205,7 @@ def main() -> None:
     parser.add_argument(
         "--sizes", nargs="+", default=None, help="TOKENSxDxFxExK each; default depends on --device"
     )
-    parser.add_argument(
-        "--mode", choices=["token", "domain", "domain_user"], default="token", help="router mode"
-    )
+    parser.add_argument("--mode", choices=ROUTER_MODES, default="token", help="router mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument(

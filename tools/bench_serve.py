@@ -46,6 +46,8 @@ import transformers
 
 from moe_rec.export.bundle import CATALOGUE_FILE, export_model
 from moe_rec.model import MoERecForCausalLM, build_config
+from moe_rec.model.choices import MODEL_SIZES
+from moe_rec.serve.config import DEFAULT_K, ServeConfig
 from moe_rec.serve.recommender import Recommender
 from moe_rec.sid.dedup import assign_dedup
 from moe_rec.sid.table import SIDTable
@@ -172,17 +174,19 @@ def quantiles_ms(latencies: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", nargs="?", type=Path, help="bundle directory (or --synthetic)")
-    parser.add_argument("--synthetic", choices=["tiny", "small", "base"], help="export a random bundle first")
+    parser.add_argument("--synthetic", choices=MODEL_SIZES, help="export a random bundle first")
     parser.add_argument("--items", type=int, default=2000, help="items per service of --synthetic")
     parser.add_argument("--url", help="a running server instead of starting one")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=200, help="per client")
     parser.add_argument("--baseline-requests", type=int, default=200, help="sent one at a time")
     parser.add_argument("--history", type=int, default=20, help="longest history (events)")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--max-k", type=int, default=50, help="the server's --max-k (beam width)")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
+    parser.add_argument(
+        "--max-k", type=int, default=ServeConfig.max_k, help="the server's --max-k (beam width)"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=ServeConfig.max_batch_size)
+    parser.add_argument("--max-wait-ms", type=float, default=ServeConfig.max_wait_ms)
     parser.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--torch-threads", type=int, help="model CPU threads, server and baseline alike")
     parser.add_argument("--seed", type=int, default=0)
@@ -219,7 +223,7 @@ def main() -> None:
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
         rec = Recommender.from_bundle(
-            bundle, device=args.device, max_batch_size=1, max_wait_ms=0, max_k=args.max_k
+            bundle, ServeConfig(device=args.device, max_batch_size=1, max_wait_ms=0, max_k=args.max_k)
         )
         base = requests[: args.baseline_requests]
         for body in warmup[:4]:

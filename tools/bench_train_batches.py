@@ -22,6 +22,7 @@ import torch
 
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.model import MoERecForCausalLM, build_config
+from moe_rec.model.choices import MODEL_SIZES
 from moe_rec.train.data import Collator, ShardedTrainData, load_split
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--sequences", required=True, type=Path, help="a run's sequences/ directory")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
+    parser.add_argument("--size", default="tiny", choices=MODEL_SIZES)
     parser.add_argument("--batch-size", type=int, default=32, help="windows per fixed-size micro batch")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="micro_batch_tokens")
     parser.add_argument("--batches", type=int, default=40, help="timed micro batches per plan")

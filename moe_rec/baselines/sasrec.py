@@ -52,6 +52,7 @@ from moe_rec.baselines.config import SASRecConfig
 from moe_rec.config import ConfigError, to_dict
 from moe_rec.console import console, progress
 from moe_rec.data import store
+from moe_rec.data.cold_start import COLD, WARM, cold_labels, drop_cold_training
 from moe_rec.data.schema import DataError
 from moe_rec.eval.metrics import DEFAULT_KS, PAD, RankingMetrics
 
@@ -279,8 +280,10 @@ def evaluate_split(
     metrics: RankingMetrics,
     exclude_seen: bool = False,
     batch_size: int = 512,
+    cold: set[tuple[str, str]] | None = None,
 ) -> None:
-    """Score every ``split`` request of ``data`` over all service items and add it to ``metrics``."""
+    """Score every ``split`` request of ``data`` over all service items and add it to ``metrics``
+    (with ``cold``, the items kept out of training, also as a cold or warm target)."""
     model.eval()
     device = next(model.parameters()).device
     requests = data.requests[split]
@@ -291,7 +294,9 @@ def evaluate_split(
         exclude = [history for history, _ in batch] if exclude_seen else None
         ranked = rank_items(scores, max(metrics.ks), exclude).cpu()
         target = torch.tensor([t for _, t in batch], dtype=torch.long)
-        metrics.update(ranked, target, [data.service] * len(batch))
+        services = [data.service] * len(batch)
+        labels = cold_labels(services, [data.items[t - 1] for _, t in batch], cold or set())
+        metrics.update(ranked, target, services, labels)
 
 
 def _validate(
@@ -434,9 +439,12 @@ def evaluate_sasrec(
     split: str = "test",
     exclude_seen: bool = False,
     ks: Sequence[int] = DEFAULT_KS,
+    cold: set[tuple[str, str]] | None = None,
 ) -> dict[str, float]:
     """Fit (or reuse) one SASRec per service on a prepared data directory, select each on the
-    validation split, then score ``split`` once.
+    validation split, then score ``split`` once. With ``cold`` (the cold-start benchmark's items)
+    their training events are left out (of training and of histories: SASRec has no vector for
+    them), and cold and warm targets are reported beside the services.
 
     Args:
         data_dir: a prepared data directory (events of all splits, catalogue).
@@ -456,11 +464,12 @@ def evaluate_sasrec(
     events = store.load_table(Path(data_dir))
     items = store.load_table(Path(data_dir), store.ITEMS_DIR)
     present = sorted(set(events.column("service").to_pylist()))
+    events = drop_cold_training(events, cold or set())
     services = cfg.services or present
     unknown = sorted(set(services) - set(present))
     if unknown:
         raise ConfigError(f"sasrec.services: {unknown} not in the data; it has {present}")
-    metrics = RankingMetrics(services, ks=ks, prefix=split)
+    metrics = RankingMetrics(services, ks=ks, prefix=split, groups=(COLD, WARM) if cold else ())
     for service in services:
         data = build_service_data(events, items, service)
         model, meta = fit_service(data, cfg, Path(out_dir) / service, exclude_seen, ks)
@@ -469,5 +478,5 @@ def evaluate_sasrec(
             f"valid N@10 {meta['best_valid'][f'valid/{service}/{SELECT}']:.4f}, "
             f"{meta['seconds_per_epoch']:.1f} s/epoch"
         )
-        evaluate_split(model, data, split, metrics, exclude_seen, cfg.eval_batch_size)
+        evaluate_split(model, data, split, metrics, exclude_seen, cfg.eval_batch_size, cold)
     return metrics.compute()

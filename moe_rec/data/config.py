@@ -66,8 +66,16 @@ class FilesConfig:
     # our column name -> the column name in your files (only the ones that differ)
     event_columns: dict[str, str] = field(default_factory=dict)
     item_columns: dict[str, str] = field(default_factory=dict)
-    timestamp_unit: Literal["s", "ms", "iso"] = "s"  # how the timestamp column is written
+    # how the timestamp column is written; none: there is none (order-only data), a user's events in
+    # one service keep the order of the files (files in the order listed, a glob's matches sorted)
+    timestamp_unit: Literal["s", "ms", "iso", "none"] = "s"
     category_separator: str = "|"  # categories given as one string are split on this
+    # the service of every row of a file that has no service column (one-service data); None: required
+    default_service: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.default_service is not None and not self.default_service.strip():
+            raise ValueError("files.default_service must be a service name or null, got an empty string")
 
 
 @dataclass

@@ -167,6 +167,7 @@ class CatalogueBuilder:
         brand: str | None = None,
         price: float | None = None,
         text: str | None = None,
+        item_text: str | None = None,
     ) -> None:
         self.report.rows_read += 1
         if service not in self.services:
@@ -183,6 +184,7 @@ class CatalogueBuilder:
             "brand": brand,
             "price": price,
             "text": text,
+            "item_text": item_text,
         }
         key = (service, item_id)
         first = self._items.get(key)

@@ -1,4 +1,5 @@
-"""Token samples -> item-level batches: one position per event (``moe_rec.model.item_model``).
+"""Token samples -> model batches: left-padded token-level requests (:func:`left_pad`), and
+item-level batches, one position per event (``moe_rec.model.item_model``).
 
 The sequences stage writes every sample as tokens: ``[BOS]``, then ``[service][c1]..[cL][dedup]``
 per event, and for a ``valid`` / ``test`` request the asked service's token at the end. The
@@ -27,6 +28,21 @@ import torch
 
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
 from moe_rec.data.vocab import BOS, PAD, Vocabulary
+
+
+def left_pad(rows: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad samples' ``input_ids`` / ``domain_ids``; returns input_ids, attention_mask, domain_ids (B, T)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    domains = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[b, width - n :] = torch.tensor(r["input_ids"])
+        mask[b, width - n :] = 1
+        domains[b, width - n :] = torch.tensor(r["domain_ids"])
+        domains[b, : width - n] = r["domain_ids"][0]
+    return ids, mask, domains
 
 
 def code_token_ranges(vocab: Vocabulary) -> list[list[int]]:

@@ -41,7 +41,7 @@ def _require_kept_rows(report: ReadReport) -> None:
         raise DataError(f"{report.source}: no rows read{notes}; check the data paths and services, {then}")
     first = f"; first: {report.examples[0]}" if report.examples else ""
     timestamps = "bad_timestamp" in report.rejected
-    hint = "data.files.timestamp_unit (s, ms or iso)" if timestamps else "the data config"
+    hint = "data.files.timestamp_unit (s, ms, iso or none)" if timestamps else "the data config"
     raise DataError(
         f"{report.source}: all {report.rows_read:,} rows were rejected ({_counts(report.rejected)}){first}; "
         f"fix the input or {hint}, {then}"

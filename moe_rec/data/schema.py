@@ -47,6 +47,9 @@ ITEM_SCHEMA = pa.schema(
         pa.field("brand", pa.string()),
         pa.field("price", pa.float32()),
         pa.field("text", pa.string()),  # free text (description, keywords)
+        pa.field(
+            "item_text", pa.string()
+        ),  # pre-composed encoder input, used as is (moe_rec/sid/item_text.py)
     ]
 )
 

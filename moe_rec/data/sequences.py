@@ -15,6 +15,8 @@ Samples:
   events ends every ``train_stride`` events counted back from the latest; ``labels`` hold the
   item-code tokens of every event in the window (-100 elsewhere: service tokens are given, not
   predicted).
+* With ``cold_items`` (the cold-start benchmark, :mod:`moe_rec.data.cold_start`) the training
+  history leaves out the events of that share of items.
 * **valid / test** — one sample per held-out event (leave-one-out per service). The context is
   the target's own service history before it plus the other services' ``train`` events (those
   before it in time, when there are timestamps), the most recent ``max_events`` of them, then the
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 
 from moe_rec.console import progress
 from moe_rec.data import store
+from moe_rec.data.cold_start import is_cold
 from moe_rec.data.schema import EVENT_SCHEMA, DataError
 from moe_rec.data.vocab import BOS, Vocabulary
 
@@ -60,10 +63,13 @@ class SequenceConfig:
     max_events: int = 50  # history cap: the most recent N events
     train_stride: int = 1  # a training window ends every `train_stride` events
     min_train_events: int = 2  # shorter training windows are not emitted
+    cold_items: float = 0.0  # share of items kept out of training (the cold-start benchmark)
 
     def __post_init__(self) -> None:
         if self.max_events < 1 or self.train_stride < 1 or self.min_train_events < 1:
             raise ValueError("max_events, train_stride and min_train_events must be >= 1")
+        if not 0.0 <= self.cold_items < 1.0:
+            raise ValueError(f"cold_items is a share of the catalogue in [0, 1), got {self.cold_items}")
 
 
 def user_bucket(user: str, num_buckets: int) -> int:
@@ -177,8 +183,12 @@ class SequenceBuilder:
         return out
 
     def train_samples(self, user: str, events: Sequence[Event]) -> Iterator[dict[str, Any]]:
-        """Sliding windows over the user's unified ``train`` history."""
-        history = [e for e in unified_order(events, self.vocab.services) if e.split == "train"]
+        """Sliding windows over the user's unified ``train`` history (without cold items' events)."""
+        history = [
+            e
+            for e in unified_order(events, self.vocab.services)
+            if e.split == "train" and not is_cold(e.service, e.item_id, self.cfg.cold_items)
+        ]
         n, cfg = len(history), self.cfg
         for end in range(n, 0, -cfg.train_stride):
             window = history[max(0, end - cfg.max_events) : end]

@@ -35,6 +35,15 @@ def _features(schema: pa.Schema) -> datasets.Features:
     return datasets.Features.from_arrow_schema(schema)
 
 
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` cast to ``schema``; a nullable column it lacks is added as nulls (a catalogue
+    written before ``item_text`` existed, or by a caller that has no such column)."""
+    for f in schema:
+        if f.name not in table.column_names and f.nullable:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table if table.schema == schema else table.cast(schema)
+
+
 def write_shard(table: pa.Table, path: Path) -> None:
     """Write one Parquet shard through ``datasets`` (table must already have the right schema)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,8 +84,7 @@ def write_events(table: pa.Table, out_dir: Path, num_shards: int) -> list[Path]:
 
 
 def write_items(table: pa.Table, out_dir: Path) -> Path:
-    if table.schema != ITEM_SCHEMA:
-        table = table.cast(ITEM_SCHEMA)
+    table = _conform(table, ITEM_SCHEMA)
     path = Path(out_dir) / ITEMS_DIR / "part-00000.parquet"
     write_shard(table, path)
     return path
@@ -101,10 +109,17 @@ def _from_parquet(files: list[str], schema: pa.Schema, **kwargs: Any) -> dataset
     does not read, each shard is read on its own to find the bad one."""
     for path in files:
         try:
-            pq.read_metadata(path)
+            names = set(pq.read_metadata(path).schema.to_arrow_schema().names)
         except (pa.ArrowException, OSError) as e:
             raise _damaged(path, e) from None
+    older = [f for f in schema if f.name not in names and f.nullable]  # a column added since it was written
     try:
+        if older:
+            stored = pa.schema([f for f in schema if f not in older])
+            ds = datasets.Dataset.from_parquet(
+                files, features=_features(stored), keep_in_memory=True, **kwargs
+            )
+            return datasets.Dataset(InMemoryTable(_conform(ds.data.table, schema)))
         return datasets.Dataset.from_parquet(files, features=_features(schema), keep_in_memory=True, **kwargs)
     except (DatasetGenerationError, pa.ArrowException, OSError) as e:
         for path in files:

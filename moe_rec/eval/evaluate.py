@@ -17,8 +17,9 @@ import datasets
 import torch
 
 from moe_rec.console import progress
+from moe_rec.data.positions import left_pad
 from moe_rec.data.sequences import user_bucket
-from moe_rec.data.vocab import PAD, Vocabulary
+from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.exact import evaluate_exact
@@ -27,21 +28,6 @@ from moe_rec.eval.predictions import PredictionWriter
 from moe_rec.model import MoERecForCausalLM, MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 from moe_rec.sid.trie import SIDTrie
-
-
-def left_pad(rows: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad samples' ``input_ids`` / ``domain_ids``; returns input_ids, attention_mask, domain_ids (B, T)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    domains = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[b, width - n :] = torch.tensor(r["input_ids"])
-        mask[b, width - n :] = 1
-        domains[b, width - n :] = torch.tensor(r["domain_ids"])
-        domains[b, : width - n] = r["domain_ids"][0]
-    return ids, mask, domains
 
 
 def history_codes(input_ids: Sequence[int], vocab: Vocabulary, service: str) -> torch.Tensor:
@@ -111,16 +97,18 @@ def evaluate_model(
     table: SIDTable,
     samples: datasets.Dataset,
     cfg: EvalConfig,
+    cold: set[tuple[str, str]] | None = None,
     predictions: Path | None = None,
 ) -> dict[str, Any]:
     """Recall@K / NDCG@K (K = 5, 10, 20) per service and overall for ``samples`` (eval rows of one
     split): by exact scoring for the item-level model, by constrained beam search for the token-level
-    one. ``predictions``: also write every request's ranking there (:mod:`moe_rec.eval.predictions`)."""
+    one. ``cold``: items kept out of training; the item-level model then also reports cold / warm
+    targets. ``predictions``: also write every request's ranking there (:mod:`moe_rec.eval.predictions`)."""
     n = len(samples) if not cfg.max_samples else min(cfg.max_samples, len(samples))
     requests = samples.select(range(n)).to_list()
     with PredictionWriter(predictions, requests, table) if predictions else contextlib.nullcontext() as save:
         if isinstance(model, MoERecForItemPrediction):
-            return evaluate_exact(model, table, requests, cfg, prefix=cfg.split, on_ranked=save)
+            return evaluate_exact(model, table, requests, cfg, prefix=cfg.split, cold=cold, on_ranked=save)
         model.eval()
         trie = table.trie().to(next(model.parameters()).device)
         metrics = RankingMetrics(list(table.vocabulary().services), prefix=cfg.split)

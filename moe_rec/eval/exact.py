@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_rec.console import progress
+from moe_rec.data.cold_start import COLD, WARM, cold_labels
 from moe_rec.data.positions import code_token_ranges, item_batch
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.metrics import RankingMetrics
@@ -187,9 +188,11 @@ def rank_exact(
     rows: Sequence[dict[str, Any]],
     k: int,
     exclude_seen: bool = False,
+    vectors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Table rows (B, k) of the best ``k`` items of each request's service, best first (-1 where
-    fewer exist). ``rows`` are ``valid`` / ``test`` requests."""
+    fewer exist). ``rows`` are ``valid`` / ``test`` requests; ``vectors``: the model's
+    :meth:`~MoERecForItemPrediction.item_table` when the caller computed it once for many batches."""
     table = catalogue.table
     batch = item_batch(rows, table.vocabulary(), model.config.num_user_buckets, left_pad=True)
     services = [r["service"] for r in rows]
@@ -199,13 +202,22 @@ def rank_exact(
         else None
     )
     log_probs, query = request_log_probs(model, batch)
-    ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, item_table(model))
+    vectors = vectors if vectors is not None else model.item_table()
+    ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, vectors)
     return ranked
 
 
-def item_table(model: MoERecForItemPrediction) -> torch.Tensor | None:
-    """(N, D) the model's per-item vectors in SID-table row order, or None without them."""
-    return model.item_embed.weight.detach() if model.item_embed is not None else None
+def gathered_item_table(model: MoERecForItemPrediction) -> torch.Tensor | None:
+    """:meth:`~MoERecForItemPrediction.item_table`, its weights gathered first where DeepSpeed
+    ZeRO-3 partitions them (outside a forward pass a rank holds only its shard); every rank calls it."""
+    modules = [m for m in (model.item_embed, model.text_proj) if m is not None]
+    partitioned = [p for m in modules for p in m.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return model.item_table()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        return model.item_table()
 
 
 def evaluate_exact(
@@ -217,10 +229,12 @@ def evaluate_exact(
     prefix: str,
     catalogue: ServiceCatalogue | None = None,
     show_progress: bool = True,
+    cold: set[tuple[str, str]] | None = None,
     on_ranked: Callable[[Sequence[int], torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Recall@K / NDCG@K of ``requests`` (valid / test rows), overall and per service, as
-    :meth:`RankingMetrics.compute` reports them. ``on_ranked`` gets each batch's indices into
+    :meth:`RankingMetrics.compute` reports them; with ``cold`` (the items kept out of training)
+    also for ``cold`` and ``warm`` targets. ``on_ranked`` gets each batch's indices into
     ``requests`` and their rankings, table rows (B, max K) best first (e.g. a
     :class:`moe_rec.eval.predictions.PredictionWriter`).
 
@@ -236,19 +250,21 @@ def evaluate_exact(
     )
     mine = [requests[i] for i in index]
     num_batches = math.ceil(math.ceil(len(requests) / world) / cfg.batch_size)
-    metrics = RankingMetrics(list(table.vocabulary().services), prefix=prefix)
+    groups = (COLD, WARM) if cold else ()
+    metrics = RankingMetrics(list(table.vocabulary().services), prefix=prefix, groups=groups)
     k = max(metrics.ks)
     was_training = model.training
     model.eval()
+    vectors = gathered_item_table(model)  # (N, D) or None: the weights stay fixed while every batch is ranked
     with progress() as bar:
         task = bar.add_task(f"eval {prefix}", total=len(mine), visible=show_progress and rank == 0)
         for i in range(num_batches):
             chunk = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            ranked = rank_exact(model, catalogue, chunk or requests[:1], k, cfg.exclude_seen)
+            ranked = rank_exact(model, catalogue, chunk or requests[:1], k, cfg.exclude_seen, vectors)
             if chunk:
-                services = [r["service"] for r in chunk]
-                target = torch.from_numpy(table.rows(services, [r["target_item"] for r in chunk])).long()
-                metrics.update(ranked, target, services)
+                services, items = [r["service"] for r in chunk], [r["target_item"] for r in chunk]
+                target = torch.from_numpy(table.rows(services, items)).long()
+                metrics.update(ranked, target, services, cold_labels(services, items, cold or set()))
                 if on_ranked is not None:
                     on_ranked(index[i * cfg.batch_size : (i + 1) * cfg.batch_size], ranked)
                 bar.advance(task, len(chunk))

@@ -67,12 +67,22 @@ class RankingMetrics:
             all-reduced position by position).
         ks: cut-offs K.
         prefix: first part of every result key (``test`` -> ``test/recall@10``).
+        groups: further scopes a request may also count in (e.g. ``cold`` / ``warm`` targets),
+            reported like services but left out of the macro mean.
     """
 
-    def __init__(self, services: Sequence[str], ks: Sequence[int] = DEFAULT_KS, prefix: str = "test") -> None:
+    def __init__(
+        self,
+        services: Sequence[str],
+        ks: Sequence[int] = DEFAULT_KS,
+        prefix: str = "test",
+        groups: Sequence[str] = (),
+    ) -> None:
         if len(set(services)) != len(services) or not services:
             raise ValueError(f"services must be a non-empty list of distinct names, got {list(services)}")
-        reserved = {MACRO, OVERALL} & set(services)
+        if set(groups) & set(services) or len(set(groups)) != len(groups):
+            raise ValueError(f"groups {list(groups)} must be distinct and differ from the services")
+        reserved = {MACRO, OVERALL} & (set(services) | set(groups))
         if reserved:
             raise ValueError(f"{sorted(reserved)} are reserved row names and cannot name a service")
         if not ks or any(k < 1 for k in ks):
@@ -80,12 +90,19 @@ class RankingMetrics:
         self.services = list(services)
         self.ks = tuple(sorted(set(ks)))
         self.prefix = prefix
-        self._index = {s: i for i, s in enumerate(self.services)}
-        # (S, 1 + 2 * len(ks)) float64: [count, recall@k..., ndcg@k...] summed per service
-        self.sums = torch.zeros(len(self.services), 1 + 2 * len(self.ks), dtype=torch.float64)
+        self.groups = list(groups)
+        self._index = {s: i for i, s in enumerate(self.services + self.groups)}
+        # (S + G, 1 + 2 * len(ks)) float64: [count, recall@k..., ndcg@k...] summed per service, then group
+        self.sums = torch.zeros(len(self._index), 1 + 2 * len(self.ks), dtype=torch.float64)
         self._reduced = False
 
-    def update(self, ranked: torch.Tensor, target: torch.Tensor, services: Sequence[str]) -> None:
+    def update(
+        self,
+        ranked: torch.Tensor,
+        target: torch.Tensor,
+        services: Sequence[str],
+        groups: Sequence[str] | None = None,
+    ) -> None:
         """Add one batch of requests.
 
         Args:
@@ -93,20 +110,29 @@ class RankingMetrics:
                 ``K_max < K`` the metric at K counts only the items given.
             target: ``(B,)`` the held-out item of each request.
             services: the service of each request (``B`` names).
+            groups: with ``groups`` at construction, the group of each request (``B`` names).
         """
         if len(services) != target.shape[0]:
             raise ValueError(f"{len(services)} services for {target.shape[0]} requests")
-        unknown = set(services) - self._index.keys()
+        unknown = set(services) - set(self.services)
         if unknown:
             raise ValueError(f"unknown service(s) {sorted(unknown)}; expected one of {self.services}")
+        if (groups is None) != (not self.groups) or (groups is not None and len(groups) != len(services)):
+            raise ValueError(f"expected one of the groups {self.groups} per request, got {groups!r}")
+        if groups is not None and set(groups) - set(self.groups):
+            raise ValueError(
+                f"unknown group(s) {sorted(set(groups) - set(self.groups))}; expected {self.groups}"
+            )
         rank = target_rank(ranked, target).cpu()  # (B,)
         found = rank > 0
         gain = torch.where(found, 1.0 / torch.log2(rank.double() + 1.0), torch.zeros((), dtype=torch.float64))
         columns = [torch.ones_like(gain)]
         columns += [(found & (rank <= k)).double() for k in self.ks]
         columns += [torch.where(rank <= k, gain, 0.0) for k in self.ks]  # gain is 0 where not found
-        rows = torch.tensor([self._index[s] for s in services], dtype=torch.long)  # (B,)
-        self.sums.index_add_(0, rows, torch.stack(columns, dim=1))  # (S, C) += (B, C)
+        values = torch.stack(columns, dim=1)  # (B, C)
+        for labels in (services, groups) if groups is not None else (services,):
+            rows = torch.tensor([self._index[s] for s in labels], dtype=torch.long)  # (B,)
+            self.sums.index_add_(0, rows, values)  # (S + G, C) += (B, C)
 
     def reduce(self) -> None:
         """Sum the counts of all ranks (a no-op without an initialised process group).
@@ -131,28 +157,32 @@ class RankingMetrics:
         Returns:
             ``{prefix}/recall@K`` and ``{prefix}/ndcg@K`` (micro mean over all requests),
             ``{prefix}/macro/...`` (mean over services that have requests) and
-            ``{prefix}/{service}/...`` per service with requests, plus ``.../count`` request counts.
+            ``{prefix}/{service}/...`` per service (then group) with requests, plus ``.../count``
+            request counts.
         """
         n = len(self.ks)
         names = ["count"] + [f"recall@{k}" for k in self.ks] + [f"ndcg@{k}" for k in self.ks]
-        counts = self.sums[:, 0]  # (S,)
+        scopes = self.services + self.groups
+        sums = self.sums[: len(self.services)]  # groups repeat requests: the totals read services only
+        counts = sums[:, 0]  # (S,)
         present = counts > 0
         out: dict[str, float] = {f"{self.prefix}/count": float(counts.sum())}
-        total = self.sums.sum(dim=0)  # (C,)
+        total = sums.sum(dim=0)  # (C,)
         for j, name in enumerate(names[1:], start=1):
             out[f"{self.prefix}/{name}"] = float(total[j] / total[0]) if total[0] > 0 else math.nan
-        means = self.sums[present, 1:] / counts[present].unsqueeze(1)  # (S', 2n)
+        means = sums[present, 1:] / counts[present].unsqueeze(1)  # (S', 2n)
         out[f"{self.prefix}/{MACRO}/count"] = float(present.sum())  # services with requests
         for j in range(2 * n):
             out[f"{self.prefix}/{MACRO}/{names[j + 1]}"] = (
                 float(means[:, j].mean()) if len(means) else math.nan
             )
-        for i, service in enumerate(self.services):
-            if not present[i]:
+        for i, scope in enumerate(scopes):
+            count = float(self.sums[i, 0])
+            if not count:
                 continue
-            out[f"{self.prefix}/{service}/count"] = float(counts[i])
+            out[f"{self.prefix}/{scope}/count"] = count
             for j, name in enumerate(names[1:], start=1):
-                out[f"{self.prefix}/{service}/{name}"] = float(self.sums[i, j] / counts[i])
+                out[f"{self.prefix}/{scope}/{name}"] = float(self.sums[i, j] / count)
         return out
 
 

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import torch
 
 from moe_rec.data import store
+from moe_rec.data.cold_start import COLD, WARM, cold_labels, drop_cold_training
 from moe_rec.eval.metrics import DEFAULT_KS, PAD, RankingMetrics
 
 BATCH = 4096  # requests scored per RankingMetrics.update
@@ -117,7 +118,11 @@ def build_requests(events: pa.Table, split: str) -> list[Request]:
 
 
 def evaluate_events(
-    events: pa.Table, split: str = "test", exclude_seen: bool = False, ks: Sequence[int] = DEFAULT_KS
+    events: pa.Table,
+    split: str = "test",
+    exclude_seen: bool = False,
+    ks: Sequence[int] = DEFAULT_KS,
+    cold: set[tuple[str, str]] | None = None,
 ) -> dict[str, float]:
     """Fit :class:`MostPopular` on the ``train`` events and score it on the ``split`` events, in one
     process over all requests (nothing to all-reduce).
@@ -127,14 +132,18 @@ def evaluate_events(
         split: ``valid`` or ``test``.
         exclude_seen: do not recommend items of the request's history.
         ks: cut-offs K.
+        cold: items kept out of training (the cold-start benchmark): their training events are not
+            counted, and cold and warm targets are reported beside the services.
 
     Returns:
         :meth:`RankingMetrics.compute` results with the prefix ``split``.
     """
+    services = sorted(set(events.column("service").to_pylist()))
+    events = drop_cold_training(events, cold or set())
     train = events.filter(pc.equal(events.column("split"), "train"))
     model = MostPopular().fit(train)
     requests = build_requests(events, split)
-    metrics = RankingMetrics(sorted(set(events.column("service").to_pylist())), ks=ks, prefix=split)
+    metrics = RankingMetrics(services, ks=ks, prefix=split, groups=(COLD, WARM) if cold else ())
     index: dict[tuple[str, str], int] = {}  # (service, item id) -> integer id for the metric
 
     def ids(service: str, items: Sequence[str]) -> list[int]:
@@ -150,13 +159,20 @@ def evaluate_events(
         for row, (service, items) in enumerate(zip(services, top)):
             ranked[row, : len(items)] = torch.tensor(ids(service, items), dtype=torch.long)
         target = torch.tensor([ids(r.service, [r.target])[0] for r in batch], dtype=torch.long)  # (B,)
-        metrics.update(ranked, target, services)
+        metrics.update(
+            ranked, target, services, cold_labels(services, [r.target for r in batch], cold or set())
+        )
     return metrics.compute()
 
 
 def evaluate_popularity(
-    data_dir: Path, split: str = "test", exclude_seen: bool = False, ks: Sequence[int] = DEFAULT_KS
+    data_dir: Path,
+    split: str = "test",
+    exclude_seen: bool = False,
+    ks: Sequence[int] = DEFAULT_KS,
+    cold: set[tuple[str, str]] | None = None,
 ) -> dict[str, float]:
     """:func:`evaluate_events` on the events of a prepared data directory (all splits are loaded:
     the training split for the counts, every split for the histories)."""
-    return evaluate_events(store.load_table(Path(data_dir)), split=split, exclude_seen=exclude_seen, ks=ks)
+    events = store.load_table(Path(data_dir))
+    return evaluate_events(events, split=split, exclude_seen=exclude_seen, ks=ks, cold=cold)

@@ -45,11 +45,10 @@ import torch
 import transformers
 
 import moe_rec
-from moe_rec.data.positions import item_batch
+from moe_rec.data.positions import item_batch, left_pad
 from moe_rec.data.sequences import prompt, user_bucket
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.errors import MoeRecError
-from moe_rec.eval.evaluate import left_pad
 from moe_rec.model import MoERecConfig, MoERecForCausalLM, MoERecForItemPrediction, model_class
 from moe_rec.sid.io import SIDFileError, sha256_file
 from moe_rec.sid.table import SIDTable
@@ -365,6 +364,11 @@ def load_bundle(path: Path | str, device: str | torch.device = "cpu") -> Bundle:
     except (ValueError, TypeError, KeyError, OSError, pa.ArrowException) as e:
         raise BundleError(root, f"unreadable bundle part ({type(e).__name__}: {e})") from None
     _check_vocab(vocab, table, root / VOCAB_FILE)
+    kind = "item" if item_level else "token"
+    if manifest.get("model_kind", "token") != kind:  # bundles before model_kind were all token-level
+        raise BundleError(
+            manifest_path, f"model_kind {manifest.get('model_kind')!r} but the model config is {kind}-level"
+        )
     if trie is not None and (trie.services != table.services or trie.vocab_sizes != table.vocab_sizes):
         raise BundleError(root / SID_DIR / TRIE_FILE, "trie does not match the SID table")
     keys = _item_keys(catalogue.column("service").to_pylist(), catalogue.column("item_id").to_pylist())

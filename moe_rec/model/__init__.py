@@ -1,21 +1,45 @@
 """The model stage: ``MoERecConfig``, the token-level ``MoERecForCausalLM`` (registered with the Auto
-classes: ``AutoConfig`` / ``AutoModelForCausalLM`` resolve ``model_type: moe_rec`` once this is
-imported) and the item-level ``MoERecForItemPrediction``; :func:`model_class` picks by config."""
+classes: ``AutoConfig`` / ``AutoModelForCausalLM`` resolve ``model_type: moe_rec`` once it is
+imported) and the item-level ``MoERecForItemPrediction``; :func:`model_class` picks by config.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+Importing the package is cheap: the names below load their module (and ``transformers``) when
+first used, so a config can name the choices of :mod:`moe_rec.model.choices` without the model.
+"""
 
-from moe_rec.model.cache import MoERecCache
-from moe_rec.model.config import MoERecConfig, build_config
-from moe_rec.model.item_model import MoERecForItemPrediction
-from moe_rec.model.modeling import MoERecForCausalLM, MoERecModel, parameter_report
+from __future__ import annotations
 
-AutoConfig.register("moe_rec", MoERecConfig, exist_ok=True)
-AutoModelForCausalLM.register(MoERecConfig, MoERecForCausalLM, exist_ok=True)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moe_rec.model.cache import MoERecCache
+    from moe_rec.model.config import MoERecConfig, build_config
+    from moe_rec.model.item_model import MoERecForItemPrediction
+    from moe_rec.model.modeling import MoERecForCausalLM, MoERecModel, parameter_report
+
+_MODULE_OF = {
+    "MoERecCache": "cache",
+    "MoERecConfig": "config",
+    "build_config": "config",
+    "MoERecForItemPrediction": "item_model",
+    "MoERecForCausalLM": "modeling",
+    "MoERecModel": "modeling",
+    "parameter_report": "modeling",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
 
 
 def model_class(config: MoERecConfig) -> type[MoERecForCausalLM] | type[MoERecForItemPrediction]:
     """The item-level model when the config names code positions (``code_token_ranges``), else the
     token-level one."""
+    from moe_rec.model.item_model import MoERecForItemPrediction
+    from moe_rec.model.modeling import MoERecForCausalLM
+
     return MoERecForItemPrediction if config.code_token_ranges else MoERecForCausalLM
 
 

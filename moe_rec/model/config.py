@@ -1,6 +1,6 @@
 """``MoERecConfig``: the decoder's hyper-parameters, a ``transformers`` config.
 
-Sizes are named by builders (:func:`tiny`, :func:`small`, :func:`base`) so experiments say
+Sizes are named (:data:`SIZES`, built by :func:`build_config`) so experiments say
 ``model.size: small`` instead of twenty numbers. Every layer is a mixture of experts unless
 ``ffn_types`` marks it ``dense``; the shared-bottom baseline is the all-dense twin with the same
 active parameters per token (:meth:`MoERecConfig.dense_twin`).
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
-ROUTER_MODES = ("token", "domain", "domain_user")
-MOE_BACKENDS = ("loop", "grouped_mm", "megablocks")
+from moe_rec.model.choices import MODEL_SIZES, MOE_BACKENDS, ROUTER_MODES, ModelSize, MoEBackend, RouterMode
 
 
 class MoERecConfig(PretrainedConfig):
@@ -36,7 +35,7 @@ class MoERecConfig(PretrainedConfig):
         num_shared_experts: int = 0,
         shared_intermediate_size: int | None = None,  # default: moe_intermediate_size
         ffn_types: list[str] | None = None,  # "moe" | "dense" per layer; default all "moe"
-        router_mode: str = "domain_user",  # token | domain | domain_user
+        router_mode: RouterMode = "domain_user",  # one of choices.ROUTER_MODES
         num_domains: int = 8,  # services the router and domain embedding know (vocab service slots)
         num_user_buckets: int = 4096,  # hashed user buckets for the user routing signal
         router_signal_dim: int = 32,  # size of the domain / user embeddings the router reads
@@ -44,7 +43,7 @@ class MoERecConfig(PretrainedConfig):
         router_use_profile: bool = True,  # domain_user: also a causal running mean of the history
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
-        moe_backend: str = "grouped_mm",  # loop | grouped_mm | megablocks
+        moe_backend: MoEBackend = "grouped_mm",  # one of choices.MOE_BACKENDS
         use_post_norms: bool = False,  # Gemma 2/3 sandwich norms around attention and FFN
         use_qk_norm: bool = False,  # Gemma 3 RMSNorm on queries and keys
         query_pre_attn_scalar: float | None = None,  # attention scale 1/sqrt(this); default head_dim
@@ -73,6 +72,9 @@ class MoERecConfig(PretrainedConfig):
         num_items: int = 0,  # rows of that per-item table: the SID table's items (set from it)
         item_negatives: int = 0,  # item_loss=items: > 0 samples this many items per service (uniformly) per
         # step instead of normalising over the whole catalogue (a sampled softmax; 0: every item)
+        item_text: bool = False,  # item_embedding: + a learned projection of the item's (frozen) text
+        # embedding in its per-item vector, so an item unseen in training still has one
+        item_text_dim: int = 0,  # width of those text embeddings (set from the SID stage's encoder)
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -115,6 +117,8 @@ class MoERecConfig(PretrainedConfig):
         self.item_negatives = item_negatives
         self.item_embedding = item_embedding
         self.num_items = num_items
+        self.item_text = item_text
+        self.item_text_dim = item_text_dim
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -158,6 +162,10 @@ class MoERecConfig(PretrainedConfig):
                 raise ValueError(
                     "item_embedding needs item_loss='items' and num_items >= 1 (the catalogue's size)"
                 )
+            if self.item_text and (not self.item_embedding or self.item_text_dim < 1):
+                raise ValueError(
+                    "item_text needs item_embedding and item_text_dim >= 1 (the text embeddings' width)"
+                )
             if self.item_negatives < 0:
                 raise ValueError(f"item_negatives must be >= 0, got {self.item_negatives}")
             if self.item_head_temperature <= 0:
@@ -182,7 +190,9 @@ class MoERecConfig(PretrainedConfig):
         return MoERecConfig(**d)
 
 
-SIZES: dict[str, dict[str, int]] = {
+AutoConfig.register("moe_rec", MoERecConfig, exist_ok=True)  # model_type moe_rec
+
+SIZES: dict[ModelSize, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                  intermediate_size=256, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
@@ -192,8 +202,8 @@ SIZES: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
-def build_config(size: str, **overrides: Any) -> MoERecConfig:
-    """A named size (``tiny``, ``small``, ``base``) with field overrides."""
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; known: {sorted(SIZES)}")
+def build_config(size: ModelSize, **overrides: Any) -> MoERecConfig:
+    """A named size (one of :data:`~moe_rec.model.choices.MODEL_SIZES`) with field overrides."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; known: {list(MODEL_SIZES)}")
     return MoERecConfig(**{**SIZES[size], **overrides})

@@ -84,25 +84,36 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             self.item_embed = nn.Embedding(config.num_items, d)
             self.register_buffer("item_keys", torch.zeros(config.num_items, dtype=torch.long))  # sorted
             self.register_buffer("item_key_rows", torch.zeros(config.num_items, dtype=torch.long))
+        self.text_proj: nn.Linear | None = None
+        if config.item_text:  # frozen text embeddings (saved with the weights: a bundle needs them)
+            self.register_buffer("item_text", torch.zeros(config.num_items, config.item_text_dim))
+            self.text_proj = nn.Linear(config.item_text_dim, d, bias=False)
         self.post_init()
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
 
-    def set_train_catalogue(self, codes: torch.Tensor, service_tokens: torch.Tensor) -> None:
+    def set_train_catalogue(
+        self, codes: torch.Tensor, service_tokens: torch.Tensor, trained: torch.Tensor | None = None
+    ) -> None:
         """The items the ``items`` loss normalises over: full IDs (N, P) and service tokens (N,),
-        row i being the SID table's row i. The codes stay out of the saved weights; with
-        ``item_embedding`` the (service, codes) keys of the rows are saved (serving finds an
-        item's vector by them)."""
+        row i being the SID table's row i; ``trained`` (N,) False for items kept out of training
+        (the cold-start benchmark: never a negative, so their per-item vector stays zero). The
+        codes stay out of the saved weights; with ``item_embedding`` the (service, codes) keys of
+        the rows are saved (serving finds an item's vector by them)."""
         device = self.model.embed_tokens.weight.device
         self.train_codes = codes.long().to(device)
-        self.train_services = service_tokens.long().to(device)
+        services = service_tokens.long().to(device)
+        # the service each row is a candidate of; -1: no service's (kept out of training)
+        self.train_services = services if trained is None else services.masked_fill(~trained.to(device), -1)
         self._rows_of = {
-            int(s): (self.train_services == s).nonzero().flatten() for s in self.train_services.unique()
+            int(s): (self.train_services == s).nonzero().flatten()
+            for s in self.train_services.unique()
+            if s >= 0
         }
         if self.item_embed is not None:
             if len(codes) != self.config.num_items:
                 raise ValueError(f"{len(codes)} items for an item table of {self.config.num_items}")
-            keys = item_keys(self.train_codes, self.train_services)
+            keys = item_keys(self.train_codes, services)
             order = torch.argsort(keys)
             if bool((keys[order][1:] == keys[order][:-1]).any()):
                 raise ValueError("two catalogue items share a (service, codes) key; their IDs must differ")
@@ -116,10 +127,31 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         pos = torch.searchsorted(self.item_keys, keys).clamp_max(len(self.item_keys) - 1)
         return torch.where(self.item_keys[pos] == keys, self.item_key_rows[pos], -1)
 
+    def set_item_text(self, vectors: torch.Tensor) -> None:
+        """The catalogue's text embeddings (N, item_text_dim), row i the SID table's row i."""
+        if tuple(vectors.shape) != tuple(self.item_text.shape):
+            raise ValueError(
+                f"text embeddings of shape {tuple(vectors.shape)}; expected {tuple(self.item_text.shape)}"
+            )
+        self.item_text.copy_(vectors)
+
     def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        """(..., D) the per-item vectors of catalogue ``rows``; zero where a row is -1."""
-        vec = self.item_embed(rows.clamp_min(0))
+        """(..., D) the per-item vectors of catalogue ``rows``: the learned vector, plus with
+        ``item_text`` the projection of the item's text embedding; zero where a row is -1."""
+        safe = rows.clamp_min(0)
+        vec = self.item_embed(safe)
+        if self.text_proj is not None:
+            vec = vec + self.text_proj(self.item_text[safe].to(vec.dtype))
         return vec * (rows >= 0)[..., None].to(vec.dtype)
+
+    @torch.no_grad()
+    def item_table(self) -> torch.Tensor | None:
+        """(N, D) every catalogue item's vector in SID-table row order (None without
+        ``item_embedding``). Computed on each call: callers that rank many batches with fixed
+        weights (evaluation, serving) compute it once."""
+        if self.item_embed is None:
+            return None
+        return self.item_vectors(torch.arange(self.config.num_items, device=self.item_embed.weight.device))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -235,7 +267,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         """Mean over scored positions of ``logsumexp_i s_i - s_target`` over the items i of the
         target's service, ``s_i`` the mean of item i's code logits; with ``item_negatives`` over
         the target and that many items of its service drawn uniformly (each drawn item once, a drawn
-        copy of the target left out), so a step costs (positions x samples) instead of (positions x catalogue).
+        copy of the target left out), so a step costs (positions x samples) instead of (positions x
+        catalogue). Positions are grouped by asked service: each scores its own service's items only.
 
         Args:
             logits: (B, T, P, K) code logits; target: (B, T, P) next codes (-100: no target);
@@ -257,23 +290,25 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         q = query[scored].float() if query is not None else None  # (M, D)
         if q is not None:
             target_score = target_score + (q * self.item_vectors(self.item_rows(tgt, asked)).float()).sum(-1)
-        if not self.config.item_negatives:
-            scores = gather_scores(z.permute(1, 2, 0), self.train_codes).T  # (M, N)
+        groups = []  # per asked service: its positions and its candidate items
+        for service in asked.unique().tolist():  # each service's positions against its own items only
+            rows = self._rows_of[service]  # (N_s,) every trained item of the service
+            if self.config.item_negatives:  # that many draws, each drawn item once
+                rows = rows[
+                    torch.randint(len(rows), (self.config.item_negatives,), device=rows.device)
+                ].unique()
+            groups.append(((asked == service).nonzero().flatten(), rows))
+        if q is not None:  # one lookup for every group (under ZeRO-3 each call gathers, on every rank)
+            vectors = self.item_vectors(torch.cat([rows for _, rows in groups])).float()
+            vectors = vectors.split([len(rows) for _, rows in groups])
+        total = z.new_zeros(())
+        for g, (pos, rows) in enumerate(groups):
+            codes = self.train_codes[rows]  # (C, P)
+            scores = gather_scores(z[pos].permute(1, 2, 0), codes).T  # (M_s, C)
             if q is not None:
-                scores = scores + q @ self.item_embed.weight.float().T
-            other = self.train_services[None, :] != asked[:, None]  # (M, N): not the asked service
-            return (torch.logsumexp(scores.masked_fill(other, float("-inf")), dim=1) - target_score).mean()
-        # sampled: item_negatives items of each asked service, shared by the positions asking it
-        rows = torch.cat(
-            [
-                pool[torch.randint(len(pool), (self.config.item_negatives,), device=pool.device)]
-                for pool in (self._rows_of[int(s)] for s in asked.unique())
-            ]
-        ).unique()  # (C,) each drawn item once
-        codes = self.train_codes[rows]  # (C, P)
-        scores = gather_scores(z.permute(1, 2, 0), codes).T  # (M, C)
-        if q is not None:
-            scores = scores + q @ self.item_embed(rows).float().T
-        drop = (self.train_services[rows][None, :] != asked[:, None]) | (codes[None] == tgt[:, None]).all(-1)
-        scores = torch.cat([target_score[:, None], scores.masked_fill(drop, float("-inf"))], dim=1)
-        return (torch.logsumexp(scores, dim=1) - target_score).mean()
+                scores = scores + q[pos] @ vectors[g].T
+            if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
+                copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
+                scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)
+            total = total + (torch.logsumexp(scores, dim=1) - target_score[pos]).sum()
+        return total / len(asked)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 
@@ -455,6 +455,9 @@ class MoERecForCausalLM(MoERecPreTrainedModel, GenerationMixin):
             "past_key_values": past_key_values,
             "use_cache": True,
         }
+
+
+AutoModelForCausalLM.register(MoERecConfig, MoERecForCausalLM, exist_ok=True)  # model_type moe_rec
 
 
 def parameter_report(model: MoERecForCausalLM) -> dict[str, int]:

@@ -30,15 +30,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_rec.model.choices import MoEBackend
 from moe_rec.model.router import Router, load_balancing_loss, router_z_loss
-
-ExpertBackend = Literal["loop", "grouped_mm", "megablocks"]
 
 _MEGABLOCKS_HINT = (
     "the 'megablocks' MoE backend needs MegaBlocks and grouped_gemm on a CUDA machine: "
@@ -96,7 +94,7 @@ def routed_experts(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     *,
-    backend: ExpertBackend,
+    backend: MoEBackend,
 ) -> torch.Tensor:
     """Run every token through its top-k experts and sum the outputs weighted by the router.
 
@@ -265,7 +263,7 @@ def _experts_megablocks(
     return mb_ops.scatter(y, order, bin_ids, weights.reshape(-1).to(x.dtype), bins, k)  # (N, D)
 
 
-_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+_BACKENDS: dict[MoEBackend, Callable[..., torch.Tensor]] = {
     "loop": _experts_loop,
     "grouped_mm": _experts_grouped_mm,
     "megablocks": _experts_megablocks,
@@ -301,7 +299,7 @@ class MoEFeedForward(nn.Module):
         router: Router,
         num_shared_experts: int = 0,
         shared_intermediate_size: int | None = None,
-        backend: ExpertBackend = "grouped_mm",
+        backend: MoEBackend = "grouped_mm",
     ) -> None:
         super().__init__()
         if (router.hidden_size, router.num_experts, router.top_k) != (hidden_size, num_experts, top_k):

@@ -25,13 +25,11 @@ config coefficients.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-RoutingMode = Literal["token", "domain", "domain_user"]
+from moe_rec.model.choices import ROUTER_MODES, RouterMode
 
 
 class Router(nn.Module):
@@ -60,7 +58,7 @@ class Router(nn.Module):
         hidden_size: int,
         num_experts: int,
         top_k: int,
-        mode: RoutingMode,
+        mode: RouterMode,
         num_domains: int,
         num_user_buckets: int,
         signal_dim: int,
@@ -68,8 +66,8 @@ class Router(nn.Module):
         use_profile: bool = False,
     ) -> None:
         super().__init__()
-        if mode not in ("token", "domain", "domain_user"):
-            raise ValueError(f"mode {mode!r} not in ('token', 'domain', 'domain_user')")
+        if mode not in ROUTER_MODES:
+            raise ValueError(f"mode {mode!r} not in {ROUTER_MODES}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         if num_domains < 1:

@@ -14,7 +14,9 @@ thread pool, and concurrent requests wait together inside the Recommender, which
 Every error is JSON ``{"error", "message", "field"}``: bad input is a 4xx that names the field
 at fault (a 422 also lists every problem in ``errors``); anything unexpected is a 500 with an
 ``error_id`` that is also in the server log beside the traceback, which never reaches the
-client. Bodies over ``max_body_bytes`` get 413 before they are parsed; a body not sent as
+client. A body is checked against :class:`~moe_rec.serve.request.RecommendRequest` here and
+against the bundle by the Recommender, once each. Bodies over ``max_body_bytes`` get 413 before
+they are parsed; a body not sent as
 ``application/json`` gets 415, an empty or malformed one 400.
 """
 
@@ -42,18 +44,18 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 
-from moe_rec.config import ConfigError
+from moe_rec.serve.config import ServeConfig
 from moe_rec.serve.metrics import ServeMetrics
-from moe_rec.serve.recommender import DEFAULT_MAX_K, Recommender, RequestError
+from moe_rec.serve.recommender import Recommender
+from moe_rec.serve.request import RecommendRequest, RequestError, field_name
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 50-event history is about 3 KB
 DRAIN_FACTOR = 8  # an oversized body up to this many times the limit is read (and dropped) so the
 # client gets its 413 instead of a connection reset; a larger one is refused unread
 
@@ -65,7 +67,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-# --- request and response bodies (they are also the OpenAPI schema) ---------------------------
+# --- response bodies (also the OpenAPI schema; the request body is serve.request.RecommendRequest)
 
 # The OpenAPI examples use ids of the demo bundle (`moe-rec run --config configs/experiments/demo.yaml`:
 # synthetic services grocery, marketplace and delivery with items g00000.., m00000.., d00000..),
@@ -77,29 +79,6 @@ EXAMPLE_REQUEST = {"history": EXAMPLE_HISTORY, "service": "marketplace", "k": 5}
 def _demo(value: Any) -> dict[str, Any]:
     """An OpenAPI ``examples`` entry (shown and pre-filled by /docs) for the demo bundle."""
     return {"demo": {"summary": "the demo bundle", "value": value}}
-
-
-class HistoryEvent(BaseModel):
-    """One past interaction of the user."""
-
-    model_config = ConfigDict(extra="forbid")
-    service: StrictStr = Field(description="the service it happened in", examples=["grocery"])
-    item_id: StrictStr = Field(description="the item, unique within its service", examples=["g00004"])
-
-
-class RecommendRequest(BaseModel):
-    """A user's history across services, and what to recommend."""
-
-    model_config = ConfigDict(extra="forbid")
-    history: list[HistoryEvent] = Field(
-        min_length=1, description="past interactions in every service, oldest first"
-    )
-    service: StrictStr = Field(description="the service to recommend items of", examples=["marketplace"])
-    k: StrictInt = Field(10, ge=1, description="how many items (at most `max_k`, see /healthz)")
-    exclude_seen: StrictBool = Field(True, description="leave out items already in the history")
-    user_id: StrictStr | None = Field(
-        None, description="the user; hashed to the user bucket of user-routed experts (null: no user)"
-    )
 
 
 class RecommendedItem(BaseModel):
@@ -204,14 +183,6 @@ async def json_body(request: Request) -> None:
         raise Refused(400, "invalid_json", "body is empty: send a JSON object", "body")
 
 
-def _field(loc: tuple[int | str, ...]) -> str:
-    """Pydantic's ``("body", "history", 3, "item_id")`` as ``history[3].item_id``."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
-
-
 # --- ASGI layers around the app: metrics + catch-all, body size limit ------------------------
 
 
@@ -301,16 +272,11 @@ class _BodyLimit:
 # --- the app ---------------------------------------------------------------------------------
 
 
-def create_app(
-    recommender: Recommender, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 64
-) -> FastAPI:
-    """The FastAPI app serving ``recommender``; it closes the Recommender when the app shuts down.
-
-    Args:
-        recommender: the model, catalogue and request batcher.
-        max_body_bytes: larger request bodies are answered 413 unparsed.
-        threads: worker threads for blocking calls; at least the batch size, or batches never fill.
-    """
+def create_app(recommender: Recommender) -> FastAPI:
+    """The FastAPI app serving ``recommender`` (its ``config.max_body_bytes``: larger request bodies
+    are answered 413 unparsed); it closes the Recommender when the app shuts down."""
+    config = recommender.config
+    threads = max(64, 2 * config.max_batch_size)  # for blocking calls: batches fill only with enough
     metrics = ServeMetrics(recommender.stats)
 
     @asynccontextmanager
@@ -332,7 +298,7 @@ def create_app(
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             return _error(400, "invalid_json", f"body is not valid JSON: {first['ctx']['error']}", "body")
-        return _invalid([{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()])
+        return _invalid([{"field": field_name(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()])
 
     @app.exception_handler(Refused)
     async def refused(_: Request, exc: Refused) -> JSONResponse:
@@ -352,25 +318,17 @@ def create_app(
         """Top-``k`` items of ``service`` for the history: real items only, best first; fewer than
         ``k`` only when fewer exist (``exhausted``)."""
         start = time.perf_counter()
-        history = [event.model_dump() for event in request.history]
         try:
-            recs = recommender.recommend(
-                history,
-                request.service,
-                k=request.k,
-                exclude_seen=request.exclude_seen,
-                user_id=request.user_id,
-            )
-            available = recommender.available(history, request.service, request.exclude_seen)
+            answer = recommender.answer(request)
         except RequestError as e:
             return _invalid([{"field": e.field, "message": e.message}])
         items = [
             {"item_id": r.item_id, "score": r.score, "rank": rank}
             | {f: v for f, v in r.fields.items() if f not in RESERVED}
-            for rank, r in enumerate(recs, start=1)
+            for rank, r in enumerate(answer.items, start=1)
         ]
         latency_ms = (time.perf_counter() - start) * 1000
-        body = {"service": request.service, "items": items, "available": available,
+        body = {"service": request.service, "items": items, "available": answer.available,
                 "exhausted": len(items) < request.k, "latency_ms": latency_ms}  # fmt: skip
         return JSONResponse(body)
 
@@ -391,7 +349,7 @@ def create_app(
         return {
             "status": "ok",
             "services": recommender.services,
-            "max_k": recommender.max_k,
+            "max_k": config.max_k,
             "max_history": recommender.max_history,
             "bundle": recommender.info,
         }
@@ -401,7 +359,7 @@ def create_app(
         """Prometheus text exposition."""
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(_Observe, metrics=metrics, routes=app.router.routes)  # added last = outermost
     return app
 
@@ -442,14 +400,11 @@ class _Server(uvicorn.Server):
 
 def _listen(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` for uvicorn to serve on (as its own ``bind_socket``
-    does), bound before the bundle loads, so a bad port fails at once and in one line.
+    does), bound before the bundle loads, so a port in use fails at once and in one line.
 
     Raises:
-        ConfigError: ``port`` is outside 0..65535.
         OSError: the address cannot be bound (in use, not this machine's, no permission).
     """
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} is invalid: use 1..65535, or 0 for any free port")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -467,55 +422,41 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(
-    bundle: str | Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    device: str | None = None,
-    max_batch_size: int = 32,
-    max_wait_ms: float = 2.0,
-    max_k: int = DEFAULT_MAX_K,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    torch_threads: int | None = None,
-    access_log: bool = False,
-    log_level: str = "info",
-) -> None:
-    """Load ``bundle`` and serve it in this process until SIGINT / SIGTERM.
+def run_server(bundle: str | Path, config: ServeConfig | None = None) -> None:
+    """Load ``bundle`` and serve it in this process until SIGINT / SIGTERM, as ``config`` says.
 
     Shutdown is graceful: the socket stops accepting, in-flight requests finish, then the
     Recommender is closed. ``port=0`` picks a free port (the startup line says which). The port is
-    bound before the bundle loads: an invalid port raises ValueError, one that cannot be bound
-    (already in use, ...) OSError, each with a one-line message.
-    ``torch_threads`` sets the model's intra-op CPU threads (default: torch's, one per core); on a
-    small or shared machine 1 can be many times faster (docs/serving.md).
+    bound before the bundle loads: one that cannot be bound (already in use, ...) raises OSError
+    with a one-line message. ``torch_threads`` sets the model's intra-op CPU threads (default:
+    torch's, one per core); on a small or shared machine 1 can be many times faster
+    (docs/serving.md).
     """
-    sock = _listen(host, port)
-    dictConfig(_log_config(log_level))
-    if torch_threads:
-        torch.set_num_threads(torch_threads)  # before the Recommender's worker thread starts
-    log.info("loading bundle %s (device %s)", bundle, device or "auto")
+    config = config or ServeConfig()
+    sock = _listen(config.host, config.port)
+    dictConfig(_log_config(config.log_level))
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)  # before the Recommender's worker thread starts
+    log.info("loading bundle %s (device %s)", bundle, config.device or "auto")
     try:
-        recommender = Recommender.from_bundle(
-            bundle, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_k=max_k
-        )
+        recommender = Recommender.from_bundle(bundle, config)
     except BaseException:
         sock.close()
         raise
     counts = recommender.info.get("items_per_service") or {}
     services = ", ".join(f"{s} ({counts.get(s, '?')} items)" for s in recommender.services)
     log.info("model on %s; services: %s", recommender.info.get("device", "?"), services)
-    app = create_app(recommender, max_body_bytes=max_body_bytes, threads=max(64, 2 * max_batch_size))
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_config=None,  # configured above
-        log_level=log_level,
-        access_log=access_log,
-        timeout_graceful_shutdown=30,
+    server = _Server(
+        uvicorn.Config(
+            create_app(recommender),
+            host=config.host,
+            port=config.port,
+            log_config=None,  # configured above
+            log_level=config.log_level,
+            access_log=config.access_log,
+            timeout_graceful_shutdown=30,
+        )
     )
-    server = _Server(config)
     server.run(sockets=[sock])  # uvicorn closes it on shutdown
     # uvicorn re-raises the stopping signal after its graceful shutdown, which does nothing where
     # SIGINT was ignored at start (a background job of a non-interactive shell): SIGINT always ends

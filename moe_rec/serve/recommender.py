@@ -1,11 +1,13 @@
 """The Python serving API: a bundle in, the top-k items of a service for a cross-service history out.
 
-A request is validated in the caller's thread (a bad one raises :class:`RequestError` naming the
-input at fault and never reaches the model), turned into the prompt training and evaluation use
-(``[BOS]``, then ``[service][c1]..[cL][dedup]`` per history event, then the requested service's
-token; ``domain_ids`` the event's service, the ``[BOS]`` taking the first event's), and queued.
-One worker thread takes up to ``max_batch_size`` queued requests, waiting at most
-``max_wait_ms`` after the first for more, answers them together and hands each caller its items
+A request is checked in the caller's thread, its shape by :mod:`moe_rec.serve.request` (the check
+the HTTP service's schema makes) and what depends on the bundle here; a bad one raises
+:class:`RequestError` naming the input at fault and never reaches the model. It is turned into the
+prompt training and evaluation use (``[BOS]``, then ``[service][c1]..[cL][dedup]`` per history
+event, then the requested service's token; ``domain_ids`` the event's service, the ``[BOS]``
+taking the first event's), and queued. One worker thread takes up to ``max_batch_size`` queued
+requests, waiting at most ``max_wait_ms`` after the first for more (both from
+:class:`~moe_rec.serve.config.ServeConfig`), answers them together and hands each caller its items
 through a future. A token-level bundle is answered by one :func:`constrained_beam_search`; an
 item-level bundle (``model_kind: item``) by exact scoring of every item of the asked service
 (:mod:`moe_rec.eval.exact`, the code evaluation ranks with), the excluded ones left out, so it
@@ -42,19 +44,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from moe_rec.data.positions import item_batch
+from moe_rec.data.positions import item_batch, left_pad
 from moe_rec.data.sequences import prompt, user_bucket
-from moe_rec.errors import MoeRecError
 from moe_rec.eval.beam_search import constrained_beam_search
-from moe_rec.eval.evaluate import left_pad
-from moe_rec.eval.exact import ServiceCatalogue, item_table, request_log_probs, top_for_requests
+from moe_rec.eval.exact import ServiceCatalogue, request_log_probs, top_for_requests
 from moe_rec.export.bundle import Bundle, load_bundle
 from moe_rec.model import MoERecForItemPrediction
+from moe_rec.serve.config import DEFAULT_K, ServeConfig
+from moe_rec.serve.request import RecommendRequest, RequestError, parse_request
 from moe_rec.sid.trie import SIDTrie
 
-DEFAULT_MAX_K = 50
 DEFAULT_MAX_HISTORY = 50  # sequences.max_events when the bundle's config does not say
-REQUEST_KEYS = ("history", "service", "k", "exclude_seen", "user_id")
 
 
 def _nan_to_null(table: pa.Table) -> pa.Table:
@@ -74,13 +74,14 @@ class Recommendation:
     fields: dict[str, Any]  # the item's catalogue fields (title, brand, ... whatever the catalogue has)
 
 
-class RequestError(MoeRecError, ValueError):
-    """A bad request. ``field`` names the input at fault, e.g. ``history[3].item_id``, ``service``, ``k``."""
+@dataclass(frozen=True)
+class Answer:
+    """A request's items, best first, and how many of the service's items it could have got
+    (all of them, less the history's when ``exclude_seen``): fewer items than ``k`` only when
+    ``available`` is below ``k``."""
 
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
+    items: list[Recommendation]
+    available: int
 
 
 @dataclass
@@ -101,32 +102,21 @@ class Recommender:
     """Thread-safe top-k recommendations from a bundle, with request batching.
 
     Args:
-        bundle: a loaded bundle (model already on ``device``).
-        device: where the model runs.
-        max_batch_size: most requests decoded together.
-        max_wait_ms: how long the worker waits after a request for others to join its batch.
-        max_k: largest ``k`` and the beam width of every decode.
+        bundle: a loaded bundle.
+        config: the device (the model moves there), the batching and the beam width ``max_k``.
     """
 
-    def __init__(
-        self,
-        bundle: Bundle,
-        *,
-        device: torch.device,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
-        max_k: int = DEFAULT_MAX_K,
-    ) -> None:
-        if max_batch_size < 1 or max_k < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch_size and max_k must be >= 1, max_wait_ms >= 0")
-        self.bundle, self.device = bundle, device
-        bundle.model.to(device).eval()
+    def __init__(self, bundle: Bundle, config: ServeConfig | None = None) -> None:
+        self.config = config = config or ServeConfig()
+        self.bundle, self.device = bundle, _device(config)
+        bundle.model.to(self.device).eval()
         self.vocab, self.table = bundle.vocab, bundle.table
         self.item_level = isinstance(bundle.model, MoERecForItemPrediction)
-        self.trie = bundle.trie.to(device) if bundle.trie is not None else None
-        self.exact = ServiceCatalogue(self.table, device) if self.item_level else None
+        self.trie = bundle.trie.to(self.device) if bundle.trie is not None else None
+        self.exact = ServiceCatalogue(self.table, self.device) if self.item_level else None
+        # (N, D) per-item vectors of the item-level model (the bundle's weights never change: once)
+        self.item_vectors = bundle.model.item_table() if self.item_level else None
         self.services: list[str] = list(self.vocab.services)
-        self.max_k = max_k
         cfg = bundle.model.config
         max_events = ((bundle.manifest.get("config") or {}).get("sequences") or {}).get("max_events")
         # token-level positions: [BOS] + items + the service token + the L codes fed back while
@@ -144,7 +134,6 @@ class Recommender:
         }
         self.catalogue = _nan_to_null(bundle.catalogue)  # NaN is not JSON: a missing price is a null
         self._fields = [c for c in self.catalogue.column_names if c not in ("service", "item_id")]
-        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.info: dict[str, Any] = {
             "bundle": str(bundle.path),
             "created": bundle.manifest.get("created"),
@@ -152,11 +141,11 @@ class Recommender:
             "versions": bundle.manifest.get("versions"),
             "source": bundle.manifest.get("source"),
             "dtype": bundle.manifest.get("dtype"),
-            "device": str(device),
+            "device": str(self.device),
             "items_per_service": (bundle.manifest.get("items") or {}).get("per_service"),
-            "max_k": self.max_k,
+            "max_k": config.max_k,
             "max_history": self.max_history,
-            "max_batch_size": max_batch_size,
+            "max_batch_size": config.max_batch_size,
         }
         self._counts = {"requests": 0, "rejected": 0, "batches": 0, "items_scored": 0, "batch_seconds": 0.0}
         self._lock = threading.Lock()
@@ -166,55 +155,29 @@ class Recommender:
         self._worker.start()
 
     @classmethod
-    def from_bundle(
-        cls,
-        path: Path | str,
-        *,
-        device: str | None = None,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
-        max_k: int = DEFAULT_MAX_K,
-    ) -> Recommender:
-        """Load and verify a bundle (see :func:`moe_rec.export.load_bundle`); device: CUDA if there is one."""
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(
-            load_bundle(path, device=dev), device=dev, max_batch_size=max_batch_size,
-            max_wait_ms=max_wait_ms, max_k=max_k,
-        )  # fmt: skip
+    def from_bundle(cls, path: Path | str, config: ServeConfig | None = None) -> Recommender:
+        """Load and verify a bundle (see :func:`moe_rec.export.load_bundle`) onto ``config.device``."""
+        config = config or ServeConfig()
+        return cls(load_bundle(path, device=_device(config)), config)
 
     # --- requests ---------------------------------------------------------------------------
 
-    def _events(self, history: Any) -> tuple[list[str], list[str]]:
-        """Services and item ids of a history, every entry checked."""
-        if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Sequence):
-            raise RequestError("history", "must be a list of {service, item_id} objects or pairs")
-        if not history:
-            raise RequestError("history", "is empty; give at least one event")
-        services, items = [], []
-        for i, event in enumerate(history):
-            if isinstance(event, Mapping):
-                for key in ("service", "item_id"):
-                    if key not in event:
-                        raise RequestError(f"history[{i}].{key}", "is missing")
-                service, item = event["service"], event["item_id"]
-            elif isinstance(event, (tuple, list)) and len(event) == 2:
-                service, item = event
-            else:
-                raise RequestError(f"history[{i}]", "must be a {service, item_id} object or a pair")
-            if not isinstance(service, str) or service not in self.services:
+    def _service(self, service: str) -> str:
+        """``service`` checked to be one the bundle serves."""
+        if service not in self.services:
+            raise RequestError("service", f"unknown service {service!r}; known: {self.services}")
+        return service
+
+    def _rows(self, request: RecommendRequest) -> tuple[list[str], list[int]]:
+        """The history's services and table rows; an unknown service or item names its event."""
+        services, items = [e.service for e in request.history], [e.item_id for e in request.history]
+        for i, service in enumerate(services):
+            if service not in self.services:
                 raise RequestError(
                     f"history[{i}].service", f"unknown service {service!r}; known: {self.services}"
                 )
-            if not isinstance(item, str):
-                raise RequestError(f"history[{i}].item_id", f"must be a string, got {type(item).__name__}")
-            services.append(service)
-            items.append(item)
-        return services, items
-
-    def _rows(self, services: list[str], items: list[str]) -> list[int]:
-        """Table rows of the events; an unknown item names its index."""
         try:
-            return self.table.rows(services, items).tolist()
+            return services, self.table.rows(services, items).tolist()
         except LookupError:
             for i, (service, item) in enumerate(zip(services, items)):
                 try:
@@ -225,21 +188,82 @@ class Recommender:
                     ) from None
             raise
 
-    def _service(self, service: Any) -> str:
-        """``service`` checked to be one the bundle serves."""
-        if not isinstance(service, str) or service not in self.services:
-            raise RequestError("service", f"unknown service {service!r}; known: {self.services}")
-        return service
+    def _job(self, request: RecommendRequest) -> _Job:
+        """What the request's shape does not say checked against the bundle (services, items,
+        ``k <= max_k``), and its prompt built (caller's thread)."""
+        service = self._service(request.service)
+        if request.k > self.config.max_k:
+            raise RequestError("k", f"must be an integer in [1, {self.config.max_k}], got {request.k!r}")
+        services, rows = self._rows(request)
+        codes = self.table.codes[rows]  # (n, L+1)
+        recent = list(zip(services, codes.tolist()))[-self.max_history :]
+        # the history's distinct items of the asked service: never returned
+        seen = sorted({r for s, r in zip(services, rows) if s == service}) if request.exclude_seen else []
+        return _Job(
+            prompt=prompt(self.vocab, recent, service),
+            service=service,
+            k=request.k,
+            user=user_bucket(request.user_id or "", self.bundle.model.config.num_user_buckets),
+            exclude=self.table.codes[seen],
+            excluded_rows=seen,
+            available=len(self._service_rows[service]) - len(seen),
+            future=Future(),
+        )
 
-    @staticmethod
-    def _check_exclude_seen(exclude_seen: Any) -> None:
-        if not isinstance(exclude_seen, bool):
-            raise RequestError("exclude_seen", f"must be true or false, got {exclude_seen!r}")
+    def _checked(self, raw: Any) -> _Job:
+        """A Python caller's request as a job; a bad one is counted and raised."""
+        try:
+            return self._job(parse_request(raw))
+        except RequestError:
+            self._count(rejected=1)
+            raise
 
-    @staticmethod
-    def _seen(service: str, services: list[str], rows: list[int], exclude_seen: bool) -> list[int]:
-        """Distinct table rows that must not be returned: the history's items of ``service``."""
-        return sorted({r for s, r in zip(services, rows) if s == service}) if exclude_seen else []
+    def _submit(self, job: _Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the recommender is closed")
+            self._queue.put(job)
+
+    def answer(self, request: RecommendRequest) -> Answer:
+        """The items of a request whose shape is already checked (the HTTP service's), and how many
+        it could have got.
+
+        Raises:
+            RequestError: an unknown service or item, or ``k`` over ``max_k``.
+        """
+        try:
+            job = self._job(request)
+        except RequestError:
+            self._count(rejected=1)
+            raise
+        self._submit(job)
+        return Answer(job.future.result(), job.available)
+
+    def recommend(
+        self,
+        history: Sequence[Mapping[str, str] | tuple[str, str]],
+        service: str,
+        k: int = DEFAULT_K,
+        exclude_seen: bool = True,
+        user_id: str | None = None,
+    ) -> list[Recommendation]:
+        """The ``k`` best items of ``service`` for a cross-service ``history`` (oldest first), best
+        first; fewer only when the service has fewer than ``k`` items left after exclusion
+        (:meth:`available`), and then all of them.
+
+        Raises:
+            RequestError: naming the bad input (unknown service or item, empty history, k out of range).
+        """
+        raw = {
+            "history": history,
+            "service": service,
+            "k": k,
+            "exclude_seen": exclude_seen,
+            "user_id": user_id,
+        }
+        job = self._checked(raw)
+        self._submit(job)
+        return job.future.result()
 
     def available(
         self,
@@ -253,84 +277,16 @@ class Recommender:
         Raises:
             RequestError: naming the bad input, as :meth:`recommend` does.
         """
-        service = self._service(service)
-        self._check_exclude_seen(exclude_seen)
-        services, items = self._events(history)
-        seen = self._seen(service, services, self._rows(services, items), exclude_seen)
-        return len(self._service_rows[service]) - len(seen)
-
-    def _job(self, history: Any, service: Any, k: Any, exclude_seen: Any, user_id: Any) -> _Job:
-        """Validate one request and build its prompt (caller's thread)."""
-        service = self._service(service)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_k:
-            raise RequestError("k", f"must be an integer in [1, {self.max_k}], got {k!r}")
-        self._check_exclude_seen(exclude_seen)
-        if user_id is not None and not isinstance(user_id, str):
-            raise RequestError("user_id", f"must be a string or null, got {type(user_id).__name__}")
-        services, items = self._events(history)
-        rows = self._rows(services, items)
-        codes = self.table.codes[rows]  # (n, L+1)
-        recent = list(zip(services, codes.tolist()))[-self.max_history :]
-        seen = self._seen(service, services, rows, exclude_seen)
-        return _Job(
-            prompt=prompt(self.vocab, recent, service),
-            service=service,
-            k=k,
-            user=user_bucket(user_id or "", self.bundle.model.config.num_user_buckets),
-            exclude=self.table.codes[seen],
-            excluded_rows=seen,
-            available=len(self._service_rows[service]) - len(seen),
-            future=Future(),
-        )
-
-    def _submit(self, job: _Job) -> None:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the recommender is closed")
-            self._queue.put(job)
-
-    def recommend(
-        self,
-        history: Sequence[Mapping[str, str] | tuple[str, str]],
-        service: str,
-        k: int = 10,
-        exclude_seen: bool = True,
-        user_id: str | None = None,
-    ) -> list[Recommendation]:
-        """The ``k`` best items of ``service`` for a cross-service ``history`` (oldest first), best
-        first; fewer only when the service has fewer than ``k`` items left after exclusion
-        (:meth:`available`), and then all of them.
-
-        Raises:
-            RequestError: naming the bad input (unknown service or item, empty history, k out of range).
-        """
-        try:
-            job = self._job(history, service, k, exclude_seen, user_id)
-        except RequestError:
-            self._count(rejected=1)
-            raise
-        self._submit(job)
-        return job.future.result()
+        return self._checked({"history": history, "service": service, "exclude_seen": exclude_seen}).available
 
     def recommend_many(self, requests: list[dict[str, Any]]) -> list[list[Recommendation] | RequestError]:
         """Many requests (dicts with the keys of :meth:`recommend`) decoded in shared batches; a bad
         one comes back as its :class:`RequestError` in its place, the others still answered."""
-        out: list[Any] = []
+        out: list[_Job | RequestError] = []
         for r in requests:
             try:
-                if not isinstance(r, Mapping):
-                    raise RequestError("request", "must be an object")
-                if unknown := sorted(set(r) - set(REQUEST_KEYS)):
-                    raise RequestError(unknown[0], f"unknown field; known: {list(REQUEST_KEYS)}")
-                for key in ("history", "service"):
-                    if key not in r:
-                        raise RequestError(key, "is missing")
-                out.append(
-                    self._job(r["history"], r["service"], r.get("k", 10), r.get("exclude_seen", True),
-                              r.get("user_id"))
-                )  # fmt: skip
+                out.append(self._checked(r))
             except RequestError as e:
-                self._count(rejected=1)
                 out.append(e)
         for job in out:
             if isinstance(job, _Job):
@@ -355,8 +311,8 @@ class Recommender:
             job = self._queue.get()
             if job is None:
                 return
-            batch, deadline = [job], time.monotonic() + self.max_wait
-            while len(batch) < self.max_batch_size:
+            batch, deadline = [job], time.monotonic() + self.config.max_wait_ms / 1000
+            while len(batch) < self.config.max_batch_size:
                 try:
                     nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
@@ -389,7 +345,7 @@ class Recommender:
             domain_ids=domains.to(self.device),
             user_ids=users,
             services=services,
-            beam_width=self.max_k,
+            beam_width=self.config.max_k,
             exclude_codes=exclude,
         )  # (B, W, L+1), (B, W)
         b, w, depth = codes.shape
@@ -415,8 +371,8 @@ class Recommender:
         inputs["user_ids"] = torch.tensor([j.user for j in batch])
         log_probs, query = request_log_probs(self.bundle.model, inputs)
         rows, scores = top_for_requests(
-            log_probs, [j.service for j in batch], self.exact, self.max_k, [j.excluded_rows for j in batch],
-            query, item_table(self.bundle.model),
+            log_probs, [j.service for j in batch], self.exact, self.config.max_k, [j.excluded_rows for j in batch],
+            query, self.item_vectors,
         )  # fmt: skip
         return [
             [(r, s) for r, s in zip(job_rows, job_scores) if r >= 0]
@@ -486,3 +442,8 @@ class Recommender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _device(config: ServeConfig) -> torch.device:
+    """``config.device``, or CUDA when there is one."""
+    return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))

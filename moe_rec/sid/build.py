@@ -50,6 +50,39 @@ STATS_FILE = "stats.json"
 CONFIG_FILE = "sid_config.yaml"
 
 
+def item_embeddings(
+    items: pa.Table, cfg: SIDConfig, cache_dir: Path
+) -> tuple[torch.Tensor, TextEncoder, int]:
+    """(N, D) text embeddings of the catalogue's items (cached by text), the encoder, and how many
+    items had no text.
+
+    An item with no text at all (e.g. food_kitchen) is named by its id, so it still gets its own
+    embedding rather than colliding with every other text-less item."""
+    services = items.column("service").to_pylist()
+    item_ids = items.column("item_id").to_pylist()
+    encoder = TextEncoder.from_config(cfg.encoder, cache_dir)
+    texts = item_texts(items)
+    without_text = [i for i, text in enumerate(texts) if not text]
+    for i in without_text:
+        texts[i] = f"{services[i]} item {item_ids[i]}"
+    if without_text:
+        console.log(f"[yellow]{len(without_text):,} items have no text; their ids stand in for it")
+    return encoder.encode(texts), encoder, len(without_text)
+
+
+def table_text_embeddings(items: pa.Table, table: SIDTable, cfg: SIDConfig, cache_dir: Path) -> torch.Tensor:
+    """(N, D) the text embedding of each SID-table row's item (the item model's ``item_text``)."""
+    vectors, _, _ = item_embeddings(items, cfg, cache_dir)
+    rows = table.rows(items.column("service").to_pylist(), items.column("item_id").to_pylist())
+    if len(rows) != len(table) or len(set(rows.tolist())) != len(table):
+        raise ValueError(
+            f"the catalogue has {len(rows):,} items, the SID table {len(table):,}; rebuild the SIDs"
+        )
+    out = torch.empty(len(table), vectors.shape[1], dtype=torch.float32)
+    out[torch.from_numpy(rows)] = vectors.float()
+    return out
+
+
 def build_sids(
     items: pa.Table, cfg: SIDConfig, out_dir: Path, cache_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -77,18 +110,9 @@ def build_sids(
     item_ids = items.column("item_id").to_pylist()
 
     t0 = time.perf_counter()
-    encoder = TextEncoder.from_config(
-        cfg.encoder, cache_dir if cache_dir is not None else out_dir / "embedding_cache"
-    )
-    texts = item_texts(items)
-    # an item with no text at all (e.g. food_kitchen) is named by its id, so it still gets its own
-    # embedding rather than colliding with every other text-less item; counted in the stats
-    without_text = [i for i, text in enumerate(texts) if not text]
-    for i in without_text:
-        texts[i] = f"{services[i]} item {item_ids[i]}"
-    if without_text:
-        console.log(f"[yellow]{len(without_text):,} items have no text; their ids stand in for it")
-    embeddings = encoder.encode(texts)  # (N, D)
+    embeddings, encoder, without_text = item_embeddings(
+        items, cfg, cache_dir if cache_dir is not None else out_dir / "embedding_cache"
+    )  # (N, D)
     t_encode = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -124,7 +148,7 @@ def build_sids(
     stats = {
         "items": len(table),
         "items_per_service": table.metadata()["items_per_service"],
-        "items_without_text": len(without_text),
+        "items_without_text": without_text,
         "unique_ids": int(
             torch.unique(torch.cat([table.service_index[:, None], table.codes], 1), dim=0).shape[0]
         ),

@@ -4,6 +4,10 @@ The semantic ID of an item is learned from this text alone, so it holds everythi
 knows that says what the item *is*: title, category path, brand, price and free text. Missing or
 empty fields are left out (no ``"Brand: None"``), so two items differ in text only where their
 data differ. The format is fixed: changing it changes every embedding (the cache keys on the text).
+
+A catalogue may bring its own text instead (the ``item_text`` column, e.g. a description written
+for search): a row that has one is encoded as is, character for character, and its other fields
+are not added to it; rows without one are composed as above.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def compose_text(
 
 
 def item_texts(items: pa.Table) -> list[str]:
-    """Composed text of every row of a catalogue table (ITEM_SCHEMA columns; absent columns are skipped).
+    """The encoder's text of every row of a catalogue table (ITEM_SCHEMA columns; absent columns are
+    skipped): the row's ``item_text`` as is when it has a non-empty one, else the composed fields.
 
     Returns:
         ``N`` strings, in row order.
@@ -55,8 +60,9 @@ def item_texts(items: pa.Table) -> list[str]:
         return items.column(name).to_pylist() if name in items.column_names else [None] * n
 
     return [
-        compose_text(title, categories, brand, price, text)
-        for title, categories, brand, price, text in zip(
+        given if given and given.strip() else compose_text(title, categories, brand, price, text)
+        for given, title, categories, brand, price, text in zip(
+            column("item_text"),
             column("title"),
             column("categories"),
             column("brand"),

@@ -7,13 +7,12 @@ are in :mod:`moe_rec.train.__main__` and ``launch/README.md``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # moe_rec.experiment imports moe_rec.train.config, so not at run time
-    from moe_rec.experiment import ExperimentConfig
+from moe_rec.train.config import TrainInputs
 
 
-def train(cfg: ExperimentConfig) -> dict[str, Any]:
+def train(cfg: TrainInputs) -> dict[str, Any]:
     """Train ``cfg`` on this process's rank; returns a summary (steps, losses, validation metrics,
     where the checkpoint and the W&B run went)."""
     from moe_rec.train.trainer import train as run

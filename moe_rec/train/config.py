@@ -1,5 +1,7 @@
 """Typed configs of the training stage: which model to build (``model:``) and how to train it
-(``train:``), both sections of :class:`moe_rec.experiment.ExperimentConfig`.
+(``train:``), both sections of :class:`moe_rec.experiment.ExperimentConfig`, and
+:class:`TrainInputs`, what training reads of that experiment (it composes every stage's config,
+so the training stage does not import it).
 
 The DeepSpeed JSON under ``configs/deepspeed/`` holds only what is DeepSpeed's own business (ZeRO
 stage, bucket sizes); batch sizes, clipping and precision come from :class:`TrainConfig` and are
@@ -8,12 +10,17 @@ written into it at start-up, so one number is never set in two places.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from moe_rec.config import ConfigError, check_keys
+from moe_rec.eval.config import EvalConfig
+from moe_rec.model.choices import ModelSize, MoEBackend, RouterMode
+from moe_rec.sid.config import SIDConfig
 
 # MoERecConfig fields the trainer sets itself: from the vocabulary, or from this section's own keys
 SET_ELSEWHERE = {
@@ -23,6 +30,7 @@ SET_ELSEWHERE = {
     "moe_backend": "model.moe_backend",
     "code_token_ranges": "the vocabulary (model.kind=item)",
     "num_items": "the SID table (model.kind=item with item_embedding)",
+    "item_text_dim": "the SID stage's text encoder (model.kind=item with item_text)",
 }
 
 
@@ -41,9 +49,9 @@ class ModelSection:
     # token: one position per code token, beam search (MoERecForCausalLM); item: one position per
     # event, parallel code heads, exact scoring of every item (MoERecForItemPrediction)
     kind: Literal["token", "item"] = "token"
-    size: Literal["tiny", "small", "base"] = "tiny"  # a named builder in moe_rec.model.config
-    router_mode: Literal["token", "domain", "domain_user"] = "domain_user"
-    moe_backend: Literal["loop", "grouped_mm", "megablocks"] = "grouped_mm"
+    size: ModelSize = "tiny"  # a named size in moe_rec.model.config.SIZES
+    router_mode: RouterMode = "domain_user"
+    moe_backend: MoEBackend = "grouped_mm"
     dense: bool = False  # train the all-dense twin (same active parameters per token) instead
     overrides: dict[str, Any] = field(default_factory=dict)  # any other MoERecConfig field
 
@@ -56,6 +64,30 @@ class ModelSection:
             if key in SET_ELSEWHERE:
                 raise ConfigError(f"model.overrides.{key}: set from {SET_ELSEWHERE[key]}, not an override")
         check_keys(self.overrides, set(model_config_fields()) - SET_ELSEWHERE.keys(), "model.overrides.")
+
+
+EVERY = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(steps?|epochs?)?\s*")
+
+
+def parse_every(value: int | str, name: str) -> tuple[float, str]:
+    """``500``, ``"500 steps"``, ``"2 epochs"``, ``"0.5epoch"`` -> ``(amount, "steps" | "epochs")``;
+    a count of steps must be whole. Raises ``ValueError`` naming ``name`` for anything else."""
+    found = EVERY.fullmatch(str(value)) if not isinstance(value, bool) else None
+    if found is None:
+        raise ValueError(f"{name}: expected steps (500, '500 steps') or epochs ('2 epochs'), got {value!r}")
+    amount, unit = float(found.group(1)), "epochs" if (found.group(2) or "").startswith("epoch") else "steps"
+    if unit == "steps" and not amount.is_integer():
+        raise ValueError(f"{name}: a number of steps must be whole, got {value!r} (or say '{value} epochs')")
+    return amount, unit
+
+
+def every_steps(value: int | str, steps_per_epoch: int, name: str = "every") -> int:
+    """Optimizer steps of a cadence in steps or epochs (:func:`parse_every`): epochs are rounded to
+    whole steps, at least one; 0 stays 0."""
+    amount, unit = parse_every(value, name)
+    if unit == "steps" or amount == 0:
+        return int(amount)
+    return max(1, round(amount * steps_per_epoch))
 
 
 @dataclass
@@ -82,9 +114,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip: float = 1.0  # gradient norm clip (0: off)
     seed: int = 0
-    save_every: int = 100  # optimizer steps between checkpoints (one is always written at the end)
+    # save_every / eval_every: optimizer steps (100, "100 steps") or epochs ("2 epochs", "0.5 epoch"),
+    # epochs turned into steps (rounded, at least 1) once the epoch length is known (in_steps)
+    save_every: int | str = 100  # between checkpoints (one is always written at the end)
     keep_last: int = 2  # checkpoints kept besides the best one
-    eval_every: int = 100  # optimizer steps between validations (0: only at the end)
+    eval_every: int | str = 100  # between validations (0: only at the end)
     max_eval_samples: int = 2048  # validation subsample (first N valid rows; 0: all)
     log_every: int = 10  # optimizer steps between log lines
     best_metric: str = "valid/ndcg@10"  # higher is better; picks the `best` checkpoint. recall@K / ndcg@K
@@ -95,19 +129,56 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        positive = ("micro_batch_size", "grad_accum", "epochs", "save_every", "keep_last", "log_every")
+        positive = ("micro_batch_size", "grad_accum", "epochs", "keep_last", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if parse_every(self.save_every, "save_every")[0] <= 0:
+            raise ValueError(f"save_every must be more than 0 steps or epochs, got {self.save_every!r}")
+        parse_every(self.eval_every, "eval_every")  # 0 is allowed: only at the end
         for name in (
             "micro_batch_tokens",
             "warmup_steps",
             "max_steps",
             "stop_at",
-            "eval_every",
             "max_eval_samples",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+
+    def in_steps(self, steps_per_epoch: int) -> TrainConfig:
+        """This config with ``save_every`` and ``eval_every`` in optimizer steps, given the epoch length."""
+        return dataclasses.replace(
+            self,
+            save_every=every_steps(self.save_every, steps_per_epoch, "save_every"),
+            eval_every=every_steps(self.eval_every, steps_per_epoch, "eval_every"),
+        )
+
+
+class TrainInputs(Protocol):
+    """What training reads of an experiment (:class:`moe_rec.experiment.ExperimentConfig` is
+    one): its model, training and evaluation sections and where the run keeps its files. The whole
+    experiment is also recorded with the W&B run."""
+
+    run_dir: Path
+    model: ModelSection
+    train: TrainConfig
+    eval: EvalConfig  # validation ranks items as this says (its split set to valid)
+    sid: SIDConfig  # its encoder embeds the item texts (model.overrides.item_text)
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    @property
+    def embedding_cache(self) -> Path: ...
+
+    @property
+    def sid_dir(self) -> Path: ...
+
+    @property
+    def sequences_dir(self) -> Path: ...
+
+    @property
+    def checkpoint_dir(self) -> Path: ...

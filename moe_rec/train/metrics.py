@@ -198,7 +198,8 @@ class RankZeroLogger:
     ``<run_dir>/wandb``, and :meth:`location` says how to upload them all).
 
     Args:
-        mode: W&B's ``online``, ``offline`` or ``disabled`` (no W&B run, no id kept).
+        mode: W&B's ``online``, ``offline`` or ``disabled`` (no W&B run, no id kept, and wandb not
+            imported: it need not be installed).
         new_run: start a W&B run when ``run_dir`` has none yet; False: only continue one (W&B stays
             off without it).
     """

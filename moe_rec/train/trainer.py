@@ -19,8 +19,10 @@ import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,16 +31,18 @@ import yaml
 
 from moe_rec.config import ConfigError, to_dict
 from moe_rec.console import console, progress
+from moe_rec.data import store
+from moe_rec.data.cold_start import read_cold_items
 from moe_rec.data.positions import code_token_ranges
 from moe_rec.data.schema import DataError
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.exact import ServiceCatalogue, evaluate_exact
 from moe_rec.eval.metrics import MACRO
-from moe_rec.experiment import ExperimentConfig
 from moe_rec.model import MoERecConfig, build_config, model_class, parameter_report
+from moe_rec.sid.build import table_text_embeddings
 from moe_rec.sid.table import META_FILE, SIDTable
 from moe_rec.train import checkpoint as ckpt
-from moe_rec.train.config import ModelSection, TrainConfig
+from moe_rec.train.config import ModelSection, TrainConfig, TrainInputs
 from moe_rec.train.data import Collator, DataPosition, ItemCollator, ShardedTrainData, load_split
 from moe_rec.train.extensions import check_build_locks, skip_shm_op
 from moe_rec.train.metrics import (
@@ -54,13 +58,18 @@ from moe_rec.train.metrics import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def model_config(section: ModelSection, vocab: Vocabulary, num_items: int = 0) -> MoERecConfig:
+def model_config(
+    section: ModelSection, vocab: Vocabulary, num_items: int = 0, text_dim: int = 0
+) -> MoERecConfig:
     """The decoder for ``vocab``: a named size, the vocabulary's token count and service slots, and
     for the item-level model (``kind: item``) the token range of each code position and, with a
-    per-item term (``item_embedding``), the catalogue's ``num_items``."""
+    per-item term (``item_embedding``), the catalogue's ``num_items`` (and with ``item_text`` the
+    text embeddings' width ``text_dim``)."""
     ranges = {"code_token_ranges": code_token_ranges(vocab)} if section.kind == "item" else {}
     if section.overrides.get("item_embedding"):
         ranges["num_items"] = num_items
+    if section.overrides.get("item_text"):
+        ranges["item_text_dim"] = text_dim
     try:
         cfg = build_config(
             section.size,
@@ -151,10 +160,74 @@ def _optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.95))
 
 
+@dataclass
+class StepStats:
+    """What the loop records of a micro batch and, summed, of an optimizer step or a log window.
+    Every field is a sum until :meth:`reduced` turns the losses and the entropy into means per
+    micro batch; the token counts stay sums (throughput and attention FLOPs read them)."""
+
+    loss: float = 0.0  # lm_loss + aux_loss, the loss back-propagated
+    lm_loss: float = 0.0
+    aux_loss: float = 0.0  # the router losses, weighted by their coefficients
+    load_balancing_loss: float = 0.0
+    z_loss: float = 0.0
+    router_entropy: float = 0.0  # mean over MoE layers
+    tokens: float = 0.0  # real (not padding) tokens
+    token_length: float = 0.0  # real tokens x padded length, for the attention FLOPs
+
+    MEANS: ClassVar[tuple[str, ...]] = (
+        "loss", "lm_loss", "aux_loss", "load_balancing_loss", "z_loss", "router_entropy",
+    )  # fmt: skip
+
+    @classmethod
+    def of_micro_batch(cls, out: Any, batch: dict[str, torch.Tensor]) -> StepStats:
+        """One micro batch's, with one device sync (``batch`` is still on the CPU); a loss the
+        model did not return (a dense model's router losses) counts as 0."""
+        zero = out.loss.new_zeros(())
+        losses = [out.loss, out.lm_loss, out.aux_loss, out.load_balancing_loss, out.z_loss]
+        entropy = out.router_entropy.mean() if out.router_entropy is not None else zero
+        on_device = torch.stack([*(x if x is not None else zero for x in losses), entropy]).detach()
+        loss, lm, aux, lb, z, ent = on_device.double().cpu().tolist()
+        mask = batch["attention_mask"]  # (B, T)
+        tokens = float(mask.sum().item())
+        return cls(loss, lm, aux, lb, z, ent, tokens, tokens * mask.shape[1])
+
+    def __add__(self, other: StepStats) -> StepStats:
+        return StepStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def reduced(self, micro_batches: int) -> StepStats:
+        """Summed over ranks, every field in one float64 ``all_reduce``; the losses and the entropy
+        then divided by ``micro_batches`` (those of every rank) into means."""
+        packed = torch.tensor(dataclasses.astuple(self), dtype=torch.float64)
+        dist.all_reduce(packed)
+        total = StepStats(*packed.tolist())
+        return dataclasses.replace(
+            total, **{name: getattr(total, name) / micro_batches for name in self.MEANS}
+        )
+
+    def mean(self, steps: int) -> StepStats:
+        """Every field divided by ``steps``: a log window's mean step."""
+        return StepStats(*(v / steps for v in dataclasses.astuple(self)))
+
+
+@dataclass
+class _LogWindow:
+    """The optimizer steps since the last log line: their summed statistics, count and seconds."""
+
+    stats: StepStats = dataclasses.field(default_factory=StepStats)
+    steps: int = 0
+    seconds: float = 0.0  # training only, not validation or saving
+
+    def add(self, stats: StepStats, seconds: float) -> None:
+        self.stats += stats
+        self.steps += 1
+        self.seconds += seconds
+
+
 class Trainer:
     """One training run of ``cfg`` on this rank (every rank builds one)."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: TrainInputs) -> None:
         vocab_path = cfg.sequences_dir / "vocab.json"
         if not vocab_path.exists():
             raise DataError(
@@ -182,7 +255,12 @@ class Trainer:
             )
         train_ds = load_split(cfg.sequences_dir, "train")
         valid_ds = load_split(cfg.sequences_dir, "valid")
-        self.model_config = model_config(cfg.model, self.vocab, len(self.sids))
+        self.item_text = None  # (N, D_text) with item_text: the SID stage's embeddings (cached), by table row
+        if cfg.model.overrides.get("item_text"):
+            items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
+            self.item_text = table_text_embeddings(items, self.sids, cfg.sid, cfg.embedding_cache)
+        text_dim = self.item_text.shape[1] if self.item_text is not None else 0
+        self.model_config = model_config(cfg.model, self.vocab, len(self.sids), text_dim)
 
         self.rank, self.world_size, self.device = init_distributed()
         import deepspeed
@@ -207,6 +285,7 @@ class Trainer:
             collator=self.collator,
             positions_per_sample=lengths,
         )
+        self.tc = self.tc.in_steps(self.data.steps_per_epoch)  # save_every / eval_every in epochs -> steps
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch
         n_valid = min(self.tc.max_eval_samples or len(valid_ds), len(valid_ds))
         self.valid_requests = valid_ds.select(range(n_valid)).to_list()
@@ -222,9 +301,18 @@ class Trainer:
         np.random.seed(self.tc.seed)
         torch.manual_seed(self.tc.seed)
         model = model_class(self.model_config)(self.model_config)
+        self.cold = read_cold_items(cfg.sequences_dir)  # the cold-start benchmark's held-out items
         if self.item_level and self.model_config.item_loss == "items":  # the softmax runs over the catalogue
-            model.set_train_catalogue(self.sids.codes, self.sids.service_index + self.vocab.service_offset)
+            trained = torch.ones(len(self.sids.codes), dtype=torch.bool)
+            if self.cold:
+                trained[self.sids.rows(*map(list, zip(*sorted(self.cold))))] = False
+            model.set_train_catalogue(
+                self.sids.codes, self.sids.service_index + self.vocab.service_offset, trained
+            )
+        if self.item_text is not None:
+            model.set_item_text(self.item_text)
         self.params = parameter_report(model)
+        self.peak_flops = peak_flops(self.tc.peak_tflops)  # per device; None: no MFU
         bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")
         optimizer = _optimizer(model, self.tc)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.tc, self.total_steps))
@@ -248,6 +336,9 @@ class Trainer:
         self.position = DataPosition()
         self.best: dict[str, Any] = {"tag": None, "value": -math.inf}
         self.saved_step = -1
+        n_moe = self.model_config.ffn_types.count("moe")
+        # tokens per (MoE layer, service, expert) since the last validation, which logs it
+        self.expert_load = torch.zeros(n_moe, self.model_config.num_domains, self.model_config.num_experts)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -327,6 +418,7 @@ class Trainer:
                 prefix="valid",
                 catalogue=self.catalogue,
                 show_progress=False,
+                cold=self.cold,
             )
             metrics = {k: v for k, v in ranking.items() if not k.endswith("/count") and f"/{MACRO}/" not in k}
         else:
@@ -357,86 +449,30 @@ class Trainer:
         )
 
     def fit(self) -> dict[str, Any]:
-        tc, engine = self.tc, self.engine
-        stop = min(self.total_steps, tc.stop_at or self.total_steps)
-        peak = peak_flops(tc.peak_tflops)
-        n_moe = self.model_config.ffn_types.count("moe")
-        load = torch.zeros(n_moe, self.model_config.num_domains, self.model_config.num_experts)
-        # per log window, summed over steps: loss, lm, aux, lb, z, tokens, padded length x tokens, entropy
-        window, window_steps, window_time, tokens_per_s = torch.zeros(8, dtype=torch.float64), 0, 0.0, 0.0
-        losses: list[float] = []
-        metrics: dict[str, float] = {}
+        """Train from ``self.step`` to the stop step (``train.stop_at`` or the end); returns a summary:
+        the step reached, the start-up plan, seconds, every step's loss, the last validation
+        metrics, the probe (:meth:`_probe`) and the last logged throughput."""
+        stop = min(self.total_steps, self.tc.stop_at or self.total_steps)
         stream = self.data(self.position)
         plan = self.plan(stop)
         if self.rank == 0:
             console.print(plan)
+        window, tokens_per_s = _LogWindow(), 0.0
+        losses: list[float] = []
+        metrics: dict[str, float] = {}
         started = time.perf_counter()
         with progress() if self.rank == 0 else _NullBar() as bar:
             task = bar.add_task("train", total=stop, completed=self.step)
             while self.step < stop:
                 t0 = time.perf_counter()  # throughput counts training steps only, not eval or saving
-                position, micro = next(stream)
-                step_stats = torch.zeros(8, dtype=torch.float64)
-                for mb in micro:
-                    out = engine(**{k: v.to(self.device) for k, v in mb.items()})
-                    engine.backward(out.loss)
-                    engine.step()
-                    step_stats += _micro_stats(out, mb)
-                    if out.expert_load is not None:
-                        load += out.expert_load.detach().float().cpu()
-                dist.all_reduce(step_stats)
-                step_stats[[0, 1, 2, 3, 4, 7]] /= self.world_size * tc.grad_accum
-                self.step, self.position = self.step + 1, position
-                losses.append(step_stats[0].item())
-                window += step_stats
-                window_steps += 1
-                window_time += time.perf_counter() - t0
-                bar.update(task, completed=self.step, description=f"train loss {step_stats[0]:.3f}")
-
-                if self.step % tc.log_every == 0 or self.step == stop:
-                    mean = window / window_steps
-                    tokens_per_s = window[5].item() / window_time
-                    fpt = flops_per_token(
-                        self.model_config,
-                        self.params["active_per_token"],
-                        window[6].item() / window[5].item(),
-                    )
-                    log = {
-                        "train/loss": mean[0].item(),
-                        "train/lm_loss": mean[1].item(),
-                        "train/aux_loss": mean[2].item(),
-                        "train/load_balancing_loss": mean[3].item(),
-                        "train/z_loss": mean[4].item(),
-                        "train/router_entropy": mean[7].item(),
-                        "train/lr": engine.get_lr()[0],
-                        "train/grad_norm": _item(engine.get_global_grad_norm()),
-                        "perf/tokens_per_s": tokens_per_s,
-                        "perf/tflops_per_device": fpt * tokens_per_s / self.world_size / 1e12,
-                        "train/epoch": self.position.epoch,
-                    }
-                    if peak is not None:
-                        log["perf/mfu"] = fpt * tokens_per_s / self.world_size / peak
-                    self.logger.log(log, self.step, kind="train")
-                    if self.rank == 0:
-                        console.print(
-                            f"step {self.step}/{stop}  loss {log['train/loss']:.4f}  lm {log['train/lm_loss']:.4f}  "
-                            f"lr {log['train/lr']:.2e}  grad {log['train/grad_norm']:.2f}  {tokens_per_s:,.0f} tok/s"
-                        )
-                    window.zero_()
-                    window_steps, window_time = 0, 0.0
-
-                evaluating = (
-                    tc.eval_every and self.step % tc.eval_every == 0
-                ) or self.step == self.total_steps
-                if evaluating:
-                    dist.all_reduce(load)
-                    self.logger.log_expert_load(load, self.vocab.services, self.step)
-                    load.zero_()
-                    metrics = self.validate()
-                    if metrics.get(tc.best_metric, -math.inf) > self.best["value"]:
-                        self.save(metrics)
-                if self.step % tc.save_every == 0 or self.step == stop:
-                    self.save(metrics if evaluating else None)
+                stats = self.train_step(stream)
+                losses.append(stats.loss)
+                window.add(stats, time.perf_counter() - t0)
+                bar.update(task, completed=self.step, description=f"train loss {stats.loss:.3f}")
+                if self.step % self.tc.log_every == 0 or self.step == stop:
+                    tokens_per_s = self.log_window(window, stop)
+                    window = _LogWindow()
+                metrics = self.validate_and_save(stop, metrics)
         return {
             "step": self.step,
             "plan": plan,
@@ -446,6 +482,74 @@ class Trainer:
             "probe": self._probe(),
             "tokens_per_s": tokens_per_s,
         }
+
+    def train_step(self, stream: Iterator[tuple[DataPosition, list[dict[str, torch.Tensor]]]]) -> StepStats:
+        """One optimizer step: this rank's ``grad_accum`` micro batches forward and backward (the
+        engine steps the optimizer after the last), the expert load added up for the next
+        validation; returns the step's statistics reduced over ranks."""
+        position, micro = next(stream)
+        stats = StepStats()
+        for mb in micro:
+            out = self.engine(**{k: v.to(self.device) for k, v in mb.items()})
+            self.engine.backward(out.loss)
+            self.engine.step()
+            stats += StepStats.of_micro_batch(out, mb)
+            if out.expert_load is not None:
+                self.expert_load += out.expert_load.detach().float().cpu()
+        self.step, self.position = self.step + 1, position
+        return stats.reduced(self.world_size * self.tc.grad_accum)
+
+    def log_window(self, window: _LogWindow, stop: int) -> float:
+        """Log the window's mean losses, the LR, the gradient norm and throughput (rank 0 prints a
+        line); returns tokens per second over the window."""
+        engine = self.engine
+        mean = window.stats.mean(window.steps)
+        tokens_per_s = window.stats.tokens / window.seconds
+        fpt = flops_per_token(
+            self.model_config,
+            self.params["active_per_token"],
+            window.stats.token_length / window.stats.tokens,
+        )
+        log = {
+            "train/loss": mean.loss,
+            "train/lm_loss": mean.lm_loss,
+            "train/aux_loss": mean.aux_loss,
+            "train/load_balancing_loss": mean.load_balancing_loss,
+            "train/z_loss": mean.z_loss,
+            "train/router_entropy": mean.router_entropy,
+            "train/lr": engine.get_lr()[0],
+            "train/grad_norm": _item(engine.get_global_grad_norm()),
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/tflops_per_device": fpt * tokens_per_s / self.world_size / 1e12,
+            "train/epoch": self.position.epoch,
+        }
+        if self.peak_flops is not None:
+            log["perf/mfu"] = fpt * tokens_per_s / self.world_size / self.peak_flops
+        self.logger.log(log, self.step, kind="train")
+        if self.rank == 0:
+            console.print(
+                f"step {self.step}/{stop}  loss {log['train/loss']:.4f}  lm {log['train/lm_loss']:.4f}  "
+                f"lr {log['train/lr']:.2e}  grad {log['train/grad_norm']:.2f}  {tokens_per_s:,.0f} tok/s"
+            )
+        return tokens_per_s
+
+    def validate_and_save(self, stop: int, metrics: dict[str, float]) -> dict[str, float]:
+        """The cadence after a step: validate every ``eval_every`` steps and at the last step of
+        the run (logging the expert load first, and saving at once when ``best_metric`` improves),
+        checkpoint every ``save_every`` steps and at ``stop``. Returns the newest validation
+        metrics (``metrics``, the previous ones, when this step did not validate)."""
+        tc = self.tc
+        evaluating = (tc.eval_every and self.step % tc.eval_every == 0) or self.step == self.total_steps
+        if evaluating:
+            dist.all_reduce(self.expert_load)
+            self.logger.log_expert_load(self.expert_load, self.vocab.services, self.step)
+            self.expert_load.zero_()
+            metrics = self.validate()
+            if metrics.get(tc.best_metric, -math.inf) > self.best["value"]:
+                self.save(metrics)
+        if self.step % tc.save_every == 0 or self.step == stop:
+            self.save(metrics if evaluating else None)
+        return metrics
 
 
 class _NullBar:
@@ -464,27 +568,13 @@ class _NullBar:
         return None
 
 
-def _micro_stats(out: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(8,) float64 with one device sync: loss, lm, aux, load-balancing and z losses, real tokens,
-    real tokens x padded length (for the attention FLOPs), mean router entropy."""
-    zero = out.loss.new_zeros(())
-    losses = [out.loss, out.lm_loss, out.aux_loss, out.load_balancing_loss, out.z_loss]
-    entropy = out.router_entropy.mean() if out.router_entropy is not None else zero
-    on_device = torch.stack([*(x if x is not None else zero for x in losses), entropy]).detach()
-    loss, lm, aux, lb, z, ent = on_device.double().cpu().tolist()
-    tokens = batch["attention_mask"].sum().item()  # the batch is still on the CPU
-    return torch.tensor(
-        [loss, lm, aux, lb, z, tokens, tokens * batch["attention_mask"].shape[1], ent], dtype=torch.float64
-    )
-
-
 def _item(x: torch.Tensor | float | None) -> float:
     if x is None:
         return 0.0
     return x.item() if isinstance(x, torch.Tensor) else float(x)
 
 
-def train(cfg: ExperimentConfig) -> dict[str, Any]:
+def train(cfg: TrainInputs) -> dict[str, Any]:
     """Train ``cfg`` on this rank (resuming per ``train.resume``); returns a summary dict."""
     trainer = Trainer(cfg)
     try:

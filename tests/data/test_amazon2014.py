@@ -84,7 +84,7 @@ def test_catalogue_text_and_beauty_details(tmp_path: Path) -> None:
     rows = {(r["service"], r["item_id"]): r for r in items.to_pylist()}
     assert rows["sports", "S02"] == {
         "service": "sports", "item_id": "S02", "title": None, "categories": [], "brand": None, "price": None,
-        "text": "s02 words",
+        "text": "s02 words", "item_text": None,
     }  # fmt: skip
     assert rows["beauty", "B01"]["title"] == "Red Lipstick & Gloss"
     assert rows["beauty", "B01"]["categories"] == ["Beauty", "Makeup", "Lips"]

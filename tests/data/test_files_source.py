@@ -142,7 +142,7 @@ def test_catalogue_columns_are_parsed(tmp_path: Path, catalogue: Path) -> None:
     assert len(rows) == len(ITEMS)
     assert rows["a", "i2"] == {
         "service": "a", "item_id": "i2", "title": "Shoe 2", "categories": ["shoes", "red"], "brand": "Acme",
-        "price": 12.5, "text": "a red shoe number 2",
+        "price": 12.5, "text": "a red shoe number 2", "item_text": None,
     }  # fmt: skip
     assert rows["b", "j0"]["brand"] is None and rows["b", "j0"]["price"] is None
 
@@ -203,6 +203,62 @@ def test_service_subset(tmp_path: Path, catalogue: Path) -> None:
     assert items_report.notes["items_in_unselected_services"] == sum(i["service"] == "a" for i in ITEMS)
     with pytest.raises(DataError, match=r"unknown service\(s\) \['zzz'\].*\['a', 'b'\]"):
         files.read(_cfg([events_path], [catalogue], services=["a", "zzz"]))
+
+
+def test_order_only_events_keep_the_file_order(
+    tmp_path: Path, catalogue: Path, histories, expected_splits
+) -> None:
+    rows = [{k: v for k, v in r.items() if k != "timestamp"} for r in GOOD]
+    rows += [rows[0], rows[1]]  # without timestamps a repeat is another event, kept
+    cols = [c for c in EVENT_COLS if c != "timestamp"]
+    first = _write(tmp_path / "b-first.jsonl", rows[:15], cols)  # listed first although named after
+    second = _write(tmp_path / "a-second.csv", rows[15:], cols)
+    events, _, report, _ = files.read(_cfg([first, second], [catalogue], timestamp_unit="none"))
+    expected: dict[tuple[str, str], list[tuple]] = {}
+    for r in rows:  # the order of the files: no sorting at all
+        expected.setdefault((r["user"], r["service"]), []).append(r)
+    assert _got(events, histories) == {
+        key: [
+            (r["item_id"], None, r["event_type"] or "interaction", r["quantity"], r["price"], split)
+            for r, split in zip(group, expected_splits(len(group)), strict=True)
+        ]
+        for key, group in expected.items()
+    }
+    assert report.rows_rejected == 0 and "histories_reordered_by_timestamp" not in report.notes
+    # a timestamp column that is there is ignored too: the file order stands
+    timed = _write(tmp_path / "timed.parquet", GOOD, EVENT_COLS)
+    events, _, _, _ = files.read(_cfg([timed], [catalogue], timestamp_unit="none"))
+    assert events.column("timestamp").null_count == events.num_rows
+    assert [r["item_id"] for r in histories(events)["u0", "a"]] == [
+        r["item_id"] for r in GOOD if (r["user"], r["service"]) == ("u0", "a")
+    ]
+
+
+def test_one_service_without_a_service_column(tmp_path: Path) -> None:
+    items = [{k: v for k, v in item.items() if k != "service"} for item in ITEMS if item["service"] == "a"]
+    rows = [{k: v for k, v in r.items() if k != "service"} for r in GOOD if r["service"] == "a"]
+    items_path = _write(tmp_path / "items.parquet", items, ITEM_COLS[1:])
+    events_path = _write(tmp_path / "events.csv", rows, [c for c in EVENT_COLS if c != "service"])
+    events, catalogue, report, _ = files.read(_cfg([events_path], [items_path], default_service="shop"))
+    assert (
+        set(events.column("service").to_pylist()) == {"shop"} == set(catalogue.column("service").to_pylist())
+    )
+    assert (events.num_rows, catalogue.num_rows, report.rows_rejected) == (len(rows), len(items), 0)
+    with pytest.raises(DataError, match=r"no column 'service'.*data\.files\.item_columns\.service"):
+        files.read(_cfg([events_path], [items_path]))
+    with pytest.raises(ValueError, match="default_service"):
+        FilesConfig(default_service=" ")
+
+
+def test_a_pre_composed_item_text_column_is_read(tmp_path: Path) -> None:
+    items = [{**item, "description": f"Hand-written text of {item['item_id']}"} for item in ITEMS]
+    items_path = _write(tmp_path / "items.jsonl", items, [*ITEM_COLS, "description"])
+    events_path = _write(tmp_path / "events.csv", GOOD, EVENT_COLS)
+    _, catalogue, _, _ = files.read(
+        _cfg([events_path], [items_path], item_columns={"item_text": "description"})
+    )
+    rows = {r["item_id"]: r for r in catalogue.to_pylist()}
+    assert rows["i2"]["item_text"] == "Hand-written text of i2" and rows["i2"]["title"] == "Shoe 2"
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])

@@ -176,6 +176,7 @@ def test_repeated_item_keeps_the_first(second: dict, reason: str, assert_balance
             "brand": None,
             "price": None,
             "text": "red shoe",
+            "item_text": None,
         },
         {
             "service": "b",
@@ -185,6 +186,7 @@ def test_repeated_item_keeps_the_first(second: dict, reason: str, assert_balance
             "brand": "X",
             "price": 2.5,
             "text": None,
+            "item_text": None,
         },
     ]
     assert dict(catalogue.report.rejected) == {reason: 1}

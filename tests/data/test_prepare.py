@@ -1,5 +1,6 @@
-"""``prepare`` and the prepared directory's readers on bad input: a source whose every row is
-rejected stops before anything is written, and a damaged shard is named with what to do."""
+"""``prepare`` and the prepared directory's readers: one-service order-only files with their own
+item text, and bad input (a source whose every row is rejected stops before anything is written,
+a damaged shard is named with what to do)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from moe_rec.data import store
 from moe_rec.data.config import DataConfig, FilesConfig
 from moe_rec.data.prepare import prepare
 from moe_rec.data.schema import DataError
+from moe_rec.sid.item_text import item_texts
 
 
 def _files_source(tmp_path: Path, timestamps: list[str], **files: object) -> DataConfig:
@@ -55,3 +57,26 @@ def test_a_truncated_shard_is_named_with_what_to_do(tmp_path: Path, sub: str) ->
         store.load_table(out, sub)
     message = str(error.value)
     assert str(shard) in message and "moe-rec data prepare" in message
+
+
+def test_one_service_order_only_files_with_their_own_item_text(tmp_path: Path) -> None:
+    """No timestamp and no service column, a pre-composed text: the file order is the history."""
+    events = tmp_path / "events.csv"
+    events.write_text("user,item_id\n" + "".join(f"u1,{i}\n" for i in "cab") + "u2,a\nu2,a\n")
+    items = tmp_path / "items.csv"
+    items.write_text(
+        'item_id,title,blurb\na,Apple,"A crisp apple, picked today"\nb,Bread,\nc,Cake,Chocolate cake\n'
+    )
+    files = FilesConfig(
+        events=[str(events)], catalogue=[str(items)], timestamp_unit="none", default_service="shop",
+        item_columns={"item_text": "blurb"},
+    )  # fmt: skip
+    stats = prepare(DataConfig(source="files", files=files), tmp_path / "data")
+    assert stats["services"]["shop"]["interactions"] == 5
+    got = store.load_table(tmp_path / "data").to_pylist()
+    assert [(r["user"], r["item_id"], r["timestamp"], r["split"]) for r in got] == [
+        ("u1", "c", None, "train"), ("u1", "a", None, "valid"), ("u1", "b", None, "test"),
+        ("u2", "a", None, "train"), ("u2", "a", None, "test"),
+    ]  # fmt: skip
+    catalogue = store.load_table(tmp_path / "data", store.ITEMS_DIR)
+    assert item_texts(catalogue) == ["A crisp apple, picked today", "Bread.", "Chocolate cake"]

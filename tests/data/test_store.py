@@ -5,11 +5,12 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from moe_rec.data import store
 from moe_rec.data.histories import CatalogueBuilder, EventBuilder
-from moe_rec.data.schema import DataError, ReadReport
+from moe_rec.data.schema import ITEM_SCHEMA, DataError, ReadReport
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -76,3 +77,15 @@ def test_missing_shards_is_a_clear_error(tmp_path: Path) -> None:
         store.load_events(tmp_path)
     with pytest.raises(DataError, match="stats.json"):
         store.read_stats(tmp_path)
+
+
+def test_a_catalogue_written_before_item_text_existed_still_loads(tmp_path: Path) -> None:
+    _, items, _ = _dataset()
+    old = items.drop_columns(["item_text"])
+    (tmp_path / store.ITEMS_DIR).mkdir()
+    pq.write_table(old, tmp_path / store.ITEMS_DIR / "part-00000.parquet")
+    back = store.load_table(tmp_path, store.ITEMS_DIR)
+    assert back.column_names == ITEM_SCHEMA.names and back.column("item_text").null_count == back.num_rows
+    assert back.drop_columns(["item_text"]).to_pylist() == old.to_pylist()
+    store.write_items(old, tmp_path / "again")  # a table without the column is written with nulls
+    assert store.load_table(tmp_path / "again", store.ITEMS_DIR).to_pylist() == back.to_pylist()

@@ -102,6 +102,7 @@ def test_every_item_is_scored_as_the_sum_of_its_code_log_probs(seed: int) -> Non
         assert all(
             table.services[int(table.service_index[j])] == r["service"] for j in got
         )  # own service only
+        # fp32 scores of order 20 against float64: ties closer than fp32 noise may swap, so compare scores
         assert [brute[j] for j in got] == pytest.approx([brute[j] for j in order[: len(got)]], abs=1e-4)
 
 
@@ -109,7 +110,7 @@ def test_scores_and_chunked_top_k_match_a_plain_reference() -> None:
     g = torch.Generator().manual_seed(3)
     log_probs = torch.log_softmax(torch.randn(5, 4, 16, generator=g), -1)
     codes = torch.randint(16, (300, 4), generator=g)
-    torch.testing.assert_close(
+    torch.testing.assert_close(  # fp32 sums of 4 log-probabilities against float64 (measured 1.4e-6)
         item_scores(log_probs, codes).double(), reference_scores(log_probs, codes), atol=1e-5, rtol=0
     )
     exclude = torch.rand(5, 300, generator=g) < 0.3
@@ -197,6 +198,7 @@ def test_the_per_item_term_joins_every_score() -> None:
             if table.services[int(table.service_index[j])] == r["service"]
         }
         best = sorted(brute.values(), reverse=True)[:10]
+        # fp32 against float64, as above
         assert [brute[j] for j in ranked[i].tolist()] == pytest.approx(best, abs=1e-4)
 
 

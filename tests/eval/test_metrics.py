@@ -188,3 +188,27 @@ def test_two_ranks_reduce_to_the_single_process_result(tmp_path: Path) -> None:
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, abs=1e-12), (rank, key)
+
+
+def test_groups_are_reported_like_services_and_leave_the_totals_alone() -> None:
+    """A request also counted in a group (cold / warm target): each group's numbers are the reference
+    on its requests alone; the overall and macro means and the per-service rows are unchanged."""
+    groups = ["cold" if i % 3 == 0 else "warm" for i in range(len(CASES))]
+    metrics = RankingMetrics(["beauty", "sports", "toys"], groups=("cold", "warm"))
+    ranked, target, services = _tensors(CASES)
+    metrics.update(ranked, target, services, groups)
+    got = metrics.compute()
+    expected = reference_metrics(CASES)
+    for group in ("cold", "warm"):
+        mine = reference_metrics([c for c, g in zip(CASES, groups) if g == group])
+        for key, value in mine.items():
+            if key.count("/") == 1 and not key.endswith("/count"):
+                scoped = key.replace("test/", f"test/{group}/")
+                assert got[scoped] == pytest.approx(value, abs=1e-12), scoped
+        assert got[f"test/{group}/count"] == groups.count(group)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    with pytest.raises(ValueError, match="group"):
+        metrics.update(ranked, target, services)  # a group per request is required
+    with pytest.raises(ValueError, match="group"):
+        RankingMetrics(["beauty", "cold"], groups=("cold",))

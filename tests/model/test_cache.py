@@ -34,11 +34,14 @@ def test_shared_prefix_attention_matches_sdpa(b, w, h, hkv, t, prefix_len, s, se
     mask[..., -1] = True  # every query sees at least its own key
     got = shared_prefix_attention(q, prefix_k, prefix_v, new_k, new_v, mask, 0.35)
     want = _reference(q, prefix_k, prefix_v, new_k, new_v, mask, 0.35)
+    # fp32 both: only the summation order differs (prefix and new keys as two blocks); measured <= 5e-7
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     bf16 = [x.bfloat16() for x in (q, prefix_k, prefix_v, new_k, new_v)]
     got16 = shared_prefix_attention(*bf16, mask, 0.35)
     assert got16.dtype == torch.bfloat16
-    torch.testing.assert_close(got16.float(), want, rtol=0.05, atol=0.05)
+    # bf16 keeps 8 significant bits (eps 2**-8): inputs and output rounded to it leave an error of
+    # about one eps of the largest output (measured 0.8 to 1.35 eps over these cases); allow 4
+    torch.testing.assert_close(got16.float(), want, rtol=0, atol=4 * 2**-8 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("mode, seed", [("token", 0), ("domain", 1), ("domain_user", 2), ("domain_user", 3)])
@@ -76,7 +79,8 @@ def test_beam_steps_match_a_per_beam_dynamic_cache(mode: str, seed: int) -> None
             got = model(
                 token, domain, beam_users, attention_mask=beam_mask, past_key_values=beams, use_cache=True
             )
-            torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+            # fp32 both: the shared-prefix cache sums in another order (measured <= 3e-7)
+            torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
             assert beams.get_seq_length() == reference.get_seq_length() == t + step + 1
 
 

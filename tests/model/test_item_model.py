@@ -98,7 +98,7 @@ def test_loss_is_the_mean_code_cross_entropy_of_the_next_event(seed: int) -> Non
                 total -= float(lp[target])
                 count += 1
     assert count == 4 * (1 + 4 + 6)  # every event, the first one predicted from [BOS]
-    assert out.lm_loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert out.lm_loss.item() == pytest.approx(total / count, rel=1e-5)  # fp32 against float64 sums
     assert out.loss.item() > out.lm_loss.item()  # the routers' auxiliary loss is added
     out.loss.backward()
     assert (
@@ -119,6 +119,7 @@ def test_last_position_logits_do_not_depend_on_padding(router_mode: str) -> None
         one = item_batch([row], VOCAB, 16, left_pad=True)
         if router_mode != "domain_user":
             one.pop("user_ids")
+        # fp32 both: the batch's padding changes the summation order (measured <= 1.2e-6)
         torch.testing.assert_close(
             together[i], model(**one, logits_to_keep=1).logits[0, -1], atol=1e-5, rtol=1e-5
         )
@@ -180,7 +181,7 @@ def test_item_softmax_loss_is_the_cross_entropy_over_the_target_services_items()
             total += math.log(sum(math.exp(x) for x in logits)) - target
             count += 1
     assert count == 6
-    assert out.lm_loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert out.lm_loss.item() == pytest.approx(total / count, rel=1e-5)  # fp32 against float64 sums
     with pytest.raises(ValueError, match="set_train_catalogue"):
         MoERecForItemPrediction(cfg)(**batch)
 
@@ -209,7 +210,7 @@ def test_sampled_item_softmax_covers_the_whole_service_when_it_draws_every_item(
         model = MoERecForItemPrediction(cfg).eval()
         model.set_train_catalogue(codes, tokens)
         losses[negatives] = model(**batch).lm_loss.item()
-    assert losses[400] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[400] == pytest.approx(losses[0], rel=1e-5)  # every item drawn: the same sum, reordered
     assert 0 <= losses[1] < losses[0]
 
 
@@ -219,9 +220,11 @@ def _logit(z: torch.Tensor, q: torch.Tensor, vec: torch.Tensor, row: int | None,
     return sum(float(z[p, c]) for p, c in enumerate(codes)) / len(codes) + term
 
 
-def test_item_embedding_keys_rows_and_loss() -> None:
+@pytest.mark.parametrize("text", [False, True], ids=["vector", "vector+text"])
+def test_item_embedding_keys_rows_and_loss(text: bool) -> None:
     """item_embedding: each catalogue item found by its (service, codes) key, a cold item and [BOS]
-    by none; the loss adds ``query . vector`` to the mean code logit (a float64 loop again)."""
+    by none; the loss adds ``query . vector`` to the mean code logit (a float64 loop again); with
+    item_text the vector is the learned one plus the projected text embedding."""
     g = torch.Generator().manual_seed(11)
     catalogue = [
         (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
@@ -230,10 +233,12 @@ def test_item_embedding_keys_rows_and_loss() -> None:
     cfg = build_config(
         "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
         code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_embedding=True,
-        num_items=len(catalogue),
+        num_items=len(catalogue), item_text=text, item_text_dim=6 if text else 0,
     )  # fmt: skip
     model = MoERecForItemPrediction(cfg).eval()
     assert model.item_embed.weight.abs().sum() == 0  # no item term before training
+    if text:
+        model.set_item_text(torch.randn(len(catalogue), 6, generator=g))
     model.set_train_catalogue(
         torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
     )
@@ -248,6 +253,9 @@ def test_item_embedding_keys_rows_and_loss() -> None:
     z = out.logits[0].detach().double()
     q = out.hidden_states[0].detach().double()
     vec = model.item_embed.weight.detach().double()
+    if text:
+        vec = vec + model.item_text.double() @ model.text_proj.weight.detach().double().T
+    torch.testing.assert_close(model.item_table().double(), vec)
     total = 0.0
     for t, nxt in ((0, catalogue[2]), (1, cold), (2, catalogue[9])):
         service = VOCAB.service_token(nxt[0])
@@ -260,4 +268,49 @@ def test_item_embedding_keys_rows_and_loss() -> None:
         target = _logit(z[t], q[t], vec, catalogue.index(nxt) if nxt in catalogue else None, nxt[1])
         # a cold target has no vector and is not in the normaliser (training targets always are)
         total += math.log(sum(math.exp(x) for x in others)) - target
-    assert out.lm_loss.item() == pytest.approx(total / 3, rel=1e-5)
+    assert out.lm_loss.item() == pytest.approx(total / 3, rel=1e-5)  # fp32 against float64 sums
+
+
+def test_items_kept_out_of_training_are_no_negatives_and_keep_a_zero_vector() -> None:
+    """set_train_catalogue(..., trained): the loss over a catalogue with cold rows equals the loss
+    over the catalogue without them (a second model, same weights), and cold rows get no gradient."""
+    g = torch.Generator().manual_seed(13)
+    catalogue = [
+        (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
+    ]
+    codes = torch.tensor([c for _, c in catalogue])
+    tokens = torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    trained = torch.ones(len(catalogue), dtype=torch.bool)
+    trained[[1, 4, 10]] = False  # never a target below
+    rows = [_sample([catalogue[i] for i in picks], f"u{j}") for j, picks in enumerate([[0, 5, 9], [11, 2]])]
+    batch = item_batch(rows, VOCAB, 16)
+    batch.pop("user_ids")
+    losses = []
+    for keep in (trained, None):
+        torch.manual_seed(14)
+        cfg = build_config(
+            "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+            code_token_ranges=code_token_ranges(VOCAB), item_loss="items",
+        )  # fmt: skip
+        model = MoERecForItemPrediction(cfg).eval()
+        if keep is None:
+            model.set_train_catalogue(codes[trained], tokens[trained])
+        else:
+            model.set_train_catalogue(codes, tokens, keep)
+        losses.append(model(**batch).lm_loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+    for negatives in (0, 64):
+        torch.manual_seed(15)
+        cfg = build_config(
+            "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+            code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_embedding=True,
+            num_items=len(catalogue), item_negatives=negatives,
+        )  # fmt: skip
+        model = MoERecForItemPrediction(cfg).train()
+        model.set_train_catalogue(codes, tokens, trained)
+        with torch.no_grad():
+            model.item_embed.weight.normal_(0, 0.5)
+        model(**batch).loss.backward()
+        grad = model.item_embed.weight.grad.abs().sum(-1)  # (N,)
+        assert (grad[~trained] == 0).all() and (grad[trained] > 0).any()

@@ -63,10 +63,10 @@ def _twin(layer: MoEFeedForward, backend: str, **kwargs) -> MoEFeedForward:
     return twin
 
 
-def _run(layer: MoEFeedForward, x, domain_ids, user_ids, profile, grad_out):
+def _run(layer: MoEFeedForward, x, domain_ids, user_ids, profile, grad_out, token_mask=None):
     """Forward + backward of ``sum(out * grad_out) + aux losses``; returns out, aux, grads by name."""
     x = x.detach().clone().requires_grad_(True)
-    out, aux = layer(x, domain_ids, user_ids, profile)
+    out, aux = layer(x, domain_ids, user_ids, profile, token_mask)
     loss = (out.float() * grad_out).sum() + aux.load_balancing_loss + aux.z_loss
     loss.backward()
     grads = {"x": x.grad} | {name: p.grad for name, p in layer.named_parameters()}
@@ -93,6 +93,15 @@ def _inputs(d: int, domains: int = 3, users: int = 5, b: int = 3, t: int = 11):
     return x, domain_ids, user_ids, profile
 
 
+def _token_mask(b: int, t: int, masked: bool, device: torch.device | None = None) -> torch.Tensor | None:
+    """(B, T) padding at random places (every row keeps its last token), or None when not ``masked``."""
+    if not masked:
+        return None
+    mask = (torch.rand(b, t, device=device) > 0.3).long()
+    mask[:, -1] = 1
+    return mask
+
+
 def _assert_parity(ref, got, seed: int, *, rel: float | None = None) -> None:
     """Outputs and every gradient agree: FP32_TOL, or ``rel`` x max|ref| when given (bf16)."""
     (out_r, aux_r, grads_r), (out_g, aux_g, grads_g) = ref, got
@@ -108,16 +117,24 @@ def _assert_parity(ref, got, seed: int, *, rel: float | None = None) -> None:
     torch.testing.assert_close(aux_g.expert_load, aux_r.expert_load, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize(("d", "f", "e", "k", "mode", "shared"), CASES)
 def test_grouped_mm_matches_loop_fp32(
-    seed: int, d: int, f: int, e: int, k: int, mode: str, shared: int
+    seed: int, d: int, f: int, e: int, k: int, mode: str, shared: int, masked: bool
 ) -> None:
+    """With padding (``token_mask``) the aux losses and statistics leave the padded tokens out, on
+    both paths alike."""
     kwargs = dict(d=d, f=f, e=e, k=k, mode=mode, shared=shared)
     loop = _layer(backend="loop", **kwargs)
     grouped = _twin(loop, "grouped_mm", **kwargs)
     inputs = _inputs(d)
+    b, t = inputs[0].shape[:2]
+    mask = _token_mask(b, t, masked)
     grad_out = torch.randn(*inputs[0].shape)
-    _assert_parity(_run(loop, *inputs, grad_out), _run(grouped, *inputs, grad_out), seed)
+    ref, got = _run(loop, *inputs, grad_out, mask), _run(grouped, *inputs, grad_out, mask)
+    _assert_parity(ref, got, seed)
+    real = b * t if mask is None else mask.sum()
+    assert got[1].expert_load.sum() == real * k, f"seed {seed}: padding counted in the expert load"
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -139,7 +156,8 @@ def test_uneven_routing_with_empty_experts(seed: int, k: int) -> None:
     assert got[2]["w_gate_up"][3:].abs().sum() == 0  # unused experts get exactly zero gradient
 
 
-def test_bf16_grouped_mm_matches_fp32_loop(seed: int) -> None:
+@pytest.mark.parametrize("masked", [False, True], ids=["unpadded", "padded"])
+def test_bf16_grouped_mm_matches_fp32_loop(seed: int, masked: bool) -> None:
     """bf16 grouped_mm (CPU) against the fp32 reference on the same bf16-representable values."""
     kwargs = dict(d=32, f=48, e=6, k=2, mode="domain_user", shared=1)
     loop = _layer(backend="loop", **kwargs)
@@ -150,8 +168,9 @@ def test_bf16_grouped_mm_matches_fp32_loop(seed: int) -> None:
     x, domain_ids, user_ids, profile = _inputs(32, b=4, t=16)
     x, profile = x.bfloat16(), profile.bfloat16()
     grad_out = torch.randn(*x.shape)
-    ref = _run(loop, x.float(), domain_ids, user_ids, profile.float(), grad_out)
-    got = _run(grouped, x, domain_ids, user_ids, profile, grad_out)
+    mask = _token_mask(*x.shape[:2], masked)
+    ref = _run(loop, x.float(), domain_ids, user_ids, profile.float(), grad_out, mask)
+    got = _run(grouped, x, domain_ids, user_ids, profile, grad_out, mask)
     assert got[0].dtype == torch.bfloat16 and got[2]["w_down"].dtype == torch.bfloat16
     _assert_parity(ref, got, seed, rel=BF16_REL_TOL)
 
@@ -171,6 +190,7 @@ def test_loop_reference_matches_dense_formula(seed: int) -> None:
             @ wd[i]
             for j, i in enumerate(indices[t].tolist())
         )
+        # fp32 against float64 on outputs up to ~100, where one fp32 rounding is ~1e-5 (measured 2e-5)
         torch.testing.assert_close(
             out[t].double(), ref, rtol=1e-5, atol=1e-4, msg=lambda m: f"seed {seed}: {m}"
         )
@@ -194,6 +214,7 @@ def test_aux_statistics_match_plain_counts(seed: int) -> None:
     for row in logits.double():
         p = torch.softmax(row, dim=0).tolist()
         entropy -= sum(q * math.log(q) for q in p if q > 0)
+    # fp32 softmax and mean against float64
     assert aux.router_entropy.item() == pytest.approx(entropy / n_tok, rel=1e-5), f"seed {seed}"
     assert aux.load_balancing_loss.requires_grad and aux.z_loss.requires_grad
 
@@ -264,7 +285,7 @@ def cuda() -> torch.device:
     return torch.device("cuda")
 
 
-def _gpu_parity(backend: str, cuda: torch.device, seed: int) -> None:
+def _gpu_parity(backend: str, cuda: torch.device, seed: int, masked: bool) -> None:
     """``backend`` in bf16 on the GPU against the fp32 loop reference on the same values."""
     kwargs = dict(d=256, f=512, e=8, k=2, mode="domain_user", shared=1)
     loop = _layer(backend="loop", **kwargs).to(cuda)
@@ -275,16 +296,20 @@ def _gpu_parity(backend: str, cuda: torch.device, seed: int) -> None:
     x, domain_ids, user_ids, profile = (t.to(cuda) for t in _inputs(256, b=8, t=128))
     x, profile = x.bfloat16(), profile.bfloat16()
     grad_out = torch.randn(*x.shape, device=cuda)
-    ref = _run(loop, x.float(), domain_ids, user_ids, profile.float(), grad_out)
-    _assert_parity(ref, _run(fast, x, domain_ids, user_ids, profile, grad_out), seed, rel=BF16_REL_TOL)
+    mask = _token_mask(*x.shape[:2], masked, cuda)
+    ref = _run(loop, x.float(), domain_ids, user_ids, profile.float(), grad_out, mask)
+    got = _run(fast, x, domain_ids, user_ids, profile, grad_out, mask)
+    _assert_parity(ref, got, seed, rel=BF16_REL_TOL)
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_grouped_mm_matches_fp32_loop(cuda: torch.device, seed: int) -> None:
-    _gpu_parity("grouped_mm", cuda, seed)
+@pytest.mark.parametrize("masked", [False, True], ids=["unpadded", "padded"])
+def test_gpu_bf16_grouped_mm_matches_fp32_loop(cuda: torch.device, seed: int, masked: bool) -> None:
+    _gpu_parity("grouped_mm", cuda, seed, masked)
 
 
 @pytest.mark.gpu
-def test_gpu_megablocks_matches_fp32_loop(cuda: torch.device, seed: int) -> None:
+@pytest.mark.parametrize("masked", [False, True], ids=["unpadded", "padded"])
+def test_gpu_megablocks_matches_fp32_loop(cuda: torch.device, seed: int, masked: bool) -> None:
     pytest.importorskip("megablocks")
-    _gpu_parity("megablocks", cuda, seed)
+    _gpu_parity("megablocks", cuda, seed, masked)

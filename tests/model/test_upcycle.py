@@ -54,7 +54,9 @@ def test_zero_noise_upcycle_keeps_the_dense_function(tmp_path: Path, kind: str, 
     with torch.no_grad():
         want = dense(ids).logits
         got = model(ids, domains).logits
-    torch.testing.assert_close(got[..., :96], want, rtol=1e-4, atol=1e-4)
+    # copies of one FFN weighted by router weights that sum to 1 compute it again, up to fp32
+    # rounding (measured <= 2e-7)
+    torch.testing.assert_close(got[..., :96], want, rtol=1e-5, atol=1e-5)
 
 
 def test_noise_makes_experts_differ_and_dense_layers_copy(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_rec.export.bundle import CATALOGUE_FILE
+from moe_rec.serve.config import ServeConfig
 from moe_rec.serve.http import create_app
 from moe_rec.serve.recommender import Recommender
 
@@ -103,14 +104,13 @@ class Served:
 def served(tiny_bundle: Path) -> Iterator[Served]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a small shared machine serves best with (docs/serving.md)
-    recommender = Recommender.from_bundle(
-        tiny_bundle, device="cpu", max_batch_size=16, max_wait_ms=2.0, max_k=MAX_K
-    )
+    config = ServeConfig(device="cpu", max_batch_size=16, max_k=MAX_K, max_body_bytes=BODY_LIMIT)
+    recommender = Recommender.from_bundle(tiny_bundle, config)
     rows = pq.read_table(tiny_bundle / CATALOGUE_FILE, columns=["service", "item_id"]).to_pylist()
     catalogue: dict[str, list[str]] = {}
     for row in rows:
         catalogue.setdefault(row["service"], []).append(row["item_id"])
-    with serving(create_app(recommender, max_body_bytes=BODY_LIMIT)) as url:  # closes the recommender
+    with serving(create_app(recommender)) as url:  # closes the recommender
         yield Served(url, recommender, catalogue)
     torch.set_num_threads(threads)
 
@@ -175,7 +175,7 @@ def test_recommend_matches_the_python_api(served: Served, client: Client) -> Non
         check_answer(reply.json, request, served.catalogue)
         direct = served.recommender.recommend(**request)
         assert [it["item_id"] for it in reply.json["items"]] == [r.item_id for r in direct]
-        assert [it["score"] for it in reply.json["items"]] == pytest.approx(
+        assert [it["score"] for it in reply.json["items"]] == pytest.approx(  # other batches: fp32 noise
             [r.score for r in direct], abs=1e-4
         )
         for it, r in zip(reply.json["items"], direct):
@@ -219,7 +219,10 @@ def test_healthz(served: Served, client: Client) -> None:
     body = reply.json
     assert body["status"] == "ok"
     assert body["services"] == sorted(served.catalogue) == served.recommender.services
-    assert body["max_k"] == served.recommender.max_k and body["max_history"] == served.recommender.max_history
+    assert (
+        body["max_k"] == served.recommender.config.max_k
+        and body["max_history"] == served.recommender.max_history
+    )
     assert body["bundle"]["items_per_service"] == {s: len(ids) for s, ids in served.catalogue.items()}
 
 
@@ -468,12 +471,12 @@ def test_history_longer_than_max_history_is_fine(served: Served, client: Client)
 class BrokenRecommender(Recommender):
     """A real Recommender whose model call fails with an internal detail in the message."""
 
-    def recommend(self, *args: Any, **kwargs: Any) -> list[Any]:
+    def answer(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("secret internal detail at /srv/model.py")
 
 
 def test_internal_error_is_a_bare_500(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
-    broken = BrokenRecommender.from_bundle(tiny_bundle, device="cpu")
+    broken = BrokenRecommender.from_bundle(tiny_bundle, ServeConfig(device="cpu"))
     with serving(create_app(broken)) as url:
         c = Client(url)
         reply = c.call("POST", "/v1/recommend", GOOD)

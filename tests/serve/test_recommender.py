@@ -19,6 +19,7 @@ from moe_rec.data.vocab import BOS
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.export import load_bundle
 from moe_rec.serve import Recommendation, Recommender, RequestError
+from moe_rec.serve.config import ServeConfig
 from tests.eval.test_beam_search import teacher_forced_scores
 from tests.serve.conftest import ITEMS_PER_SERVICE, SERVICES, USER_BUCKETS, make_bundle
 
@@ -27,14 +28,15 @@ HISTORY = [("grocery", "grocery-3"), ("market", "market-10"), ("grocery", "groce
 
 
 def _assert_same(got: list[Recommendation], want: list[Recommendation]) -> None:
-    """Same items in the same order; scores equal up to float noise (left padding in a batch)."""
+    """Same items in the same order; scores equal up to float noise (left padding in a batch reorders
+    the fp32 sums of L+1 log-probabilities of order 20, each rounding ~2e-6)."""
     assert [(r.item_id, r.fields) for r in got] == [(r.item_id, r.fields) for r in want]
     assert [r.score for r in got] == pytest.approx([r.score for r in want], abs=1e-4)
 
 
 @pytest.fixture(scope="module")
 def rec(tiny_bundle: Path) -> Iterator[Recommender]:
-    with Recommender.from_bundle(tiny_bundle, device="cpu", max_wait_ms=20.0) as r:
+    with Recommender.from_bundle(tiny_bundle, ServeConfig(device="cpu", max_wait_ms=20.0)) as r:
         yield r
 
 
@@ -70,9 +72,9 @@ def test_recommend_matches_a_direct_beam_search(
     rec: Recommender, tiny_bundle: Path, service: str, k: int, exclude_seen: bool, user_id: str | None
 ) -> None:
     got = rec.recommend(HISTORY, service, k=k, exclude_seen=exclude_seen, user_id=user_id)
-    want = _direct(tiny_bundle, HISTORY, service, k, exclude_seen, user_id, rec.max_k)
+    want = _direct(tiny_bundle, HISTORY, service, k, exclude_seen, user_id, rec.config.max_k)
     assert [r.item_id for r in got] == [item for item, _ in want]
-    assert [r.score for r in got] == pytest.approx([s for _, s in want], abs=1e-5)
+    assert [r.score for r in got] == pytest.approx([s for _, s in want], abs=1e-5)  # the same decode, fp32
     seen = {item for s, item in HISTORY if s == service}
     expect_len = min(k, ITEMS_PER_SERVICE - (len(seen) if exclude_seen else 0))
     assert len(got) == expect_len == len({r.item_id for r in got})  # k distinct items (50 minus seen)
@@ -99,7 +101,7 @@ def test_a_history_covering_most_of_the_service_gets_the_best_unseen_items(
     random.Random(unseen).shuffle(ids)
     seen, left = ids[unseen:], ids[:unseen]
     history = [("grocery", item) for item in seen]
-    with Recommender.from_bundle(tiny_bundle, device="cpu", max_k=10) as rec:
+    with Recommender.from_bundle(tiny_bundle, ServeConfig(device="cpu", max_k=10)) as rec:
         got = rec.recommend(history, "grocery", k=k)
         b = rec.bundle
         prompt_ids, domains = [BOS], []
@@ -118,7 +120,7 @@ def test_a_history_covering_most_of_the_service_gets_the_best_unseen_items(
             )
             want = sorted(zip(left, scores.tolist()), key=lambda p: -p[1])[:k]
         assert [r.item_id for r in got] == [item for item, _ in want]
-        assert [r.score for r in got] == pytest.approx([s for _, s in want], abs=1e-4)
+        assert [r.score for r in got] == pytest.approx([s for _, s in want], abs=1e-4)  # as _assert_same
         assert rec.available(history, "grocery") == unseen
         assert rec.available(history, "grocery", exclude_seen=False) == ITEMS_PER_SERVICE
 
@@ -144,10 +146,12 @@ def test_concurrent_callers_get_the_one_at_a_time_answers_in_fewer_batches(tiny_
         )
         for i in range(16)
     ]
-    with Recommender.from_bundle(tiny_bundle, device="cpu", max_batch_size=1) as single:
+    with Recommender.from_bundle(tiny_bundle, ServeConfig(device="cpu", max_batch_size=1)) as single:
         alone = [single.recommend(*r) for r in requests]
         assert single.stats()["batches"] == 16
-    with Recommender.from_bundle(tiny_bundle, device="cpu", max_batch_size=32, max_wait_ms=200.0) as rec:
+    with Recommender.from_bundle(
+        tiny_bundle, ServeConfig(device="cpu", max_batch_size=32, max_wait_ms=200.0)
+    ) as rec:
         results: list[list[Recommendation] | None] = [None] * 16
         start = threading.Barrier(16)
 
@@ -238,7 +242,7 @@ def test_a_nan_catalogue_field_comes_back_as_none(tmp_path: Path) -> None:
     catalogue = catalogue.set_column(catalogue.schema.get_field_index("price"), "price", pa.array(prices))
     vocab = table.vocabulary()
     bundle = export_model(tiny_model(vocab), table, vocab, catalogue, tmp_path / "b", dtype="float32")
-    with Recommender.from_bundle(bundle, device="cpu") as rec:
+    with Recommender.from_bundle(bundle, ServeConfig(device="cpu")) as rec:
         assert rec.item("grocery", "grocery-3")["price"] is None
         got = rec.recommend([("grocery", "grocery-1")], "grocery", k=3)
         assert [r.fields["price"] for r in got] == [None] * 3
@@ -247,8 +251,8 @@ def test_a_nan_catalogue_field_comes_back_as_none(tmp_path: Path) -> None:
 
 def test_info_close_and_bf16(tiny_bundle: Path, tmp_path: Path) -> None:
     path = make_bundle(tmp_path / "bf16", dtype="bfloat16")
-    with Recommender.from_bundle(path, device="cpu") as rec:
-        assert rec.services == list(SERVICES) and rec.max_k == 50
+    with Recommender.from_bundle(path, ServeConfig(device="cpu")) as rec:
+        assert rec.services == list(SERVICES) and rec.config.max_k == 50
         assert rec.info["dtype"] == "bfloat16" and rec.info["device"] == "cpu"
         assert rec.info["items_per_service"] == dict.fromkeys(SERVICES, ITEMS_PER_SERVICE)
         got = rec.recommend(HISTORY, "grocery", k=10)
@@ -258,10 +262,11 @@ def test_info_close_and_bf16(tiny_bundle: Path, tmp_path: Path) -> None:
     rec.close()  # idempotent
 
 
+@pytest.mark.slow  # a fresh process imports torch and loads the bundle: ~6-20 s
 def test_serving_never_imports_deepspeed(tiny_bundle: Path) -> None:
     code = (
         "import sys, moe_rec.serve\n"
-        f"r = moe_rec.serve.Recommender.from_bundle({str(tiny_bundle)!r}, device='cpu')\n"
+        f"r = moe_rec.serve.Recommender.from_bundle({str(tiny_bundle)!r}, moe_rec.serve.ServeConfig(device='cpu'))\n"
         "assert len(r.recommend([('grocery', 'grocery-1')], 'market', k=3)) == 3\n"
         "r.close()\n"
         "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'\n"

@@ -22,7 +22,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def reference() -> np.ndarray:
-    """MiniLM vectors of TEXTS straight from sentence-transformers, no cache involved."""
+    """MiniLM vectors of TEXTS straight from sentence-transformers, no cache involved. Ours equal
+    them to 1e-5: unit vectors in fp32 from batches of another size (padding changes the sums)."""
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(resolve_model("default"), device="cpu").encode(TEXTS, convert_to_numpy=True)
@@ -70,6 +71,7 @@ def test_fingerprint_follows_model_files(tmp_path) -> None:
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.slow  # a fresh process imports torch and sentence-transformers: ~20 s
 def test_loading_the_model_prints_nothing_on_stdout(tmp_path) -> None:
     """A fresh process under ``WANDB_MODE=offline`` (as ``moe-rec run`` runs): stdout stays for results."""
     code = "from moe_rec.sid.embed import TextEncoder; TextEncoder('default').load_model()"

@@ -29,3 +29,19 @@ def test_item_texts_reads_rows_in_order() -> None:
     table = pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
     assert item_texts(table) == ["A. Brand: B.", "Category: C. Price: 1.00. t."]
     assert item_texts(table.select(["service", "item_id", "title"])) == ["A.", ""]
+
+
+def test_a_given_item_text_is_encoded_as_is() -> None:
+    rows = [
+        {
+            "service": "s",
+            "item_id": "1",
+            "title": "A",
+            "brand": "B",
+            "item_text": "  Hand-written: A,  by B ",
+        },
+        {"service": "s", "item_id": "2", "title": "C", "item_text": "   "},  # blank: composed instead
+        {"service": "s", "item_id": "3", "title": "D"},
+    ]
+    table = pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
+    assert item_texts(table) == ["  Hand-written: A,  by B ", "C.", "D."]

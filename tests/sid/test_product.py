@@ -40,13 +40,14 @@ def test_opq_rotation_is_orthogonal_and_does_not_increase_the_error() -> None:
     pq = ProductQuantizer.fit(x, levels=8, codebook_size=16)
     opq = ProductQuantizer.fit(x, levels=8, codebook_size=16, opq_iters=4)
     eye = torch.eye(32)
-    torch.testing.assert_close(opq.rotation @ opq.rotation.T, eye, atol=1e-4, rtol=0)
+    # an fp32 orthogonal matrix (from an SVD) times its transpose: rounding only (measured 2.4e-7)
+    torch.testing.assert_close(opq.rotation @ opq.rotation.T, eye, atol=1e-5, rtol=0)
     assert torch.equal(pq.rotation, eye) and pq.kind == "pq" and opq.kind == "opq"
     errors = opq.report()["reconstruction_sq"]
     assert errors[-1] < errors[0]
     recon = opq.decode(opq.encode(x))
     measured = float(((F.normalize(x, dim=1) - recon) ** 2).sum(1).mean())
-    assert measured == pytest.approx(errors[-1], rel=1e-4)
+    assert measured == pytest.approx(errors[-1], rel=1e-4)  # the same fp32 mean, summed in another order
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:

@@ -41,7 +41,9 @@ def test_coherence_of_category_codes_is_high_and_of_random_codes_near_one() -> N
     assert perfect["same_code_rate"] == 1.0
     assert perfect["ratio"] == pytest.approx(1 / perfect["random_rate"])
     unrelated = category_coherence(torch.randint(0, 8, (4000,), generator=g), cats)
-    assert unrelated["ratio"] == pytest.approx(1.0, abs=0.1)
+    # independent codes: the ratio's spread is 0.0023 over 200 seeds (about sqrt(2 * 7 * 7) / 4000,
+    # the chi-square spread of the 8 x 8 code-by-category table); 0.02 is 8 of those
+    assert unrelated["ratio"] == pytest.approx(1.0, abs=0.02)
 
 
 def test_collisions_and_dedup_depth_match_brute_force() -> None:

@@ -6,6 +6,7 @@ resume with an error."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
@@ -46,8 +47,14 @@ def _worker(rank: int, port: int, out: Path, scenario: str) -> None:
                 cfg = tiny_config(out / f"zero{stage}", ds, "train.save_every=2", "train.eval_every=4")
                 results[stage] = train(cfg)
         elif scenario == "item":  # the item-level model, ZeRO-3, length-grouped, stopped and resumed
-            args = ("model.kind=item", "train.deepspeed=configs/deepspeed/zero3.json", "train.micro_batch_tokens=12",
-                    "train.eval_every=4", "train.max_eval_samples=0")  # fmt: skip
+            # with the item softmax and per-item vectors, every parameter partitioned (even the tiny
+            # item table), so validation must gather the per-item vectors from their shards
+            zero3 = json.loads(Path("configs/deepspeed/zero3.json").read_text())
+            zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+            (out / f"zero3-{rank}.json").write_text(json.dumps(zero3))
+            args = ("model.kind=item", f"train.deepspeed={out / f'zero3-{rank}.json'}", "train.micro_batch_tokens=12",
+                    "train.eval_every=4", "train.max_eval_samples=0", "model.overrides.item_loss=items",
+                    "model.overrides.item_embedding=true", "model.overrides.item_negatives=4")  # fmt: skip
             results["full"] = train(tiny_config(out / "full", *args))
             results["first"] = train(tiny_config(out / "split", *args, "train.stop_at=3"))
             results["rest"] = train(tiny_config(out / "split", *args))
@@ -100,6 +107,7 @@ def _assert_loads_and_reproduces(run_dir: Path, summary: dict) -> None:
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
     with torch.no_grad():
         out = model(**summary["probe"]["batch"])
+    # fp32 both; the engine ran the same weights inside DeepSpeed (another summation order allowed)
     torch.testing.assert_close(out.logits[:2], summary["probe"]["logits"], rtol=1e-5, atol=1e-5)
     _assert_validation_matches(model, run_dir, summary["valid"])
 
@@ -146,13 +154,15 @@ def test_zero2_and_zero3_train_agree_and_consolidate(tmp_path: Path) -> None:
     for stage in (2, 3):
         losses = ranks[0][stage]["losses"]
         assert len(losses) == 8
-        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses  # one rank of this config drops ~0.75
         assert ranks[0][stage]["losses"] == ranks[1][stage]["losses"]  # the reduced loss
         # unreduced loss and logits on the same batch: equal only if both ranks hold the same weights
         torch.testing.assert_close(ranks[0][stage]["probe"]["logits"], ranks[1][stage]["probe"]["logits"])
         _assert_loads_and_reproduces(tmp_path / f"zero{stage}", ranks[0][stage])
         _assert_plan(ranks[0][stage]["plan"], tmp_path / f"zero{stage}", 0, 8, "every 4 steps and at step 8")
-    # the same seed, data and fp32 math: ZeRO-3's partitioned parameters train like ZeRO-2's
+    # the same seed, data and fp32 math: ZeRO-3's partitioned parameters train like ZeRO-2's; its
+    # gradients are reduce-scattered instead of all-reduced (another summation order), and those
+    # differences compound over 8 steps at lr 0.01, hence 1e-4 rather than fp32 rounding
     z2, z3 = torch.tensor(ranks[0][2]["losses"]), torch.tensor(ranks[0][3]["losses"])
     torch.testing.assert_close(z2, z3, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "zero3/checkpoints/metrics.jsonl").read_text().count("train/loss") == 4
@@ -171,7 +181,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, stage: int, tokens:
     for r in ranks:
         assert r["first"]["step"] == 3 and r["rest"]["step"] == 8
         resumed = r["first"]["losses"] + r["rest"]["losses"]
-        assert len(resumed) == 8
+        assert len(resumed) == 8  # a resumed run repeats the same arithmetic: only float noise may differ
         torch.testing.assert_close(
             torch.tensor(resumed), torch.tensor(r["full"]["losses"]), rtol=1e-6, atol=1e-6
         )
@@ -189,15 +199,15 @@ def test_item_level_model_trains_resumes_and_validates_on_every_request(tmp_path
     for r in ranks:
         losses = r["full"]["losses"]
         assert len(losses) == 8 and sum(losses[-3:]) < sum(losses[:3]), losses
-        resumed = r["first"]["losses"] + r["rest"]["losses"]
+        resumed = r["first"]["losses"] + r["rest"]["losses"]  # the same arithmetic, as above
         torch.testing.assert_close(torch.tensor(resumed), torch.tensor(losses), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(r["rest"]["probe"]["logits"], r["full"]["probe"]["logits"])
     assert ranks[0]["full"]["valid"] == ranks[1]["full"]["valid"]
     model = load_model(tmp_path / "full" / "checkpoints", "latest").eval()
     assert isinstance(model, MoERecForItemPrediction)
     summary = ranks[0]["full"]
-    with torch.no_grad():
-        out = model(**summary["probe"]["batch"])
+    with torch.no_grad():  # no labels: the loss needs the training catalogue, the logits do not
+        out = model(**{k: v for k, v in summary["probe"]["batch"].items() if k != "labels"})
     torch.testing.assert_close(out.logits[:2], summary["probe"]["logits"], rtol=1e-5, atol=1e-5)
     valid = load_split(tmp_path / "full" / "sequences", "valid")
     assert len(valid) == 48

@@ -15,6 +15,7 @@ from moe_rec.train.extensions import check_build_locks
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a fresh process imports DeepSpeed and joins a process group: ~12 s
 def test_one_cpu_process_builds_no_shm_op(tmp_path: Path) -> None:
     dist = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCH_EXTENSIONS_DIR")
     env = {k: v for k, v in os.environ.items() if k not in dist}

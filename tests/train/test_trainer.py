@@ -1,15 +1,23 @@
 """The pieces of the trainer that need no process group: model sizing from the vocabulary, the LR
-schedule, the DeepSpeed config written from ours, the FLOP count, and what start-up refuses."""
+schedule, the DeepSpeed config written from ours, the FLOP count against a counted step, validation
+and checkpoint cadence in steps or epochs, and what start-up refuses; and one tiny run whose cadence
+is given in epochs."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+from moe_rec.config import ConfigError
 from moe_rec.data.schema import DataError
 from moe_rec.model import MoERecForCausalLM, parameter_report
+from moe_rec.train.config import every_steps
 from moe_rec.train.metrics import flops_per_token
 from moe_rec.train.trainer import Trainer, deepspeed_config, lr_lambda, model_config
 from tests.train.conftest import VOCAB, tiny_config
@@ -50,19 +58,30 @@ def test_deepspeed_config_takes_batch_clip_and_precision_from_ours(tmp_path: Pat
         )
 
 
-def test_flops_count_matmuls_and_attention(tmp_path: Path) -> None:
-    mc = model_config(tiny_config(tmp_path).model, VOCAB)
-    n = 1000
-    attn = flops_per_token(mc, n, seq_len=64) - flops_per_token(mc, n, seq_len=0)
-    assert flops_per_token(mc, 2 * n, seq_len=0) == 2 * flops_per_token(mc, n, seq_len=0) == 12 * n
-    assert attn == 12 * mc.num_hidden_layers * mc.num_attention_heads * mc.head_dim * 64
+@pytest.mark.parametrize("model", ["model.router_mode=token", "model.dense=true"], ids=["moe", "dense"])
+def test_flops_per_token_matches_a_counted_training_step(tmp_path: Path, model: str) -> None:
+    """The MFU numerator against ``FlopCounterMode`` over one forward and backward (attention as
+    math SDPA, whose matmuls the counter sees; experts as the loop, plain matmuls). The formula
+    also charges 6 FLOPs a token for each parameter that multiplies nothing, the norm weights, so
+    it exceeds the count by exactly that. (User-routed layers add a few more such parameters, the
+    routing signals' embedding rows and projections run once per sequence.)"""
+    mc = model_config(tiny_config(tmp_path, model, "model.moe_backend=loop").model, VOCAB)
+    net = MoERecForCausalLM(mc)
+    b, t = 4, 24
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(VOCAB.size // 2, VOCAB.size, (b, t), generator=g)
+    domains = torch.randint(0, len(VOCAB.services), (b, t), generator=g)
+    users = torch.randint(0, mc.num_user_buckets, (b,), generator=g)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(ids, domains, users, labels=ids).loss.backward()
+    formula = flops_per_token(mc, parameter_report(net)["active_per_token"], seq_len=t) * b * t
+    norms = sum(p.numel() for p in net.parameters() if p.ndim == 1)
+    assert counter.get_total_flops() == formula - 6 * b * t * norms
 
 
 def test_expert_load_figure_has_a_labelled_panel_per_layer() -> None:
     """One heat map per MoE layer, services down and experts across, with axis and tick labels, a
     title and one colour bar; the rendered image is large enough to read."""
-    import torch
-
     from moe_rec.train.metrics import expert_load_figure, figure_pixels
 
     services = ["grocery", "market", "delivery"]
@@ -91,6 +110,29 @@ def test_expert_load_figure_has_a_labelled_panel_per_layer() -> None:
     assert 6 <= width <= 17.2 and 2 * 1.8 <= height <= 12  # inches: 3 panels a row, 2 rows
 
 
+def test_disabled_wandb_is_never_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.wandb.mode=disabled`` needs no W&B installed (the GPU check's machine has none);
+    metrics.jsonl is written all the same."""
+    import sys
+
+    import torch
+
+    from moe_rec.train.metrics import RankZeroLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    path = tmp_path / "checkpoints" / "metrics.jsonl"
+    logger = RankZeroLogger(
+        rank=0, run_dir=tmp_path, metrics_path=path, project="p", mode="disabled", name="n", config={}
+    )
+    logger.log({"train/loss": 1.5}, step=3, kind="train")
+    logger.log_expert_load(torch.ones(1, 2, 4), ["a", "b"], step=3)
+    logger.finish()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"step": 3, "kind": "train", "train/loss": 1.5}
+    assert lines[1]["kind"] == "router" and lines[1]["router/expert_load"][0][0] == [0.25] * 4
+    assert logger.location() == "W&B disabled"
+
+
 def test_a_run_without_sids_or_with_an_unknown_best_metric_is_refused(run_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"train.best_metric='valid/ndcg@11' is not a validation metric"):
         Trainer(tiny_config(run_dir, "train.best_metric=valid/ndcg@11"))
@@ -98,3 +140,46 @@ def test_a_run_without_sids_or_with_an_unknown_best_metric_is_refused(run_dir: P
         f.unlink()
     with pytest.raises(DataError, match="sid_table.json not found.*moe-rec sids build"):
         Trainer(tiny_config(run_dir))
+
+
+@pytest.mark.parametrize(
+    ("value", "steps"),
+    [(100, 100), ("100 steps", 100), ("1step", 1), (0, 0), ("0 epochs", 0), ("1 epoch", 12), ("2 epochs", 24),
+     ("0.5 epochs", 6), (".25epoch", 3), ("0.01 epochs", 1)],
+)  # fmt: skip
+def test_cadence_in_steps_or_epochs_becomes_steps(tmp_path: Path, value: object, steps: int) -> None:
+    assert every_steps(value, steps_per_epoch=12) == steps
+    tc = tiny_config(tmp_path, f"train.eval_every={value}", f"train.save_every={value if steps else 1}").train
+    assert tc.in_steps(12).eval_every == steps and tc.in_steps(12).save_every == max(steps, 1)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.eval_every=2 weeks", r"eval_every: expected steps .* or epochs"),
+     ("train.eval_every=-1", r"eval_every: expected steps"),
+     ("train.save_every=1.5", r"save_every: a number of steps must be whole.*'1.5 epochs'"),
+     ("train.save_every=0 epochs", "save_every must be more than 0"),
+     ("train.save_every=true", r"train.save_every: expected int \| str")],
+)  # fmt: skip
+def test_a_cadence_that_is_neither_steps_nor_epochs_is_refused(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, override)
+
+
+def test_validation_and_checkpoints_every_epoch_or_half(run_dir: Path) -> None:
+    """96 windows, 4 per micro batch, 2 micro batches a step: 12 steps an epoch, 2 epochs."""
+    from moe_rec.train import train
+
+    cfg = tiny_config(
+        run_dir, "train.max_steps=0", "train.epochs=2", "train.eval_every=1 epoch", "train.save_every=0.5 epochs",
+        "train.keep_last=10", "train.best_metric=valid/token_acc",
+    )  # fmt: skip
+    summary = train(cfg)
+    assert summary["step"] == 24 and "an epoch is 12" in summary["plan"]
+    lines = [json.loads(line) for line in (run_dir / "checkpoints/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "valid/token_acc" in r] == [12, 24]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
+        f"step_{s:08d}" for s in (6, 12, 18, 24)
+    ]

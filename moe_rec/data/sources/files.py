@@ -5,7 +5,13 @@
 * events: ``user``, ``service``, ``item_id``, ``timestamp`` (required); ``event_type`` (default
   ``"interaction"``), ``quantity``, ``price`` (optional);
 * catalogue: ``service``, ``item_id`` (required); ``title``, ``categories`` (a list, or one string
-  split on ``category_separator``), ``brand``, ``price``, ``text`` (optional).
+  split on ``category_separator``), ``brand``, ``price``, ``text``, ``item_text`` (optional; a
+  pre-composed text that the semantic-ID encoder takes as is instead of composing the fields).
+
+Two columns may be left out: ``timestamp`` with ``timestamp_unit: none`` (order-only data: a user's
+events in one service keep the order in which the files list them, files in the order configured,
+a glob's matches sorted by name), and ``service`` with ``default_service: NAME`` (every row of a
+file without a service column is of that service).
 
 ``event_columns`` / ``item_columns`` map our name to the column name in the files where they differ.
 The catalogue is required: semantic IDs are built from item text, and the catalogue defines the
@@ -41,7 +47,7 @@ from moe_rec.data.sources import select_services
 
 EVENT_FIELDS = ("user", "service", "item_id", "timestamp", "event_type", "quantity", "price")
 EVENT_REQUIRED = ("user", "service", "item_id", "timestamp")
-ITEM_FIELDS = ("service", "item_id", "title", "categories", "brand", "price", "text")
+ITEM_FIELDS = ("service", "item_id", "title", "categories", "brand", "price", "text", "item_text")
 ITEM_REQUIRED = ("service", "item_id")
 DEFAULT_EVENT_TYPE = "interaction"
 SUFFIX_FORMATS = {
@@ -82,6 +88,9 @@ def read(cfg: DataConfig) -> tuple[pa.Table, pa.Table, ReadReport, ReadReport]:
         )
     events_report = ReadReport(source="files events", strict=cfg.strict)
     items_report = ReadReport(source="files items", strict=cfg.strict)
+    events_required = tuple(
+        c for c in EVENT_REQUIRED if not (c == "timestamp" and files.timestamp_unit == "none")
+    )
     items = list(_rows(files, "catalogue", ITEM_REQUIRED, _item, items_report))
     available = sorted({item["service"] for _, item in items})
     services = _select_services(available, cfg.services)
@@ -92,7 +101,7 @@ def read(cfg: DataConfig) -> tuple[pa.Table, pa.Table, ReadReport, ReadReport]:
         else:
             items_report.note("items_in_unselected_services")
     builder = EventBuilder(services, catalogue.keys(), events_report)
-    for where, event in _rows(files, "events", EVENT_REQUIRED, _event, events_report):
+    for where, event in _rows(files, "events", events_required, _event, events_report):
         if event["service"] in available and event["service"] not in services:
             events_report.note("events_in_unselected_services")
         else:
@@ -121,7 +130,8 @@ def _rows(
 ) -> Iterator[Row]:
     """Rows of every ``what`` file (``events`` / ``catalogue``) renamed to our columns and converted.
 
-    Rows that cannot be used are counted as read and rejected in ``report``.
+    A file without a service column takes ``files.default_service`` when it is set. Rows that
+    cannot be used are counted as read and rejected in ``report``.
     """
     key = "event_columns" if what == "events" else "item_columns"
     mapping = getattr(files, key)
@@ -129,15 +139,16 @@ def _rows(
     for path in _expand(getattr(files, what), what):
         try:
             columns, records = _open(path, _format(path, files.format))
-            _check_columns(path, columns, required, mapping, key)
+            fill = {}
+            if files.default_service is not None and mapping.get("service", "service") not in (columns or ()):
+                fill = {"service": files.default_service}
+            _check_columns(path, columns, tuple(c for c in required if c not in fill), mapping, key)
             for where, record in track(records, f"reading {path.name}"):
                 try:
                     if isinstance(record, _BadRow):
                         raise record
-                    yield (
-                        where,
-                        convert({ours: record.get(mapping.get(ours, ours)) for ours in fields}, files),
-                    )
+                    values = {ours: record.get(mapping.get(ours, ours)) for ours in fields}
+                    yield where, convert({**values, **fill}, files)
                 except _BadRow as bad:
                     report.rows_read += 1
                     report.reject(bad.reason, where, bad.detail)
@@ -280,6 +291,7 @@ def _item(values: dict[str, Any], files: FilesConfig) -> dict[str, Any]:
         "brand": _text(values["brand"]),
         "price": _number(values["price"], "bad_price"),
         "text": _text(values["text"]),
+        "item_text": _text(values["item_text"]),
     }
 
 
@@ -310,8 +322,11 @@ def _number(value: Any, reason: str) -> float | None:
     return number
 
 
-def _timestamp(value: Any, unit: str) -> int:
-    """Unix seconds from seconds, milliseconds, an ISO string or a date/datetime (naive means UTC)."""
+def _timestamp(value: Any, unit: str) -> int | None:
+    """Unix seconds from seconds, milliseconds, an ISO string or a date/datetime (naive means UTC);
+    None for order-only data (``unit == "none"``), whatever the file holds."""
+    if unit == "none":
+        return None
     if _text(value) is None:
         raise _BadRow("missing_field", "no value for 'timestamp'")
     try:

@@ -416,9 +416,11 @@ def build_catalogue(cfg: SyntheticConfig, services: tuple[str, ...]) -> Catalogu
             seg_cdf.append(seg + cdf)
             seg_end[seg:] = sum(len(s) for s in seg_items)
     columns = list(zip(*rows, strict=True))
+    fields = list(ITEM_SCHEMA)[1:-1]  # item_id .. text: the text is composed, there is no item_text
     table = pa.Table.from_arrays(
         [pa.array(service_col, pa.string())]
-        + [pa.array(col, field.type) for col, field in zip(columns, list(ITEM_SCHEMA)[1:], strict=True)],
+        + [pa.array(col, field.type) for col, field in zip(columns, fields, strict=True)]
+        + [pa.nulls(len(service_col), pa.string())],
         schema=ITEM_SCHEMA,
     )
     return Catalogue(
