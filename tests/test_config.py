@@ -146,6 +146,7 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
         "moe_backend",
         "code_token_ranges",
         "num_items",
+        "item_text_dim",
     }
     assert section_sets <= fields.keys()
     overrides = [
@@ -155,6 +156,6 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
     assert set(cfg.model.overrides) == fields.keys() - section_sets
     for name in sorted(section_sets):
         with pytest.raises(
-            ConfigError, match=rf"model\.overrides\.{name}.*(model\.{name}|vocabulary|SID table)"
+            ConfigError, match=rf"model\.overrides\.{name}.*(model\.{name}|vocabulary|SID table|text encoder)"
         ):
             load_config(ExperimentConfig, None, [f"model.overrides.{name}={fields[name]!r}"])

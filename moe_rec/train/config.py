@@ -120,6 +120,8 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept besides the best one
     eval_every: int | str = 100  # between validations (0: only at the end)
     max_eval_samples: int = 2048  # validation subsample (first N valid rows; 0: all)
+    patience: int = 0  # early stopping: leave after this many validations in a row without a better
+    # best_metric (0: never); read from the best checkpoint's step, so a rerun stops there too
     log_every: int = 10  # optimizer steps between log lines
     best_metric: str = "valid/ndcg@10"  # higher is better; picks the `best` checkpoint. recall@K / ndcg@K
     # rank items by beam search as the test does; valid/token_acc (teacher-forced) is the cheap alternative
@@ -142,6 +144,7 @@ class TrainConfig:
             "max_steps",
             "stop_at",
             "max_eval_samples",
+            "patience",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

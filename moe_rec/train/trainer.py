@@ -463,7 +463,7 @@ class Trainer:
         started = time.perf_counter()
         with progress() if self.rank == 0 else _NullBar() as bar:
             task = bar.add_task("train", total=stop, completed=self.step)
-            while self.step < stop:
+            while self.step < stop and not self.patience_spent():
                 t0 = time.perf_counter()  # throughput counts training steps only, not eval or saving
                 stats = self.train_step(stream)
                 losses.append(stats.loss)
@@ -473,8 +473,14 @@ class Trainer:
                     tokens_per_s = self.log_window(window, stop)
                     window = _LogWindow()
                 metrics = self.validate_and_save(stop, metrics)
+        if self.patience_spent() and self.rank == 0:
+            console.print(
+                f"early stop at step {self.step:,}: no better {self.tc.best_metric} in {self.tc.patience} "
+                f"validations since {self.best['tag']}"
+            )
         return {
             "step": self.step,
+            "stopped_early": self.patience_spent(),
             "plan": plan,
             "seconds": time.perf_counter() - started,
             "losses": losses,
@@ -547,9 +553,18 @@ class Trainer:
             metrics = self.validate()
             if metrics.get(tc.best_metric, -math.inf) > self.best["value"]:
                 self.save(metrics)
-        if self.step % tc.save_every == 0 or self.step == stop:
+        if self.step % tc.save_every == 0 or self.step == stop or self.patience_spent():
             self.save(metrics if evaluating else None)
         return metrics
+
+    def patience_spent(self) -> bool:
+        """Early stopping (``train.patience``): this step validated, and the ``patience`` validations
+        before it and including it found nothing better than the best checkpoint."""
+        tc = self.tc
+        if not (tc.patience and tc.eval_every) or self.step % tc.eval_every:
+            return False
+        best_step = int(self.best["tag"].removeprefix("step_")) if self.best["tag"] else 0
+        return self.step - best_step >= tc.patience * tc.eval_every
 
 
 class _NullBar:

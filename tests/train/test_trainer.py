@@ -183,3 +183,22 @@ def test_validation_and_checkpoints_every_epoch_or_half(run_dir: Path) -> None:
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
         f"step_{s:08d}" for s in (6, 12, 18, 24)
     ]
+
+
+def test_early_stopping_leaves_after_patience_validations_without_a_better_one(run_dir: Path) -> None:
+    """With the learning rate at 0 nothing improves after the first validation: patience 2 at one
+    validation every 2 steps stops at step 6 (best at 2), checkpointed; a rerun trains no further."""
+    from moe_rec.train import train
+
+    args = ("train.max_steps=20", "train.eval_every=2", "train.patience=2", "train.lr=0", "train.min_lr=0",
+            "train.best_metric=valid/token_acc")  # fmt: skip
+    summary = train(tiny_config(run_dir, *args))
+    assert summary["step"] == 6 and summary["stopped_early"] and len(summary["losses"]) == 6
+    assert (run_dir / "checkpoints" / "best").read_text().strip() == "step_00000002"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    again = train(tiny_config(run_dir, *args))
+    assert again["step"] == 6 and again["losses"] == []
+    longer = train(
+        tiny_config(run_dir, *args[:2], "train.patience=0", *args[3:])
+    )  # patience off: on to the end
+    assert longer["step"] == 20
