@@ -11,8 +11,14 @@
     moe-rec recommend       runs/demo/bundle --service grocery --history grocery:g00004 delivery:d00014
     moe-rec serve           runs/demo/bundle --port 8000                    # HTTP service
 
-Bad input (a config typo, a missing file, a malformed row in strict mode) ends with one line
-that says what and where, exit code 2; ``--debug`` shows the full traceback instead.
+A command's results (metrics, recommendations, stats) go to stdout, as one JSON document with
+``--json``; progress and log lines go to stderr. Bad input (a config typo, a missing file, a
+malformed row in strict mode: a :class:`moe_rec.errors.MoeRecError`) ends with one line that says
+what and where, exit code 2; ``--debug`` shows the full traceback instead. Anything else is a bug
+and shows its traceback.
+
+Each command is a small handler (``cmd_*``: arguments in, results out) around a stage function
+(``stage_*``: config in, files and numbers out) that ``moe-rec run`` calls in turn.
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 import transformers
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from moe_rec import stages
 from moe_rec.config import ConfigError, dump_config, load_config, to_dict
-from moe_rec.console import console
+from moe_rec.console import console, plain, print_json, results
 from moe_rec.data.cold_start import read_cold_items
 from moe_rec.data.schema import DataError
+from moe_rec.errors import MoeRecError
 from moe_rec.experiment import ExperimentConfig
 from moe_rec.serve.config import DEFAULT_K, LOG_LEVELS, ServeConfig
 
@@ -71,11 +80,11 @@ def _report_lines(stats: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _print_data_stats(stats: dict[str, Any]) -> None:
-    console.print(_stats_table(stats))
-    console.print(f"users in several services: {stats['total']['users_in_several_services']:,}")
+def _print_data_stats(stats: dict[str, Any], to: Console) -> None:
+    to.print(_stats_table(stats))
+    to.print(f"users in several services: {stats['total']['users_in_several_services']:,}")
     for line in _report_lines(stats):
-        console.print(line)
+        to.print(line)
 
 
 def _print_sid_stats(stats: dict[str, Any]) -> None:
@@ -98,53 +107,43 @@ def _print_sid_stats(stats: dict[str, Any]) -> None:
     console.print(table)
 
 
-def cmd_data_prepare(args: argparse.Namespace) -> None:
+# -- the stages: config in, files and numbers out (the commands below and `moe-rec run` call them) --
+
+
+def stage_prepare(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+    """Read, validate and split ``cfg.data`` into ``out``; returns its ``stats.json``."""
     from moe_rec.data.prepare import prepare
 
-    cfg = _load(args)
-    out = Path(args.out) if args.out else cfg.data_dir
     console.print(f"preparing [bold]{cfg.data.source}[/] data into {out}")
     stats = prepare(cfg.data, out)
     dump_config(cfg, cfg.run_dir / "config.yaml")
-    _print_data_stats(stats)
+    _print_data_stats(stats, console)
     stages.mark(out, stages.data_print(cfg))
     console.print(f"wrote {out}/stats.json")
+    return stats
 
 
-def cmd_data_stats(args: argparse.Namespace) -> None:
-    from moe_rec.data.store import read_stats
-
-    if args.data_dir is None and args.config is None:
-        raise ConfigError("give a prepared data directory or --config")
-    data_dir = Path(args.data_dir) if args.data_dir else _load(args).data_dir
-    stats = read_stats(data_dir)
-    if args.json:
-        print(json.dumps(stats, indent=2))
-    else:
-        _print_data_stats(stats)
-
-
-def cmd_sids_build(args: argparse.Namespace) -> None:
+def stage_sids(cfg: ExperimentConfig, data_dir: Path, out: Path) -> dict[str, Any]:
+    """Semantic IDs of the items prepared in ``data_dir``, written to ``out``; returns their stats."""
     from moe_rec.data.store import load_items
     from moe_rec.sid.build import build_sids
 
-    cfg = _load(args)
-    data_dir = Path(args.data) if args.data else cfg.data_dir
-    out = Path(args.out) if args.out else cfg.sid_dir
     items = load_items(data_dir).data.table
     console.print(f"building semantic IDs for {items.num_rows:,} items ({cfg.sid.quantizer}) into {out}")
     stats = build_sids(items, cfg.sid, out, cfg.embedding_cache)
     _print_sid_stats(stats)
     stages.mark(out, stages.sids_print(cfg, data_dir))
     console.print(f"wrote {out}/stats.json")
+    return stats
 
 
-def cmd_sequences_build(args: argparse.Namespace) -> None:
+def stage_sequences(cfg: ExperimentConfig) -> dict[str, int]:
+    """Token samples of every split and the vocabulary (and the cold-start benchmark's held-out
+    items, with ``sequences.cold_items``); returns the sample count per split."""
     from moe_rec.data.cold_start import COLD_FILE, pick_cold_items, write_cold_items
     from moe_rec.data.sequences import SequenceBuilder, write_sequences
     from moe_rec.sid.table import META_FILE, SIDTable
 
-    cfg = _load(args)
     if not (cfg.sid_dir / META_FILE).exists():
         raise DataError(
             f"{cfg.sid_dir / META_FILE} not found: a sequence spells items by their semantic IDs; build "
@@ -167,40 +166,43 @@ def cmd_sequences_build(args: argparse.Namespace) -> None:
         "samples: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" -> {cfg.sequences_dir}"
     )
     stages.mark(cfg.sequences_dir, stages.sequences_print(cfg))
+    return counts
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    """One process: a one-rank DeepSpeed run (several ranks: the launch/ scripts)."""
-    from moe_rec.train import train
-
-    train(_load(args))
-
-
-def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
-    """Evaluation of a checkpoint or bundle (exact scoring or beam search, by model kind) or of a
-    baseline (most popular, SASRec, text neighbours); JSON report + table; returns the metrics.
-    On a cold-start benchmark's sequences, cold and warm targets are reported too."""
-    from moe_rec.eval.metrics import metrics_table
-
-    cfg = _load(args)
+def stage_eval(
+    cfg: ExperimentConfig,
+    *,
+    checkpoint: str = "best",
+    bundle: str | None = None,
+    baseline: str | None = None,
+    predictions: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint of the run (exact scoring or beam search, by model kind), a bundle, or
+    a baseline (most popular, SASRec, text neighbours) on ``cfg.eval.split``; writes and returns the
+    report ``{"model", "config", "metrics"}`` (``<run_dir>/eval/<split>-<model>.json``). On a
+    cold-start benchmark's sequences, cold and warm targets are reported too. A checkpoint's
+    metrics also go to the run's ``metrics.jsonl`` and W&B run; ``predictions``: every request's
+    ranking to that JSONL file (:mod:`moe_rec.eval.predictions`; the model's, not a baseline's)."""
+    if baseline is not None and predictions is not None:
+        raise ConfigError("--save-predictions: the baselines do not write their rankings; evaluate a model")
     cold = read_cold_items(cfg.sequences_dir)  # the cold-start benchmark's items, when it is one
     split, exclude_seen = cfg.eval.split, cfg.eval.exclude_seen
-    if args.baseline == "popularity":
+    if baseline == "popularity":
         from moe_rec.eval.popularity import evaluate_popularity
 
         name = "popularity"
-        results = evaluate_popularity(cfg.data_dir, split=split, exclude_seen=exclude_seen, cold=cold)
-    elif args.baseline == "sasrec":
+        metrics = evaluate_popularity(cfg.data_dir, split=split, exclude_seen=exclude_seen, cold=cold)
+    elif baseline == "sasrec":
         from moe_rec.baselines.sasrec import evaluate_sasrec
 
         name = "sasrec"
         out_dir = cfg.run_dir / "baselines" / "sasrec"
-        results = evaluate_sasrec(cfg.data_dir, out_dir, cfg.sasrec, split, exclude_seen, cold=cold)
-    elif args.baseline == "text":
+        metrics = evaluate_sasrec(cfg.data_dir, out_dir, cfg.sasrec, split, exclude_seen, cold=cold)
+    elif baseline == "text":
         from moe_rec.baselines.text_neighbours import evaluate_text_neighbours
 
         name = "text"
-        results = evaluate_text_neighbours(
+        metrics = evaluate_text_neighbours(
             cfg.data_dir, cfg.sid, cfg.embedding_cache, split, exclude_seen, cold=cold
         )
     else:
@@ -212,27 +214,104 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, float]:
                 f"no {cfg.eval.split} samples in {split_dir}; run `moe-rec sequences build` first"
             )
         samples = datasets.Dataset.from_parquet(str(split_dir / "*.parquet"))
-        if args.bundle:  # the exported model and its SID table, checksums verified on load
+        if bundle:  # the exported model and its SID table, checksums verified on load
             from moe_rec.export import load_bundle
 
-            bundle = load_bundle(args.bundle)
-            name = f"bundle-{bundle.manifest['source']['tag']}-{bundle.manifest['dtype']}"
-            model, table = bundle.model, bundle.table
+            loaded = load_bundle(bundle)
+            name = f"bundle-{loaded.manifest['source']['tag']}-{loaded.manifest['dtype']}"
+            model, table = loaded.model, loaded.table
         else:
             from moe_rec.sid.table import SIDTable
             from moe_rec.train.checkpoint import load_model, resolve_tag
 
-            name = resolve_tag(cfg.checkpoint_dir, args.checkpoint)
+            name = resolve_tag(cfg.checkpoint_dir, checkpoint)
             model, table = load_model(cfg.checkpoint_dir, name), SIDTable.load(cfg.sid_dir)
-        results = evaluate_model(model, table, samples, cfg.eval, cold)
+        metrics = evaluate_model(model, table, samples, cfg.eval, cold, predictions=predictions)
+        if predictions is not None:
+            console.print(f"wrote every request's ranking to {predictions}")
+        if not bundle:
+            _log_checkpoint_result(cfg, name, metrics)
+    report = {"model": name, "config": to_dict(cfg.eval), "metrics": metrics}
     out = cfg.eval_dir / f"{cfg.eval.split}-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"model": name, "config": to_dict(cfg.eval), "metrics": results}, indent=2) + "\n"
-    )
-    console.print(metrics_table(results, title=f"{cfg.eval.split} ({name}, full ranking, leave-one-out)"))
+    out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}")
-    return results
+    return report
+
+
+def _log_checkpoint_result(cfg: ExperimentConfig, tag: str, metrics: dict[str, float]) -> None:
+    """A checkpoint's evaluation into the run's ``metrics.jsonl`` (kind: the split) and the summary
+    of its W&B run, resumed by the id training saved (none saved: no W&B)."""
+    from moe_rec.train.checkpoint import step_of
+    from moe_rec.train.metrics import RankZeroLogger
+
+    w = cfg.train.wandb
+    path = cfg.checkpoint_dir / "metrics.jsonl"
+    logger = RankZeroLogger(
+        rank=0, run_dir=cfg.run_dir, metrics_path=path, project=w.project, mode=w.mode,
+        name=w.name or cfg.run_dir.name, new_run=False,
+    )  # fmt: skip
+    try:
+        logger.log_result(metrics, step_of(tag), kind=cfg.eval.split, checkpoint=tag)
+    finally:
+        logger.finish()
+    console.print(f"added to {path}; W&B: {logger.location()}")
+
+
+def stage_export(
+    cfg: ExperimentConfig | None, ckpt_dir: Path, out: Path, *, tag: str, dtype: str, overwrite: bool
+) -> dict[str, Any]:
+    """A checkpoint -> a verified serving bundle at ``out``; returns its manifest."""
+    from moe_rec.export import export_checkpoint
+
+    run_dir = cfg.run_dir if cfg else ckpt_dir.parent
+    console.print(f"exporting {ckpt_dir} ({tag}, {dtype}) to {out}")
+    export_checkpoint(
+        ckpt_dir, out, tag=tag, dtype=dtype, run_dir=run_dir, config=to_dict(cfg) if cfg else None,
+        overwrite=overwrite,
+    )  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    v = manifest["verification"]
+    size = sum(f["size"] for f in manifest["files"].values())
+    console.print(
+        f"wrote {out}: {manifest['source']['tag']}, {manifest['items']['total']:,} items, {size / 2**20:.1f} MiB "
+        f"in {v['export_seconds']:.1f}s; logits vs the fp32 checkpoint on {v['probes']} prompts: max |diff| "
+        f"{v['max_abs_diff']:.3g} (bound {v['tolerance']['max_abs_diff']:.3g}), mean {v['mean_abs_diff']:.3g}, "
+        f"argmax agreement {v['argmax_agreement']:.3f}"
+    )
+    return manifest
+
+
+def recommendations(
+    rec: Recommender,
+    history: Sequence[tuple[str, str]],
+    service: str,
+    k: int,
+    user: str | None,
+    exclude_seen: bool,
+) -> dict[str, Any]:
+    """One request through the serving API, as the JSON document ``moe-rec recommend --json``
+    prints: the request, ``available`` (items it may get) and ``items`` best first."""
+    found = rec.recommend(history, service, k=k, exclude_seen=exclude_seen, user_id=user)
+    return {
+        "service": service, "k": k, "user": user, "exclude_seen": exclude_seen,
+        "history": [f"{s}:{i}" for s, i in history],
+        "available": rec.available(history, service, exclude_seen),
+        "items": [
+            {"rank": rank, "item_id": r.item_id, "score": r.score, "fields": r.fields}
+            for rank, r in enumerate(found, start=1)
+        ],
+    }  # fmt: skip
+
+
+# -- how results are shown ---------------------------------------------------------------------
+
+
+def _print_metrics(report: dict[str, Any], split: str) -> None:
+    from moe_rec.eval.metrics import metrics_table
+
+    title = f"{split} ({report['model']}, full ranking, leave-one-out)"
+    results.print(metrics_table(report["metrics"], title=title))
 
 
 def _versus_popularity(model: dict[str, float], popular: dict[str, float], split: str) -> Table:
@@ -247,91 +326,24 @@ def _versus_popularity(model: dict[str, float], popular: dict[str, float], split
     return table
 
 
-def cmd_export(args: argparse.Namespace) -> None:
-    """A checkpoint -> a verified serving bundle (model, SID table + trie, catalogue, manifest)."""
-    from moe_rec.export import export_checkpoint
-
-    cfg = _load(args) if args.config or args.overrides else None
-    if cfg is None and args.checkpoint is None:
-        raise ConfigError("give --checkpoint <run_dir>/checkpoints or --config")
-    ckpt_dir = Path(args.checkpoint) if args.checkpoint else cfg.checkpoint_dir
-    run_dir = cfg.run_dir if cfg else ckpt_dir.parent
-    out = Path(args.out) if args.out else run_dir / "bundle"
-    console.print(f"exporting {ckpt_dir} ({args.tag}, {args.dtype}) to {out}")
-    export_checkpoint(
-        ckpt_dir, out, tag=args.tag, dtype=args.dtype, run_dir=run_dir,
-        config=to_dict(cfg) if cfg else None, overwrite=args.overwrite,
-    )  # fmt: skip
-    manifest = json.loads((out / "manifest.json").read_text())
-    v = manifest["verification"]
-    size = sum(f["size"] for f in manifest["files"].values())
-    console.print(
-        f"wrote {out}: {manifest['source']['tag']}, {manifest['items']['total']:,} items, {size / 2**20:.1f} MiB "
-        f"in {v['export_seconds']:.1f}s; logits vs the fp32 checkpoint on {v['probes']} prompts: max |diff| "
-        f"{v['max_abs_diff']:.3g} (bound {v['tolerance']['max_abs_diff']:.3g}), mean {v['mean_abs_diff']:.3g}, "
-        f"argmax agreement {v['argmax_agreement']:.3f}"
-    )
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    """Serve a bundle over HTTP in this process until Ctrl-C / SIGTERM (then shut down gracefully)."""
-    from moe_rec.serve.http import run_server
-
-    config = ServeConfig(
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_k=args.max_k,
-        max_body_bytes=args.max_body_bytes,
-        torch_threads=args.torch_threads,
-        access_log=args.access_log,
-        log_level=args.log_level,
-    )
-    run_server(args.bundle, config)
-
-
-def _parse_event(text: str) -> tuple[str, str]:
-    service, sep, item_id = text.partition(":")
-    if not sep or not service or not item_id:
-        raise argparse.ArgumentTypeError(f"{text!r}: write an event as SERVICE:ITEM_ID")
-    return service, item_id
-
-
-def _print_recommendations(
-    rec: Recommender,
-    history: Sequence[tuple[str, str]],
-    service: str,
-    k: int,
-    user: str | None,
-    exclude_seen: bool,
-    held_out: str | None = None,
-) -> None:
-    """One request through the serving API, shown as a table (the held-out item, if given, marked)."""
-    found = rec.recommend(history, service, k=k, exclude_seen=exclude_seen, user_id=user)
-    shown = ", ".join(f"{s}:{i}" for s, i in history[-5:])
-    title = f"{user or 'request'}: {len(history)} events (last: {shown}) -> top {k} in {service}"
+def _print_recommendations(found: dict[str, Any], held_out: str | None = None) -> None:
+    """:func:`recommendations` as a table (the held-out item, if given, marked)."""
+    history, service, k = found["history"], found["service"], found["k"]
+    shown = ", ".join(history[-5:])
+    title = f"{found['user'] or 'request'}: {len(history)} events (last: {shown}) -> top {k} in {service}"
     table = Table(title=title, title_justify="left")
     for col in ("rank", "item", "log p", "title"):
         table.add_column(col, justify="right" if col in ("rank", "log p") else "left")
-    for rank, r in enumerate(found, start=1):
-        mark = " [bold green](held out)[/]" if r.item_id == held_out else ""
-        table.add_row(str(rank), r.item_id + mark, f"{r.score:.3f}", str(r.fields.get("title") or "")[:60])
-    console.print(table)
-    if len(found) < k:  # the Recommender returns fewer than k only when no more exist
-        why = " (the history has the others)" if exclude_seen else ""
-        console.print(f"only {len(found)} items of {service} are left to recommend{why}: all shown")
-    if held_out is not None and all(r.item_id != held_out for r in found):
-        console.print(f"held-out item {service}:{held_out} is not in the top {k}")
-
-
-def cmd_recommend(args: argparse.Namespace) -> None:
-    """Recommendations from a bundle for one history given on the command line."""
-    from moe_rec.serve import Recommender
-
-    with Recommender.from_bundle(args.bundle, ServeConfig(device=args.device)) as rec:
-        _print_recommendations(rec, args.history, args.service, args.k, args.user, args.exclude_seen)
+    for r in found["items"]:
+        mark = " [bold green](held out)[/]" if r["item_id"] == held_out else ""
+        name = str(r["fields"].get("title") or "")[:60]
+        table.add_row(str(r["rank"]), r["item_id"] + mark, f"{r['score']:.3f}", name)
+    results.print(table)
+    if len(found["items"]) < k:  # the Recommender returns fewer than k only when no more exist
+        why = " (the history has the others)" if found["exclude_seen"] else ""
+        results.print(f"only {len(found['items'])} items of {service} are left to recommend{why}: all shown")
+    if held_out is not None and all(r["item_id"] != held_out for r in found["items"]):
+        results.print(f"held-out item {service}:{held_out} is not in the top {k}")
 
 
 def _recommend_for_test_users(cfg: ExperimentConfig, bundle: Path, users: int = 3, k: int = 5) -> None:
@@ -354,50 +366,147 @@ def _recommend_for_test_users(cfg: ExperimentConfig, bundle: Path, users: int = 
             if target is None:
                 continue
             history = [(e.service, e.item_id) for e in ordered if e.split != "test"]
-            _print_recommendations(
-                rec, history, target.service, k, user, cfg.eval.exclude_seen, held_out=target.item_id
-            )
+            found = recommendations(rec, history, target.service, k, user, cfg.eval.exclude_seen)
+            _print_recommendations(found, held_out=target.item_id)
+
+
+# -- the commands: arguments in, results out ----------------------------------------------------
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    cfg = _load(args)
+    stage_prepare(cfg, Path(args.out) if args.out else cfg.data_dir)
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from moe_rec.data.store import read_stats
+
+    if args.data_dir is None and args.config is None:
+        raise ConfigError("give a prepared data directory or --config")
+    data_dir = Path(args.data_dir) if args.data_dir else _load(args).data_dir
+    stats = read_stats(data_dir)
+    if args.json:
+        print_json(stats)
+    else:
+        _print_data_stats(stats, results)
+
+
+def cmd_sids_build(args: argparse.Namespace) -> None:
+    cfg = _load(args)
+    stage_sids(
+        cfg, Path(args.data) if args.data else cfg.data_dir, Path(args.out) if args.out else cfg.sid_dir
+    )
+
+
+def cmd_sequences_build(args: argparse.Namespace) -> None:
+    stage_sequences(_load(args))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """One process: a one-rank DeepSpeed run (several ranks: the launch/ scripts)."""
+    from moe_rec.train import train
+
+    train(_load(args))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    cfg = _load(args)
+    predictions = Path(args.save_predictions) if args.save_predictions else None
+    report = stage_eval(
+        cfg, checkpoint=args.checkpoint, bundle=args.bundle, baseline=args.baseline, predictions=predictions
+    )
+    if args.json:
+        print_json(report)
+    else:
+        _print_metrics(report, cfg.eval.split)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    cfg = _load(args) if args.config or args.overrides else None
+    if cfg is None and args.checkpoint is None:
+        raise ConfigError("give --checkpoint <run_dir>/checkpoints or --config")
+    ckpt_dir = Path(args.checkpoint) if args.checkpoint else cfg.checkpoint_dir
+    out = Path(args.out) if args.out else (cfg.run_dir if cfg else ckpt_dir.parent) / "bundle"
+    stage_export(cfg, ckpt_dir, out, tag=args.tag, dtype=args.dtype, overwrite=args.overwrite)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a bundle over HTTP in this process until Ctrl-C / SIGTERM (then shut down gracefully)."""
+    from moe_rec.serve.http import run_server
+
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_k=args.max_k,
+        max_body_bytes=args.max_body_bytes,
+        torch_threads=args.torch_threads,
+        access_log=args.access_log,
+        log_level=args.log_level,
+    )
+    run_server(args.bundle, config)
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    """Recommendations from a bundle for one history given on the command line."""
+    from moe_rec.serve import Recommender
+
+    with Recommender.from_bundle(args.bundle, ServeConfig(device=args.device)) as rec:
+        found = recommendations(rec, args.history, args.service, args.k, args.user, args.exclude_seen)
+    if args.json:
+        print_json(found)
+    else:
+        _print_recommendations(found)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     """The main job: data -> semantic IDs -> sequences -> train -> evaluate the best checkpoint
     beside the most-popular baseline -> export it as a serving bundle -> recommend from the
     bundle for a few test users."""
+    from moe_rec.train import train
+
     t0 = time.perf_counter()
-    args.out = None
-    args.data = None
-    args.checkpoint = "best"
-    args.baseline = None
-    args.bundle = None
     cfg = _load(args)
-    for title, step, out, current in (
-        ("data prepare", cmd_data_prepare, cfg.data_dir, lambda: stages.data_print(cfg)),
-        ("sids build", cmd_sids_build, cfg.sid_dir, lambda: stages.sids_print(cfg, cfg.data_dir)),
-        ("sequences build", cmd_sequences_build, cfg.sequences_dir, lambda: stages.sequences_print(cfg)),
-        ("train", cmd_train, None, None),
-    ):
+    for title, out, current, make in (
+        ("data prepare", cfg.data_dir, lambda: stages.data_print(cfg), lambda: stage_prepare(cfg, cfg.data_dir)),
+        ("sids build", cfg.sid_dir, lambda: stages.sids_print(cfg, cfg.data_dir),
+         lambda: stage_sids(cfg, cfg.data_dir, cfg.sid_dir)),
+        ("sequences build", cfg.sequences_dir, lambda: stages.sequences_print(cfg), lambda: stage_sequences(cfg)),
+    ):  # fmt: skip
         console.rule(f"[bold]{title}")
-        if out is not None and stages.read(out) == current():
+        if stages.read(out) == current():  # a stage's fingerprint needs the stamps of the ones before it
             console.print(f"{out}: made by the same config and inputs; skipped ({out / stages.STAMP_FILE})")
             continue
-        step(args)
+        make()
+    console.rule("[bold]train")
+    train(cfg)
     console.rule("[bold]eval")
-    model = cmd_eval(args)
-    args.baseline = "popularity"
-    popular = cmd_eval(args)
-    args.baseline = None
-    cfg = _load(args)
-    console.print(_versus_popularity(model, popular, cfg.eval.split))
+    model = stage_eval(cfg, checkpoint="best")
+    _print_metrics(model, cfg.eval.split)
+    popular = stage_eval(cfg, baseline="popularity")
+    _print_metrics(popular, cfg.eval.split)
+    results.print(_versus_popularity(model["metrics"], popular["metrics"], cfg.eval.split))
     console.rule("[bold]export")
-    args.checkpoint, args.out, args.tag, args.dtype, args.overwrite = None, None, "best", "float32", True
-    cmd_export(args)
+    stage_export(cfg, cfg.checkpoint_dir, cfg.run_dir / "bundle", tag="best", dtype="float32", overwrite=True)
     console.rule("[bold]recommend")
     _recommend_for_test_users(cfg, cfg.run_dir / "bundle")
     console.rule(f"done in {time.perf_counter() - t0:.0f}s; run directory: {cfg.run_dir}")
 
 
+# -- the command line -----------------------------------------------------------------------------
+
+
+def _parse_event(text: str) -> tuple[str, str]:
+    service, sep, item_id = text.partition(":")
+    if not sep or not service or not item_id:
+        raise argparse.ArgumentTypeError(f"{text!r}: write an event as SERVICE:ITEM_ID")
+    return service, item_id
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-rec", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="moe-rec", description=plain(__doc__.split("\n\n")[0]))
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
@@ -461,6 +570,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=["popularity", "sasrec", "text"],
         help="evaluate a baseline instead of a checkpoint (text: the last item's nearest text neighbours)",
     )
+    evaluate.add_argument(
+        "--save-predictions", metavar="PATH",
+        help="also write every request's ranked item ids there (JSONL: request index, user, service, "
+        "target, ranked), from which the metrics can be recomputed",
+    )  # fmt: skip
+    evaluate.add_argument("--json", action="store_true", help="print the report as one JSON document")
     evaluate.set_defaults(func=cmd_eval)
     export = with_config(
         groups.add_parser("export", help="checkpoint -> verified serving bundle (weights, SIDs, catalogue)")
@@ -481,6 +596,7 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
                      help="leave out items already in the history (default: %(default)s)")  # fmt: skip
     rec.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    rec.add_argument("--json", action="store_true", help="print the recommendations as one JSON document")
     rec.set_defaults(func=cmd_recommend, overrides=[])
     serve = groups.add_parser(
         "serve",
@@ -548,12 +664,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     try:
         args.func(args)
-    except (ConfigError, DataError, OSError, LookupError, ValueError) as e:
-        # bad input of any stage (config, data, SID files) is told in one line; --debug shows where
+    except (MoeRecError, OSError) as e:
+        # input a user can fix, or the machine refusing (a missing file, a port in use), in one line;
+        # --debug shows where. Any other exception is a bug, and its traceback shows.
         if args.debug:
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, however long
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)  # one line, however long
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")

@@ -7,12 +7,14 @@ so experiments compose ``configs/data/*.yaml`` and ``configs/sid/*.yaml``. Overr
 
 Every key is checked against the dataclass: an unknown key is an error that names the key, the
 file it came from and the closest known key; a value of the wrong type names what was expected.
+A float field also takes a number that YAML 1.1 reads as text (``1e-3``: no dot in the mantissa).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -21,10 +23,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from moe_rec.errors import MoeRecError
+
 T = TypeVar("T")
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # what a float field takes as text
 
 
-class ConfigError(ValueError):
+class ConfigError(MoeRecError, ValueError):
     """A config file or override that does not fit the config schema."""
 
 
@@ -118,6 +123,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return {str(k): _coerce(v, vt, f"{key}.{k}", where) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot in the mantissa) as a string
     if tp is Path and isinstance(value, (str, Path)):
         return Path(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):

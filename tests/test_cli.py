@@ -1,6 +1,10 @@
-"""The moe-rec CLI end to end on a tiny synthetic run, and its one-line errors (exit code 2)."""
+"""The moe-rec CLI end to end on a tiny synthetic run, and its one-line errors (exit code 2); its
+results on stdout (``--json``: one document), an item-level run trained in two starts with W&B
+offline and evaluated by a separate ``moe-rec eval`` process (predictions, metrics.jsonl, W&B)."""
 
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +17,11 @@ from moe_rec.cli import main
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.experiment import ExperimentConfig
 from moe_rec.sid.table import SIDTable
+from tests.eval.recompute import from_predictions
+from tests.train.conftest import tiny_config, wandb_records, write_sequences
 
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "experiments" / "demo.yaml"
 TINY = [
     "data.synthetic.num_users=60",
     "data.synthetic.items_per_service=40",
@@ -254,6 +262,16 @@ def test_serve_with_an_invalid_port_is_one_line_and_exit_2(
     assert f"port {port} is invalid" in lines[0] and "1..65535" in lines[0]
 
 
+@pytest.mark.parametrize("flag", ["--max-batch-size", "--max-k", "--max-body-bytes", "--torch-threads"])
+def test_serve_with_a_size_below_one_is_one_line_and_exit_2(
+    tiny_bundle: Path, flag: str, capsys: pytest.CaptureFixture
+) -> None:
+    capsys.readouterr()
+    assert main(["serve", str(tiny_bundle), flag, "0"]) == 2
+    lines = [line for line in "".join(capsys.readouterr()).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "must be >= 1" in lines[0], lines
+
+
 @pytest.mark.slow  # a whole `moe-rec serve` process imports torch: ~8-10 s
 def test_serve_on_a_port_in_use_is_one_line_and_exit_2(tiny_bundle: Path) -> None:
     """A whole ``moe-rec serve`` process: its entire output is the one error line."""
@@ -355,6 +373,255 @@ def test_a_rerun_skips_the_stages_whose_inputs_did_not_change(
     assert stages.read(copy / "sids") != stages.sids_print(cfg, cfg.data_dir)
     (copy / "sids" / stages.STAMP_FILE).write_text('{"fingerprint": "other"}')
     assert stages.read(copy / "sequences") != stages.sequences_print(cfg)  # follows the IDs' stamp
+
+
+# --- results on stdout, --json, and what goes to stderr ------------------------------------------
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """The body rows of rich tables in ``text``, as cells."""
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+
+
+def test_recommend_prints_results_on_stdout_and_json_on_request(
+    tiny_bundle: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from moe_rec.serve import Recommender
+
+    history = ["grocery:grocery-1", "market:market-2", "grocery:grocery-3"]
+    argv = ["recommend", str(tiny_bundle), "--service", "grocery", "--k", "5", "--history", *history]
+    with Recommender.from_bundle(tiny_bundle) as rec:  # the same request straight through the Python API
+        want = rec.recommend([tuple(h.split(":")) for h in history], "grocery", k=5)
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    out, _ = capsys.readouterr()
+    found = json.loads(out)  # all of stdout is one document
+    assert [(r["rank"], r["item_id"]) for r in found["items"]] == [
+        (i + 1, w.item_id) for i, w in enumerate(want)
+    ]
+    assert [r["score"] for r in found["items"]] == pytest.approx([w.score for w in want])
+    assert [r["fields"] for r in found["items"]] == [w.fields for w in want]
+    assert (found["service"], found["history"], found["available"]) == ("grocery", history, 50 - 2)
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert [row[1] for row in _table_rows(out)] == [w.item_id for w in want]
+    assert _table_rows(err) == []
+
+
+def test_data_stats_prints_results_on_stdout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--json`` is stats.json; its counts are those of the prepared events; the table goes to stdout."""
+    from moe_rec.data import store
+
+    (tmp_path / "events.csv").write_text(
+        "user,service,item_id,timestamp\nu1,shop,a,1\nu1,shop,b,2\nu1,cafe,x,3\nu2,shop,a,4\nu2,shop,c,5\n"
+    )
+    (tmp_path / "items.jsonl").write_text(
+        "\n".join(json.dumps({"service": s, "item_id": i, "title": f"{s} {i}"}) for s, i in
+                  [("shop", "a"), ("shop", "b"), ("shop", "c"), ("cafe", "x")]) + "\n"
+    )  # fmt: skip
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", "data.source=files", f"data.files.events=[{tmp_path / 'events.csv'}]",
+            f"data.files.catalogue=[{tmp_path / 'items.jsonl'}]"]  # fmt: skip
+    assert main(["data", "prepare", *args]) == 0
+    capsys.readouterr()
+    assert main(["data", "stats", str(run / "data"), "--json"]) == 0
+    out, _ = capsys.readouterr()
+    stats = json.loads(out)
+    events = store.load_table(run / "data").to_pylist()
+    for service in ("shop", "cafe"):
+        mine = [e for e in events if e["service"] == service]
+        got = stats["services"][service]
+        assert got["users"] == len({e["user"] for e in mine}) and got["items"] == len(
+            {e["item_id"] for e in mine}
+        )
+        assert got["interactions"] == len(mine)
+    assert stats["total"]["users"] == 2 and stats["total"]["users_in_several_services"] == 1
+    assert main(["data", "stats", str(run / "data")]) == 0
+    out, err = capsys.readouterr()
+    assert [row[:4] for row in _table_rows(out)] == [
+        ["cafe", "1", "1", "1"],
+        ["shop", "2", "3", "4"],
+        ["all", "2", "4", "5"],
+    ]
+    assert err == ""
+
+
+def test_help_shows_no_rest_markup(capsys: pytest.CaptureFixture) -> None:
+    from moe_rec.train.__main__ import main as train_main
+
+    commands = [[], ["run"], ["data"], ["data", "prepare"], ["data", "stats"], ["sids", "build"],
+                ["sequences", "build"], ["train"], ["eval"], ["export"], ["recommend"], ["serve"]]  # fmt: skip
+    for command in commands:
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        out = capsys.readouterr().out
+        assert "usage: moe-rec" in out
+        assert not re.search(r"``|:(class|func|mod|meth):`", out), (command, out)
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    out = capsys.readouterr().out
+    assert "python -m moe_rec.train --config CONFIG" in out and "``" not in out
+
+
+def test_a_bug_shows_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the project's own errors (bad input) become one line; anything else is a bug."""
+    from moe_rec.data import store
+
+    def broken(data_dir: Path) -> dict:
+        raise KeyError("services")
+
+    monkeypatch.setattr(store, "read_stats", broken)
+    with pytest.raises(KeyError, match="services"):
+        main(["data", "stats", str(tmp_path)])
+
+
+def test_a_model_override_the_model_refuses_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_sequences(tmp_path / "run")
+    argv = [
+        "train",
+        "--config",
+        str(DEMO),
+        f"run_dir={tmp_path / 'run'}",
+        "model.overrides.num_experts_per_tok=9",
+    ]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: model: num_experts_per_tok=9 must be in [1, 4]" in err and "Traceback" not in err
+
+
+# --- an item-level run: two training starts, then `moe-rec eval` in its own process ---------------
+
+ITEM_RUN = ["model.kind=item", "train.wandb.mode=offline", "train.lr=0.0003", "train.min_lr=0.00003",
+            "train.eval_every=2", "train.max_eval_samples=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def item_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """Train, valid and test sequences, and an item-level model trained through DeepSpeed with W&B
+    offline in two starts (stopped at step 4, resumed to 8); returns the run directory and the two
+    training summaries."""
+    from moe_rec.train import train
+
+    run = tmp_path_factory.mktemp("item") / "run"
+    write_sequences(run, test=True)
+    first = train(tiny_config(run, *ITEM_RUN, "train.stop_at=4"))
+    rest = train(tiny_config(run, *ITEM_RUN))
+    return run, [first, rest]
+
+
+@pytest.fixture(scope="module")
+def evaluated(item_run: tuple[Path, list[dict]], tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """``moe-rec eval --checkpoint best --json --save-predictions PATH`` on the test split, in a fresh
+    process (DeepSpeed and wandb imported there as a user's shell would); its output and the path."""
+    run, _ = item_run
+    predictions = tmp_path_factory.mktemp("eval") / "predictions.jsonl"
+    cmd = [sys.executable, "-m", "moe_rec.cli", "eval", "--config", str(DEMO), f"run_dir={run}", *ITEM_RUN,
+           "--checkpoint", "best", "--json", "--save-predictions", str(predictions)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done, predictions
+
+
+@pytest.mark.slow  # trains an item-level model twice (fixture, ~20 s)
+def test_a_resumed_run_continues_its_wandb_run_and_says_how_to_upload_all_of_it(
+    item_run: tuple[Path, list[dict]],
+) -> None:
+    """Offline, W&B writes each start of a run as one more part (a directory named with the run's id);
+    the summary names them and its `wandb sync` command takes every part (it used to name the last
+    part's files/ folder, which `wandb sync` finds nothing in)."""
+    run, (first, rest) = item_run
+    run_id = (run / "wandb_id").read_text().strip()
+    parts = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))[:2]  # the training starts
+    assert f"offline run {run_id}" in first["wandb"] and "(1 part:" in first["wandb"]
+    assert f"offline run {run_id}" in rest["wandb"] and "(2 parts:" in rest["wandb"]
+    for part in parts:  # the same W&B run in each: its id, resumable
+        (run_record,) = [r.run for r in wandb_records(part / f"run-{run_id}.wandb") if r.HasField("run")]
+        assert (run_record.run_id, run_record.resume) == (run_id, True)
+    command = re.search(r"`wandb (sync [^`]+)`", rest["wandb"]).group(1)
+    cli = Path(sys.executable).with_name("wandb")
+    done = subprocess.run(
+        f"{cli} {command} --dry-run", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert all(part.name in done.stdout + done.stderr for part in parts), done.stdout + done.stderr
+
+
+@pytest.mark.slow  # trains an item-level model twice (fixture, ~20 s)
+def test_eval_json_is_all_of_stdout_and_matches_an_in_process_evaluation(
+    item_run: tuple[Path, list[dict]], evaluated: tuple
+) -> None:
+    from moe_rec.eval.evaluate import evaluate_model
+    from moe_rec.train.checkpoint import load_model
+    from moe_rec.train.data import load_split
+
+    run, _ = item_run
+    done, _ = evaluated
+    report = json.loads(done.stdout)
+    best = (run / "checkpoints" / "best").read_text().strip()
+    assert report == json.loads((run / "eval" / f"test-{best}.json").read_text())
+    cfg = tiny_config(run, *ITEM_RUN)
+    model, table = load_model(run / "checkpoints", "best"), SIDTable.load(run / "sids")
+    want = evaluate_model(model, table, load_split(run / "sequences", "test"), cfg.eval)
+    assert report["model"] == best and report["metrics"] == pytest.approx(want)
+    for noise in ("Processing zero checkpoint", "Loading checkpoint shards", "Setting accelerator"):
+        assert noise not in done.stdout + done.stderr
+
+
+@pytest.mark.slow  # trains an item-level model twice (fixture, ~20 s)
+def test_saved_predictions_recompute_the_reported_metrics(evaluated: tuple) -> None:
+    done, predictions = evaluated
+    metrics = json.loads(done.stdout)["metrics"]
+    for k in (5, 10):
+        recall, ndcg, lines = from_predictions(predictions, k)
+        assert (recall, ndcg) == pytest.approx((metrics[f"test/recall@{k}"], metrics[f"test/ndcg@{k}"]))
+    assert sorted(line["request"] for line in lines) == list(range(int(metrics["test/count"])))
+    assert 0 < metrics["test/ndcg@10"] < 1  # the model misses some: the check has positions to count
+
+
+@pytest.mark.slow  # trains an item-level model twice (fixture, ~20 s)
+def test_test_metrics_go_to_metrics_jsonl_and_the_runs_wandb_run(
+    item_run: tuple[Path, list[dict]], evaluated: tuple
+) -> None:
+    run, _ = item_run
+    done, _ = evaluated
+    metrics = json.loads(done.stdout)["metrics"]
+    best = (run / "checkpoints" / "best").read_text().strip()
+    rows = [json.loads(line) for line in (run / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert {row["kind"] for row in rows} == {"train", "valid", "router", "test"}  # every row has one
+    assert all(("train/loss" in row) == (row["kind"] == "train") for row in rows)
+    assert all(any(k.startswith("valid/") for k in row) == (row["kind"] == "valid") for row in rows)
+    (test,) = [row for row in rows if row["kind"] == "test"]
+    assert (test["checkpoint"], test["step"]) == (best, int(best.removeprefix("step_")))
+    assert {k: test[k] for k in metrics} == metrics
+    run_id = (run / "wandb_id").read_text().strip()
+    assert {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")} == {run_id}  # no new run
+    summaries = {}
+    for part in sorted((run / "wandb").glob(f"offline-run-*-{run_id}")):
+        for record in wandb_records(part / f"run-{run_id}.wandb"):
+            if record.HasField("summary"):
+                summaries.update({u.key: json.loads(u.value_json) for u in record.summary.update if u.key})
+    assert {k: summaries[k] for k in metrics} == pytest.approx(metrics)
+
+
+@pytest.mark.slow  # trains an item-level model twice (fixture, ~20 s)
+def test_eval_prints_its_table_on_stdout(
+    item_run: tuple[Path, list[dict]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(item_run[0], run)  # this evaluation adds to metrics.jsonl and W&B too
+    capsys.readouterr()
+    assert main(["eval", "--config", str(DEMO), f"run_dir={run}", *ITEM_RUN, "--checkpoint", "latest"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(
+        (run / "eval" / f"test-{(run / 'checkpoints' / 'latest').read_text().strip()}.json").read_text()
+    )
+    rows = {row[0]: row for row in _table_rows(out)}
+    assert set(rows) == {"grocery", "market", "all", "macro"}
+    assert rows["all"][1] == f"{int(report['metrics']['test/count']):,}"
+    assert rows["all"][5] == f"{report['metrics']['test/ndcg@10']:.4f}"  # columns: R@5 N@5 R@10 N@10
+    assert _table_rows(err) == [] and "wrote" in err and "wrote" not in out
 
 
 def _text_neighbour_ndcg10(run_dir: Path, cold: set[tuple[str, str]]) -> tuple[float, float]:

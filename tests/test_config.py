@@ -76,6 +76,21 @@ def test_wrong_values_are_explained(override: str, message: str) -> None:
         load_config(ExperimentConfig, None, [override])
 
 
+def test_a_float_field_takes_exponent_notation_that_yaml_reads_as_text(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a float field takes it, from a file or an override."""
+    assert parse_overrides(["train.lr=1e-3"]) == {"train": {"lr": "1e-3"}}
+    cfg = load_config(ExperimentConfig, None, ["train.lr=1e-3", "train.min_lr=5E-5", "train.clip=+2e0"])
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.clip) == (1e-3, 5e-5, 2.0)
+    (tmp_path / "exp.yaml").write_text("train: {lr: 3e-4, min_lr: 1e-5}\n")
+    cfg = load_config(ExperimentConfig, tmp_path / "exp.yaml")
+    assert (cfg.train.lr, cfg.train.min_lr) == (3e-4, 1e-5)
+    for text in ("fast", "1e-3x", "1e", "nan"):
+        with pytest.raises(ConfigError, match=rf"train\.lr: expected float, got '{text}'"):
+            load_config(ExperimentConfig, None, [f"train.lr={text}"])
+    with pytest.raises(ConfigError, match=r"sid\.levels: expected int, got '1e3'"):  # ints stay strict
+        load_config(ExperimentConfig, None, ["sid.levels=1e3"])
+
+
 def test_include_cycle_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("include: [b.yaml]\n")
     (tmp_path / "b.yaml").write_text("include: [a.yaml]\n")

@@ -49,10 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_rec.baselines.config import SASRecConfig
-from moe_rec.config import to_dict
+from moe_rec.config import ConfigError, to_dict
 from moe_rec.console import console, progress
 from moe_rec.data import store
 from moe_rec.data.cold_start import COLD, WARM, cold_labels, drop_cold_training
+from moe_rec.data.schema import DataError
 from moe_rec.eval.metrics import DEFAULT_KS, PAD, RankingMetrics
 
 PAD_ITEM = 0  # padding id of item sequences; items are 1..N
@@ -102,7 +103,7 @@ def build_service_data(events: pa.Table, items: pa.Table | None, service: str) -
     """
     rows = events.filter(pc.equal(events.column("service"), service))
     if rows.num_rows == 0:
-        raise ValueError(f"no events for service {service!r}")
+        raise DataError(f"no events for service {service!r}")
     cols = {c: rows.column(c).to_pylist() for c in ("user", "item_id", "position", "split")}
     universe = set(cols["item_id"])
     if items is not None:
@@ -331,7 +332,7 @@ def fit_service(
         ``data``, ``best_epoch``, ``best_valid``, ``epochs_run``, ``seconds_per_epoch``, ``history``.
     """
     if not data.requests["valid"]:
-        raise ValueError(f"service {data.service!r} has no validation requests to select an epoch on")
+        raise DataError(f"service {data.service!r} has no validation requests to select an epoch on")
     ks = sorted({*ks, int(SELECT.split("@")[1])})  # validation needs the selection metric's K
     device = resolve_device(cfg.device)
     out_dir = Path(out_dir)
@@ -467,7 +468,7 @@ def evaluate_sasrec(
     services = cfg.services or present
     unknown = sorted(set(services) - set(present))
     if unknown:
-        raise ValueError(f"sasrec.services: {unknown} not in the data; it has {present}")
+        raise ConfigError(f"sasrec.services: {unknown} not in the data; it has {present}")
     metrics = RankingMetrics(services, ks=ks, prefix=split, groups=(COLD, WARM) if cold else ())
     for service in services:
         data = build_service_data(events, items, service)

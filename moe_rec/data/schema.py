@@ -20,6 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from moe_rec.errors import MoeRecError
+
 SPLITS = ("train", "valid", "test")
 
 EVENT_SCHEMA = pa.schema(
@@ -55,7 +57,7 @@ EVENT_COLUMNS = tuple(EVENT_SCHEMA.names)
 ITEM_COLUMNS = tuple(ITEM_SCHEMA.names)
 
 
-class DataError(ValueError):
+class DataError(MoeRecError, ValueError):
     """Bad input data, with where it was found (``file:line``) and what is wrong."""
 
     def __init__(self, message: str, where: str | None = None) -> None:

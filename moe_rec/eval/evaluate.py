@@ -8,7 +8,9 @@ business), the items as the run's ``SIDTable``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -22,6 +24,7 @@ from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.exact import evaluate_exact
 from moe_rec.eval.metrics import RankingMetrics
+from moe_rec.eval.predictions import PredictionWriter
 from moe_rec.model import MoERecForCausalLM, MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 from moe_rec.sid.trie import SIDTrie
@@ -77,10 +80,15 @@ def rank_requests(
     return ranked, target
 
 
+def length_order(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Indices of ``rows``, shortest history first: a batch of similar lengths pads its prompts
+    little (the metrics are sums over requests, so the order does not change them)."""
+    return sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+
+
 def by_length(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` shortest history first: a batch of similar lengths pads its prompts little (the
-    metrics are sums over requests, so the order does not change them)."""
-    return sorted(rows, key=lambda r: len(r["input_ids"]))
+    """``rows`` in :func:`length_order`."""
+    return [rows[i] for i in length_order(rows)]
 
 
 @torch.no_grad()
@@ -90,24 +98,30 @@ def evaluate_model(
     samples: datasets.Dataset,
     cfg: EvalConfig,
     cold: set[tuple[str, str]] | None = None,
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
     """Recall@K / NDCG@K (K = 5, 10, 20) per service and overall for ``samples`` (eval rows of one
-    split): by exact scoring for the item-level model, by constrained beam search for the token-level one.
-    ``cold``: items kept out of training; the item-level model then also reports cold / warm targets."""
+    split): by exact scoring for the item-level model, by constrained beam search for the token-level
+    one. ``cold``: items kept out of training; the item-level model then also reports cold / warm
+    targets. ``predictions``: also write every request's ranking there (:mod:`moe_rec.eval.predictions`)."""
     n = len(samples) if not cfg.max_samples else min(cfg.max_samples, len(samples))
-    if isinstance(model, MoERecForItemPrediction):
-        requests = samples.select(range(n)).to_list()
-        return evaluate_exact(model, table, requests, cfg, prefix=cfg.split, cold=cold)
-    model.eval()
-    trie = table.trie().to(next(model.parameters()).device)
-    metrics = RankingMetrics(list(table.vocabulary().services), prefix=cfg.split)
-    requests = by_length(samples.select(range(n)).to_list())
-    with progress() as bar:
-        task = bar.add_task(f"eval {cfg.split}", total=n)
-        for start in range(0, n, cfg.batch_size):
-            rows = requests[start : start + cfg.batch_size]
-            ranked, target = rank_requests(model, table, trie, rows, cfg)
-            metrics.update(ranked, target, [r["service"] for r in rows])
-            bar.advance(task, len(rows))
+    requests = samples.select(range(n)).to_list()
+    with PredictionWriter(predictions, requests, table) if predictions else contextlib.nullcontext() as save:
+        if isinstance(model, MoERecForItemPrediction):
+            return evaluate_exact(model, table, requests, cfg, prefix=cfg.split, cold=cold, on_ranked=save)
+        model.eval()
+        trie = table.trie().to(next(model.parameters()).device)
+        metrics = RankingMetrics(list(table.vocabulary().services), prefix=cfg.split)
+        order = length_order(requests)
+        with progress() as bar:
+            task = bar.add_task(f"eval {cfg.split}", total=n)
+            for start in range(0, n, cfg.batch_size):
+                index = order[start : start + cfg.batch_size]
+                rows = [requests[i] for i in index]
+                ranked, target = rank_requests(model, table, trie, rows, cfg)
+                metrics.update(ranked, target, [r["service"] for r in rows])
+                if save is not None:
+                    save(index, ranked)
+                bar.advance(task, len(rows))
     metrics.reduce()
     return metrics.compute()

@@ -13,7 +13,7 @@ against.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -258,10 +258,13 @@ def evaluate_exact(
     catalogue: ServiceCatalogue | None = None,
     show_progress: bool = True,
     cold: set[tuple[str, str]] | None = None,
+    on_ranked: Callable[[Sequence[int], torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Recall@K / NDCG@K of ``requests`` (valid / test rows), overall and per service, as
     :meth:`RankingMetrics.compute` reports them; with ``cold`` (the items kept out of training)
-    also for ``cold`` and ``warm`` targets.
+    also for ``cold`` and ``warm`` targets. ``on_ranked`` gets each batch's indices into
+    ``requests`` and their rankings, table rows (B, max K) best first (e.g. a
+    :class:`moe_rec.eval.predictions.PredictionWriter`).
 
     Under a process group every rank scores its share (``requests[rank::world]``) and the sums
     are reduced; every rank runs the same number of forward passes (ZeRO-3 gathers parameters
@@ -269,7 +272,11 @@ def evaluate_exact(
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     catalogue = catalogue or ServiceCatalogue(table, next(model.parameters()).device)
-    mine = sorted(requests[rank::world], key=lambda r: (r["service"], len(r["input_ids"])))
+    index = sorted(
+        range(rank, len(requests), world),
+        key=lambda i: (requests[i]["service"], len(requests[i]["input_ids"])),
+    )
+    mine = [requests[i] for i in index]
     num_batches = math.ceil(math.ceil(len(requests) / world) / cfg.batch_size)
     groups = (COLD, WARM) if cold else ()
     metrics = RankingMetrics(list(table.vocabulary().services), prefix=prefix, groups=groups)
@@ -286,6 +293,8 @@ def evaluate_exact(
                 services, items = [r["service"] for r in chunk], [r["target_item"] for r in chunk]
                 target = torch.from_numpy(table.rows(services, items)).long()
                 metrics.update(ranked, target, services, cold_labels(services, items, cold or set()))
+                if on_ranked is not None:
+                    on_ranked(index[i * cfg.batch_size : (i + 1) * cfg.batch_size], ranked)
                 bar.advance(task, len(chunk))
     model.train(was_training)
     metrics.reduce()

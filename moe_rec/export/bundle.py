@@ -48,6 +48,7 @@ import moe_rec
 from moe_rec.data.positions import item_batch, left_pad
 from moe_rec.data.sequences import prompt, user_bucket
 from moe_rec.data.vocab import Vocabulary
+from moe_rec.errors import MoeRecError
 from moe_rec.model import MoERecConfig, MoERecForCausalLM, MoERecForItemPrediction, model_class
 from moe_rec.sid.io import SIDFileError, sha256_file
 from moe_rec.sid.table import SIDTable
@@ -74,7 +75,7 @@ PROBES = 16  # prompts the verification compares
 _SEP = "\x1f"  # joins service and item id into one key (as in the SID table)
 
 
-class BundleError(ValueError):
+class BundleError(MoeRecError, ValueError):
     """A bundle (or an export input) that is missing, inconsistent or changed; names the file."""
 
     def __init__(self, path: Path | str, problem: str) -> None:

@@ -3,13 +3,16 @@
 The Python API (:class:`~moe_rec.serve.recommender.Recommender`) reads the device, the batching
 and the beam width; the HTTP service (:func:`~moe_rec.serve.http.run_server`) the rest;
 ``moe-rec serve`` and ``moe-rec recommend`` take their flags' defaults from here. Values are
-checked when the config is made, so a bad one fails before a bundle loads.
+checked when the config is made, so a bad one fails before a bundle loads (a
+:class:`~moe_rec.config.ConfigError`, which ``moe-rec`` reports in one line).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, get_args
+
+from moe_rec.config import ConfigError
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
@@ -31,12 +34,12 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_k < 1 or self.max_wait_ms < 0:
-            raise ValueError("max_batch_size and max_k must be >= 1, max_wait_ms >= 0")
+            raise ConfigError("max_batch_size and max_k must be >= 1, max_wait_ms >= 0")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is invalid: use 1..65535, or 0 for any free port")
+            raise ConfigError(f"port {self.port} is invalid: use 1..65535, or 0 for any free port")
         if self.max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes={self.max_body_bytes} must be >= 1")
+            raise ConfigError(f"max_body_bytes={self.max_body_bytes} must be >= 1")
         if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"torch_threads={self.torch_threads} must be >= 1")
+            raise ConfigError(f"torch_threads={self.torch_threads} must be >= 1")
         if self.log_level not in LOG_LEVELS:
-            raise ValueError(f"log_level {self.log_level!r} not in {LOG_LEVELS}")
+            raise ConfigError(f"log_level {self.log_level!r} not in {LOG_LEVELS}")

@@ -13,12 +13,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from moe_rec.errors import MoeRecError
 from moe_rec.serve.config import DEFAULT_K
 
 EVENT_KEYS = ("service", "item_id")
 
 
-class RequestError(ValueError):
+class RequestError(MoeRecError, ValueError):
     """A bad request. ``field`` names the input at fault, e.g. ``history[3].item_id``, ``service``, ``k``."""
 
     def __init__(self, field: str, message: str) -> None:

@@ -30,6 +30,7 @@ import torch
 
 from moe_rec.config import dump_config
 from moe_rec.console import console
+from moe_rec.data.schema import DataError
 from moe_rec.sid.config import SIDConfig
 from moe_rec.sid.embed import TextEncoder
 from moe_rec.sid.io import write_json
@@ -100,11 +101,11 @@ def build_sids(
     out_dir = Path(out_dir)
     for name in ("service", "item_id"):
         if name not in items.column_names:
-            raise ValueError(f"the items table has no {name!r} column (columns: {items.column_names})")
+            raise DataError(f"the items table has no {name!r} column (columns: {items.column_names})")
         if items.column(name).null_count:
-            raise ValueError(f"{items.column(name).null_count} items have no {name}")
+            raise DataError(f"{items.column(name).null_count} items have no {name}")
     if items.num_rows == 0:
-        raise ValueError("the items table is empty")
+        raise DataError("the items table is empty")
     services = items.column("service").to_pylist()
     item_ids = items.column("item_id").to_pylist()
 

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from moe_rec.errors import MoeRecError
 
-class DedupOverflowError(ValueError):
+
+class DedupOverflowError(MoeRecError, ValueError):
     """More items share one ``(service, c1..cL)`` than the dedup code can tell apart."""
 
 

@@ -16,7 +16,9 @@ its texts are encoded again, never read back as wrong vectors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -194,7 +196,8 @@ class TextEncoder:
     def load_model(self) -> Any:
         """The sentence-transformers model, loaded on first use."""
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
+            with contextlib.redirect_stdout(io.StringIO()):  # transformers' import prints a line
+                from sentence_transformers import SentenceTransformer  # under WANDB_MODE=offline
 
             self._model = SentenceTransformer(
                 resolve_model(self.model_name), device=resolve_device(self.device)

@@ -21,8 +21,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from moe_rec.errors import MoeRecError
 
-class SIDFileError(ValueError):
+
+class SIDFileError(MoeRecError, ValueError):
     """A missing, unreadable or corrupt file of the semantic-ID stage (names the file)."""
 
     def __init__(self, path: Path | str, problem: str) -> None:

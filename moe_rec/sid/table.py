@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from moe_rec.data.vocab import Vocabulary
+from moe_rec.errors import MoeRecError
 from moe_rec.sid.dedup import assign_dedup
 from moe_rec.sid.io import SIDFileError, atomic_path, read_json, sha256_file, write_json
 from moe_rec.sid.trie import SIDTrie, UnknownServiceError, fits_int64, in_range, pack_codes
@@ -35,7 +36,7 @@ FORMAT_VERSION = 1
 _SEP = "\x1f"  # joins service and item id into one lookup key; not allowed in service names
 
 
-class UnknownItemError(LookupError):
+class UnknownItemError(MoeRecError, LookupError):
     """An item that is not in the semantic-ID table."""
 
 

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
+from moe_rec.config import ConfigError
+from moe_rec.errors import MoeRecError
 from moe_rec.sid.io import SIDFileError, load_tensors, save_tensors
 
 TRIE_FILE = "sid_trie.safetensors"
 
 
-class UnknownServiceError(LookupError):
+class UnknownServiceError(MoeRecError, LookupError):
     """A service that has no semantic IDs."""
 
 
@@ -39,7 +41,7 @@ def fits_int64(radices: Sequence[int]) -> bool:
 def check_radices(radices: Sequence[int]) -> None:
     """Raise unless IDs in mixed radix ``radices`` fit an int64."""
     if not fits_int64(radices):
-        raise ValueError(
+        raise ConfigError(
             f"IDs with digit ranges {list(radices)} do not fit in int64; use fewer levels or codes"
         )
 

@@ -24,11 +24,14 @@ import sys
 from collections.abc import Sequence
 
 from moe_rec import cli
+from moe_rec.console import plain
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the launcher's arguments, then run ``moe-rec train`` (same errors: one line, exit 2)."""
-    parser = argparse.ArgumentParser(prog="python -m moe_rec.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m moe_rec.train", description=plain(__doc__.splitlines()[0])
+    )
     parser.add_argument("--config", required=True, help="experiment YAML (configs/experiments/*.yaml)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

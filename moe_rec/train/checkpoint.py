@@ -14,16 +14,21 @@ a run never silently starts over.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from moe_rec.errors import MoeRecError
 from moe_rec.model import MoERecConfig, MoERecForCausalLM, MoERecForItemPrediction, model_class
 
 STATE_FILE = "trainer_state.json"
@@ -33,12 +38,20 @@ MODEL_CONFIG_FILE = "config.json"  # the MoERecConfig of the checkpointed model
 VOCAB_FILE = "vocab.json"  # the token layout it was trained on
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoeRecError, ValueError):
     """A checkpoint that is missing, partial or unreadable."""
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    """The optimizer step of a checkpoint tag (:func:`tag_for` backwards)."""
+    try:
+        return int(tag.removeprefix("step_"))
+    except ValueError:
+        raise CheckpointError(f"{tag!r} is not a checkpoint tag (step_XXXXXXXX)") from None
 
 
 def write_pointer(ckpt_dir: Path, name: str, tag: str) -> None:
@@ -170,13 +183,27 @@ def consolidate(ckpt_dir: Path, tag: str | None = None) -> dict[str, torch.Tenso
     """One fp32 state dict from a ZeRO checkpoint, with the tied ``lm_head.weight`` filled in so
     ``MoERecForCausalLM.load_state_dict(..., strict=True)`` takes it. ``tag``: a tag directory's
     name or a pointer (``latest``, the default, or ``best``)."""
+    if not torch.cuda.is_available():  # as the trainer does; else DeepSpeed warns that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = resolve_tag(ckpt_dir, tag)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with _quiet():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     state = {
         k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()
     }  # int buffers stay
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hide what DeepSpeed's ``zero_to_fp32`` prints as it works (lines on stdout, where a command's
+    results go, and a progress bar per shard on stderr); a warning raised meanwhile is shown after."""
+    with warnings.catch_warnings(record=True) as caught:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)

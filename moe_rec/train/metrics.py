@@ -9,6 +9,11 @@ ranks the service's items for the same requests exactly as the test evaluation d
 (:func:`moe_rec.eval.evaluate.rank_requests`): ``recall@K`` and ``ndcg@K``, the numbers a checkpoint
 is chosen by. Counts are summed over ranks before dividing, so the numbers do not depend on the
 world size.
+
+Every line of ``metrics.jsonl`` says what it is in ``kind``: ``train`` (losses, throughput),
+``valid`` (validation), ``router`` (expert load), or the split a ``moe-rec eval`` of one of the
+run's checkpoints measured (``test``, ``valid``; with ``checkpoint``, the tag). Those last go to
+the W&B run's summary too, in the same W&B run (the id kept in ``<run_dir>/wandb_id``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +38,9 @@ from moe_rec.model import MoERecConfig
 from moe_rec.sid.table import SIDTable
 from moe_rec.sid.trie import SIDTrie
 from moe_rec.train.data import Collator
+
+if TYPE_CHECKING:  # matplotlib loads only when a heat map is drawn
+    from matplotlib.figure import Figure
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # bf16 dense
 
@@ -137,28 +145,64 @@ def peak_flops(configured_tflops: float) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def expert_load_heatmap(share: torch.Tensor, cell: int = 24) -> np.ndarray:
-    """A heat map of expert load as an RGB image: one band of rows per (layer, service), one column
-    per expert, white for no tokens to dark blue for the largest share.
+def expert_load_figure(share: torch.Tensor, services: Sequence[str], step: int) -> Figure:
+    """Expert load as heat maps, one panel per MoE layer: services as rows, experts as columns, the
+    colour the share of the service's routed tokens that went to the expert (each row sums to 1),
+    one colour scale for every panel.
 
     Args:
         share: (L, S, E) share of each service's routed tokens per expert.
-        cell: pixels per cell side.
+        services: the S service names, in the order of ``share``'s rows.
+        step: the optimizer step the load was summed up to (for the title).
 
     Returns:
-        (L*S*cell, E*cell, 3) uint8.
+        A matplotlib figure (no pyplot state: render it with ``FigureCanvasAgg``).
     """
-    rows = share.reshape(-1, share.shape[-1]).float()  # (L*S, E)
-    scale = (rows / rows.max().clamp_min(1e-12))[..., None]  # (L*S, E, 1) in [0, 1]
-    white, blue = torch.tensor([255.0, 255.0, 255.0]), torch.tensor([8.0, 48.0, 107.0])
-    rgb = white + scale * (blue - white)  # (L*S, E, 3)
-    return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1).round().to(torch.uint8).numpy()
+    from matplotlib.figure import Figure
+
+    layers, n_services, n_experts = share.shape
+    panel = (min(10.0, max(2.5, 0.35 * n_experts + 1.5)), max(1.8, 0.35 * n_services + 1.2))  # inches
+    cols = max(1, min(layers, int(16 // panel[0])))  # rows of panels at most 16 inches wide
+    rows = math.ceil(layers / cols)
+    fig = Figure(figsize=(cols * panel[0] + 1.2, rows * panel[1] + 0.6), layout="constrained")
+    fig.suptitle(f"Expert load at step {step:,}: share of each service's routed tokens")
+    vmax = max(float(share.max()), 1e-12)
+    axes = []
+    for layer in range(layers):
+        ax = fig.add_subplot(rows, cols, layer + 1)
+        image = ax.imshow(share[layer].float().numpy(), cmap="Blues", vmin=0.0, vmax=vmax, aspect="auto")
+        ax.set_title(f"MoE layer {layer}")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("service")
+        ax.set_xticks(range(n_experts), [str(e) for e in range(n_experts)], fontsize="small")
+        ax.set_yticks(range(n_services), list(services), fontsize="small")
+        axes.append(ax)
+    fig.colorbar(image, ax=axes, label="share of the service's tokens")
+    return fig
+
+
+def figure_pixels(fig: Figure) -> np.ndarray:
+    """``fig`` rendered to an (H, W, 4) uint8 RGBA array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba()).copy()
 
 
 class RankZeroLogger:
-    """Rank 0 writes one JSON line per log event to ``metrics.jsonl`` and mirrors it to W&B; other
-    ranks do nothing. The W&B run id is kept in ``<run_dir>/wandb_id`` so a resumed run continues
-    the same W&B run. With ``mode="disabled"`` W&B is not imported at all (it need not be installed)."""
+    """Rank 0 writes one JSON line per log event to ``metrics.jsonl``, each with its ``kind``, and
+    mirrors it to W&B; other ranks do nothing. The W&B run id is kept in ``<run_dir>/wandb_id`` so
+    a resumed run, and ``moe-rec eval`` of its checkpoints, continue the same W&B run (offline,
+    W&B cannot resume in place: each process writes one more part of the run under
+    ``<run_dir>/wandb``, and :meth:`location` says how to upload them all).
+
+    Args:
+        mode: W&B's ``online``, ``offline`` or ``disabled`` (no W&B run, no id kept, and wandb not
+            imported: it need not be installed).
+        new_run: start a W&B run when ``run_dir`` has none yet; False: only continue one (W&B stays
+            off without it).
+    """
 
     def __init__(
         self,
@@ -169,44 +213,68 @@ class RankZeroLogger:
         project: str,
         mode: str,
         name: str,
-        config: dict,
+        config: dict | None = None,
+        new_run: bool = True,
     ) -> None:
         self.active = rank == 0
         self.metrics_path = metrics_path
+        self.wandb_dir = run_dir / "wandb"
         self.run = None
         if not self.active:
             return
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        if mode == "disabled":
+        id_file = run_dir / "wandb_id"
+        if mode == "disabled" or not (new_run or id_file.exists()):
             return
         import wandb
 
-        id_file = run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.run = wandb.init(
-            project=project, mode=mode, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config
+            project=project,
+            mode=mode,
+            name=name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+            settings=wandb.Settings(quiet=True),  # no history sparklines on exit; location() says where
         )
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
+    def _write(self, line: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def log(self, metrics: dict[str, Any], step: int, *, kind: str) -> None:
+        """``metrics`` at ``step`` as one ``metrics.jsonl`` line of ``kind`` (train, valid) and W&B history."""
         if not self.active:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._write({"step": step, "kind": kind, **metrics})
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def log_result(self, metrics: dict[str, Any], step: int, *, kind: str, **fields: Any) -> None:
+        """A final number (``moe-rec eval`` of the checkpoint of ``step``): one ``metrics.jsonl`` line of
+        ``kind`` with ``fields`` (e.g. ``checkpoint``), and the W&B run's summary, where results go
+        (W&B history refuses a step below the run's last, and a checkpoint's step usually is)."""
+        if not self.active:
+            return
+        self._write({"step": step, "kind": kind, **fields, **metrics})
+        if self.run is not None:
+            self.run.summary.update(metrics)
+
     def log_expert_load(self, load: torch.Tensor, services: Sequence[str], step: int) -> None:
         """Expert load per service as a W&B table (layer, service, expert, share of the service's
-        routed tokens) — a heat map in the W&B UI — and as nested lists (layer, service, expert) in
-        ``metrics.jsonl``; ``load`` is (L, num_domains, E) token counts."""
+        routed tokens) and heat maps (:func:`expert_load_figure`), and as nested lists (layer,
+        service, expert) in a ``metrics.jsonl`` line of kind ``router``; ``load`` is
+        (L, num_domains, E) token counts."""
         if not self.active or load.numel() == 0:  # the dense twin has no experts to show
             return
         counts = load[:, : len(services)]  # (L, S, E)
         share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-        line = {"step": step, "services": list(services), "router/expert_load": share.tolist()}
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        self._write(
+            {"step": step, "kind": "router", "services": list(services), "router/expert_load": share.tolist()}
+        )
         if self.run is None:
             return
         import wandb
@@ -216,16 +284,22 @@ class RankZeroLogger:
             for d, service in enumerate(services):
                 for e in range(share.shape[2]):
                     table.add_data(layer, service, e, share[layer, d, e].item())
-        rows = ", ".join(f"L{layer}/{s}" for layer in range(share.shape[0]) for s in services)
-        image = wandb.Image(
-            expert_load_heatmap(share), caption=f"rows {rows}; columns: experts 0..{share.shape[2] - 1}"
-        )
+        image = wandb.Image(figure_pixels(expert_load_figure(share, services, step)))
         self.run.log({"router/expert_load": table, "router/expert_load_heatmap": image}, step=step)
 
     def location(self) -> str:
+        """Where the W&B run is: its URL, or for an offline run its parts and the command that
+        uploads them all (``wandb sync`` takes the parts of one run in order)."""
         if self.run is None or self.run.disabled:
             return "W&B disabled"
-        return self.run.url or f"offline run in {self.run.dir} (sync with `wandb sync`)"
+        if not self.run.offline:
+            return self.run.url or f"W&B run {self.run.id}"
+        pattern = f"offline-run-*-{self.run.id}"
+        n = len(list(self.wandb_dir.glob(pattern)))
+        return (
+            f"offline run {self.run.id} in {self.wandb_dir} ({n} part{'s' * (n != 1)}: one per process that "
+            f"logged to it); upload all of it with `wandb sync {self.wandb_dir / pattern}`"
+        )
 
     def finish(self) -> None:
         if self.run is not None:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from moe_rec.config import to_dict
+from moe_rec.config import ConfigError, to_dict
 from moe_rec.console import console, progress
 from moe_rec.data import store
 from moe_rec.data.cold_start import read_cold_items
@@ -70,15 +70,18 @@ def model_config(
         ranges["num_items"] = num_items
     if section.overrides.get("item_text"):
         ranges["item_text_dim"] = text_dim
-    cfg = build_config(
-        section.size,
-        vocab_size=vocab.size,
-        num_domains=vocab.service_slots,
-        router_mode=section.router_mode,
-        moe_backend=section.moe_backend,
-        **ranges,
-        **section.overrides,
-    )
+    try:
+        cfg = build_config(
+            section.size,
+            vocab_size=vocab.size,
+            num_domains=vocab.service_slots,
+            router_mode=section.router_mode,
+            moe_backend=section.moe_backend,
+            **ranges,
+            **section.overrides,
+        )
+    except ValueError as e:  # a model.overrides value the model refuses, e.g. top-k above num_experts
+        raise ConfigError(f"model: {e}") from None
     return cfg.dense_twin() if section.dense else cfg
 
 
@@ -245,7 +248,7 @@ class Trainer:
             )
         known = validation_keys(self.vocab.services)
         if self.tc.best_metric not in known:
-            raise ValueError(
+            raise ConfigError(
                 f"train.best_metric={self.tc.best_metric!r} is not a validation metric; known: "
                 + ", ".join(k for k in known if k.count("/") == 1)
                 + " (and the same per service, e.g. valid/<service>/ndcg@10)"
@@ -425,7 +428,7 @@ class Trainer:
             metrics.update(
                 retrieval(self.engine, self.valid_requests, self.sids, self.sid_trie, self.retrieval_cfg)
             )
-        self.logger.log(metrics, self.step)
+        self.logger.log(metrics, self.step, kind="valid")
         if self.rank == 0:
             shown = {k: v for k, v in metrics.items() if k.count("/") == 1}  # overall, not per service
             console.print(f"step {self.step}  " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
@@ -528,7 +531,7 @@ class Trainer:
         }
         if self.peak_flops is not None:
             log["perf/mfu"] = fpt * tokens_per_s / self.world_size / self.peak_flops
-        self.logger.log(log, self.step)
+        self.logger.log(log, self.step, kind="train")
         if self.rank == 0:
             console.print(
                 f"step {self.step}/{stop}  loss {log['train/loss']:.4f}  lm {log['train/lm_loss']:.4f}  "

@@ -5,6 +5,7 @@ scores of every item."""
 import math
 
 import datasets
+import pytest
 import torch
 
 from moe_rec.data.sequences import user_bucket
@@ -13,6 +14,7 @@ from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.evaluate import evaluate_model, history_codes
 from moe_rec.model import MoERecForCausalLM, build_config
 from moe_rec.sid.table import SIDTable
+from tests.eval.recompute import from_predictions
 
 SERVICES = ["a", "b"]
 
@@ -91,3 +93,24 @@ def test_history_codes_picks_the_service_items() -> None:
     expected = [vocab.decode_item(body[k : k + n])[1] for k in range(0, len(body), n)
                 if vocab.decode_item(body[k : k + n])[0] == row["service"]]  # fmt: skip
     assert [tuple(c) for c in codes.tolist()] == expected
+
+
+def test_saved_predictions_give_the_reported_metrics(tmp_path) -> None:
+    """Beam search: every request once, its target and a ranking of distinct items of its service,
+    from which a plain loop recomputes Recall/NDCG@10."""
+    model, table, vocab, samples = _setup(2)
+    path = tmp_path / "predictions.jsonl"
+    got = evaluate_model(model, table, samples, EvalConfig(beam_width=20, batch_size=4), predictions=path)
+    recall, ndcg, lines = from_predictions(path, 10)
+    assert sorted(line["request"] for line in lines) == list(range(len(samples)))
+    for line in lines:
+        row = samples[line["request"]]
+        assert (line["user"], line["service"], line["target"]) == (
+            row["user"],
+            row["service"],
+            row["target_item"],
+        )
+        assert len(line["ranked"]) == len(set(line["ranked"])) == 12  # every item of the service, once
+        assert all(item.startswith(row["service"]) for item in line["ranked"])
+    assert recall == pytest.approx(got["test/recall@10"]) and ndcg == pytest.approx(got["test/ndcg@10"])
+    assert 0 < got["test/recall@10"] < 1  # the check has hits and misses to count

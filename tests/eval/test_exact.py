@@ -231,3 +231,32 @@ def test_per_item_term_and_own_item_correction_match_a_float64_loop() -> None:
         expect = sorted(rows, key=lambda r: -score[r])[:10]
         assert [score[r] for r in ranked[b].tolist()] == pytest.approx([score[r] for r in expect], abs=1e-3)
     assert int(own_rows[0]) not in ranked[0].tolist()  # corrected down and out of the top 10
+
+
+def test_saved_predictions_of_exact_scoring_give_the_reported_metrics(tmp_path) -> None:
+    """The item-level path of ``evaluate_model``: each request once with the top 20 of its own
+    service (all when fewer are left), excluding its history's items, from which a plain loop recomputes Recall/NDCG@10."""
+    import datasets
+
+    from moe_rec.eval.evaluate import evaluate_model
+    from tests.eval.recompute import from_predictions
+
+    table = _table(8)
+    requests = _requests(table, 8, n=30)
+    path = tmp_path / "predictions.jsonl"
+    cfg = EvalConfig(batch_size=7, exclude_seen=True)
+    got = evaluate_model(_model(table, 8), table, datasets.Dataset.from_list(requests), cfg, predictions=path)
+    recall, ndcg, lines = from_predictions(path, 10)
+    assert sorted(line["request"] for line in lines) == list(range(30))
+    for line in lines:
+        r = requests[line["request"]]
+        seen = {
+            str(table.item_ids[j]) for j in r["history"] if str(table.item_ids[j]).startswith(r["service"])
+        }
+        assert (line["service"], line["target"]) == (r["service"], r["target_item"])
+        assert len(line["ranked"]) == min(20, SIZES[r["service"]] - len(seen)) and not seen & set(
+            line["ranked"]
+        )
+        assert all(item.startswith(r["service"]) for item in line["ranked"])
+    assert recall == pytest.approx(got["test/recall@10"]) and ndcg == pytest.approx(got["test/ndcg@10"])
+    assert 0 < got["test/recall@10"] < 1

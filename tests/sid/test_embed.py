@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -65,3 +69,13 @@ def test_fingerprint_follows_model_files(tmp_path) -> None:
     assert model_fingerprint(str(tmp_path)) != before
     assert model_fingerprint("some/hub-name") == "name:some/hub-name"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.slow  # a fresh process imports torch and sentence-transformers: ~20 s
+def test_loading_the_model_prints_nothing_on_stdout(tmp_path) -> None:
+    """A fresh process under ``WANDB_MODE=offline`` (as ``moe-rec run`` runs): stdout stays for results."""
+    code = "from moe_rec.sid.embed import TextEncoder; TextEncoder('default').load_model()"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""

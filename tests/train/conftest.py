@@ -5,7 +5,10 @@ item's codes are predictable."""
 from __future__ import annotations
 
 import json
+import struct
+import time
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
@@ -48,28 +51,31 @@ def sid_table() -> SIDTable:
     return table
 
 
-def write_sequences(run_dir: Path, num_users: int = 48, parts: int = 2) -> None:
-    """``<run_dir>/sequences`` (train and valid) and ``<run_dir>/sids``."""
+def write_sequences(run_dir: Path, num_users: int = 48, parts: int = 2, test: bool = False) -> None:
+    """``<run_dir>/sequences`` (train and valid, and test with ``test``) and ``<run_dir>/sids``."""
     sid_table().save(run_dir / "sids")
     seq = run_dir / "sequences"
     seq.mkdir(parents=True, exist_ok=True)
     (seq / "vocab.json").write_text(json.dumps(VOCAB.to_dict()))
-    rows: dict[str, list[dict]] = {"train": [], "valid": []}
+    rows: dict[str, list[dict]] = {"train": [], "valid": [], **({"test": []} if test else {})}
     for u in range(num_users):
         s, start = (u // 2) % 2, u % ITEMS  # both services in every part file
-        history = [(s, (start + k) % ITEMS) for k in range(5)]
+        history = [(s, (start + k) % ITEMS) for k in range(6)]
         for end in (3, 4):  # two training windows per user
             rows["train"].append(
                 {"user": f"u{u}", "service": VOCAB.services[s], **_encode(history[:end], label=True)}
             )
-        ctx = _encode(history[:4], label=False)
-        ctx["input_ids"].append(VOCAB.service_token(VOCAB.services[s]))
-        ctx["domain_ids"].append(s)
-        target = history[4][1]
-        rows["valid"].append(
-            {"user": f"u{u}", "service": VOCAB.services[s], "input_ids": ctx["input_ids"],
-             "domain_ids": ctx["domain_ids"], "target": _codes(target), "target_item": str(target)}
-        )  # fmt: skip
+        for split, end in (("valid", 4), ("test", 5)):  # leave-one-out: event `end` held out
+            if split not in rows:
+                continue
+            ctx = _encode(history[:end], label=False)
+            ctx["input_ids"].append(VOCAB.service_token(VOCAB.services[s]))
+            ctx["domain_ids"].append(s)
+            target = history[end][1]
+            rows[split].append(
+                {"user": f"u{u}", "service": VOCAB.services[s], "input_ids": ctx["input_ids"],
+                 "domain_ids": ctx["domain_ids"], "target": _codes(target), "target_item": str(target)}
+            )  # fmt: skip
     for split, items in rows.items():
         feats = SAMPLE_FEATURES[split]
         for p in range(parts):
@@ -120,3 +126,34 @@ def tiny_config(run_dir: Path, *overrides: str) -> ExperimentConfig:
 def run_dir(tmp_path: Path) -> Path:
     write_sequences(tmp_path / "run")
     return tmp_path / "run"
+
+
+def wandb_records(run_file: Path, timeout: float = 60.0) -> list[Any]:
+    """The records of a W&B transaction log (``run-<id>.wandb``, what ``wandb sync`` uploads):
+    a 7-byte header, then 32 KiB blocks of chunks (crc32, length, type: full / first / middle /
+    last), each whole record a ``wandb_internal_pb2.Record``. W&B's service process writes the log
+    after ``run.finish()`` returns (on a busy machine, seconds later), so this waits up to
+    ``timeout`` seconds for the run's closing ``exit`` record."""
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + timeout
+    while True:
+        data, block = Path(run_file).read_bytes(), 32 * 1024
+        records, pos, part = [], 7, b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if length == 0 and kind == 0 or pos + 7 + length > len(data):  # the end, or a chunk half written
+                break
+            part += data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # full, last
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(part)
+                records.append(record)
+                part = b""
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)

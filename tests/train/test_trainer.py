@@ -79,16 +79,35 @@ def test_flops_per_token_matches_a_counted_training_step(tmp_path: Path, model: 
     assert counter.get_total_flops() == formula - 6 * b * t * norms
 
 
-def test_expert_load_heatmap_maps_shares_to_colours() -> None:
-    from moe_rec.train.metrics import expert_load_heatmap
+def test_expert_load_figure_has_a_labelled_panel_per_layer() -> None:
+    """One heat map per MoE layer, services down and experts across, with axis and tick labels, a
+    title and one colour bar; the rendered image is large enough to read."""
+    from moe_rec.train.metrics import expert_load_figure, figure_pixels
 
-    share = torch.tensor([[[0.0, 1.0], [0.5, 0.5]]])  # (L=1, S=2, E=2)
-    img = expert_load_heatmap(share, cell=3)
-    assert img.shape == (6, 6, 3) and img.dtype.name == "uint8"
-    assert img[0, 0].tolist() == [255, 255, 255]  # no tokens: white
-    assert img[0, 3].tolist() == [8, 48, 107]  # the largest share: dark blue
-    half = img[3, 0].tolist()  # half the largest share: halfway between
-    assert half == [round((255 + 8) / 2), round((255 + 48) / 2), round((255 + 107) / 2)]
+    services = ["grocery", "market", "delivery"]
+    share = torch.rand(5, 3, 8, generator=torch.Generator().manual_seed(0))
+    share /= share.sum(-1, keepdim=True)  # (L=5, S=3, E=8)
+    fig = expert_load_figure(share, services, step=1200)
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 5 and len(fig.axes) == 6
+    assert "1,200" in fig.get_suptitle() and "share" in fig.get_suptitle()
+    for layer, ax in enumerate(panels):
+        assert ax.get_title() == f"MoE layer {layer}"
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("expert", "service")
+        assert [t.get_text() for t in ax.get_yticklabels()] == services
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(e) for e in range(8)]
+        (image,) = ax.get_images()
+        assert image.get_array().shape == (3, 8)  # services x experts
+        torch.testing.assert_close(torch.as_tensor(image.get_array()), share[layer])
+        assert image.get_clim() == (0.0, pytest.approx(share.max().item()))  # one scale for every panel
+    (bar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert "share" in bar.get_ylabel()
+    width, height = fig.get_size_inches()
+    pixels = figure_pixels(fig)
+    assert (
+        pixels.shape == (round(height * fig.dpi), round(width * fig.dpi), 4) and pixels.dtype.name == "uint8"
+    )
+    assert 6 <= width <= 17.2 and 2 * 1.8 <= height <= 12  # inches: 3 panels a row, 2 rows
 
 
 def test_disabled_wandb_is_never_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,11 +124,12 @@ def test_disabled_wandb_is_never_imported(tmp_path: Path, monkeypatch: pytest.Mo
     logger = RankZeroLogger(
         rank=0, run_dir=tmp_path, metrics_path=path, project="p", mode="disabled", name="n", config={}
     )
-    logger.log({"train/loss": 1.5}, step=3)
+    logger.log({"train/loss": 1.5}, step=3, kind="train")
     logger.log_expert_load(torch.ones(1, 2, 4), ["a", "b"], step=3)
     logger.finish()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert lines[0] == {"step": 3, "train/loss": 1.5} and lines[1]["router/expert_load"][0][0] == [0.25] * 4
+    assert lines[0] == {"step": 3, "kind": "train", "train/loss": 1.5}
+    assert lines[1]["kind"] == "router" and lines[1]["router/expert_load"][0][0] == [0.25] * 4
     assert logger.location() == "W&B disabled"
 
 

@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from moe_rec.config import ConfigError
 from moe_rec.console import progress
 from moe_rec.data import store
 from moe_rec.data.config import DataConfig, SyntheticConfig
@@ -666,11 +667,11 @@ def write(cfg: DataConfig, out_dir: Path) -> tuple[ReadReport, ReadReport]:
     sc = cfg.synthetic
     services = resolve_services(cfg.services)
     if sc.num_topics > len(TOPICS):
-        raise ValueError(
+        raise ConfigError(
             f"synthetic.num_topics must be <= {len(TOPICS)} (the named topics), got {sc.num_topics}"
         )
     if sc.items_per_service < sc.num_topics:
-        raise ValueError(f"synthetic.items_per_service must be >= num_topics ({sc.num_topics})")
+        raise ConfigError(f"synthetic.items_per_service must be >= num_topics ({sc.num_topics})")
     out_dir = Path(out_dir)
     cat = build_catalogue(sc, services)
     items_report = ReadReport("synthetic", strict=cfg.strict)
