@@ -4,7 +4,7 @@ Stages, in data-flow order: ``data`` (read, validate, split, sequences) -> ``sid
 -> ``model`` -> ``train`` / ``eval`` -> ``export`` -> ``serve``. A stage imports only the stages
 before it, in this order: ``data``, ``sid``, ``model``, ``eval``, ``baselines``, ``train`` (its
 validation ranks with ``eval``), ``export`` (reads ``train``'s checkpoints), ``serve``. Below them
-``config`` and ``console``; above them ``experiment`` (every stage's config), ``stages`` and
+``errors``, ``config`` and ``console``; above them ``experiment`` (every stage's config), ``stages`` and
 ``cli``. ``tests/test_imports.py`` checks it.
 """
 

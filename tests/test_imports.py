@@ -15,7 +15,7 @@ ROOT = Path(moe_rec.__file__).parent
 # Lowest first; the package itself (its version) is below everything. config and console are the
 # helpers of every stage; eval precedes train, whose validation ranks items with eval's code;
 # experiment, stages and cli compose every stage, so no stage imports them.
-ORDER = ["moe_rec", "config", "console", "data", "sid", "model", "eval", "baselines", "train", "export",
+ORDER = ["moe_rec", "errors", "config", "console", "data", "sid", "model", "eval", "baselines", "train", "export",
          "serve", "experiment", "stages", "cli"]  # fmt: skip
 
 
