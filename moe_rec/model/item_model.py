@@ -167,9 +167,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         that ``item_query . score_vectors`` adds ``w x cos(own item, candidate)``."""
         if self.text_prior is None:
             return query
-        return torch.cat(
-            [query, self.text_prior * self.score_vectors(own_rows)[..., query.shape[-1] :]], dim=-1
-        )
+        return torch.cat([query, self.text_prior * self._unit_text(own_rows).to(query.dtype)], dim=-1)
 
     def own_item_term(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
         """(...) what each position's own item must lose so that its text prior is 0: its cosine
