@@ -8,4 +8,22 @@ validation ranks with ``eval``), ``export`` (reads ``train``'s checkpoints), ``s
 ``cli``. ``tests/test_imports.py`` checks it.
 """
 
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def lazy_getattr(package: str, module_of: dict[str, str]) -> Callable[[str], Any]:
+    """A package's module ``__getattr__`` that imports ``name`` from ``package.<module_of[name]>``
+    when first used, so importing the package itself stays cheap (PEP 562)."""
+
+    def getattr_(name: str) -> Any:
+        if name not in module_of:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{module_of[name]}"), name)
+
+    return getattr_

@@ -52,7 +52,7 @@ from moe_rec.baselines.config import SASRecConfig
 from moe_rec.config import ConfigError, to_dict
 from moe_rec.console import console, progress
 from moe_rec.data import store
-from moe_rec.data.cold_start import COLD, WARM, cold_labels, drop_cold_training
+from moe_rec.data.cold_start import cold_groups, cold_labels, drop_cold_training
 from moe_rec.data.schema import DataError
 from moe_rec.eval.metrics import DEFAULT_KS, PAD, RankingMetrics
 
@@ -295,7 +295,7 @@ def evaluate_split(
         ranked = rank_items(scores, max(metrics.ks), exclude).cpu()
         target = torch.tensor([t for _, t in batch], dtype=torch.long)
         services = [data.service] * len(batch)
-        labels = cold_labels(services, [data.items[t - 1] for _, t in batch], cold or set())
+        labels = cold_labels(services, [data.items[t - 1] for _, t in batch], cold)
         metrics.update(ranked, target, services, labels)
 
 
@@ -464,12 +464,12 @@ def evaluate_sasrec(
     events = store.load_table(Path(data_dir))
     items = store.load_table(Path(data_dir), store.ITEMS_DIR)
     present = sorted(set(events.column("service").to_pylist()))
-    events = drop_cold_training(events, cold or set())
+    events = drop_cold_training(events, cold)
     services = cfg.services or present
     unknown = sorted(set(services) - set(present))
     if unknown:
         raise ConfigError(f"sasrec.services: {unknown} not in the data; it has {present}")
-    metrics = RankingMetrics(services, ks=ks, prefix=split, groups=(COLD, WARM) if cold else ())
+    metrics = RankingMetrics(services, ks=ks, prefix=split, groups=cold_groups(cold))
     for service in services:
         data = build_service_data(events, items, service)
         model, meta = fit_service(data, cfg, Path(out_dir) / service, exclude_seen, ks)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from moe_rec.baselines.sasrec import build_service_data, rank_items
 from moe_rec.data import store
-from moe_rec.data.cold_start import COLD, WARM, cold_labels
+from moe_rec.data.cold_start import cold_groups, cold_labels
 from moe_rec.eval.metrics import DEFAULT_KS, RankingMetrics
 from moe_rec.sid.build import item_embeddings
 from moe_rec.sid.config import SIDConfig
@@ -59,26 +59,23 @@ def evaluate_text_neighbours(
         for i, key in enumerate(zip(items.column("service").to_pylist(), items.column("item_id").to_pylist()))
     }
     services = sorted(set(events.column("service").to_pylist()))
-    groups = (COLD, WARM) if cold else ()
-    metrics = RankingMetrics(services, ks=ks, prefix=split, groups=groups)
+    metrics = RankingMetrics(services, ks=ks, prefix=split, groups=cold_groups(cold))
     k = max(metrics.ks)
     for service in services:
         data = build_service_data(events, items, service)
-        table = vectors[
-            torch.tensor([row_of[service, item] for item in data.items])
-        ]  # (N, D), row i = item i+1
+        rows = torch.tensor([row_of[service, item] for item in data.items])
+        table = vectors[rows]  # (N, D), row i = item i+1
         requests = data.requests[split]
         for start in range(0, len(requests), BATCH):
             batch = requests[start : start + BATCH]
             last = torch.tensor([history[-1] - 1 if history else 0 for history, _ in batch])  # (B,)
             scores = table[last] @ table.T  # (B, N) cosine to the last item
-            scores[
-                torch.arange(len(batch)), last
-            ] = -torch.inf  # the last item is the question, not an answer
+            # the last item is the question, not an answer
+            scores[torch.arange(len(batch)), last] = -torch.inf
             scores[torch.tensor([not history for history, _ in batch])] = -torch.inf  # nothing to go on
             exclude = [history for history, _ in batch] if exclude_seen else None
             ranked = rank_items(scores, k, exclude)
             targets = [t for _, t in batch]
-            labels = cold_labels([service] * len(batch), [data.items[t - 1] for t in targets], cold or set())
+            labels = cold_labels([service] * len(batch), [data.items[t - 1] for t in targets], cold)
             metrics.update(ranked, torch.tensor(targets), [service] * len(batch), labels)
     return metrics.compute()

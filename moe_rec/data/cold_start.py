@@ -62,7 +62,7 @@ def read_cold_items(seq_dir: Path) -> set[tuple[str, str]]:
         raise DataError(f"{path} is damaged ({e}); rebuild it with `moe-rec sequences build`") from e
 
 
-def drop_cold_training(events: pa.Table, cold: set[tuple[str, str]]) -> pa.Table:
+def drop_cold_training(events: pa.Table, cold: set[tuple[str, str]] | None) -> pa.Table:
     """``events`` without the ``train``-split events of cold items (held-out events stay)."""
     if not cold:
         return events
@@ -72,8 +72,13 @@ def drop_cold_training(events: pa.Table, cold: set[tuple[str, str]]) -> pa.Table
     return events.filter(keep)
 
 
+def cold_groups(cold: set[tuple[str, str]] | None) -> tuple[str, ...]:
+    """The metric groups (:class:`~moe_rec.eval.metrics.RankingMetrics`) of a run with ``cold`` items."""
+    return (COLD, WARM) if cold else ()
+
+
 def cold_labels(
-    services: Sequence[str], items: Sequence[str], cold: set[tuple[str, str]]
+    services: Sequence[str], items: Sequence[str], cold: set[tuple[str, str]] | None
 ) -> list[str] | None:
     """``cold`` / ``warm`` for each request's target (``None`` when there is no cold set)."""
     if not cold:

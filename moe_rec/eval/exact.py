@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_rec.console import progress
-from moe_rec.data.cold_start import COLD, WARM, cold_labels
+from moe_rec.data.cold_start import cold_groups, cold_labels
 from moe_rec.data.positions import code_token_ranges, item_batch
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.metrics import RankingMetrics
@@ -278,8 +278,7 @@ def evaluate_exact(
     )
     mine = [requests[i] for i in index]
     num_batches = math.ceil(math.ceil(len(requests) / world) / cfg.batch_size)
-    groups = (COLD, WARM) if cold else ()
-    metrics = RankingMetrics(list(table.vocabulary().services), prefix=prefix, groups=groups)
+    metrics = RankingMetrics(list(table.vocabulary().services), prefix=prefix, groups=cold_groups(cold))
     k = max(metrics.ks)
     was_training = model.training
     model.eval()
@@ -292,7 +291,7 @@ def evaluate_exact(
             if chunk:
                 services, items = [r["service"] for r in chunk], [r["target_item"] for r in chunk]
                 target = torch.from_numpy(table.rows(services, items)).long()
-                metrics.update(ranked, target, services, cold_labels(services, items, cold or set()))
+                metrics.update(ranked, target, services, cold_labels(services, items, cold))
                 if on_ranked is not None:
                     on_ranked(index[i * cfg.batch_size : (i + 1) * cfg.batch_size], ranked)
                 bar.advance(task, len(chunk))

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import torch
 
 from moe_rec.data import store
-from moe_rec.data.cold_start import COLD, WARM, cold_labels, drop_cold_training
+from moe_rec.data.cold_start import cold_groups, cold_labels, drop_cold_training
 from moe_rec.eval.metrics import DEFAULT_KS, PAD, RankingMetrics
 
 BATCH = 4096  # requests scored per RankingMetrics.update
@@ -139,11 +139,11 @@ def evaluate_events(
         :meth:`RankingMetrics.compute` results with the prefix ``split``.
     """
     services = sorted(set(events.column("service").to_pylist()))
-    events = drop_cold_training(events, cold or set())
+    events = drop_cold_training(events, cold)
     train = events.filter(pc.equal(events.column("split"), "train"))
     model = MostPopular().fit(train)
     requests = build_requests(events, split)
-    metrics = RankingMetrics(services, ks=ks, prefix=split, groups=(COLD, WARM) if cold else ())
+    metrics = RankingMetrics(services, ks=ks, prefix=split, groups=cold_groups(cold))
     index: dict[tuple[str, str], int] = {}  # (service, item id) -> integer id for the metric
 
     def ids(service: str, items: Sequence[str]) -> list[int]:
@@ -159,9 +159,7 @@ def evaluate_events(
         for row, (service, items) in enumerate(zip(services, top)):
             ranked[row, : len(items)] = torch.tensor(ids(service, items), dtype=torch.long)
         target = torch.tensor([ids(r.service, [r.target])[0] for r in batch], dtype=torch.long)  # (B,)
-        metrics.update(
-            ranked, target, services, cold_labels(services, [r.target for r in batch], cold or set())
-        )
+        metrics.update(ranked, target, services, cold_labels(services, [r.target for r in batch], cold))
     return metrics.compute()
 
 

@@ -8,8 +8,9 @@ first used, so a config can name the choices of :mod:`moe_rec.model.choices` wit
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moe_rec import lazy_getattr
 
 if TYPE_CHECKING:
     from moe_rec.model.cache import MoERecCache
@@ -27,11 +28,7 @@ _MODULE_OF = {
     "parameter_report": "modeling",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _MODULE_OF)
 
 
 def model_class(config: MoERecConfig) -> type[MoERecForCausalLM] | type[MoERecForItemPrediction]:

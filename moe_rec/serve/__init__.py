@@ -8,8 +8,9 @@ so the CLI reads :class:`ServeConfig`'s defaults without loading torch's model s
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moe_rec import lazy_getattr
 
 if TYPE_CHECKING:
     from moe_rec.serve.config import ServeConfig
@@ -24,11 +25,7 @@ _MODULE_OF = {
     "ServeConfig": "config",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _MODULE_OF)
 
 
 __all__ = ["Answer", "Recommendation", "Recommender", "RequestError", "ServeConfig"]

@@ -16,16 +16,24 @@ from moe_rec.model import MoERecForItemPrediction, build_config, model_class
 VOCAB = Vocabulary(services=("a", "b", "c"), levels=3, codebook_size=8, dedup_size=4)
 
 
-def _model(seed: int, router_mode: str = "domain_user", dense: bool = False) -> MoERecForItemPrediction:
+def _model(
+    seed: int, router_mode: str = "domain_user", dense: bool = False, **fields: object
+) -> MoERecForItemPrediction:
+    """A tiny item-level model (``fields``: further config, e.g. the item softmax), in eval mode."""
     torch.manual_seed(seed)
     cfg = build_config(
         "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode=router_mode,
-        code_token_ranges=code_token_ranges(VOCAB),
+        code_token_ranges=code_token_ranges(VOCAB), **fields,
     )  # fmt: skip
     cfg = cfg.dense_twin() if dense else cfg
     model = model_class(cfg)(cfg)
     assert isinstance(model, MoERecForItemPrediction)
     return model.eval()
+
+
+def _catalogue(g: torch.Generator) -> list[tuple[str, list[int]]]:
+    """Four items per service: three random codes of 8 and a dedup code 0..3."""
+    return [(s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)]
 
 
 def _sample(events: list[tuple[str, list[int]]], user: str, ask: str | None = None) -> dict:
@@ -146,16 +154,9 @@ def test_dense_twin_is_item_level_too() -> None:
 
 def test_item_softmax_loss_is_the_cross_entropy_over_the_target_services_items() -> None:
     """item_loss='items': a float64 loop over every scored position and every item of its service."""
-    torch.manual_seed(8)
-    cfg = build_config(
-        "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
-        code_token_ranges=code_token_ranges(VOCAB), item_loss="items",
-    )  # fmt: skip
-    model = MoERecForItemPrediction(cfg).eval()
+    model = _model(8, "token", item_loss="items")
     g = torch.Generator().manual_seed(9)
-    catalogue = [
-        (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
-    ]
+    catalogue = _catalogue(g)
     model.set_train_catalogue(
         torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
     )
@@ -183,16 +184,14 @@ def test_item_softmax_loss_is_the_cross_entropy_over_the_target_services_items()
     assert count == 6
     assert out.lm_loss.item() == pytest.approx(total / count, rel=1e-5)  # fp32 against float64 sums
     with pytest.raises(ValueError, match="set_train_catalogue"):
-        MoERecForItemPrediction(cfg)(**batch)
+        MoERecForItemPrediction(model.config)(**batch)
 
 
 def test_sampled_item_softmax_covers_the_whole_service_when_it_draws_every_item() -> None:
     """With far more draws than items every item of the service is drawn: the sampled loss equals the
     full softmax; with few draws it is smaller (fewer terms in the normaliser), never larger."""
     g = torch.Generator().manual_seed(10)
-    catalogue = [
-        (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
-    ]
+    catalogue = _catalogue(g)
     codes = torch.tensor([c for _, c in catalogue])
     tokens = torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
     rows = [
@@ -202,12 +201,7 @@ def test_sampled_item_softmax_covers_the_whole_service_when_it_draws_every_item(
     batch.pop("user_ids")
     losses = {}
     for negatives in (0, 400, 1):
-        torch.manual_seed(8)
-        cfg = build_config(
-            "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
-            code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_negatives=negatives,
-        )  # fmt: skip
-        model = MoERecForItemPrediction(cfg).eval()
+        model = _model(8, "token", item_loss="items", item_negatives=negatives)
         model.set_train_catalogue(codes, tokens)
         losses[negatives] = model(**batch).lm_loss.item()
     assert losses[400] == pytest.approx(losses[0], rel=1e-5)  # every item drawn: the same sum, reordered
@@ -229,16 +223,11 @@ def test_item_embedding_keys_rows_and_loss(text: bool, prior: bool) -> None:
     item_text_prior also ``w x cos`` of the position's own item's text and the candidate's, 0 for
     the own item itself."""
     g = torch.Generator().manual_seed(11)
-    catalogue = [
-        (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
-    ]
-    torch.manual_seed(12)
-    cfg = build_config(
-        "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
-        code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_embedding=True,
-        num_items=len(catalogue), item_text=text, item_text_dim=6 if text else 0, item_text_prior=prior,
+    catalogue = _catalogue(g)
+    model = _model(
+        12, "token", item_loss="items", item_embedding=True, num_items=len(catalogue),
+        item_text=text, item_text_dim=6 if text else 0, item_text_prior=prior,
     )  # fmt: skip
-    model = MoERecForItemPrediction(cfg).eval()
     assert model.item_embed.weight.abs().sum() == 0  # no item term before training
     if text:
         model.set_item_text(torch.randn(len(catalogue), 6, generator=g))
@@ -289,9 +278,7 @@ def test_items_kept_out_of_training_are_no_negatives_and_keep_a_zero_vector() ->
     """set_train_catalogue(..., trained): the loss over a catalogue with cold rows equals the loss
     over the catalogue without them (a second model, same weights), and cold rows get no gradient."""
     g = torch.Generator().manual_seed(13)
-    catalogue = [
-        (s, [*torch.randint(8, (3,), generator=g).tolist(), d]) for s in VOCAB.services for d in range(4)
-    ]
+    catalogue = _catalogue(g)
     codes = torch.tensor([c for _, c in catalogue])
     tokens = torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
     trained = torch.ones(len(catalogue), dtype=torch.bool)
@@ -301,12 +288,7 @@ def test_items_kept_out_of_training_are_no_negatives_and_keep_a_zero_vector() ->
     batch.pop("user_ids")
     losses = []
     for keep in (trained, None):
-        torch.manual_seed(14)
-        cfg = build_config(
-            "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
-            code_token_ranges=code_token_ranges(VOCAB), item_loss="items",
-        )  # fmt: skip
-        model = MoERecForItemPrediction(cfg).eval()
+        model = _model(14, "token", item_loss="items")
         if keep is None:
             model.set_train_catalogue(codes[trained], tokens[trained])
         else:
@@ -315,13 +297,10 @@ def test_items_kept_out_of_training_are_no_negatives_and_keep_a_zero_vector() ->
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
     for negatives in (0, 64):
-        torch.manual_seed(15)
-        cfg = build_config(
-            "tiny", vocab_size=VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
-            code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_embedding=True,
-            num_items=len(catalogue), item_negatives=negatives,
-        )  # fmt: skip
-        model = MoERecForItemPrediction(cfg).train()
+        model = _model(
+            15, "token", item_loss="items", item_embedding=True, num_items=len(catalogue),
+            item_negatives=negatives,
+        ).train()  # fmt: skip
         model.set_train_catalogue(codes, tokens, trained)
         with torch.no_grad():
             model.item_embed.weight.normal_(0, 0.5)
