@@ -68,7 +68,7 @@ def model_config(
     ranges = {"code_token_ranges": code_token_ranges(vocab)} if section.kind == "item" else {}
     if section.overrides.get("item_embedding"):
         ranges["num_items"] = num_items
-    if section.overrides.get("item_text"):
+    if section.kind == "item" and section.overrides.get("item_text"):
         ranges["item_text_dim"] = text_dim
     try:
         cfg = build_config(
@@ -256,7 +256,9 @@ class Trainer:
         train_ds = load_split(cfg.sequences_dir, "train")
         valid_ds = load_split(cfg.sequences_dir, "valid")
         self.item_text = None  # (N, D_text) with item_text: the SID stage's embeddings (cached), by table row
-        if cfg.model.overrides.get("item_text"):
+        if cfg.model.kind == "item" and cfg.model.overrides.get(
+            "item_text"
+        ):  # the token model has no item term
             items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
             self.item_text = table_text_embeddings(items, self.sids, cfg.sid, cfg.embedding_cache)
         text_dim = self.item_text.shape[1] if self.item_text is not None else 0

@@ -202,3 +202,12 @@ def test_early_stopping_leaves_after_patience_validations_without_a_better_one(r
         tiny_config(run_dir, *args[:2], "train.patience=0", *args[3:])
     )  # patience off: on to the end
     assert longer["step"] == 20
+
+
+def test_item_overrides_leave_a_token_level_run_alone(run_dir: Path) -> None:
+    """model.overrides.item_text on a token-level run (one config shared by both kinds): no text
+    embeddings are loaded (this run has no catalogue to embed) and the run trains."""
+    from moe_rec.train import train
+
+    summary = train(tiny_config(run_dir, "model.overrides.item_text=true", "train.max_steps=2"))
+    assert summary["step"] == 2
