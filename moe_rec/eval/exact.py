@@ -111,6 +111,14 @@ class ServiceCatalogue:
             self.codes[service] = table.codes[rows].to(device)
             self.local[rows] = torch.arange(len(rows))
 
+    def local_of(self, rows: torch.Tensor, service: str) -> torch.Tensor:
+        """(n,) each table row's index among ``service``'s items; -1 for a row of another service
+        or -1 (no item)."""
+        rows = rows.long().cpu()
+        safe = rows.clamp_min(0)
+        mine = (rows >= 0) & (self.table.service_index[safe] == self.table.services.index(service))
+        return torch.where(mine, self.local[safe], -1)
+
 
 @torch.no_grad()
 def request_log_probs(
@@ -168,18 +176,12 @@ def top_for_requests(
         if exclude_rows is not None:
             exclude = torch.zeros(len(mine), codes.shape[0], dtype=torch.bool, device=codes.device)
             for j, i in enumerate(mine):
-                rows = torch.as_tensor(list(exclude_rows[i]), dtype=torch.long)
-                rows = rows[catalogue.table.service_index[rows] == catalogue.table.services.index(service)]
-                exclude[j, catalogue.local[rows].to(codes.device)] = True
+                local = catalogue.local_of(torch.as_tensor(list(exclude_rows[i]), dtype=torch.long), service)
+                exclude[j, local[local >= 0].to(codes.device)] = True
         vectors = item_vectors[catalogue.rows[service]] if item_vectors is not None else None
         adjust = None
         if own is not None:
-            rows, amount = own[0][mine].cpu(), own[1][mine]
-            local = torch.where(rows >= 0, catalogue.local[rows.clamp_min(0)], -1)
-            mine_service = catalogue.table.service_index[rows.clamp_min(0)] == catalogue.table.services.index(
-                service
-            )
-            adjust = (torch.where(mine_service, local, -1).to(codes.device), amount)
+            adjust = (catalogue.local_of(own[0][mine], service).to(codes.device), own[1][mine])
         top_s, idx = top_items(
             log_probs[mine],
             codes,
