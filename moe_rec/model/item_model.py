@@ -38,8 +38,8 @@ from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERecPreTrainedModel, router_stats
 
-TEXT_PRIOR_INIT = 5.0  # w at the start: the weight that helped most added to a trained model, 128 in
-# summed-log-prob units on Beauty's validation split, is 7.5 per code position (17); a little below it
+TEXT_PRIOR_INIT = 5.0  # w at the start, a little below the best weight added to a trained model after
+# training (beta 96-128 in summed-log-prob units on Beauty's validation split, 5.6-7.5 per code position)
 
 
 def item_keys(codes: torch.Tensor, services: torch.Tensor) -> torch.Tensor:
