@@ -7,23 +7,25 @@ service it derives, per item, whatever the source has:
 
 * **category path** — the ``categories`` list less the leading levels every item of the service
   shares (Amazon Beauty's root ``Beauty``), so the first level left is a department;
-* **brand** as given, and **price** with its **price band**: the price's place among the
-  quantiles of the item's leaf category (``num_bands`` bands), or of the nearest parent path with
-  at least ``min_band_items`` priced items, or of the whole service (:func:`price_bands`);
-* **distinctive terms** — words of the title (the keyword text where there is no title) that a
-  critique may name: no stopword, no token with a digit (model numbers, sizes), no colour or size
-  word (those have their own critique), no brand word, nothing rarer than ``min_term_df`` items
-  (a rare word would point at one item), nothing in more than ``max_term_share`` of the items
-  (not distinctive). A *brand word* is a token that belongs to the brands rather than to the
-  products: one whose titles come mostly (``brand_share``) from one brand ("regenerist" is
-  Olay's, "paris" L'Oreal's), or that sits in a brand string and mostly in that brand's own
-  titles. A source without brands (Amazon Sports and Toys have only keywords, which start with the
-  brand) uses the leading position instead: a token that opens the text of ``leading_share`` of
-  the items it appears in ("coleman", "lego") is a brand word. :class:`TermFilter` keeps the count
-  of words each rule removed;
+* **brand** as given (placeholders such as "Generic" count as none), and **price** with its
+  **price band**: the price's place among the quantiles of the item's leaf category
+  (``num_bands`` bands), or of the nearest parent path with at least ``min_band_items`` priced
+  items, or of the whole service (:func:`price_bands`);
+* **distinctive terms** — words among the first :data:`TITLE_WINDOW` of the title (the keyword
+  text where there is no title; the product name, not the seller's tail) that a critique may name:
+  no stopword or seller boilerplate, no token with a digit (model numbers, sizes), no colour or
+  size word (those have their own critique), no brand word, nothing in fewer than
+  ``min_term_df`` titles (a rare word would point at one item), nothing in more than
+  ``max_term_share`` of them (not distinctive). A *brand word* belongs to the brands rather than
+  to the products: a word whose titles come mostly (``brand_share``) from one brand
+  ("regenerist" is Olay's, "paris" L'Oreal's), or that sits in a brand string and mostly in that
+  brand's own titles; a word that opens the titles it is in ``leading_share`` of the time
+  (titles start with the brand: "coleman", "lego", and this is all Amazon Sports and Toys have,
+  their keywords carry no brand field); and a word that follows one of those that often
+  ("melissa doug"). :class:`TermFilter` counts the words each rule removed;
 * **size** (an amount in ounce-equivalents, a count, or a size word's rank: mini < small <
-  regular < large < XL), **pack** count ("pack of 3", "6-pack") and **colour** parsed from the
-  title.
+  regular < large < XL), **pack** count ("pack of 3", "6-pack") and **colour** ("green tea" is
+  no colour) parsed from the title.
 
 Nothing here names an item by its id or title; :class:`ItemAttributes` keeps both only so that the
 leakage checks (:mod:`moe_rec.data.leakage`) can look for them.
