@@ -3,6 +3,7 @@
     moe-rec run             --config configs/experiments/demo.yaml          # the whole pipeline
     moe-rec data prepare    --config configs/experiments/amazon2014.yaml    # read, validate, split
     moe-rec data stats      runs/amazon2014/data                            # print stats.json
+    moe-rec critiques build --config ...                                    # critiques + narratives
     moe-rec sids build      --config ... sid.quantizer=rqvae                # semantic IDs
     moe-rec sequences build --config ...                                    # token samples
     moe-rec train           --config ... train.deepspeed=configs/deepspeed/zero3.json
@@ -107,6 +108,59 @@ def _print_sid_stats(stats: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _critique_tables(stats: dict[str, Any]) -> list[Table]:
+    """Pairs kept and skipped per split, the shares of each type, and the retrieval leakage."""
+    pairs = Table(title="critiques: adjacent pairs per split")
+    for col in ("split", "service", "considered", "kept", "skipped (by reason)"):
+        pairs.add_column(
+            col, justify="left" if col in ("split", "service", "skipped (by reason)") else "right"
+        )
+    for split, per in stats["pairs"].items():
+        for service, c in per.items():
+            skipped = ", ".join(
+                f"{k.split(':', 1)[1]} {v:,}" for k, v in c.items() if k.startswith("skipped:")
+            )
+            pairs.add_row(split, service, f"{c.get('considered', 0):,}", f"{c.get('kept', 0):,}", skipped)
+    types = Table(title="critiques: share of rows naming each type")
+    types.add_column("split")
+    names = list(dict.fromkeys(t for shares in stats["type_shares"].values() for t in shares))
+    for name in names:
+        types.add_column(name, justify="right")
+    types.add_column("held out", justify="right")
+    for split, shares in stats["type_shares"].items():
+        held = f"{stats['held_out_rows'][split]:,} / {stats['rows'][split]:,}"
+        types.add_row(split, *(f"{shares.get(n, 0):.3f}" for n in names), held)
+    leak = Table(title="critiques: BM25 over titles, target's top-1 / top-10 share (random: chance)")
+    for col in ("split", "scope", "n", "critique", "previous title", "previous + critique", "chance"):
+        leak.add_column(col, justify="left" if col in ("split", "scope") else "right")
+    for split, scopes in stats["leakage"].items():
+        for scope, m in scopes.items():
+            pair = [
+                f"{m[f'{q}_top1']:.4f} / {m[f'{q}_top10']:.4f}"
+                for q in ("critique", "previous", "previous+critique")
+            ]
+            leak.add_row(
+                split, scope, f"{m['n']:,}", *pair, f"{m['chance_top1']:.5f} / {m['chance_top10']:.5f}"
+            )
+    return [pairs, types, leak]
+
+
+def _print_critique_stats(stats: dict[str, Any], to: Console) -> None:
+    for table in _critique_tables(stats):
+        to.print(table)
+    to.print(f"unavailable types (type:reason): {stats['unavailable']}")
+    to.print(f"leakage guard dropped: {stats['guard_dropped']}")
+
+
+def _print_narrative_stats(stats: dict[str, Any], to: Console) -> None:
+    to.print(
+        "narratives: " + ", ".join(f"{s} {n:,} (held-out families {stats['held_out_rows'][s]:,})"
+                                   for s, n in stats["rows"].items())
+    )  # fmt: skip
+    to.print(f"skipped: {stats['skipped']}")
+    to.print(f"why (test): {stats['why'].get('test', {})}")
+
+
 # -- the stages: config in, files and numbers out (the commands below and `moe-rec run` call them) --
 
 
@@ -120,6 +174,33 @@ def stage_prepare(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     _print_data_stats(stats, console)
     stages.mark(out, stages.data_print(cfg))
     console.print(f"wrote {out}/stats.json")
+    return stats
+
+
+def stage_critiques(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Critiques (and, unless ``critiques.narratives.enabled`` is off, narratives) of the prepared
+    data, into ``<run_dir>/critiques`` and ``<run_dir>/narratives``; returns both stats."""
+    from moe_rec.data.critiques import build_critiques
+    from moe_rec.data.narratives import build_narratives
+    from moe_rec.sid.embed import TextEncoder
+    from moe_rec.sid.item_text import item_texts
+
+    encoder: list[TextEncoder] = []  # made on first use: only a service without categories needs it
+
+    def embed(rows: Any) -> Any:
+        if not encoder:
+            encoder.append(TextEncoder.from_config(cfg.sid.encoder, cfg.embedding_cache))
+        return encoder[0].encode(item_texts(rows)).numpy()
+
+    console.print(f"building critiques from {cfg.data_dir} into {cfg.critiques_dir}")
+    stats = {"critiques": build_critiques(cfg.data_dir, cfg.critiques_dir, cfg.critiques, embed)}
+    _print_critique_stats(stats["critiques"], console)
+    console.print(f"wrote {cfg.critiques_dir} ({stats['critiques']['seconds']:.1f}s)")
+    if cfg.critiques.narratives.enabled:
+        stats["narratives"] = build_narratives(cfg.data_dir, cfg.narratives_dir, cfg.critiques)
+        _print_narrative_stats(stats["narratives"], console)
+        console.print(f"wrote {cfg.narratives_dir} ({stats['narratives']['seconds']:.1f}s)")
+    stages.mark(cfg.critiques_dir, stages.critiques_print(cfg))
     return stats
 
 
@@ -391,6 +472,23 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
         _print_data_stats(stats, results)
 
 
+def cmd_critiques_build(args: argparse.Namespace) -> None:
+    stage_critiques(_load(args))
+
+
+def cmd_critiques_stats(args: argparse.Namespace) -> None:
+    from moe_rec.data.critiques import read_stats
+
+    if args.critiques_dir is None and args.config is None:
+        raise ConfigError("give a critiques directory (<run_dir>/critiques) or --config")
+    out = Path(args.critiques_dir) if args.critiques_dir else _load(args).critiques_dir
+    stats = read_stats(out)
+    if args.json:
+        print_json(stats)
+    else:
+        _print_critique_stats(stats, results)
+
+
 def cmd_sids_build(args: argparse.Namespace) -> None:
     cfg = _load(args)
     stage_sids(
@@ -462,15 +560,18 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    """The main job: data -> semantic IDs -> sequences -> train -> evaluate the best checkpoint
-    beside the most-popular baseline -> export it as a serving bundle -> recommend from the
-    bundle for a few test users."""
+    """The main job: data -> (critiques and narratives, with ``critiques.enabled``) -> semantic
+    IDs -> sequences -> train -> evaluate the best checkpoint beside the most-popular baseline ->
+    export it as a serving bundle -> recommend from the bundle for a few test users."""
     from moe_rec.train import train
 
     t0 = time.perf_counter()
     cfg = _load(args)
+    critiques = [("critiques build", cfg.critiques_dir, lambda: stages.critiques_print(cfg),
+                  lambda: stage_critiques(cfg))] if cfg.critiques.enabled else []  # fmt: skip
     for title, out, current, make in (
         ("data prepare", cfg.data_dir, lambda: stages.data_print(cfg), lambda: stage_prepare(cfg, cfg.data_dir)),
+        *critiques,
         ("sids build", cfg.sid_dir, lambda: stages.sids_print(cfg, cfg.data_dir),
          lambda: stage_sids(cfg, cfg.data_dir, cfg.sid_dir)),
         ("sequences build", cfg.sequences_dir, lambda: stages.sequences_print(cfg), lambda: stage_sequences(cfg)),
@@ -537,6 +638,18 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--config", "-c", help="experiment YAML whose run_dir/data to read")
     stats.add_argument("--json", action="store_true", help="print stats.json as is")
     stats.set_defaults(func=cmd_data_stats, overrides=[])
+
+    crit = groups.add_parser("critiques", help="critiques and narratives from item metadata").add_subparsers(
+        dest="command", required=True, metavar="COMMAND"
+    )
+    with_config(
+        crit.add_parser("build", help="write <run_dir>/critiques and <run_dir>/narratives (train/valid/test)")
+    ).set_defaults(func=cmd_critiques_build)
+    crit_stats = crit.add_parser("stats", help="print the stats of a critiques directory (counts, leakage)")
+    crit_stats.add_argument("critiques_dir", nargs="?", help="<run_dir>/critiques (or use --config)")
+    crit_stats.add_argument("--config", "-c", help="experiment YAML whose run_dir/critiques to read")
+    crit_stats.add_argument("--json", action="store_true", help="print stats.json as is")
+    crit_stats.set_defaults(func=cmd_critiques_stats, overrides=[])
 
     sids = groups.add_parser("sids", help="semantic IDs").add_subparsers(
         dest="command", required=True, metavar="COMMAND"

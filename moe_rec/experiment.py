@@ -12,6 +12,7 @@ from pathlib import Path
 
 from moe_rec.baselines.config import SASRecConfig
 from moe_rec.data.config import DataConfig
+from moe_rec.data.critique_config import CritiqueConfig
 from moe_rec.data.sequences import SequenceConfig
 from moe_rec.eval.config import EvalConfig
 from moe_rec.sid.config import SIDConfig
@@ -22,6 +23,8 @@ from moe_rec.train.config import ModelSection, TrainConfig
 class ExperimentConfig:
     run_dir: Path = Path("runs/default")  # everything a run writes goes under here
     data: DataConfig = field(default_factory=DataConfig)
+    # critiques and narratives from item metadata (`moe-rec run` builds them with critiques.enabled)
+    critiques: CritiqueConfig = field(default_factory=CritiqueConfig)
     sid: SIDConfig = field(default_factory=SIDConfig)
     sequences: SequenceConfig = field(default_factory=SequenceConfig)
     model: ModelSection = field(default_factory=ModelSection)
@@ -32,6 +35,14 @@ class ExperimentConfig:
     @property
     def data_dir(self) -> Path:
         return self.run_dir / "data"
+
+    @property
+    def critiques_dir(self) -> Path:
+        return self.run_dir / "critiques"
+
+    @property
+    def narratives_dir(self) -> Path:
+        return self.run_dir / "narratives"
 
     @property
     def sid_dir(self) -> Path:

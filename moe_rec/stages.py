@@ -1,13 +1,14 @@
 """Which steps of ``moe-rec run`` a rerun can skip.
 
-The data-building commands (``data prepare``, ``sids build``, ``sequences build``) write a stamp
-into their output directory when they finish: the fingerprint of what made the output, that
-is its config section, the fingerprint of the stage before it, and for the data stage the size
-and modification time of every source file. ``moe-rec run`` skips a stage whose stamp matches
-the fingerprint it would write now, so a rerun with the same config goes straight to training
-(which resumes from its latest checkpoint), and a change reruns that stage and every one after
-it. A stage killed half-way leaves no stamp (the stamp goes last), so it is redone. Evaluation and
-export take seconds and always run.
+The data-building commands (``data prepare``, ``critiques build``, ``sids build``, ``sequences
+build``) write a stamp into their output directory when they finish: the fingerprint of what
+made the output, that is its config section, the fingerprint of the stage before it, and for
+the data stage the size and modification time of every source file. ``moe-rec run`` skips a
+stage whose stamp matches the fingerprint it would write now, so a rerun with the same config
+goes straight to training (which resumes from its latest checkpoint), and a change reruns that
+stage and every one after it (the critiques stage, on only with ``critiques.enabled``, feeds no
+later stage yet). A stage killed half-way leaves no stamp (the stamp goes last), so it is
+redone. Evaluation and export take seconds and always run.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def mark(out_dir: Path, print_: str) -> None:
 def data_print(cfg: ExperimentConfig) -> str:
     """What ``data prepare`` output depends on: the data config and the source files."""
     return fingerprint("data", to_dict(cfg.data), source_files(cfg.data))
+
+
+def critiques_print(cfg: ExperimentConfig) -> str:
+    """What ``critiques build`` output depends on: its config, the prepared data and the text
+    encoder (pairs without categories are compared by embedding)."""
+    return fingerprint("critiques", to_dict(cfg.critiques), read(cfg.data_dir), cfg.sid.encoder.model)
 
 
 def sids_print(cfg: ExperimentConfig, data_dir: Path) -> str:

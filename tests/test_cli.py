@@ -171,6 +171,9 @@ def test_data_stats_prints_json(run_dir: Path, capsys: pytest.CaptureFixture) ->
         (["sequences", "build", "run_dir=/nonexistent/run"], "`moe-rec sids build"),
         (["train", "run_dir=/nonexistent/run"], "`moe-rec sequences build"),
         (["train", "run_dir=/nonexistent/run", "model.overrides.num_expert=6"], "did you mean"),
+        (["critiques", "build", "run_dir=/nonexistent/run"], "moe-rec data prepare"),
+        (["critiques", "build", "critiques.held_out_families=[nope]"], "unknown famil"),
+        (["critiques", "stats", "/nonexistent/run/critiques"], "moe-rec critiques build"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -446,11 +449,68 @@ def test_data_stats_prints_results_on_stdout(tmp_path: Path, capsys: pytest.Capt
     assert err == ""
 
 
+def test_critiques_build_writes_both_and_stats_reads_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``critiques build`` writes critiques and narratives per split and stamps its directory as
+    ``moe-rec run`` would; ``critiques stats --json`` prints its stats.json."""
+    from moe_rec import stages
+    from moe_rec.config import load_config
+
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", "data.synthetic.num_users=120", "data.synthetic.items_per_service=200",
+            "critiques.min_matching_items=5"]  # fmt: skip
+    assert main(["data", "prepare", *args]) == 0
+    assert main(["critiques", "build", *args]) == 0
+    for sub in ("critiques", "narratives"):
+        assert {p.name for p in (run / sub).iterdir()} >= {
+            "train.parquet",
+            "valid.parquet",
+            "test.parquet",
+            "stats.json",
+        }
+    cfg = load_config(ExperimentConfig, overrides=args)
+    assert stages.read(run / "critiques") == stages.critiques_print(cfg)
+    capsys.readouterr()
+    assert main(["critiques", "stats", str(run / "critiques"), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats == json.loads((run / "critiques" / "stats.json").read_text()) and stats["rows"]["train"] > 0
+    assert main(["critiques", "stats", str(run / "critiques")]) == 0
+    out = capsys.readouterr().out
+    assert "BM25" in out and "considered" in out
+
+
+class _Stop(Exception):
+    """Raised by a stand-in stage to end ``moe-rec run`` early."""
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_run_builds_critiques_only_when_enabled(
+    enabled: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``moe-rec run`` builds critiques after the data, before the semantic IDs, only with
+    ``critiques.enabled``; here the SID stage stops the run."""
+    import moe_rec.cli as cli
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise _Stop
+
+    monkeypatch.setattr(cli, "stage_sids", stop)
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", "data.synthetic.num_users=60", "data.synthetic.items_per_service=100",
+            f"critiques.enabled={str(enabled).lower()}"]  # fmt: skip
+    with pytest.raises(_Stop):
+        main(["run", *args])
+    assert (run / "critiques" / "stats.json").exists() == enabled
+    assert (run / "narratives" / "stats.json").exists() == enabled
+
+
 def test_help_shows_no_rest_markup(capsys: pytest.CaptureFixture) -> None:
     from moe_rec.train.__main__ import main as train_main
 
     commands = [[], ["run"], ["data"], ["data", "prepare"], ["data", "stats"], ["sids", "build"],
-                ["sequences", "build"], ["train"], ["eval"], ["export"], ["recommend"], ["serve"]]  # fmt: skip
+                ["sequences", "build"], ["train"], ["eval"], ["export"], ["recommend"], ["serve"],
+                ["critiques"], ["critiques", "build"], ["critiques", "stats"]]  # fmt: skip
     for command in commands:
         with pytest.raises(SystemExit):
             main([*command, "--help"])
