@@ -19,10 +19,10 @@ service it derives, per item, whatever the source has:
   ``max_term_share`` of them (not distinctive). A *brand word* belongs to the brands rather than
   to the products: a word whose titles come mostly (``brand_share``) from one brand
   ("regenerist" is Olay's, "paris" L'Oreal's), or that sits in a brand string and mostly in that
-  brand's own titles; a word that opens the titles it is in ``leading_share`` of the time
-  (titles start with the brand: "coleman", "lego", and this is all Amazon Sports and Toys have,
-  their keywords carry no brand field); and a word that follows one of those that often
-  ("melissa doug"). :class:`TermFilter` counts the words each rule removed;
+  brand's own titles; among items without a brand, a word that opens the titles it is in
+  ``leading_share`` of the time (titles start with the brand: "coleman", "lego"; this is all
+  Amazon Sports and Toys have, their keywords carry no brand field); and a word that follows one
+  of those that often ("melissa doug"). :class:`TermFilter` counts the words each rule removed;
 * **size** (an amount in ounce-equivalents, a count, or a size word's rank: mini < small <
   regular < large < XL), **pack** count ("pack of 3", "6-pack") and **colour** ("green tea" is
   no colour) parsed from the title.
@@ -55,7 +55,8 @@ STOPWORDS = frozenset(
     description"""
     # seller boilerplate in Amazon titles ("100% LIFETIME Money Back Guarantee", "SALE")
     """ guarantee guaranteed money back refund satisfied satisfaction sale shipping lifetime risk try
-    code buy get percent made usa quality genuine authentic original brand"""
+    code buy get percent made usa quality genuine authentic original brand comes includes including
+    contains featuring combo works"""
     # keyword-file artefacts of Amazon Sports and Toys ("... categories toys games", "&amp;")
     """ categories category title titles brand amp na""".split()
 )
@@ -230,13 +231,17 @@ def _brand_words(
 
 
 def _leading_words(
-    texts: Sequence[str | None], df: Counter, leading_share: float, brand_words: set[str]
+    texts: Sequence[str | None], brands: Sequence[str | None], leading_share: float, brand_words: set[str]
 ) -> set[str]:
-    """Tokens that open the texts they appear in at least ``leading_share`` of the time, then the
-    tokens that follow one of those (or of ``brand_words``) that often ("melissa doug")."""
+    """Among items without a brand: tokens that open the texts they appear in at least
+    ``leading_share`` of the time; then, over all items, the tokens that follow one of those (or
+    of ``brand_words``) that often ("melissa doug")."""
     token_lists = [words(t) for t in texts]
-    leads = Counter(w[0] for w in token_lists if w)
+    unbranded = [w for w, b in zip(token_lists, brands, strict=True) if not b]
+    df = Counter(t for w in unbranded for t in set(w))
+    leads = Counter(w[0] for w in unbranded if w)
     out = {t for t, n in leads.items() if df[t] >= 2 and n / df[t] >= leading_share} | brand_words
+    df = Counter(t for w in token_lists for t in set(w))
     follows = Counter()
     for w in token_lists:
         follows.update({b for a, b in zip(w, w[1:]) if a in out})
@@ -261,7 +266,7 @@ def term_filter(
     n = len(tokens)
     df = Counter(t for toks in tokens for t in toks)
     idf = {t: math.log(n / c) for t, c in df.items()}
-    brand_words = _leading_words(texts, df, leading_share, _brand_words(tokens, brands, brand_share))
+    brand_words = _leading_words(texts, brands, leading_share, _brand_words(tokens, brands, brand_share))
     special = set(COLOURS) | {w for phrase in SIZE_WORDS for w in phrase.split()}
     excluded: Counter = Counter()
     allowed = set()

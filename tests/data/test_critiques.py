@@ -179,6 +179,24 @@ def test_terms_leave_out_brands_digits_rare_and_common_words() -> None:
     assert a.terms_from.excluded["digit"] >= 40 and a.terms_from.excluded["common"] >= 1
 
 
+def test_leading_words_are_brand_words_only_without_brands() -> None:
+    """Keywords without a brand field start with the brand ("coleman lantern"): a word that opens
+    most of its texts is a brand word, and so is one that mostly follows such a word. With a brand
+    on every item the same titles keep those words."""
+    texts = [f"coleman {w} lantern" for w in ("led", "gas", "mini")] + [
+        f"{b} {w}" for b in ("sturdy", "ozark") for w in ("camping lantern", "tent stakes", "lantern hook")
+    ]
+    items = [{"service": "s", "item_id": f"i{i}", "text": t} for i, t in enumerate(texts)]
+    a = service_attributes(pa.Table.from_pylist(items), "s", min_term_df=2, max_term_share=1.0)
+    assert {"coleman", "sturdy", "ozark"} <= a.terms_from.brand_words
+    assert "lantern" not in a.terms_from.brand_words and "lantern" in a.terms_from.allowed
+    branded = [dict(row, brand="Acme") for row in items]
+    b = service_attributes(
+        pa.Table.from_pylist(branded), "s", min_term_df=2, max_term_share=1.0, brand_share=1.1
+    )
+    assert not b.terms_from.brand_words & {"coleman", "sturdy", "ozark"}
+
+
 # -- the leakage check ------------------------------------------------------------------------------
 
 
