@@ -77,7 +77,7 @@ def _and(names: list[str]) -> str:
 
 def describe(a: ItemAttributes, t: int, noun: str, max_terms: int) -> tuple[str, list[str]]:
     """What item ``t`` is, as a noun phrase, and the parts it names (empty: nothing to say)."""
-    parts, band, terms = [], a.band_name(a.band[t]), []
+    parts, band = [], a.band_name(a.band[t])
     phrase = noun
     if band:
         phrase, parts = f"{band} {noun}", ["price"]
@@ -89,7 +89,7 @@ def describe(a: ItemAttributes, t: int, noun: str, max_terms: int) -> tuple[str,
         parts.append("brand")
     terms = [w for w in a.terms[t] if w not in a.name_words[t]][:max_terms]
     if terms:
-        phrase += f", with {_and(terms)}"
+        phrase += f"{',' if parts else ''} with {_and(terms)}"
         parts.append("terms")
     article = "an" if phrase[0] in "aeiou" else "a"
     return f"{article} {phrase}", parts

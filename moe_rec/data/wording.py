@@ -237,7 +237,7 @@ NARRATIVE_FAMILIES: dict[str, NarrativeFamily] = {
     "friend": NarrativeFamily(  # held out by default
         templates=("Knowing you like {taste}, I'd go for {what}, since {why}.",
                    "Honestly, given your taste ({taste}), {what} is a safe bet: {why}."),
-        nouns=("one", "pick"),
+        nouns=("choice", "pick"),
     ),
 }
 # fmt: on
