@@ -332,8 +332,8 @@ def _print_recommendations(found: dict[str, Any], held_out: str | None = None) -
     shown = ", ".join(history[-5:])
     title = f"{found['user'] or 'request'}: {len(history)} events (last: {shown}) -> top {k} in {service}"
     table = Table(title=title, title_justify="left")
-    for col in ("rank", "item", "log p", "title"):
-        table.add_column(col, justify="right" if col in ("rank", "log p") else "left")
+    for col in ("rank", "item", "score", "title"):
+        table.add_column(col, justify="right" if col in ("rank", "score") else "left")
     for r in found["items"]:
         mark = " [bold green](held out)[/]" if r["item_id"] == held_out else ""
         name = str(r["fields"].get("title") or "")[:60]
