@@ -3,6 +3,7 @@
     moe-rec run             --config configs/experiments/demo.yaml          # the whole pipeline
     moe-rec data prepare    --config configs/experiments/amazon2014.yaml    # read, validate, split
     moe-rec data stats      runs/amazon2014/data                            # print stats.json
+    moe-rec data forget     --config ... --user u42 --users-file ids.txt    # delete users' events
     moe-rec sids build      --config ... sid.quantizer=rqvae                # semantic IDs
     moe-rec sequences build --config ...                                    # token samples
     moe-rec train           --config ... train.deepspeed=configs/deepspeed/zero3.json
@@ -121,6 +122,68 @@ def stage_prepare(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     stages.mark(out, stages.data_print(cfg))
     console.print(f"wrote {out}/stats.json")
     return stats
+
+
+def stage_forget(
+    data_dir: Path, users: Sequence[str], *, cfg: ExperimentConfig | None = None, rebuild: bool = False
+) -> dict[str, Any]:
+    """Delete ``users``' events from a prepared directory (:mod:`moe_rec.data.forget`), remove the
+    run's token samples made from them (rebuilt with ``rebuild``, which needs ``cfg``), and say what
+    still holds the users; returns the report ``--json`` prints (counts, never ids)."""
+    from moe_rec.data.forget import forget_users, holders, invalidate_sequences
+
+    run_dir = cfg.run_dir if cfg is not None else data_dir.parent
+    result = forget_users(data_dir, users)
+    report = result.to_dict()
+    report["sequences"] = "unchanged"
+    if result.forgotten:
+        removed = invalidate_sequences(run_dir / "sequences")
+        report["sequences"] = "removed" if removed else "none"
+        if rebuild and removed:
+            stage_sequences(cfg)
+            report["sequences"] = "rebuilt"
+    # what existed when the users were deleted (now, or at their earlier deletion) still holds them
+    since = time.time() if result.forgotten else max(map(_epoch, result.already.values()), default=0) + 1
+    report["still_holding"] = [{"path": str(path), "why": why} for path, why in holders(run_dir, since)]
+    return report
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _print_forget(report: dict[str, Any], data_dir: Path, cfg: ExperimentConfig | None) -> None:
+    """The deletion's counts, then, loudly, what was made from the users and still holds them."""
+
+    def say(text: str) -> None:
+        results.print(text, soft_wrap=True)  # one line each, however long
+
+    per = ", ".join(f"{s} {n:,}" for s, n in report["events_per_service"].items())
+    if report["users_forgotten"]:
+        say(
+            f"forgot {report['users_forgotten']:,} users: {report['events_removed']:,} events removed ({per}) "
+            f"from every split; {report['shards_rewritten']} shards rewritten, {report['shards_removed']} removed; "
+            f"{data_dir / 'stats.json'} updated; logged to {data_dir / 'forgotten.jsonl'} (keyed hashes, no ids)"
+        )
+    if report["users_already_forgotten"]:
+        say(f"{report['users_already_forgotten']:,} users were forgotten before: nothing left to remove")
+    config = f"--config <experiment> run_dir={cfg.run_dir}" if cfg else "--config <experiment>"
+    if report["sequences"] == "removed":
+        say(
+            f"the token samples built from this data were removed; rebuild them with `moe-rec sequences build {config}`"
+        )
+    elif report["sequences"] == "rebuilt":
+        say("the token samples were rebuilt from the forgotten data")
+    if report["still_holding"]:
+        say(
+            "[bold red]still holding these users[/] (made before the deletion): retrain from the forgotten data "
+            "from scratch (move checkpoints/ away first: a run resumes from checkpoints/latest), re-export, "
+            "then delete these (docs/privacy.md):"
+        )
+        for h in report["still_holding"]:
+            say(f"  {escape(h['path'])}: {h['why']}")
 
 
 def stage_sids(cfg: ExperimentConfig, data_dir: Path, out: Path) -> dict[str, Any]:
@@ -391,6 +454,23 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
         _print_data_stats(stats, results)
 
 
+def cmd_data_forget(args: argparse.Namespace) -> None:
+    from moe_rec.data.forget import read_users_file
+
+    cfg = _load(args) if args.config or args.overrides else None
+    if args.data is None and cfg is None:
+        raise ConfigError("give --data <prepared data directory> or --config")
+    if args.rebuild_sequences and cfg is None:
+        raise ConfigError("--rebuild-sequences needs --config (the sequences' settings and SID table)")
+    data_dir = Path(args.data) if args.data else cfg.data_dir
+    users = list(args.user or []) + [u for f in args.users_file or [] for u in read_users_file(f)]
+    report = stage_forget(data_dir, users, cfg=cfg, rebuild=args.rebuild_sequences)
+    if args.json:
+        print_json(report)
+    else:
+        _print_forget(report, data_dir, cfg)
+
+
 def cmd_sids_build(args: argparse.Namespace) -> None:
     cfg = _load(args)
     stage_sids(
@@ -537,6 +617,20 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--config", "-c", help="experiment YAML whose run_dir/data to read")
     stats.add_argument("--json", action="store_true", help="print stats.json as is")
     stats.set_defaults(func=cmd_data_stats, overrides=[])
+    forget = data.add_parser(
+        "forget",
+        help="delete users' events from a prepared directory (logged, idempotent; see docs/privacy.md)",
+    )
+    with_config(forget)
+    forget.add_argument("--data", help="prepared data directory (default: <run_dir>/data of --config)")
+    forget.add_argument("--user", action="append", metavar="ID", help="a user id to delete (repeatable)")
+    forget.add_argument(
+        "--users-file", action="append", metavar="FILE", help="user ids, one a line (repeatable)"
+    )
+    forget.add_argument("--rebuild-sequences", action="store_true",
+                        help="rebuild the run's token samples at once (needs --config); default: remove them")  # fmt: skip
+    forget.add_argument("--json", action="store_true", help="print the counts as one JSON document")
+    forget.set_defaults(func=cmd_data_forget)
 
     sids = groups.add_parser("sids", help="semantic IDs").add_subparsers(
         dest="command", required=True, metavar="COMMAND"
