@@ -203,7 +203,9 @@ def stage_sids(cfg: ExperimentConfig, data_dir: Path, out: Path) -> dict[str, An
 def stage_sequences(cfg: ExperimentConfig) -> dict[str, int]:
     """Token samples of every split and the vocabulary (and the cold-start benchmark's held-out
     items, with ``sequences.cold_items``); returns the sample count per split."""
+    from moe_rec.data.canaries import CANARY_FILE, read_canaries
     from moe_rec.data.cold_start import COLD_FILE, pick_cold_items, write_cold_items
+    from moe_rec.data.holdout import HOLDOUT_SPLIT, read_holdout_record
     from moe_rec.data.sequences import SequenceBuilder, write_sequences
     from moe_rec.sid.table import META_FILE, SIDTable
 
@@ -221,6 +223,16 @@ def stage_sequences(cfg: ExperimentConfig) -> dict[str, int]:
     if cold:
         console.print(
             f"cold start: {len(cold):,} items kept out of training -> {cfg.sequences_dir / COLD_FILE}"
+        )
+    if held := read_holdout_record(cfg.sequences_dir):
+        console.print(
+            f"membership audit: {held['users']:,} users ({held['share']:.0%}) kept out of training, their "
+            f"{held['samples']:,} windows in {cfg.sequences_dir / HOLDOUT_SPLIT}"
+        )
+    if planted := read_canaries(cfg.sequences_dir):
+        console.print(
+            f"exposure audit: {len(planted[0])} canaries planted x {cfg.sequences.canaries.copies} users, "
+            f"{len(planted[1])} controls -> {cfg.sequences_dir / CANARY_FILE}"
         )
     (cfg.sequences_dir / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
     console.print(f"vocabulary: {vocab.size:,} tokens ({len(vocab.services)} services, {vocab.levels}x"

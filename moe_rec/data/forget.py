@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moe_rec.data import store
+from moe_rec.data.holdout import HOLDOUT_FILE, HOLDOUT_SPLIT
 from moe_rec.data.schema import EVENT_SCHEMA, DataError
 
 LOG_FILE = "forgotten.jsonl"
@@ -290,8 +291,7 @@ def read_users_file(path: Path | str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-SEQUENCE_SPLITS = ("train", "valid", "test", "holdout")
-HOLDOUT_RECORD = "holdout_users.json"
+SEQUENCE_SPLITS = ("train", "valid", "test", HOLDOUT_SPLIT)
 
 
 def invalidate_sequences(seq_dir: Path | str) -> list[Path]:
@@ -305,7 +305,7 @@ def invalidate_sequences(seq_dir: Path | str) -> list[Path]:
         for path in sorted((seq_dir / split).glob("*.parquet")):
             path.unlink()
             removed.append(path)
-    for name in ("stage.json", HOLDOUT_RECORD):
+    for name in ("stage.json", HOLDOUT_FILE):
         if (seq_dir / name).exists():
             (seq_dir / name).unlink()
             removed.append(seq_dir / name)
