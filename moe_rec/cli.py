@@ -8,6 +8,7 @@
     moe-rec sequences build --config ...                                    # token samples
     moe-rec train           --config ... train.deepspeed=configs/deepspeed/zero3.json
     moe-rec eval            --config ... --checkpoint best eval.split=test     # Recall/NDCG@K
+    moe-rec audit           --config ... --checkpoint best                  # membership AUC, canary exposure
     moe-rec export          --config ... --tag best --dtype bfloat16           # -> <run_dir>/bundle
     moe-rec recommend       runs/demo/bundle --service grocery --history grocery:g00004 delivery:d00014
     moe-rec serve           runs/demo/bundle --port 8000                    # HTTP service
@@ -314,6 +315,75 @@ def stage_eval(
     return report
 
 
+def stage_audit(
+    cfg: ExperimentConfig,
+    *,
+    checkpoint: str = "best",
+    bundle: str | None = None,
+    seed: int = 0,
+    rounds: int = 1000,
+    max_users: int = 0,
+) -> dict[str, Any]:
+    """Membership inference and canary exposure of a checkpoint (or bundle) of the run
+    (:mod:`moe_rec.eval.privacy_audit`); writes and returns ``<run_dir>/eval/audit-<model>.json``,
+    with the model's NDCG@10 from its evaluation report when there is one."""
+    from moe_rec.eval.privacy_audit import run_audit
+
+    if bundle:
+        from moe_rec.export import load_bundle
+
+        loaded = load_bundle(bundle)
+        name = f"bundle-{loaded.manifest['source']['tag']}-{loaded.manifest['dtype']}"
+        model, table = loaded.model, loaded.table
+    else:
+        from moe_rec.sid.table import SIDTable
+        from moe_rec.train.checkpoint import load_model, resolve_tag
+
+        name = resolve_tag(cfg.checkpoint_dir, checkpoint)
+        model, table = load_model(cfg.checkpoint_dir, name), SIDTable.load(cfg.sid_dir)
+    t0 = time.perf_counter()
+    found = run_audit(model, table, cfg.sequences_dir, seed=seed, rounds=rounds, max_users=max_users)
+    report: dict[str, Any] = {"model": name, "seed": seed, "bootstrap_rounds": rounds, **found}
+    for split in ("test", "valid"):  # the model's utility beside its leakage, when it was evaluated
+        path = cfg.eval_dir / f"{split}-{name}.json"
+        if path.exists():
+            metrics = json.loads(path.read_text())["metrics"]
+            report["utility"] = {"split": split, "ndcg@10": metrics.get(f"{split}/ndcg@10"),
+                                 "recall@10": metrics.get(f"{split}/recall@10")}  # fmt: skip
+            break
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    out = cfg.eval_dir / f"audit-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return report
+
+
+def _print_audit(report: dict[str, Any]) -> None:
+    if m := report.get("membership"):
+        table = Table(title=f"membership inference ({report['model']}): {m['members']:,} members vs "
+                      f"{m['non_members']:,} held-out users")  # fmt: skip
+        for col in ("attack", "AUC", "95% interval", "members' mean", "held-out mean"):
+            table.add_column(col, justify="left" if col == "attack" else "right")
+        for attack, what in (("loss", "loss (item softmax)"), ("rank", "log2 rank")):
+            a = m[attack]
+            table.add_row(what, f"{a['auc']:.3f}", f"{a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}",
+                          f"{a['members_mean']:.3f}", f"{a['non_members_mean']:.3f}")  # fmt: skip
+        results.print(table)
+    if c := report.get("canaries"):
+        table = Table(title=f"canary exposure ({report['model']}), bits: log2(N) - log2(rank)")
+        for col in ("canaries", "count", "mean exposure", "median", "log2(N)", "ranks"):
+            table.add_column(col, justify="left" if col in ("canaries", "ranks") else "right")
+        for kind in ("planted", "controls"):
+            e = c[kind]
+            if e["count"]:
+                table.add_row(kind, str(e["count"]), f"{e['exposure_mean']:.2f}", f"{e['exposure_median']:.2f}",
+                              f"{e['exposure_max']:.2f}", " ".join(map(str, e["ranks"][:12])))  # fmt: skip
+        results.print(table)
+    if u := report.get("utility"):
+        results.print(f"{u['split']} NDCG@10 of this model: {u['ndcg@10']:.4f}")
+
+
 def _log_checkpoint_result(cfg: ExperimentConfig, tag: str, metrics: dict[str, float]) -> None:
     """A checkpoint's evaluation into the run's ``metrics.jsonl`` (kind: the split) and the summary
     of its W&B run, resumed by the id training saved (none saved: no W&B)."""
@@ -513,6 +583,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _print_metrics(report, cfg.eval.split)
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    report = stage_audit(
+        _load(args), checkpoint=args.checkpoint, bundle=args.bundle, seed=args.seed, rounds=args.rounds,
+        max_users=args.max_users,
+    )  # fmt: skip
+    if args.json:
+        print_json(report)
+    else:
+        _print_audit(report)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     cfg = _load(args) if args.config or args.overrides else None
     if cfg is None and args.checkpoint is None:
@@ -555,8 +636,8 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     """The main job: data -> semantic IDs -> sequences -> train -> evaluate the best checkpoint
-    beside the most-popular baseline -> export it as a serving bundle -> recommend from the
-    bundle for a few test users."""
+    beside the most-popular baseline (and audit it, with held-out users or canaries) -> export it
+    as a serving bundle -> recommend from the bundle for a few test users."""
     from moe_rec.train import train
 
     t0 = time.perf_counter()
@@ -580,6 +661,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     popular = stage_eval(cfg, baseline="popularity")
     _print_metrics(popular, cfg.eval.split)
     results.print(_versus_popularity(model["metrics"], popular["metrics"], cfg.eval.split))
+    if cfg.model.kind == "item" and (cfg.sequences.holdout_users or cfg.sequences.canaries.count):
+        console.rule("[bold]audit")
+        _print_audit(stage_audit(cfg, checkpoint="best"))
     console.rule("[bold]export")
     stage_export(cfg, cfg.checkpoint_dir, cfg.run_dir / "bundle", tag="best", dtype="float32", overwrite=True)
     console.rule("[bold]recommend")
@@ -683,6 +767,19 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON document")
     evaluate.set_defaults(func=cmd_eval)
+    audit = with_config(
+        groups.add_parser(
+            "audit", help="membership inference (held-out users) and canary exposure of a trained model"
+        )
+    )
+    audit.add_argument("--checkpoint", default="best", help="best (default), latest, or a step_* tag")
+    audit.add_argument("--bundle", help="audit an exported bundle instead of a checkpoint")
+    audit.add_argument("--seed", type=int, default=0, help="member sample and bootstrap seed (default: 0)")
+    audit.add_argument("--rounds", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    audit.add_argument("--max-users", type=int, default=0,
+                       help="score at most this many held-out users (and as many members); 0: all")  # fmt: skip
+    audit.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    audit.set_defaults(func=cmd_audit)
     export = with_config(
         groups.add_parser("export", help="checkpoint -> verified serving bundle (weights, SIDs, catalogue)")
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -331,4 +332,44 @@ def holders(run_dir: Path | str, before: float) -> list[tuple[Path, str]]:
     for baseline in sorted((run_dir / "baselines").glob("*")):
         if older(baseline):
             found.append((baseline, "a baseline trained on the users' histories"))
+    return found
+
+
+_TEXT = re.compile(rb"[^\x00-\x20\"'`,;|()\[\]{}<>\\\x7f-\xff]+")  # runs that could hold an id
+
+
+def _readable(path: Path) -> bytes:
+    """A file's bytes, plus for Parquet (compressed column chunks) its decoded rows as JSON text."""
+    data = path.read_bytes()
+    if path.suffix == ".parquet":
+        try:
+            data += json.dumps(pq.read_table(path).to_pylist(), default=str).encode()
+        except (pa.ArrowException, OSError):
+            pass
+    return data
+
+
+def find_strings(root: Path | str, needles: Iterable[str]) -> dict[str, set[str]]:
+    """Which of ``needles`` (user ids) occur in each file under ``root`` (a run directory, a
+    bundle): raw bytes, Parquet also decoded. An id is found inside a longer run of text too
+    (``user=u42;``), but not across a quote, comma, bracket or space. Returns ``relative path ->
+    ids found`` for the files that hold any."""
+    root = Path(root)
+    wanted = {n.encode() for n in needles if n}
+    lengths = sorted({len(n) for n in wanted})
+    found: dict[str, set[str]] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]:
+        hits: set[bytes] = set()
+        for run in _TEXT.findall(_readable(path)):
+            if run in wanted:
+                hits.add(run)
+                continue
+            for n in lengths:
+                if n >= len(run):
+                    break
+                hits.update(run[i : i + n] for i in range(len(run) - n + 1) if run[i : i + n] in wanted)
+        if hits:
+            found[path.relative_to(root).as_posix() if root.is_dir() else path.name] = {
+                h.decode() for h in hits
+            }
     return found
