@@ -136,11 +136,11 @@ def _now() -> str:
 
 def _counts(
     data_dir: Path, keep: Callable[[pa.ChunkedArray], pa.Array]
-) -> tuple[dict[str, Counter], dict[str, list[str]]]:
+) -> tuple[dict[str, Counter], list[str]]:
     """Events per service of the users ``keep`` picks (``keep(users) -> bool mask``), and the shards
-    that hold each of them."""
+    that hold any of them."""
     counts: dict[str, Counter] = {}
-    where: dict[str, list[str]] = {}
+    where: list[str] = []
     for shard in store.event_shard_paths(data_dir):
         try:
             table = pq.read_table(shard, columns=["user", "service"])
@@ -154,7 +154,7 @@ def _counts(
         grouped = picked.group_by(["user", "service"]).aggregate([("service", "count")])
         for row in grouped.to_pylist():
             counts.setdefault(row["user"], Counter())[row["service"]] += row["service_count"]
-            where.setdefault(shard, []).append(row["user"])
+        where.append(shard)
     return counts, where
 
 
@@ -188,7 +188,7 @@ def _rewrite(shards: Iterable[str], drop: set[str]) -> tuple[int, int]:
     return sum(t is not None for _, t in staged), sum(t is None for _, t in staged)
 
 
-def _update_stats(data_dir: Path, users: int, events: int, reset: bool = False) -> dict[str, Any]:
+def _update_stats(data_dir: Path, users: int, events: int) -> dict[str, Any]:
     """Recompute ``stats.json``'s counts from the shards as they are now; ``forgotten`` counts the
     users and events removed since the source was read (so ``rows_kept - forgotten.events`` is the
     number of events)."""
@@ -199,7 +199,7 @@ def _update_stats(data_dir: Path, users: int, events: int, reset: bool = False) 
             store.load_table(data_dir, store.EVENTS_DIR), store.load_table(data_dir, store.ITEMS_DIR)
         )
     )
-    before = {"users": 0, "events": 0} if reset else stats.get("forgotten", {"users": 0, "events": 0})
+    before = stats.get("forgotten", {"users": 0, "events": 0})
     stats["forgotten"] = {"users": before["users"] + users, "events": before["events"] + events}
     store.write_stats(stats, data_dir)
     return stats
