@@ -154,3 +154,51 @@ def test_membership_compares_equal_numbers_and_a_lower_member_loss_reads_as_auc_
     assert report["loss"]["auc"] == 1.0 and report["rank"]["auc"] == 0.0  # (the fake rank runs the other way)
     assert report["positions"] == {"members": 24, "non_members": 24}
     assert latest_windows(train).keys() == set(users)  # canary users are never members
+
+
+def test_window_scores_with_the_per_item_term_and_text_prior_match_requests_per_position() -> None:
+    """With item vectors, item text and the text prior (the demo's model), each position of a window
+    is scored as the request of its prefix: the query and the own-item correction included."""
+    from moe_rec.data.positions import code_token_ranges
+    from moe_rec.eval.exact import ServiceCatalogue, ranks_for_requests
+    from moe_rec.model import MoERecForItemPrediction, build_config
+
+    table = _table(14)
+    vocab = table.vocabulary()
+    torch.manual_seed(14)
+    cfg = build_config(
+        "tiny", vocab_size=vocab.size, num_domains=3, num_user_buckets=16, code_token_ranges=code_token_ranges(vocab),
+        item_loss="items", item_embedding=True, num_items=len(table), item_text=True, item_text_dim=6,
+        item_text_prior=True,
+    )  # fmt: skip
+    model = MoERecForItemPrediction(cfg).eval()
+    model.set_item_text(torch.randn(len(table), 6))
+    model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
+    with torch.no_grad():
+        model.item_embed.weight.normal_(0, 0.3)
+    rows = _windows(table, 14, n=4)
+    got = window_scores(model, table, rows, batch_size=3)
+    catalogue, s = ServiceCatalogue(table), vocab.tokens_per_item
+    for i, row in enumerate(rows):
+        events = (len(row["input_ids"]) - 1) // s
+        requests, targets = [], []
+        for t in range(events):
+            tokens = row["input_ids"][1 + t * s : 1 + (t + 1) * s]
+            service = vocab.services[tokens[0] - vocab.service_offset]
+            starts = torch.tensor([vocab.code_token_range(d)[0] for d in range(vocab.levels + 1)])
+            targets.append(int(table.rows_for_codes([service], torch.tensor([tokens[1:]]) - starts)[0]))
+            requests.append({"user": row["user"], "service": service,
+                             "input_ids": row["input_ids"][: 1 + t * s] + [vocab.service_token(service)],
+                             "domain_ids": row["domain_ids"][: 1 + t * s] + [vocab.service_index(service)]})  # fmt: skip
+        log_probs, query, own = request_log_probs(model, item_batch(requests, vocab, 16, left_pad=True))
+        ranks, losses = ranks_for_requests(
+            log_probs,
+            [r["service"] for r in requests],
+            torch.tensor(targets),
+            catalogue,
+            query,
+            model.item_table(),
+            own,
+        )
+        assert got["loss"][i] == pytest.approx(float(losses.double().mean()), abs=1e-4)
+        assert got["rank"][i] == pytest.approx(float(torch.log2(ranks.double()).mean()), abs=1e-9)
