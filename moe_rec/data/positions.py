@@ -6,7 +6,9 @@ per event, and for a ``valid`` / ``test`` request the asked service's token at t
 item-level model reads the same samples regrouped: position 0 is ``[BOS]`` alone, position k the
 k-th event's ``S = L + 2`` tokens, so nothing is stored twice and both models train on the same
 files. An evaluation request's trailing service token becomes the query: the service whose item
-the last position must predict.
+the last position must predict. A text token (``[CRITIQUE]``, ``[EXPLAIN]``, ``[EOS]``, a subword)
+is a position of its own; the text after ``[EXPLAIN]`` up to ``[EOS]`` is a narrative, which the
+model learns to write (``text_labels``).
 
 :func:`item_batch` pads a list of samples into tensors::
 
@@ -15,6 +17,8 @@ the last position must predict.
     attention_mask  (B, T)      1 for real positions
     user_ids        (B,)        hashed user buckets
     labels          (B, T, P)   train samples: each event's code indices (P = L + 1), -100 elsewhere
+    text_labels     (B, T)      train samples with text: each narrative position's own text class
+                                (subword id, or text_size for [EOS]), -100 elsewhere
     query_services  (B, T)      requests: the asked service's token at every position
 """
 
@@ -27,7 +31,11 @@ import numpy as np
 import torch
 
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
-from moe_rec.data.vocab import BOS, PAD, Vocabulary
+from moe_rec.data.vocab import BOS, EOS, EXPLAIN, PAD, SPECIAL_TOKENS, Vocabulary
+
+TEXT_POSITION_TOKENS = {
+    token for token, name in enumerate(SPECIAL_TOKENS) if name in ("[EOS]", "[CRITIQUE]", "[EXPLAIN]")
+}
 
 
 def left_pad(rows: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,13 +68,16 @@ def split_positions(
         of an evaluation request (None for a training sample).
 
     Raises:
-        ValueError: when the tokens are not ``[BOS]`` + whole events (+ one service token).
+        ValueError: when the tokens are not ``[BOS]`` + whole events and text tokens (+ one service
+            token).
     """
     s = vocab.tokens_per_item
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.size == 0 or ids[0] != BOS:
         raise ValueError("a sample must start with [BOS]")
     body, query = ids[1:], None
+    if ((body < vocab.service_offset) | (body >= vocab.text_offset)).any():
+        return _walk_positions(ids, np.asarray(domain_ids, dtype=np.int64), vocab)
     if body.size % s == 1:  # an evaluation request: the asked service's token closes it
         body, query = body[:-1], int(body[-1])
     if body.size % s:
@@ -78,6 +89,51 @@ def split_positions(
     domains = np.asarray(domain_ids, dtype=np.int64)
     event_domains = domains[1 : 1 + n * s : s]  # the service token of each event
     return tokens, np.concatenate([domains[:1], event_domains]), query
+
+
+def _walk_positions(
+    ids: np.ndarray, domains: np.ndarray, vocab: Vocabulary
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """:func:`split_positions` of a sample with text: token by token, an event wherever a service
+    token starts ``S`` tokens, a position per text token."""
+    s, n = vocab.tokens_per_item, len(ids)
+    rows, doms, query, i = [[BOS] + [PAD] * (s - 1)], [domains[0]], None, 1
+    while i < n:
+        tok = int(ids[i])
+        if vocab.service_offset <= tok < vocab.code_offset:
+            if i == n - 1:  # the asked service closes a request
+                query = tok
+                break
+            if i + s > n:
+                raise ValueError(
+                    f"the event at token {i} is cut short: {n - i} of {s} tokens (not whole events)"
+                )
+            rows.append(ids[i : i + s].tolist())
+            width = s
+        elif tok in TEXT_POSITION_TOKENS or vocab.is_text(tok):
+            rows.append([tok] + [PAD] * (s - 1))
+            width = 1
+        else:
+            raise ValueError(f"token {tok} ({vocab.token_name(tok)}) at {i} starts neither an event nor text")
+        doms.append(domains[i])
+        i += width
+    return np.asarray(rows, dtype=np.int64), np.asarray(doms, dtype=np.int64), query
+
+
+def text_labels(tokens: np.ndarray, vocab: Vocabulary) -> np.ndarray:
+    """(T,) each position's text class inside a narrative (after ``[EXPLAIN]``, up to and with
+    ``[EOS]``): its subword id, or ``text_size`` for ``[EOS]``; -100 elsewhere."""
+    first = tokens[:, 0]
+    out = np.full(len(first), IGNORE_INDEX, dtype=np.int64)
+    inside = False
+    for t, tok in enumerate(first.tolist()):
+        if inside and vocab.is_text(tok):
+            out[t] = tok - vocab.text_offset
+        elif inside and tok == EOS:
+            out[t], inside = vocab.text_size, False
+        else:
+            inside = tok == EXPLAIN
+    return out
 
 
 def item_batch(
@@ -93,6 +149,7 @@ def item_batch(
     domain_ids = torch.zeros((b, t), dtype=torch.long)
     mask = torch.zeros((b, t), dtype=torch.long)
     labels = torch.full((b, t, s - 1), IGNORE_INDEX, dtype=torch.long)
+    texts = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
     query = torch.zeros((b, t), dtype=torch.long)
     for i, (tokens, domains, asked) in enumerate(parts):
         n = tokens.shape[0]
@@ -102,7 +159,10 @@ def item_batch(
         domain_ids[i, span] = torch.from_numpy(domains)
         mask[i, span] = 1
         if "labels" in rows[i]:
-            labels[i, span][1:] = torch.from_numpy(tokens[1:, 1:] - starts)
+            event = (tokens[:, 0] >= vocab.service_offset) & (tokens[:, 0] < vocab.code_offset)  # (n,)
+            codes = np.where(event[:, None], tokens[:, 1:] - starts, IGNORE_INDEX)
+            labels[i, span] = torch.from_numpy(codes)
+            texts[i, span] = torch.from_numpy(text_labels(tokens, vocab))
         if asked is not None:
             query[i] = asked
     batch = {
@@ -113,6 +173,8 @@ def item_batch(
     }
     if "labels" in rows[0]:
         batch["labels"] = labels
+        if vocab.text_size:
+            batch["text_labels"] = texts
     if parts[0][2] is not None:
         batch["query_services"] = query
     return batch

@@ -10,7 +10,7 @@ import torch
 
 from moe_rec.data.positions import code_token_ranges, item_batch, split_positions
 from moe_rec.data.sequences import IGNORE_INDEX
-from moe_rec.data.vocab import BOS, PAD, Vocabulary
+from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, PAD, SEP, Vocabulary
 from moe_rec.model import MoERecForItemPrediction, build_config, model_class
 
 VOCAB = Vocabulary(services=("a", "b", "c"), levels=3, codebook_size=8, dedup_size=4)
@@ -354,3 +354,69 @@ def test_item_vector_dropout_leaves_out_learned_vectors_in_training_only() -> No
     trained.eval()
     full = trained.item_embed.weight.detach() + text @ trained.text_proj.weight.detach().T
     torch.testing.assert_close(trained.item_table(), full)
+
+
+TEXT_VOCAB = Vocabulary(services=("a", "b", "c"), levels=3, codebook_size=8, dedup_size=4, text_size=20)
+
+
+def _text_sample(user: str = "u") -> dict:
+    """[BOS] event [CRITIQUE] 2 words event [EXPLAIN] 2 words [EOS]: a critique steering to an item,
+    then the item's narrative."""
+    t0 = TEXT_VOCAB.text_offset
+    first, target = TEXT_VOCAB.item_tokens("b", [1, 2, 3, 0]), TEXT_VOCAB.item_tokens("b", [4, 5, 6, 1])
+    ids = [BOS, *first, CRITIQUE, t0 + 3, t0 + 7, *target, EXPLAIN, t0 + 11, t0 + 19, EOS]
+    return {"user": user, "input_ids": ids, "domain_ids": [1] * len(ids), "labels": [0]}
+
+
+def test_text_positions_and_their_labels() -> None:
+    """A text token is a position of its own; item labels only on events, text labels only in the
+    narrative (after [EXPLAIN], [EOS] as class text_size); an unknown token is refused by name."""
+    row = _text_sample()
+    tokens, domains, asked = split_positions(row["input_ids"], row["domain_ids"], TEXT_VOCAB)
+    t0 = TEXT_VOCAB.text_offset
+    assert tokens[:, 0].tolist() == [BOS, TEXT_VOCAB.service_token("b"), CRITIQUE, t0 + 3, t0 + 7,
+                                     TEXT_VOCAB.service_token("b"), EXPLAIN, t0 + 11, t0 + 19, EOS]  # fmt: skip
+    assert (tokens[2:5, 1:] == PAD).all() and asked is None and domains.tolist() == [1] * 10
+    batch = item_batch([row], TEXT_VOCAB, 16)
+    assert batch["text_labels"][0].tolist() == [-100] * 7 + [11, 19, 20]
+    item_rows = (batch["labels"][0, :, 0] != IGNORE_INDEX).nonzero().flatten().tolist()
+    assert item_rows == [1, 5] and batch["labels"][0, 5].tolist() == [4, 5, 6, 1]
+    request = row["input_ids"][:9] + [TEXT_VOCAB.service_token("a")]  # history, critique, asked service
+    tokens, _, asked = split_positions(request, [1] * 10, TEXT_VOCAB)
+    assert len(tokens) == 5 and asked == TEXT_VOCAB.service_token("a")
+    with pytest.raises(ValueError, match=r"\[SEP\]"):
+        split_positions([BOS, *row["input_ids"][1:6], SEP], [1] * 7, TEXT_VOCAB)
+
+
+def test_text_loss_is_the_cross_entropy_of_the_narrative_under_the_tied_head() -> None:
+    """lm_loss = item loss + w x text loss; the text loss is the float64 cross-entropy of each
+    narrative token (and [EOS]) under the decoder output dotted with the tied embeddings; text
+    positions are no catalogue items."""
+    torch.manual_seed(21)
+    start, stop = TEXT_VOCAB.text_offset, TEXT_VOCAB.size
+    catalogue = [("b", [1, 2, 3, 0]), ("b", [4, 5, 6, 1]), ("b", [7, 7, 7, 0]), ("a", [0, 1, 2, 3])]
+    cfg = build_config(
+        "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+        code_token_ranges=code_token_ranges(TEXT_VOCAB), text_token_range=[start, stop], text_loss_weight=0.5,
+        item_loss="items", item_embedding=True, num_items=len(catalogue),
+    )  # fmt: skip
+    model = model_class(cfg)(cfg).eval()
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]),
+        torch.tensor([TEXT_VOCAB.service_token(s) for s, _ in catalogue]),
+    )
+    batch = item_batch([_text_sample(), _text_sample("v")], TEXT_VOCAB, 16)
+    batch.pop("user_ids")
+    captured = {}
+    model.model.register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
+    out = model(**batch)
+    h = captured["hidden"][0].detach().double()  # (T, D) the decoder output of sample 0
+    emb = model.model.embed_tokens.weight.detach().double()
+    head = torch.cat([emb[start:stop], emb[EOS : EOS + 1]])  # (V + 1, D)
+    nll = []
+    for t, cls in ((6, 11), (7, 19), (8, 20)):  # [EXPLAIN] writes word 11, which writes 19, then [EOS]
+        nll.append(float(torch.logsumexp(head @ h[t], 0) - head[cls] @ h[t]))
+    assert out.text_loss.item() == pytest.approx(sum(nll) / 3, rel=1e-4)  # both samples alike
+    no_text = model(**{k: v for k, v in batch.items() if k != "text_labels"})
+    assert out.lm_loss.item() == pytest.approx(no_text.lm_loss.item() + 0.5 * out.text_loss.item(), rel=1e-5)
+    assert model.position_rows(batch["item_tokens"])[0].tolist() == [-1, 0, -1, -1, -1, 1, -1, -1, -1, -1]
