@@ -25,7 +25,7 @@ model learns to write (``text_labels``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -58,14 +58,17 @@ def code_token_ranges(vocab: Vocabulary) -> list[list[int]]:
     return [list(vocab.code_token_range(depth)) for depth in range(vocab.levels + 1)]
 
 
-def split_positions(
-    input_ids: Sequence[int], domain_ids: Sequence[int], vocab: Vocabulary
-) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """One sample's tokens as positions.
+class Positions(NamedTuple):
+    """One sample as positions (:func:`split_positions`)."""
 
-    Returns:
-        tokens (T, S) with ``[BOS]`` alone first, domains (T,), and the trailing asked-service token
-        of an evaluation request (None for a training sample).
+    tokens: np.ndarray  # (T, S) each position's tokens, [BOS] alone first
+    domains: np.ndarray  # (T,) each position's service index
+    query: int | None  # the trailing asked-service token of a request (None for a training sample)
+    starts: np.ndarray  # (T,) index in the sample's tokens where each position starts
+
+
+def split_positions(input_ids: Sequence[int], domain_ids: Sequence[int], vocab: Vocabulary) -> Positions:
+    """One sample's tokens as positions.
 
     Raises:
         ValueError: when the tokens are not ``[BOS]`` + whole events and text tokens (+ one service
@@ -88,16 +91,15 @@ def split_positions(
     tokens[1:] = body.reshape(n, s)
     domains = np.asarray(domain_ids, dtype=np.int64)
     event_domains = domains[1 : 1 + n * s : s]  # the service token of each event
-    return tokens, np.concatenate([domains[:1], event_domains]), query
+    starts = np.concatenate([[0], np.arange(1, 1 + n * s, s)])
+    return Positions(tokens, np.concatenate([domains[:1], event_domains]), query, starts)
 
 
-def _walk_positions(
-    ids: np.ndarray, domains: np.ndarray, vocab: Vocabulary
-) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _walk_positions(ids: np.ndarray, domains: np.ndarray, vocab: Vocabulary) -> Positions:
     """:func:`split_positions` of a sample with text: token by token, an event wherever a service
     token starts ``S`` tokens, a position per text token."""
     s, n = vocab.tokens_per_item, len(ids)
-    rows, doms, query, i = [[BOS] + [PAD] * (s - 1)], [domains[0]], None, 1
+    rows, doms, starts, query, i = [[BOS] + [PAD] * (s - 1)], [domains[0]], [0], None, 1
     while i < n:
         tok = int(ids[i])
         if vocab.service_offset <= tok < vocab.code_offset:
@@ -116,8 +118,11 @@ def _walk_positions(
         else:
             raise ValueError(f"token {tok} ({vocab.token_name(tok)}) at {i} starts neither an event nor text")
         doms.append(domains[i])
+        starts.append(i)
         i += width
-    return np.asarray(rows, dtype=np.int64), np.asarray(doms, dtype=np.int64), query
+    return Positions(
+        np.asarray(rows, dtype=np.int64), np.asarray(doms, dtype=np.int64), query, np.asarray(starts)
+    )
 
 
 def text_labels(tokens: np.ndarray, vocab: Vocabulary) -> np.ndarray:
@@ -140,10 +145,11 @@ def item_batch(
     rows: Sequence[dict[str, Any]], vocab: Vocabulary, num_user_buckets: int, left_pad: bool = False
 ) -> dict[str, torch.Tensor]:
     """Pad samples (train rows with ``labels``, or ``valid`` / ``test`` requests) into an item-level
-    batch (see the module docstring). Requests are usually left-padded, so the last column is every
-    request's query position."""
+    batch (see the module docstring). An event is a label unless a row's token ``labels`` (one per
+    input token) leave its codes out (-100), as a critique sample does for its history. Requests
+    are usually left-padded, so the last column is every request's query position."""
     parts = [split_positions(r["input_ids"], r["domain_ids"], vocab) for r in rows]
-    b, t, s = len(rows), max(p[0].shape[0] for p in parts), vocab.tokens_per_item
+    b, t, s = len(rows), max(p.tokens.shape[0] for p in parts), vocab.tokens_per_item
     starts = np.asarray([r[0] for r in code_token_ranges(vocab)], dtype=np.int64)  # (P,)
     item_tokens = torch.full((b, t, s), PAD, dtype=torch.long)
     domain_ids = torch.zeros((b, t), dtype=torch.long)
@@ -151,7 +157,7 @@ def item_batch(
     labels = torch.full((b, t, s - 1), IGNORE_INDEX, dtype=torch.long)
     texts = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
     query = torch.zeros((b, t), dtype=torch.long)
-    for i, (tokens, domains, asked) in enumerate(parts):
+    for i, (tokens, domains, asked, token_starts) in enumerate(parts):
         n = tokens.shape[0]
         span = slice(t - n, t) if left_pad else slice(0, n)
         item_tokens[i, span] = torch.from_numpy(tokens)
@@ -160,6 +166,9 @@ def item_batch(
         mask[i, span] = 1
         if "labels" in rows[i]:
             event = (tokens[:, 0] >= vocab.service_offset) & (tokens[:, 0] < vocab.code_offset)  # (n,)
+            stored = rows[i]["labels"]
+            if len(stored) == len(rows[i]["input_ids"]):  # token labels: an event whose codes have none
+                event &= np.asarray(stored)[np.minimum(token_starts + 1, len(stored) - 1)] != IGNORE_INDEX
             codes = np.where(event[:, None], tokens[:, 1:] - starts, IGNORE_INDEX)
             labels[i, span] = torch.from_numpy(codes)
             texts[i, span] = torch.from_numpy(text_labels(tokens, vocab))
@@ -175,6 +184,6 @@ def item_batch(
         batch["labels"] = labels
         if vocab.text_size:
             batch["text_labels"] = texts
-    if parts[0][2] is not None:
+    if parts[0].query is not None:
         batch["query_services"] = query
     return batch

@@ -64,7 +64,7 @@ def _random_events(g: torch.Generator, n: int) -> list[tuple[str, list[int]]]:
 def test_positions_regroup_tokens_by_event() -> None:
     events = [("b", [1, 2, 3, 0]), ("a", [7, 0, 5, 3])]
     row = _sample(events, "u", ask="c")
-    tokens, domains, asked = split_positions(row["input_ids"], row["domain_ids"], VOCAB)
+    tokens, domains, asked, _ = split_positions(row["input_ids"], row["domain_ids"], VOCAB)
     assert tokens[0].tolist() == [BOS] + [PAD] * 4
     assert tokens[1].tolist() == VOCAB.item_tokens("b", [1, 2, 3, 0])
     assert tokens[2].tolist() == VOCAB.item_tokens("a", [7, 0, 5, 3])
@@ -372,7 +372,7 @@ def test_text_positions_and_their_labels() -> None:
     """A text token is a position of its own; item labels only on events, text labels only in the
     narrative (after [EXPLAIN], [EOS] as class text_size); an unknown token is refused by name."""
     row = _text_sample()
-    tokens, domains, asked = split_positions(row["input_ids"], row["domain_ids"], TEXT_VOCAB)
+    tokens, domains, asked, _ = split_positions(row["input_ids"], row["domain_ids"], TEXT_VOCAB)
     t0 = TEXT_VOCAB.text_offset
     assert tokens[:, 0].tolist() == [BOS, TEXT_VOCAB.service_token("b"), CRITIQUE, t0 + 3, t0 + 7,
                                      TEXT_VOCAB.service_token("b"), EXPLAIN, t0 + 11, t0 + 19, EOS]  # fmt: skip
@@ -381,8 +381,12 @@ def test_text_positions_and_their_labels() -> None:
     assert batch["text_labels"][0].tolist() == [-100] * 7 + [11, 19, 20]
     item_rows = (batch["labels"][0, :, 0] != IGNORE_INDEX).nonzero().flatten().tolist()
     assert item_rows == [1, 5] and batch["labels"][0, 5].tolist() == [4, 5, 6, 1]
+    only_target = [IGNORE_INDEX] * len(row["input_ids"])  # token labels: the history's events left out
+    only_target[10:14] = row["input_ids"][10:14]  # the target event's codes (tokens 9..13, service first)
+    batch = item_batch([{**row, "labels": only_target}], TEXT_VOCAB, 16)
+    assert (batch["labels"][0, :, 0] != IGNORE_INDEX).nonzero().flatten().tolist() == [5]
     request = row["input_ids"][:9] + [TEXT_VOCAB.service_token("a")]  # history, critique, asked service
-    tokens, _, asked = split_positions(request, [1] * 10, TEXT_VOCAB)
+    tokens, _, asked, _ = split_positions(request, [1] * 10, TEXT_VOCAB)
     assert len(tokens) == 5 and asked == TEXT_VOCAB.service_token("a")
     with pytest.raises(ValueError, match=r"\[SEP\]"):
         split_positions([BOS, *row["input_ids"][1:6], SEP], [1] * 7, TEXT_VOCAB)
