@@ -178,7 +178,7 @@ class SequenceBuilder:
         self.item_codes = item_codes
         self.cfg = cfg
 
-    def _codes(self, e: Event) -> Sequence[int]:
+    def event_codes(self, e: Event) -> Sequence[int]:
         codes = self.item_codes.get((e.service, e.item_id))
         if codes is None:
             raise DataError(
@@ -190,7 +190,7 @@ class SequenceBuilder:
         """``[BOS]`` + the events' tokens, with ``domain_ids`` and (if asked) item-code ``labels``."""
         input_ids, domain_ids, labels = [BOS], [], [IGNORE_INDEX]
         for e in events:
-            tokens = self.vocab.item_tokens(e.service, self._codes(e))
+            tokens = self.vocab.item_tokens(e.service, self.event_codes(e))
             input_ids += tokens
             domain_ids += [self.vocab.service_index(e.service)] * len(tokens)
             labels += [IGNORE_INDEX] + (tokens[1:] if label_items else [IGNORE_INDEX] * (len(tokens) - 1))
@@ -244,7 +244,7 @@ class SequenceBuilder:
             yield {
                 "user": user,
                 "service": target.service,
-                **prompt(self.vocab, [(e.service, self._codes(e)) for e in context], target.service),
+                **prompt(self.vocab, [(e.service, self.event_codes(e)) for e in context], target.service),
                 "target": list(self.item_codes[(target.service, target.item_id)]),
                 "target_item": target.item_id,
             }
