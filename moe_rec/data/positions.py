@@ -6,7 +6,9 @@ per event, and for a ``valid`` / ``test`` request the asked service's token at t
 item-level model reads the same samples regrouped: position 0 is ``[BOS]`` alone, position k the
 k-th event's ``S = L + 2`` tokens, so nothing is stored twice and both models train on the same
 files. An evaluation request's trailing service token becomes the query: the service whose item
-the last position must predict.
+the last position must predict. A text token (``[CRITIQUE]``, ``[EXPLAIN]``, ``[EOS]``, a subword)
+is a position of its own; the text after ``[EXPLAIN]`` up to ``[EOS]`` is a narrative, which the
+model learns to write (``text_labels``).
 
 :func:`item_batch` pads a list of samples into tensors::
 
@@ -15,19 +17,25 @@ the last position must predict.
     attention_mask  (B, T)      1 for real positions
     user_ids        (B,)        hashed user buckets
     labels          (B, T, P)   train samples: each event's code indices (P = L + 1), -100 elsewhere
+    text_labels     (B, T)      train samples with text: each narrative position's own text class
+                                (subword id, or text_size for [EOS]), -100 elsewhere
     query_services  (B, T)      requests: the asked service's token at every position
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
-from moe_rec.data.vocab import BOS, PAD, Vocabulary
+from moe_rec.data.vocab import BOS, EOS, EXPLAIN, PAD, SPECIAL_TOKENS, Vocabulary
+
+TEXT_POSITION_TOKENS = {
+    token for token, name in enumerate(SPECIAL_TOKENS) if name in ("[EOS]", "[CRITIQUE]", "[EXPLAIN]")
+}
 
 
 def left_pad(rows: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,23 +58,29 @@ def code_token_ranges(vocab: Vocabulary) -> list[list[int]]:
     return [list(vocab.code_token_range(depth)) for depth in range(vocab.levels + 1)]
 
 
-def split_positions(
-    input_ids: Sequence[int], domain_ids: Sequence[int], vocab: Vocabulary
-) -> tuple[np.ndarray, np.ndarray, int | None]:
+class Positions(NamedTuple):
+    """One sample as positions (:func:`split_positions`)."""
+
+    tokens: np.ndarray  # (T, S) each position's tokens, [BOS] alone first
+    domains: np.ndarray  # (T,) each position's service index
+    query: int | None  # the trailing asked-service token of a request (None for a training sample)
+    starts: np.ndarray  # (T,) index in the sample's tokens where each position starts
+
+
+def split_positions(input_ids: Sequence[int], domain_ids: Sequence[int], vocab: Vocabulary) -> Positions:
     """One sample's tokens as positions.
 
-    Returns:
-        tokens (T, S) with ``[BOS]`` alone first, domains (T,), and the trailing asked-service token
-        of an evaluation request (None for a training sample).
-
     Raises:
-        ValueError: when the tokens are not ``[BOS]`` + whole events (+ one service token).
+        ValueError: when the tokens are not ``[BOS]`` + whole events and text tokens (+ one service
+            token).
     """
     s = vocab.tokens_per_item
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.size == 0 or ids[0] != BOS:
         raise ValueError("a sample must start with [BOS]")
     body, query = ids[1:], None
+    if ((body < vocab.service_offset) | (body >= vocab.text_offset)).any():
+        return _walk_positions(ids, np.asarray(domain_ids, dtype=np.int64), vocab)
     if body.size % s == 1:  # an evaluation request: the asked service's token closes it
         body, query = body[:-1], int(body[-1])
     if body.size % s:
@@ -77,24 +91,73 @@ def split_positions(
     tokens[1:] = body.reshape(n, s)
     domains = np.asarray(domain_ids, dtype=np.int64)
     event_domains = domains[1 : 1 + n * s : s]  # the service token of each event
-    return tokens, np.concatenate([domains[:1], event_domains]), query
+    starts = np.concatenate([[0], np.arange(1, 1 + n * s, s)])
+    return Positions(tokens, np.concatenate([domains[:1], event_domains]), query, starts)
+
+
+def _walk_positions(ids: np.ndarray, domains: np.ndarray, vocab: Vocabulary) -> Positions:
+    """:func:`split_positions` of a sample with text: token by token, an event wherever a service
+    token starts ``S`` tokens, a position per text token."""
+    s, n = vocab.tokens_per_item, len(ids)
+    rows, doms, starts, query, i = [[BOS] + [PAD] * (s - 1)], [domains[0]], [0], None, 1
+    while i < n:
+        tok = int(ids[i])
+        if vocab.service_offset <= tok < vocab.code_offset:
+            if i == n - 1:  # the asked service closes a request
+                query = tok
+                break
+            if i + s > n:
+                raise ValueError(
+                    f"the event at token {i} is cut short: {n - i} of {s} tokens (not whole events)"
+                )
+            rows.append(ids[i : i + s].tolist())
+            width = s
+        elif tok in TEXT_POSITION_TOKENS or vocab.is_text(tok):
+            rows.append([tok] + [PAD] * (s - 1))
+            width = 1
+        else:
+            raise ValueError(f"token {tok} ({vocab.token_name(tok)}) at {i} starts neither an event nor text")
+        doms.append(domains[i])
+        starts.append(i)
+        i += width
+    return Positions(
+        np.asarray(rows, dtype=np.int64), np.asarray(doms, dtype=np.int64), query, np.asarray(starts)
+    )
+
+
+def text_labels(tokens: np.ndarray, vocab: Vocabulary) -> np.ndarray:
+    """(T,) each position's text class inside a narrative (after ``[EXPLAIN]``, up to and with
+    ``[EOS]``): its subword id, or ``text_size`` for ``[EOS]``; -100 elsewhere."""
+    first = tokens[:, 0]
+    out = np.full(len(first), IGNORE_INDEX, dtype=np.int64)
+    inside = False
+    for t, tok in enumerate(first.tolist()):
+        if inside and vocab.is_text(tok):
+            out[t] = tok - vocab.text_offset
+        elif inside and tok == EOS:
+            out[t], inside = vocab.text_size, False
+        else:
+            inside = tok == EXPLAIN
+    return out
 
 
 def item_batch(
     rows: Sequence[dict[str, Any]], vocab: Vocabulary, num_user_buckets: int, left_pad: bool = False
 ) -> dict[str, torch.Tensor]:
     """Pad samples (train rows with ``labels``, or ``valid`` / ``test`` requests) into an item-level
-    batch (see the module docstring). Requests are usually left-padded, so the last column is every
-    request's query position."""
+    batch (see the module docstring). An event is a label unless a row's token ``labels`` (one per
+    input token) leave its codes out (-100), as a critique sample does for its history. Requests
+    are usually left-padded, so the last column is every request's query position."""
     parts = [split_positions(r["input_ids"], r["domain_ids"], vocab) for r in rows]
-    b, t, s = len(rows), max(p[0].shape[0] for p in parts), vocab.tokens_per_item
+    b, t, s = len(rows), max(p.tokens.shape[0] for p in parts), vocab.tokens_per_item
     starts = np.asarray([r[0] for r in code_token_ranges(vocab)], dtype=np.int64)  # (P,)
     item_tokens = torch.full((b, t, s), PAD, dtype=torch.long)
     domain_ids = torch.zeros((b, t), dtype=torch.long)
     mask = torch.zeros((b, t), dtype=torch.long)
     labels = torch.full((b, t, s - 1), IGNORE_INDEX, dtype=torch.long)
+    texts = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
     query = torch.zeros((b, t), dtype=torch.long)
-    for i, (tokens, domains, asked) in enumerate(parts):
+    for i, (tokens, domains, asked, token_starts) in enumerate(parts):
         n = tokens.shape[0]
         span = slice(t - n, t) if left_pad else slice(0, n)
         item_tokens[i, span] = torch.from_numpy(tokens)
@@ -102,7 +165,13 @@ def item_batch(
         domain_ids[i, span] = torch.from_numpy(domains)
         mask[i, span] = 1
         if "labels" in rows[i]:
-            labels[i, span][1:] = torch.from_numpy(tokens[1:, 1:] - starts)
+            event = (tokens[:, 0] >= vocab.service_offset) & (tokens[:, 0] < vocab.code_offset)  # (n,)
+            stored = rows[i]["labels"]
+            if len(stored) == len(rows[i]["input_ids"]):  # token labels: an event whose codes have none
+                event &= np.asarray(stored)[np.minimum(token_starts + 1, len(stored) - 1)] != IGNORE_INDEX
+            codes = np.where(event[:, None], tokens[:, 1:] - starts, IGNORE_INDEX)
+            labels[i, span] = torch.from_numpy(codes)
+            texts[i, span] = torch.from_numpy(text_labels(tokens, vocab))
         if asked is not None:
             query[i] = asked
     batch = {
@@ -113,6 +182,8 @@ def item_batch(
     }
     if "labels" in rows[0]:
         batch["labels"] = labels
-    if parts[0][2] is not None:
+        if vocab.text_size:
+            batch["text_labels"] = texts
+    if parts[0].query is not None:
         batch["query_services"] = query
     return batch

@@ -8,10 +8,13 @@ Layout (ids are contiguous, in this order)::
     C0 + l*K + c                   code c (0 <= c < K) of level l (0 <= l < L); each level has its
                                    own K tokens, so "code 5 at level 1" and "code 5 at level 2" differ
     D0 + d                         dedup code d (0 <= d < dedup_size), the last token of every item
+    X0 + w                         text token w (0 <= w < text_size) of the subword tokenizer
+                                   (:mod:`moe_rec.data.text_tokenizer`; none without text)
 
-with ``S0 = 8``, ``C0 = S0 + service_slots`` and ``D0 = C0 + L*K``. An item is written as
-``[service][c1]..[cL][dedup]``: L+2 tokens. The vocabulary knows nothing about which items exist;
-that is the SID table's job.
+with ``S0 = 8``, ``C0 = S0 + service_slots``, ``D0 = C0 + L*K`` and ``X0 = D0 + dedup_size``. An
+item is written as ``[service][c1]..[cL][dedup]``: L+2 tokens; a critique as ``[CRITIQUE]`` and its
+text tokens, a narrative as ``[EXPLAIN]``, its text tokens and ``[EOS]``. The vocabulary knows
+nothing about which items exist; that is the SID table's job.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[SEP]", "[UNK]", "[RESERVED5]", "[RESERVED6]", "[RESERVED7]")
-PAD, BOS, EOS, SEP, UNK = range(5)
+SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[SEP]", "[UNK]", "[CRITIQUE]", "[EXPLAIN]", "[RESERVED7]")
+PAD, BOS, EOS, SEP, UNK, CRITIQUE, EXPLAIN = range(7)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Vocabulary:
     codebook_size: int  # K
     dedup_size: int  # range of the final dedup code
     service_slots: int = field(default=0)  # 0: exactly len(services)
+    text_size: int = 0  # subword tokens of the text tokenizer (0: no text)
 
     def __post_init__(self) -> None:
         if len(set(self.services)) != len(self.services):
@@ -54,8 +58,16 @@ class Vocabulary:
         return self.code_offset + self.levels * self.codebook_size
 
     @property
-    def size(self) -> int:
+    def text_offset(self) -> int:
         return self.dedup_offset + self.dedup_size
+
+    @property
+    def size(self) -> int:
+        return self.text_offset + self.text_size
+
+    def is_text(self, token: int) -> bool:
+        """Whether ``token`` is a text token (a subword, not a special token)."""
+        return self.text_offset <= token < self.size
 
     @property
     def tokens_per_item(self) -> int:
@@ -118,8 +130,10 @@ class Vocabulary:
         if token < self.dedup_offset:
             level, code = divmod(token - self.code_offset, self.codebook_size)
             return f"[c{level + 1}:{code}]"
-        if token < self.size:
+        if token < self.text_offset:
             return f"[dedup:{token - self.dedup_offset}]"
+        if token < self.size:
+            return f"[text:{token - self.text_offset}]"
         raise ValueError(f"token {token} outside the vocabulary of size {self.size}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_rec.data.sequences import IGNORE_INDEX
+from moe_rec.data.vocab import EOS, SPECIAL_TOKENS
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERecPreTrainedModel, router_stats
 
@@ -94,6 +95,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.text_prior: nn.Parameter | None = None
         if config.item_text_prior:  # the weight of the last item's text similarity, in mean-code-logit units
             self.text_prior = nn.Parameter(torch.full((1,), TEXT_PRIOR_INIT))  # (1,): DeepSpeed takes no 0-d
+        self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
@@ -146,6 +148,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         ``item_text`` the projection of the item's text embedding; zero where a row is -1."""
         safe = rows.clamp_min(0)
         vec = self.item_embed(safe)
+        if (
+            self.training and self._kept_vectors is not None
+        ):  # item_vector_dropout: these items' learned vectors left out
+            vec = vec * self._kept_vectors[safe][..., None].to(vec.dtype)
         if self.text_proj is not None:
             vec = vec + self.text_proj(self.item_text[safe].to(vec.dtype))
         return vec * (rows >= 0)[..., None].to(vec.dtype)
@@ -212,7 +218,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         """(B, T) catalogue row of each position's item (-1: not an item, or not in the catalogue)."""
         rows, _ = self.code_layout(item_tokens.device)
         codes = (item_tokens[..., 1:] - rows[:, 0]).clamp_min(0)  # (B, T, P) code indices
-        return self.item_rows(codes, item_tokens[..., 0])
+        first = item_tokens[..., 0]
+        event = (first >= len(SPECIAL_TOKENS)) & (first < rows[0, 0])  # a service token: an event
+        return torch.where(event, self.item_rows(codes, first), -1)
 
     def query(self, hidden: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
         """(B, T, D) what the heads read: the decoder output plus the asked service's embedding."""
@@ -236,6 +244,14 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         logits = torch.einsum("btpd,pkd->btpk", q, codes) / self.config.item_head_temperature
         return logits.masked_fill(~valid, float("-inf"))
 
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., V + 1) the next text token's logits from decoder outputs (..., D): a dot product
+        with the input embeddings of the V subwords, then of ``[EOS]`` (class V), as Gemma ties
+        its output to its input."""
+        start, stop = self.config.text_token_range
+        emb = self.model.embed_tokens.weight
+        return F.linear(hidden, torch.cat([emb[start:stop], emb[EOS : EOS + 1]]))
+
     def forward(
         self,
         item_tokens: torch.LongTensor,
@@ -245,6 +261,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         labels: torch.LongTensor | None = None,
         query_services: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        text_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoERecOutput:
         """Args:
@@ -257,10 +274,18 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         query_services: (B, T) service token asked after each position; default: the next
             position's service token (the last position repeats its own).
         logits_to_keep: code logits for only the last this-many positions (0 = all).
+        text_labels: (B, T) with ``text_token_range``: each narrative position's own text class
+            (:func:`moe_rec.data.positions.text_labels`), -100 elsewhere; position t is trained
+            to write the text of position t + 1.
 
         Returns:
-            ``logits`` (B, T', P, K_max) and, with ``labels``, ``loss`` = ``lm_loss`` + ``aux_loss``.
+            ``logits`` (B, T', P, K_max) and, with ``labels``, ``loss`` = ``lm_loss`` + ``aux_loss``,
+            ``lm_loss`` the item loss plus ``text_loss_weight`` x ``text_loss`` (with ``text_labels``).
         """
+        p = self.config.item_vector_dropout
+        self._kept_vectors = None  # one draw per forward: an item is left out as input and as candidate
+        if self.training and p and self.item_embed is not None:
+            self._kept_vectors = torch.rand(self.config.num_items, device=item_tokens.device) >= p
         if query_services is None:
             service = item_tokens[..., 0]  # (B, T)
             query_services = torch.cat([service[:, 1:], service[:, -1:]], dim=1)
@@ -284,7 +309,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
             target = labels[:, 1:]  # (B, T-1, P): the next event's codes
-            if self.config.item_loss == "items":
+            if not bool((target[..., 0] != IGNORE_INDEX).any()):  # no event to predict (text only)
+                out.lm_loss = logits.sum() * 0.0
+            elif self.config.item_loss == "items":
                 query = out.hidden_states[:, :-1] if self.item_embed is not None else None
                 own = own_rows[:, :-1] if own_rows is not None else None
                 out.lm_loss = self._item_softmax_loss(
@@ -296,6 +323,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                     target.reshape(-1),
                     ignore_index=IGNORE_INDEX,
                 )
+            if text_labels is not None and self.config.text_token_range is not None:
+                written = text_labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t writes t + 1
+                if bool(written.any()):  # only the positions that write text pay for the head
+                    logits_t = self.text_logits(hidden[:, :-1][written]).float()
+                    out.text_loss = F.cross_entropy(logits_t, text_labels[:, 1:][written])
+                    out.lm_loss = out.lm_loss + self.config.text_loss_weight * out.text_loss
             out.loss = out.lm_loss + (out.aux_loss if out.aux_loss is not None else 0.0)
         return out
 

@@ -238,6 +238,7 @@ class MoERecOutput(ModelOutput):
     else:
         past_key_values: KVCache | None = None
     lm_loss: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None  # the item-level model's narrative loss (part of lm_loss)
     aux_loss: torch.Tensor | None = None
     load_balancing_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None

@@ -31,6 +31,7 @@ SET_ELSEWHERE = {
     "code_token_ranges": "the vocabulary (model.kind=item)",
     "num_items": "the SID table (model.kind=item with item_embedding)",
     "item_text_dim": "the SID stage's text encoder (model.kind=item with item_text)",
+    "text_token_range": "the vocabulary's text tokens (model.kind=item, sequences with critiques)",
 }
 
 

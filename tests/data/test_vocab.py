@@ -45,3 +45,13 @@ def test_bad_codes_and_services_are_rejected() -> None:
     with pytest.raises(ValueError, match="duplicate"):
         Vocabulary(("a", "a"), levels=1, codebook_size=2, dedup_size=1)
     assert Vocabulary.from_dict(v.to_dict()) == v
+
+
+def test_text_tokens_follow_the_item_tokens() -> None:
+    plain = Vocabulary(services=("a", "b"), levels=2, codebook_size=4, dedup_size=3)
+    v = Vocabulary(services=("a", "b"), levels=2, codebook_size=4, dedup_size=3, text_size=10)
+    assert v.text_offset == plain.size and v.size == plain.size + 10
+    assert not v.is_text(v.text_offset - 1) and v.is_text(v.text_offset) and not v.is_text(v.size)
+    assert v.token_name(v.text_offset + 4) == "[text:4]" and v.token_name(v.text_offset - 1) == "[dedup:2]"
+    assert Vocabulary.from_dict(v.to_dict()) == v
+    assert Vocabulary.from_dict({k: x for k, x in v.to_dict().items() if k != "text_size"}) == plain

@@ -10,7 +10,7 @@ import torch
 
 from moe_rec.data.positions import code_token_ranges, item_batch, split_positions
 from moe_rec.data.sequences import IGNORE_INDEX
-from moe_rec.data.vocab import BOS, PAD, Vocabulary
+from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, PAD, SEP, Vocabulary
 from moe_rec.model import MoERecForItemPrediction, build_config, model_class
 
 VOCAB = Vocabulary(services=("a", "b", "c"), levels=3, codebook_size=8, dedup_size=4)
@@ -64,7 +64,7 @@ def _random_events(g: torch.Generator, n: int) -> list[tuple[str, list[int]]]:
 def test_positions_regroup_tokens_by_event() -> None:
     events = [("b", [1, 2, 3, 0]), ("a", [7, 0, 5, 3])]
     row = _sample(events, "u", ask="c")
-    tokens, domains, asked = split_positions(row["input_ids"], row["domain_ids"], VOCAB)
+    tokens, domains, asked, _ = split_positions(row["input_ids"], row["domain_ids"], VOCAB)
     assert tokens[0].tolist() == [BOS] + [PAD] * 4
     assert tokens[1].tolist() == VOCAB.item_tokens("b", [1, 2, 3, 0])
     assert tokens[2].tolist() == VOCAB.item_tokens("a", [7, 0, 5, 3])
@@ -307,3 +307,120 @@ def test_items_kept_out_of_training_are_no_negatives_and_keep_a_zero_vector() ->
         model(**batch).loss.backward()
         grad = model.item_embed.weight.grad.abs().sum(-1)  # (N,)
         assert (grad[~trained] == 0).all() and (grad[trained] > 0).any()
+
+
+def test_item_vector_dropout_leaves_out_learned_vectors_in_training_only() -> None:
+    """item_vector_dropout: a training forward equals an evaluation forward of the same weights with
+    the left-out items' learned vectors zeroed (input positions and candidates alike; their text
+    part stays), those rows get no gradient, and evaluation afterwards uses every vector."""
+    g = torch.Generator().manual_seed(16)
+    catalogue = _catalogue(g)
+    codes = torch.tensor([c for _, c in catalogue])
+    tokens = torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    rows = [
+        _sample([catalogue[i] for i in picks], f"u{j}") for j, picks in enumerate([[0, 5, 9, 3], [11, 2, 6]])
+    ]
+    batch = item_batch(rows, VOCAB, 16)
+    batch.pop("user_ids")
+    text = torch.randn(len(catalogue), 6, generator=g)
+
+    def model() -> MoERecForItemPrediction:
+        m = _model(
+            17, "token", item_loss="items", item_embedding=True, num_items=len(catalogue), item_text=True,
+            item_text_dim=6, item_vector_dropout=0.5, hidden_dropout=0.0, attention_dropout=0.0,
+        )  # fmt: skip
+        m.set_item_text(text)
+        m.set_train_catalogue(codes, tokens)
+        with torch.no_grad():
+            m.item_embed.weight.copy_(
+                torch.randn(m.item_embed.weight.shape, generator=torch.Generator().manual_seed(18))
+            )
+        return m
+
+    trained = model().train()
+    torch.manual_seed(19)
+    loss = trained(**batch).lm_loss
+    kept = trained._kept_vectors.clone()
+    assert 0 < int(kept.sum()) < len(catalogue)  # some left out, some kept (seeded)
+    loss.backward()
+    grad = trained.item_embed.weight.grad.abs().sum(-1)
+    assert (grad[~kept] == 0).all() and (grad[kept] > 0).any()
+
+    reference = model()  # evaluation mode, the left-out vectors zeroed by hand
+    with torch.no_grad():
+        reference.item_embed.weight[~kept] = 0.0
+        assert reference(**batch).lm_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+
+    trained.eval()
+    full = trained.item_embed.weight.detach() + text @ trained.text_proj.weight.detach().T
+    torch.testing.assert_close(trained.item_table(), full)
+
+
+TEXT_VOCAB = Vocabulary(services=("a", "b", "c"), levels=3, codebook_size=8, dedup_size=4, text_size=20)
+
+
+def _text_sample(user: str = "u") -> dict:
+    """[BOS] event [CRITIQUE] 2 words event [EXPLAIN] 2 words [EOS]: a critique steering to an item,
+    then the item's narrative."""
+    t0 = TEXT_VOCAB.text_offset
+    first, target = TEXT_VOCAB.item_tokens("b", [1, 2, 3, 0]), TEXT_VOCAB.item_tokens("b", [4, 5, 6, 1])
+    ids = [BOS, *first, CRITIQUE, t0 + 3, t0 + 7, *target, EXPLAIN, t0 + 11, t0 + 19, EOS]
+    return {"user": user, "input_ids": ids, "domain_ids": [1] * len(ids), "labels": [0]}
+
+
+def test_text_positions_and_their_labels() -> None:
+    """A text token is a position of its own; item labels only on events, text labels only in the
+    narrative (after [EXPLAIN], [EOS] as class text_size); an unknown token is refused by name."""
+    row = _text_sample()
+    tokens, domains, asked, _ = split_positions(row["input_ids"], row["domain_ids"], TEXT_VOCAB)
+    t0 = TEXT_VOCAB.text_offset
+    assert tokens[:, 0].tolist() == [BOS, TEXT_VOCAB.service_token("b"), CRITIQUE, t0 + 3, t0 + 7,
+                                     TEXT_VOCAB.service_token("b"), EXPLAIN, t0 + 11, t0 + 19, EOS]  # fmt: skip
+    assert (tokens[2:5, 1:] == PAD).all() and asked is None and domains.tolist() == [1] * 10
+    batch = item_batch([row], TEXT_VOCAB, 16)
+    assert batch["text_labels"][0].tolist() == [-100] * 7 + [11, 19, 20]
+    item_rows = (batch["labels"][0, :, 0] != IGNORE_INDEX).nonzero().flatten().tolist()
+    assert item_rows == [1, 5] and batch["labels"][0, 5].tolist() == [4, 5, 6, 1]
+    only_target = [IGNORE_INDEX] * len(row["input_ids"])  # token labels: the history's events left out
+    only_target[10:14] = row["input_ids"][10:14]  # the target event's codes (tokens 9..13, service first)
+    batch = item_batch([{**row, "labels": only_target}], TEXT_VOCAB, 16)
+    assert (batch["labels"][0, :, 0] != IGNORE_INDEX).nonzero().flatten().tolist() == [5]
+    request = row["input_ids"][:9] + [TEXT_VOCAB.service_token("a")]  # history, critique, asked service
+    tokens, _, asked, _ = split_positions(request, [1] * 10, TEXT_VOCAB)
+    assert len(tokens) == 5 and asked == TEXT_VOCAB.service_token("a")
+    with pytest.raises(ValueError, match=r"\[SEP\]"):
+        split_positions([BOS, *row["input_ids"][1:6], SEP], [1] * 7, TEXT_VOCAB)
+
+
+def test_text_loss_is_the_cross_entropy_of_the_narrative_under_the_tied_head() -> None:
+    """lm_loss = item loss + w x text loss; the text loss is the float64 cross-entropy of each
+    narrative token (and [EOS]) under the decoder output dotted with the tied embeddings; text
+    positions are no catalogue items."""
+    torch.manual_seed(21)
+    start, stop = TEXT_VOCAB.text_offset, TEXT_VOCAB.size
+    catalogue = [("b", [1, 2, 3, 0]), ("b", [4, 5, 6, 1]), ("b", [7, 7, 7, 0]), ("a", [0, 1, 2, 3])]
+    cfg = build_config(
+        "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+        code_token_ranges=code_token_ranges(TEXT_VOCAB), text_token_range=[start, stop], text_loss_weight=0.5,
+        item_loss="items", item_embedding=True, num_items=len(catalogue),
+    )  # fmt: skip
+    model = model_class(cfg)(cfg).eval()
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]),
+        torch.tensor([TEXT_VOCAB.service_token(s) for s, _ in catalogue]),
+    )
+    batch = item_batch([_text_sample(), _text_sample("v")], TEXT_VOCAB, 16)
+    batch.pop("user_ids")
+    captured = {}
+    model.model.register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
+    out = model(**batch)
+    h = captured["hidden"][0].detach().double()  # (T, D) the decoder output of sample 0
+    emb = model.model.embed_tokens.weight.detach().double()
+    head = torch.cat([emb[start:stop], emb[EOS : EOS + 1]])  # (V + 1, D)
+    nll = []
+    for t, cls in ((6, 11), (7, 19), (8, 20)):  # [EXPLAIN] writes word 11, which writes 19, then [EOS]
+        nll.append(float(torch.logsumexp(head @ h[t], 0) - head[cls] @ h[t]))
+    assert out.text_loss.item() == pytest.approx(sum(nll) / 3, rel=1e-4)  # both samples alike
+    no_text = model(**{k: v for k, v in batch.items() if k != "text_labels"})
+    assert out.lm_loss.item() == pytest.approx(no_text.lm_loss.item() + 0.5 * out.text_loss.item(), rel=1e-5)
+    assert model.position_rows(batch["item_tokens"])[0].tolist() == [-1, 0, -1, -1, -1, 1, -1, -1, -1, -1]
