@@ -147,6 +147,7 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
         "code_token_ranges",
         "num_items",
         "item_text_dim",
+        "text_token_range",
     }
     assert section_sets <= fields.keys()
     overrides = [
