@@ -300,6 +300,19 @@ def stage_sequences(cfg: ExperimentConfig) -> dict[str, int]:
     vocab = table.vocabulary()
     builder = SequenceBuilder(vocab, table.code_map(), cfg.sequences)
     counts = write_sequences(cfg.data_dir, builder, cfg.sequences_dir)
+    if cfg.critiques.enabled:  # critique and narrative samples, and the text tokens they need
+        from moe_rec.data.text_samples import write_text_samples
+
+        if stages.read(cfg.critiques_dir) is None:
+            raise DataError(
+                f"critiques.enabled but {cfg.critiques_dir} has no finished critiques; build them first "
+                f"with `moe-rec critiques build --config <experiment> run_dir={cfg.run_dir}`"
+            )
+        narratives = cfg.narratives_dir if cfg.critiques.narratives.enabled else None
+        vocab, text_counts = write_text_samples(
+            cfg.data_dir, builder, cfg.critiques_dir, narratives, cfg.sequences_dir
+        )
+        counts |= text_counts
     cold = pick_cold_items(builder.item_codes, cfg.sequences.cold_items)
     write_cold_items(cfg.sequences_dir, cfg.sequences.cold_items, cold)
     if cold:
@@ -318,7 +331,7 @@ def stage_sequences(cfg: ExperimentConfig) -> dict[str, int]:
         )
     (cfg.sequences_dir / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
     console.print(f"vocabulary: {vocab.size:,} tokens ({len(vocab.services)} services, {vocab.levels}x"
-                  f"{vocab.codebook_size} codes + {vocab.dedup_size} dedup)")  # fmt: skip
+                  f"{vocab.codebook_size} codes + {vocab.dedup_size} dedup + {vocab.text_size} text)")  # fmt: skip
     console.print(
         "samples: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" -> {cfg.sequences_dir}"
     )

@@ -6,8 +6,8 @@ made the output, that is its config section, the fingerprint of the stage before
 the data stage the size and modification time of every source file. ``moe-rec run`` skips a
 stage whose stamp matches the fingerprint it would write now, so a rerun with the same config
 goes straight to training (which resumes from its latest checkpoint), and a change reruns that
-stage and every one after it (the critiques stage, on only with ``critiques.enabled``, feeds no
-later stage yet). A stage killed half-way leaves no stamp (the stamp goes last), so it is
+stage and every one after it (the critiques stage, on only with ``critiques.enabled``, feeds the
+sequences stage: critique and narrative samples). A stage killed half-way leaves no stamp (the stamp goes last), so it is
 redone. Evaluation and export take seconds and always run.
 """
 
@@ -85,4 +85,7 @@ def sequences_print(cfg: ExperimentConfig) -> str:
         del seq["holdout_users"]
     if not seq["canaries"]["count"]:
         del seq["canaries"]
-    return fingerprint("sequences", seq, read(cfg.data_dir), read(cfg.sid_dir))
+    if not cfg.critiques.enabled:  # the text samples' keys and input only count with critiques on
+        del seq["text"]
+        return fingerprint("sequences", seq, read(cfg.data_dir), read(cfg.sid_dir))
+    return fingerprint("sequences", seq, read(cfg.data_dir), read(cfg.sid_dir), read(cfg.critiques_dir))

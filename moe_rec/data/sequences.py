@@ -73,6 +73,23 @@ SAMPLE_FEATURES[HOLDOUT_SPLIT] = SAMPLE_FEATURES["train"]  # the windows held-ou
 
 
 @dataclass
+class TextSampleConfig:
+    """``sequences.text``: how critique and narrative rows become samples (:mod:`moe_rec.data.text_samples`,
+    with ``critiques.enabled``)."""
+
+    critiques_per_user: int = 4  # latest training critiques per user that become samples (0: none)
+    narratives_per_user: int = 2  # latest training narratives per user that become samples (0: none)
+    tokenizer_size: int = 4096  # subwords of the byte-level BPE trained on the run's text
+    max_text_tokens: int = 48  # a critique's or narrative's words are cut after this many subwords
+
+    def __post_init__(self) -> None:
+        if self.critiques_per_user < 0 or self.narratives_per_user < 0:
+            raise ValueError("sequences.text: critiques_per_user and narratives_per_user must be >= 0")
+        if self.tokenizer_size < 257 or self.max_text_tokens < 1:
+            raise ValueError("sequences.text: tokenizer_size must be > 256 and max_text_tokens >= 1")
+
+
+@dataclass
 class SequenceConfig:
     max_events: int = 50  # history cap: the most recent N events
     train_stride: int = 1  # a training window ends every `train_stride` events
@@ -80,6 +97,7 @@ class SequenceConfig:
     cold_items: float = 0.0  # share of items kept out of training (the cold-start benchmark)
     holdout_users: float = 0.0  # share of users never trained on (the membership-inference audit)
     canaries: CanaryConfig = field(default_factory=CanaryConfig)  # planted patterns (the exposure audit)
+    text: TextSampleConfig = field(default_factory=TextSampleConfig)  # critique and narrative samples
 
     def __post_init__(self) -> None:
         if self.max_events < 1 or self.train_stride < 1 or self.min_train_events < 1:

@@ -23,16 +23,30 @@ user (the latest), so the text tasks add to an epoch rather than dominate it; wo
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.parquet as pq
 
-from moe_rec.data.sequences import IGNORE_INDEX, SAMPLE_FEATURES, Event, SequenceBuilder, unified_order
-from moe_rec.data.text_tokenizer import TextTokenizer
-from moe_rec.data.vocab import CRITIQUE, EOS, EXPLAIN
+from moe_rec.console import progress
+from moe_rec.data import store
+from moe_rec.data.critiques import load_rows
+from moe_rec.data.schema import EVENT_SCHEMA
+from moe_rec.data.sequences import (
+    IGNORE_INDEX,
+    SAMPLE_FEATURES,
+    Event,
+    SequenceBuilder,
+    TextSampleConfig,
+    iter_users,
+    unified_order,
+)
+from moe_rec.data.text_tokenizer import TextTokenizer, train_tokenizer
+from moe_rec.data.vocab import CRITIQUE, EOS, EXPLAIN, Vocabulary
 
 CRITIQUE_SPLITS = {"valid": "critique_valid", "test": "critique_test"}
 REQUEST_FEATURES = datasets.Features(
@@ -41,26 +55,11 @@ REQUEST_FEATURES = datasets.Features(
         "prev_item": datasets.Value("string"),
         "critique": datasets.Value("string"),
         "types": datasets.Sequence(datasets.Value("string")),
+        "clauses": datasets.Sequence(datasets.Value("string")),
         "family": datasets.Value("string"),
         "held_out": datasets.Value("bool"),
     }
 )
-
-
-@dataclass
-class TextSampleConfig:
-    """``sequences.text``: how critique and narrative rows become samples."""
-
-    critiques_per_user: int = 4  # latest training critiques per user that become samples (0: none)
-    narratives_per_user: int = 2  # latest training narratives per user that become samples (0: none)
-    tokenizer_size: int = 4096  # subwords of the byte-level BPE trained on the run's text
-    max_text_tokens: int = 48  # a critique's or narrative's words are cut after this many subwords
-
-    def __post_init__(self) -> None:
-        if self.critiques_per_user < 0 or self.narratives_per_user < 0:
-            raise ValueError("sequences.text: critiques_per_user and narratives_per_user must be >= 0")
-        if self.tokenizer_size < 257 or self.max_text_tokens < 1:
-            raise ValueError("sequences.text: tokenizer_size must be > 256 and max_text_tokens >= 1")
 
 
 class TextSampleBuilder:
@@ -179,6 +178,7 @@ class TextSampleBuilder:
                 "prev_item": row["prev_item"],
                 "critique": row["text"],
                 "types": list(row["types"]),
+                "clauses": list(row["clauses"]),
                 "family": row["family"],
                 "held_out": bool(row["held_out"]),
             }
@@ -192,3 +192,74 @@ def without_critique(input_ids: Sequence[int], domain_ids: Sequence[int]) -> tup
         return ids, list(domain_ids)
     start = ids.index(CRITIQUE)
     return ids[:start] + ids[-1:], list(domain_ids[:start]) + list(domain_ids[-1:])
+
+
+def _by_user(rows: datasets.Dataset, columns: Sequence[str]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for row in rows.select_columns(list(columns)).to_list():
+        out[row["user"]].append(row)
+    return out
+
+
+def write_text_samples(
+    data_dir: Path, builder: SequenceBuilder, critiques_dir: Path, narratives_dir: Path | None, out_dir: Path
+) -> tuple[Vocabulary, dict[str, int]]:
+    """Train the tokenizer on the run's text (item titles, training critiques and narratives), then
+    write the critique and narrative training samples (``<out_dir>/train/part-text-*.parquet``, read
+    with the plain ones) and the critique requests (``<out_dir>/critique_{valid,test}``); returns
+    the vocabulary with its text tokens and the counts (samples, cuts, rows that matched nothing).
+    ``narratives_dir`` None: critiques only."""
+    cfg = builder.cfg.text
+    critiques = {split: load_rows(critiques_dir, split) for split in ("train", "valid", "test")}
+    narratives = load_rows(narratives_dir, "train") if narratives_dir is not None else None
+    titles = [t for t in store.load_items(data_dir)["title"] if t]
+    texts = [*titles, *critiques["train"]["text"], *(narratives["text"] if narratives is not None else [])]
+    tokenizer = train_tokenizer(texts, cfg.tokenizer_size)
+    tokenizer.save(out_dir)
+    vocab = replace(builder.vocab, text_size=tokenizer.size)
+    text = TextSampleBuilder(SequenceBuilder(vocab, builder.item_codes, builder.cfg), tokenizer, cfg)
+    columns = [
+        "user",
+        "service",
+        "position",
+        "split",
+        "prev_item",
+        "target_item",
+        "text",
+        "types",
+        "family",
+        "held_out",
+    ]
+    crit_rows = {split: _by_user(rows, columns) for split, rows in critiques.items()}
+    narr_rows = (
+        _by_user(narratives, ["user", "service", "position", "split", "target_item", "text"])
+        if narratives
+        else {}
+    )
+    outputs = {"train": ("train", "part-text-{:05d}.parquet", SAMPLE_FEATURES["train"])}
+    outputs |= {
+        split: (name, "part-{:05d}.parquet", REQUEST_FEATURES) for split, name in CRITIQUE_SPLITS.items()
+    }
+    for name, pattern, _ in outputs.values():
+        for old in (Path(out_dir) / name).glob(pattern.replace("{:05d}", "*")):
+            old.unlink()
+    counts: Counter[str] = Counter()
+    shards = store.event_shard_paths(data_dir)
+    with progress() as bar:
+        task = bar.add_task("critique and narrative samples", total=len(shards))
+        for i, shard in enumerate(shards):
+            found: dict[str, list[dict]] = defaultdict(list)
+            for user, events in iter_users(pq.read_table(shard, schema=EVENT_SCHEMA)):
+                train = crit_rows["train"].get(user, [])
+                found["train"] += text.train_samples(user, events, train, narr_rows.get(user, []))
+                for split in CRITIQUE_SPLITS:
+                    found[split] += text.requests(user, events, crit_rows[split].get(user, []), split)
+            for split, rows in found.items():
+                name, pattern, features = outputs[split]
+                counts[name if split != "train" else "text_train"] += len(rows)
+                if rows:
+                    path = Path(out_dir) / name / pattern.format(i)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+            bar.advance(task)
+    return vocab, {**counts, **text.counts}

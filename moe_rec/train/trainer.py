@@ -70,6 +70,8 @@ def model_config(
         ranges["num_items"] = num_items
     if section.kind == "item" and section.overrides.get("item_text"):
         ranges["item_text_dim"] = text_dim
+    if section.kind == "item" and vocab.text_size:  # sequences with critiques and narratives
+        ranges["text_token_range"] = [vocab.text_offset, vocab.size]
     try:
         cfg = build_config(
             section.size,
@@ -242,7 +244,7 @@ class Trainer:
         self.cfg, self.tc = cfg, cfg.train
         self.vocab = Vocabulary.from_dict(json.loads(vocab_path.read_text()))
         self.sids = SIDTable.load(cfg.sid_dir)
-        if self.sids.vocabulary() != self.vocab:
+        if self.sids.vocabulary() != dataclasses.replace(self.vocab, text_size=0):  # the text tokens come after
             raise DataError(
                 f"the SID table in {cfg.sid_dir} does not match {vocab_path}; rebuild the sequences"
             )
