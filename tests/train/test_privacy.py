@@ -260,7 +260,8 @@ def test_noise_is_gaussian_with_the_asked_std_and_its_own_stream() -> None:
 
 def test_a_private_step_hands_the_engine_the_privatized_gradient(run_dir: Path) -> None:
     """One step through DeepSpeed (ZeRO-2, one rank) moves the weights as a plain AdamW step with
-    the gradient ``(sum_u clip(g_u) + N(0, (sigma C)^2)) / (q users)`` computed here does."""
+    the gradient ``(sum_u clip(g_u) + N(0, (sigma C)^2)) / (q users)`` computed here does, and the
+    engine's gradient norm is that gradient's."""
     from moe_rec.train.trainer import Trainer, _optimizer, lr_lambda
 
     cfg = tiny_config(
@@ -286,6 +287,9 @@ def test_a_private_step_hands_the_engine_the_privatized_gradient(run_dir: Path) 
         optimizer.step()
         for (name, mine), theirs in zip(reference.named_parameters(), trainer.engine.module.parameters()):
             torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-6, msg=name)
+        # Adam's first step hardly depends on the gradient's scale, the gradient norm the engine saw does
+        norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item()
+        assert float(trainer.engine.get_global_grad_norm()) == pytest.approx(norm, rel=1e-5)
         assert trainer.privacy.accountant.steps == 1
     finally:
         trainer.engine.destroy()
