@@ -6,7 +6,9 @@ process group) -> join the process group (gloo with ``DS_ACCELERATOR=cpu`` on a 
 on GPUs) -> build the model from the vocabulary's sizes -> ``deepspeed.initialize`` with a client
 ``torch.optim.AdamW`` -> resume from ``latest`` (``train.resume: auto``) -> steps. The
 loss is the model's own (``lm_loss + aux_loss``). One optimizer step consumes ``grad_accum`` micro
-batches per rank; logs, validation and checkpoints count optimizer steps.
+batches per rank; logs, validation and checkpoints count optimizer steps. With ``train.privacy``
+a step is instead a Poisson sample of users, each user's gradient clipped, noise added once
+(:meth:`Trainer.private_step`, :mod:`moe_rec.train.privacy`).
 """
 
 from __future__ import annotations
@@ -607,6 +609,7 @@ class Trainer:
             "train/lr": engine.get_lr()[0],
             "train/grad_norm": _item(engine.get_global_grad_norm()),
             "perf/tokens_per_s": tokens_per_s,
+            "perf/step_seconds": window.seconds / window.steps,
             "perf/tflops_per_device": fpt * tokens_per_s / self.world_size / 1e12,
             "train/epoch": self.position.epoch,
         }
