@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -243,12 +244,13 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: in
     Poisson-subsampled steps at rate ``sample_rate`` spend at most ``target_epsilon`` at ``delta``."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
+    with warnings.catch_warnings():  # the search's trial sigmas may hit RDP's largest order: not the answer
+        warnings.filterwarnings("ignore", "Optimal order is the largest alpha")
+        sigma = get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
             accountant=accountant,
-        )
-    )  # fmt: skip
+        )  # fmt: skip
+    return float(sigma)
 
 
 class Accountant:
