@@ -416,3 +416,4 @@ def test_privacy_is_off_by_default_and_shipped_configs_compose(tmp_path: Path) -
     p = cfg.train.privacy
     assert p.enabled and p.target_epsilon == 8 and p.expected_users == 64 and cfg.model.kind == "item"
     assert (cfg.train.clip, cfg.train.grad_accum, cfg.train.micro_batch_tokens) == (0, 1, 0)
+    assert (cfg.train.eval_every, cfg.train.patience) == (0, 0)  # best = the last step, not picked by validation
