@@ -83,14 +83,14 @@ def check_engine(ds_config: dict[str, Any], path: Any) -> None:
         raise ConfigError(f"train.deepspeed={path}: gradient_clipping with train.privacy: set train.clip=0")
 
 
-def private_seed(configured: int | None) -> int:
+def private_seed(configured: int | None, device: torch.device | str = "cpu") -> int:
     """The seed of the users drawn and of the noise: ``configured``, or 63 bits of the OS's entropy
-    (``os.urandom``), the same on every rank (rank 0's, broadcast)."""
+    (``os.urandom``), the same on every rank (rank 0's, broadcast from ``device``: NCCL's need a GPU)."""
     import torch.distributed as dist
 
     if configured is not None:
         return configured
-    seed = torch.tensor([int.from_bytes(os.urandom(8), "little") >> 1], dtype=torch.int64)
+    seed = torch.tensor([int.from_bytes(os.urandom(8), "little") >> 1], dtype=torch.int64, device=device)
     if dist.is_initialized():
         dist.broadcast(seed, src=0)
     return int(seed.item())

@@ -282,7 +282,7 @@ class Trainer:
         if privacy.enabled:  # a step is a Poisson sample of users (moe_rec.train.privacy)
             from moe_rec.train.privacy import UserSampledData, private_seed
 
-            self.private_seed = private_seed(privacy.seed)
+            self.private_seed = private_seed(privacy.seed, self.device)
             self.data: ShardedTrainData | UserSampledData = UserSampledData(
                 train_ds,
                 expected_users=privacy.expected_users,
@@ -617,8 +617,9 @@ class Trainer:
             log["perf/mfu"] = fpt * tokens_per_s / self.world_size / self.peak_flops
         spent = {}
         if self.privacy is not None:  # epsilon so far, and the users' gradient norms before clipping
-            dist.all_reduce(self.user_norms)
-            total, clipped, users = self.user_norms.tolist()
+            norms = self.user_norms.to(self.device)  # NCCL reduces GPU tensors only
+            dist.all_reduce(norms)
+            total, clipped, users = norms.tolist()
             spent = self.privacy.log_values()
             log.update(spent, **{"privacy/user_grad_norm": total / max(users, 1),
                                  "privacy/clipped_share": clipped / max(users, 1)})  # fmt: skip

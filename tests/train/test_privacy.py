@@ -351,12 +351,20 @@ def test_a_private_run_reports_epsilon_resumes_and_records_it(run_dir: Path, tmp
         train(tiny_config(tmp_path / "split", "model.kind=item", "train.max_steps=10"))
 
 
-def test_a_plain_run_and_bundle_carry_no_privacy_record(run_dir: Path, tmp_path: Path) -> None:
+def test_a_plain_run_and_bundle_carry_no_privacy_record(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Privacy off: Opacus is never imported, and no row, checkpoint or manifest has a privacy
+    key; a plain checkpoint is not resumed with privacy on."""
+    import sys
+
     from moe_rec.export import export_checkpoint
     from moe_rec.train import train
     from moe_rec.train.checkpoint import CheckpointError
 
-    summary = train(tiny_config(run_dir, "model.kind=item", "train.max_steps=2"))
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "opacus", None)  # `import opacus` now raises ImportError
+        summary = train(tiny_config(run_dir, "model.kind=item", "train.max_steps=2"))
     assert "privacy" not in summary
     assert "privacy" not in json.loads((run_dir / "checkpoints/step_00000002/trainer_state.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "checkpoints/metrics.jsonl").read_text().splitlines()]
@@ -416,4 +424,7 @@ def test_privacy_is_off_by_default_and_shipped_configs_compose(tmp_path: Path) -
     p = cfg.train.privacy
     assert p.enabled and p.target_epsilon == 8 and p.expected_users == 64 and cfg.model.kind == "item"
     assert (cfg.train.clip, cfg.train.grad_accum, cfg.train.micro_batch_tokens) == (0, 1, 0)
-    assert (cfg.train.eval_every, cfg.train.patience) == (0, 0)  # best = the last step, not picked by validation
+    assert (cfg.train.eval_every, cfg.train.patience) == (
+        0,
+        0,
+    )  # best = the last step, not picked by validation
