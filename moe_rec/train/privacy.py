@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +193,7 @@ class ClippedSum:
 
 def clipped_user_sum(
     model: torch.nn.Module,
-    batches: Sequence[dict[str, torch.Tensor]],
+    batches: Iterable[dict[str, torch.Tensor]],
     params: Sequence[torch.nn.Parameter],
     max_grad_norm: float,
     on_output: Callable[[Any, dict[str, torch.Tensor]], None] | None = None,
@@ -330,7 +330,7 @@ class UserLevelDP:
         self,
         model: torch.nn.Module,
         params: Sequence[torch.nn.Parameter],
-        batches: Sequence[dict[str, torch.Tensor]],
+        batches: Iterable[dict[str, torch.Tensor]],
         step: int,
         on_output: Callable[[Any, dict[str, torch.Tensor]], None] | None = None,
     ) -> tuple[list[torch.Tensor], list[float]]:
