@@ -3,10 +3,12 @@
     moe-rec run             --config configs/experiments/demo.yaml          # the whole pipeline
     moe-rec data prepare    --config configs/experiments/amazon2014.yaml    # read, validate, split
     moe-rec data stats      runs/amazon2014/data                            # print stats.json
+    moe-rec data forget     --config ... --user u42 --users-file ids.txt    # delete users' events
     moe-rec sids build      --config ... sid.quantizer=rqvae                # semantic IDs
     moe-rec sequences build --config ...                                    # token samples
     moe-rec train           --config ... train.deepspeed=configs/deepspeed/zero3.json
     moe-rec eval            --config ... --checkpoint best eval.split=test     # Recall/NDCG@K
+    moe-rec audit           --config ... --checkpoint best                  # membership AUC, canary exposure
     moe-rec export          --config ... --tag best --dtype bfloat16           # -> <run_dir>/bundle
     moe-rec recommend       runs/demo/bundle --service grocery --history grocery:g00004 delivery:d00014
     moe-rec serve           runs/demo/bundle --port 8000                    # HTTP service
@@ -123,6 +125,68 @@ def stage_prepare(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     return stats
 
 
+def stage_forget(
+    data_dir: Path, users: Sequence[str], *, cfg: ExperimentConfig | None = None, rebuild: bool = False
+) -> dict[str, Any]:
+    """Delete ``users``' events from a prepared directory (:mod:`moe_rec.data.forget`), remove the
+    run's token samples made from them (rebuilt with ``rebuild``, which needs ``cfg``), and say what
+    still holds the users; returns the report ``--json`` prints (counts, never ids)."""
+    from moe_rec.data.forget import forget_users, holders, invalidate_sequences
+
+    run_dir = cfg.run_dir if cfg is not None else data_dir.parent
+    result = forget_users(data_dir, users)
+    report = result.to_dict()
+    report["sequences"] = "unchanged"
+    if result.forgotten:
+        removed = invalidate_sequences(run_dir / "sequences")
+        report["sequences"] = "removed" if removed else "none"
+        if rebuild and removed:
+            stage_sequences(cfg)
+            report["sequences"] = "rebuilt"
+    # what existed when the users were deleted (now, or at their earlier deletion) still holds them
+    since = time.time() if result.forgotten else max(map(_epoch, result.already.values()), default=0) + 1
+    report["still_holding"] = [{"path": str(path), "why": why} for path, why in holders(run_dir, since)]
+    return report
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _print_forget(report: dict[str, Any], data_dir: Path, cfg: ExperimentConfig | None) -> None:
+    """The deletion's counts, then, loudly, what was made from the users and still holds them."""
+
+    def say(text: str) -> None:
+        results.print(text, soft_wrap=True)  # one line each, however long
+
+    per = ", ".join(f"{s} {n:,}" for s, n in report["events_per_service"].items())
+    if report["users_forgotten"]:
+        say(
+            f"forgot {report['users_forgotten']:,} users: {report['events_removed']:,} events removed ({per}) "
+            f"from every split; {report['shards_rewritten']} shards rewritten, {report['shards_removed']} removed; "
+            f"{data_dir / 'stats.json'} updated; logged to {data_dir / 'forgotten.jsonl'} (keyed hashes, no ids)"
+        )
+    if report["users_already_forgotten"]:
+        say(f"{report['users_already_forgotten']:,} users were forgotten before: nothing left to remove")
+    config = f"--config <experiment> run_dir={cfg.run_dir}" if cfg else "--config <experiment>"
+    if report["sequences"] == "removed":
+        say(
+            f"the token samples built from this data were removed; rebuild them with `moe-rec sequences build {config}`"
+        )
+    elif report["sequences"] == "rebuilt":
+        say("the token samples were rebuilt from the forgotten data")
+    if report["still_holding"]:
+        say(
+            "[bold red]still holding these users[/] (made before the deletion): retrain from the forgotten data "
+            "from scratch (move checkpoints/ away first: a run resumes from checkpoints/latest), re-export, "
+            "then delete these (docs/privacy.md):"
+        )
+        for h in report["still_holding"]:
+            say(f"  {escape(h['path'])}: {h['why']}")
+
+
 def stage_sids(cfg: ExperimentConfig, data_dir: Path, out: Path) -> dict[str, Any]:
     """Semantic IDs of the items prepared in ``data_dir``, written to ``out``; returns their stats."""
     from moe_rec.data.store import load_items
@@ -140,7 +204,9 @@ def stage_sids(cfg: ExperimentConfig, data_dir: Path, out: Path) -> dict[str, An
 def stage_sequences(cfg: ExperimentConfig) -> dict[str, int]:
     """Token samples of every split and the vocabulary (and the cold-start benchmark's held-out
     items, with ``sequences.cold_items``); returns the sample count per split."""
+    from moe_rec.data.canaries import CANARY_FILE, read_canaries
     from moe_rec.data.cold_start import COLD_FILE, pick_cold_items, write_cold_items
+    from moe_rec.data.holdout import HOLDOUT_SPLIT, read_holdout_record
     from moe_rec.data.sequences import SequenceBuilder, write_sequences
     from moe_rec.sid.table import META_FILE, SIDTable
 
@@ -158,6 +224,16 @@ def stage_sequences(cfg: ExperimentConfig) -> dict[str, int]:
     if cold:
         console.print(
             f"cold start: {len(cold):,} items kept out of training -> {cfg.sequences_dir / COLD_FILE}"
+        )
+    if held := read_holdout_record(cfg.sequences_dir):
+        console.print(
+            f"membership audit: {held['users']:,} users ({held['share']:.0%}) kept out of training, their "
+            f"{held['samples']:,} windows in {cfg.sequences_dir / HOLDOUT_SPLIT}"
+        )
+    if planted := read_canaries(cfg.sequences_dir):
+        console.print(
+            f"exposure audit: {len(planted[0])} canaries planted x {cfg.sequences.canaries.copies} users, "
+            f"{len(planted[1])} controls -> {cfg.sequences_dir / CANARY_FILE}"
         )
     (cfg.sequences_dir / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
     console.print(f"vocabulary: {vocab.size:,} tokens ({len(vocab.services)} services, {vocab.levels}x"
@@ -237,6 +313,75 @@ def stage_eval(
     out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}")
     return report
+
+
+def stage_audit(
+    cfg: ExperimentConfig,
+    *,
+    checkpoint: str = "best",
+    bundle: str | None = None,
+    seed: int = 0,
+    rounds: int = 1000,
+    max_users: int = 0,
+) -> dict[str, Any]:
+    """Membership inference and canary exposure of a checkpoint (or bundle) of the run
+    (:mod:`moe_rec.eval.privacy_audit`); writes and returns ``<run_dir>/eval/audit-<model>.json``,
+    with the model's NDCG@10 from its evaluation report when there is one."""
+    from moe_rec.eval.privacy_audit import run_audit
+
+    if bundle:
+        from moe_rec.export import load_bundle
+
+        loaded = load_bundle(bundle)
+        name = f"bundle-{loaded.manifest['source']['tag']}-{loaded.manifest['dtype']}"
+        model, table = loaded.model, loaded.table
+    else:
+        from moe_rec.sid.table import SIDTable
+        from moe_rec.train.checkpoint import load_model, resolve_tag
+
+        name = resolve_tag(cfg.checkpoint_dir, checkpoint)
+        model, table = load_model(cfg.checkpoint_dir, name), SIDTable.load(cfg.sid_dir)
+    t0 = time.perf_counter()
+    found = run_audit(model, table, cfg.sequences_dir, seed=seed, rounds=rounds, max_users=max_users)
+    report: dict[str, Any] = {"model": name, "seed": seed, "bootstrap_rounds": rounds, **found}
+    for split in ("test", "valid"):  # the model's utility beside its leakage, when it was evaluated
+        path = cfg.eval_dir / f"{split}-{name}.json"
+        if path.exists():
+            metrics = json.loads(path.read_text())["metrics"]
+            report["utility"] = {"split": split, "ndcg@10": metrics.get(f"{split}/ndcg@10"),
+                                 "recall@10": metrics.get(f"{split}/recall@10")}  # fmt: skip
+            break
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    out = cfg.eval_dir / f"audit-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return report
+
+
+def _print_audit(report: dict[str, Any]) -> None:
+    if m := report.get("membership"):
+        table = Table(title=f"membership inference ({report['model']}): {m['members']:,} members vs "
+                      f"{m['non_members']:,} held-out users")  # fmt: skip
+        for col in ("attack", "AUC", "95% interval", "members' mean", "held-out mean"):
+            table.add_column(col, justify="left" if col == "attack" else "right")
+        for attack, what in (("loss", "loss (item softmax)"), ("rank", "log2 rank")):
+            a = m[attack]
+            table.add_row(what, f"{a['auc']:.3f}", f"{a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}",
+                          f"{a['members_mean']:.3f}", f"{a['non_members_mean']:.3f}")  # fmt: skip
+        results.print(table)
+    if c := report.get("canaries"):
+        table = Table(title=f"canary exposure ({report['model']}), bits: log2(N) - log2(rank)")
+        for col in ("canaries", "count", "mean exposure", "median", "log2(N)", "ranks"):
+            table.add_column(col, justify="left" if col in ("canaries", "ranks") else "right")
+        for kind in ("planted", "controls"):
+            e = c[kind]
+            if e["count"]:
+                table.add_row(kind, str(e["count"]), f"{e['exposure_mean']:.2f}", f"{e['exposure_median']:.2f}",
+                              f"{e['exposure_max']:.2f}", " ".join(map(str, e["ranks"][:12])))  # fmt: skip
+        results.print(table)
+    if u := report.get("utility"):
+        results.print(f"{u['split']} NDCG@10 of this model: {u['ndcg@10']:.4f}")
 
 
 def _log_checkpoint_result(cfg: ExperimentConfig, tag: str, metrics: dict[str, float]) -> None:
@@ -337,8 +482,8 @@ def _print_recommendations(found: dict[str, Any], held_out: str | None = None) -
     shown = ", ".join(history[-5:])
     title = f"{found['user'] or 'request'}: {len(history)} events (last: {shown}) -> top {k} in {service}"
     table = Table(title=title, title_justify="left")
-    for col in ("rank", "item", "log p", "title"):
-        table.add_column(col, justify="right" if col in ("rank", "log p") else "left")
+    for col in ("rank", "item", "score", "title"):
+        table.add_column(col, justify="right" if col in ("rank", "score") else "left")
     for r in found["items"]:
         mark = " [bold green](held out)[/]" if r["item_id"] == held_out else ""
         name = str(r["fields"].get("title") or "")[:60]
@@ -396,6 +541,23 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
         _print_data_stats(stats, results)
 
 
+def cmd_data_forget(args: argparse.Namespace) -> None:
+    from moe_rec.data.forget import read_users_file
+
+    cfg = _load(args) if args.config or args.overrides else None
+    if args.data is None and cfg is None:
+        raise ConfigError("give --data <prepared data directory> or --config")
+    if args.rebuild_sequences and cfg is None:
+        raise ConfigError("--rebuild-sequences needs --config (the sequences' settings and SID table)")
+    data_dir = Path(args.data) if args.data else cfg.data_dir
+    users = list(args.user or []) + [u for f in args.users_file or [] for u in read_users_file(f)]
+    report = stage_forget(data_dir, users, cfg=cfg, rebuild=args.rebuild_sequences)
+    if args.json:
+        print_json(report)
+    else:
+        _print_forget(report, data_dir, cfg)
+
+
 def cmd_sids_build(args: argparse.Namespace) -> None:
     cfg = _load(args)
     stage_sids(
@@ -424,6 +586,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print_json(report)
     else:
         _print_metrics(report, cfg.eval.split)
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    report = stage_audit(
+        _load(args), checkpoint=args.checkpoint, bundle=args.bundle, seed=args.seed, rounds=args.rounds,
+        max_users=args.max_users,
+    )  # fmt: skip
+    if args.json:
+        print_json(report)
+    else:
+        _print_audit(report)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -468,8 +641,8 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     """The main job: data -> semantic IDs -> sequences -> train -> evaluate the best checkpoint
-    beside the most-popular baseline -> export it as a serving bundle -> recommend from the
-    bundle for a few test users."""
+    beside the most-popular baseline (and audit it, with held-out users or canaries) -> export it
+    as a serving bundle -> recommend from the bundle for a few test users."""
     from moe_rec.train import train
 
     t0 = time.perf_counter()
@@ -493,6 +666,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     popular = stage_eval(cfg, baseline="popularity")
     _print_metrics(popular, cfg.eval.split)
     results.print(_versus_popularity(model["metrics"], popular["metrics"], cfg.eval.split))
+    if cfg.model.kind == "item" and (cfg.sequences.holdout_users or cfg.sequences.canaries.count):
+        console.rule("[bold]audit")
+        _print_audit(stage_audit(cfg, checkpoint="best"))
     console.rule("[bold]export")
     stage_export(cfg, cfg.checkpoint_dir, cfg.run_dir / "bundle", tag="best", dtype="float32", overwrite=True)
     console.rule("[bold]recommend")
@@ -542,6 +718,20 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--config", "-c", help="experiment YAML whose run_dir/data to read")
     stats.add_argument("--json", action="store_true", help="print stats.json as is")
     stats.set_defaults(func=cmd_data_stats, overrides=[])
+    forget = data.add_parser(
+        "forget",
+        help="delete users' events from a prepared directory (logged, idempotent; see docs/privacy.md)",
+    )
+    with_config(forget)
+    forget.add_argument("--data", help="prepared data directory (default: <run_dir>/data of --config)")
+    forget.add_argument("--user", action="append", metavar="ID", help="a user id to delete (repeatable)")
+    forget.add_argument(
+        "--users-file", action="append", metavar="FILE", help="user ids, one a line (repeatable)"
+    )
+    forget.add_argument("--rebuild-sequences", action="store_true",
+                        help="rebuild the run's token samples at once (needs --config); default: remove them")  # fmt: skip
+    forget.add_argument("--json", action="store_true", help="print the counts as one JSON document")
+    forget.set_defaults(func=cmd_data_forget)
 
     sids = groups.add_parser("sids", help="semantic IDs").add_subparsers(
         dest="command", required=True, metavar="COMMAND"
@@ -582,6 +772,19 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON document")
     evaluate.set_defaults(func=cmd_eval)
+    audit = with_config(
+        groups.add_parser(
+            "audit", help="membership inference (held-out users) and canary exposure of a trained model"
+        )
+    )
+    audit.add_argument("--checkpoint", default="best", help="best (default), latest, or a step_* tag")
+    audit.add_argument("--bundle", help="audit an exported bundle instead of a checkpoint")
+    audit.add_argument("--seed", type=int, default=0, help="member sample and bootstrap seed (default: 0)")
+    audit.add_argument("--rounds", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    audit.add_argument("--max-users", type=int, default=0,
+                       help="score at most this many held-out users (and as many members); 0: all")  # fmt: skip
+    audit.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    audit.set_defaults(func=cmd_audit)
     export = with_config(
         groups.add_parser("export", help="checkpoint -> verified serving bundle (weights, SIDs, catalogue)")
     )

@@ -18,7 +18,7 @@ from moe_rec.data.vocab import Vocabulary
 from moe_rec.experiment import ExperimentConfig
 from moe_rec.sid.table import SIDTable
 from tests.eval.recompute import from_predictions
-from tests.train.conftest import tiny_config, wandb_records, write_sequences
+from tests.train.conftest import PLAIN_ITEM_MODEL, tiny_config, wandb_records, write_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "experiments" / "demo.yaml"
@@ -485,6 +485,7 @@ def test_a_model_override_the_model_refuses_is_one_line(
         str(DEMO),
         f"run_dir={tmp_path / 'run'}",
         "model.overrides.num_experts_per_tok=9",
+        *PLAIN_ITEM_MODEL,
     ]
     assert main(argv) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -494,7 +495,7 @@ def test_a_model_override_the_model_refuses_is_one_line(
 # --- an item-level run: two training starts, then `moe-rec eval` in its own process ---------------
 
 ITEM_RUN = ["model.kind=item", "train.wandb.mode=offline", "train.lr=0.0003", "train.min_lr=0.00003",
-            "train.eval_every=2", "train.max_eval_samples=0"]  # fmt: skip
+            "train.eval_every=2", "train.max_eval_samples=0", *PLAIN_ITEM_MODEL]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 Sources live in :mod:`moe_rec.data.sources`; each returns (or, for the synthetic generator,
 streams to disk) the same events and catalogue tables. This module writes them with
 :mod:`moe_rec.data.store` and records ``stats.json``: users / items / interactions per service
-and what every reader read, kept and rejected.
+and what every reader read, kept and rejected. Users deleted from this directory before (``moe-rec
+data forget``, :mod:`moe_rec.data.forget`) are dropped again when the source still holds them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_rec.config import to_dict
-from moe_rec.data import store
+from moe_rec.data import forget, store
 from moe_rec.data.config import DataConfig
 from moe_rec.data.schema import DataError, ReadReport
 
@@ -77,11 +78,13 @@ def prepare(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     events_report, items_report = _read_source(cfg, out_dir)
+    users, events = forget.reapply(out_dir)  # the source may still hold users deleted here before
     stats = store.compute_stats(
         store.load_table(out_dir, store.EVENTS_DIR), store.load_table(out_dir, store.ITEMS_DIR)
     )
     stats["source"] = cfg.source
     stats["reports"] = {"events": events_report.to_dict(), "items": items_report.to_dict()}
+    stats["forgotten"] = {"users": users, "events": events}
     stats["config"] = json.loads(json.dumps(to_dict(cfg)))
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     store.write_stats(stats, out_dir)

@@ -17,6 +17,10 @@ Samples:
   predicted).
 * With ``cold_items`` (the cold-start benchmark, :mod:`moe_rec.data.cold_start`) the training
   history leaves out the events of that share of items.
+* With ``holdout_users`` (:mod:`moe_rec.data.holdout`) that share of users has no training window;
+  the windows they would have had go to the ``holdout`` split, which nothing trains on.
+* With ``canaries.count`` (:mod:`moe_rec.data.canaries`) synthetic users whose histories are
+  planted patterns add training windows of their own (``train/part-canaries.parquet``).
 * **valid / test** — one sample per held-out event (leave-one-out per service). The context is
   the target's own service history before it plus the other services' ``train`` events (those
   before it in time, when there are timestamps), the most recent ``max_events`` of them, then the
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,16 @@ import pyarrow.parquet as pq
 
 from moe_rec.console import progress
 from moe_rec.data import store
+from moe_rec.data.canaries import (
+    CANARY_SHARD,
+    Canary,
+    CanaryConfig,
+    canary_user,
+    make_canaries,
+    write_canary_record,
+)
 from moe_rec.data.cold_start import is_cold
+from moe_rec.data.holdout import HOLDOUT_SPLIT, is_held_out, write_holdout_record
 from moe_rec.data.schema import EVENT_SCHEMA, DataError
 from moe_rec.data.vocab import BOS, Vocabulary
 
@@ -56,6 +69,7 @@ SAMPLE_FEATURES = {
     "valid": datasets.Features({**_COMMON, "target": _TOKENS, "target_item": datasets.Value("string")}),
     "test": datasets.Features({**_COMMON, "target": _TOKENS, "target_item": datasets.Value("string")}),
 }
+SAMPLE_FEATURES[HOLDOUT_SPLIT] = SAMPLE_FEATURES["train"]  # the windows held-out users would have had
 
 
 @dataclass
@@ -64,12 +78,16 @@ class SequenceConfig:
     train_stride: int = 1  # a training window ends every `train_stride` events
     min_train_events: int = 2  # shorter training windows are not emitted
     cold_items: float = 0.0  # share of items kept out of training (the cold-start benchmark)
+    holdout_users: float = 0.0  # share of users never trained on (the membership-inference audit)
+    canaries: CanaryConfig = field(default_factory=CanaryConfig)  # planted patterns (the exposure audit)
 
     def __post_init__(self) -> None:
         if self.max_events < 1 or self.train_stride < 1 or self.min_train_events < 1:
             raise ValueError("max_events, train_stride and min_train_events must be >= 1")
         if not 0.0 <= self.cold_items < 1.0:
             raise ValueError(f"cold_items is a share of the catalogue in [0, 1), got {self.cold_items}")
+        if not 0.0 <= self.holdout_users < 1.0:
+            raise ValueError(f"holdout_users is a share of the users in [0, 1), got {self.holdout_users}")
 
 
 def user_bucket(user: str, num_buckets: int) -> int:
@@ -183,7 +201,18 @@ class SequenceBuilder:
         return out
 
     def train_samples(self, user: str, events: Sequence[Event]) -> Iterator[dict[str, Any]]:
-        """Sliding windows over the user's unified ``train`` history (without cold items' events)."""
+        """Sliding windows over the user's unified ``train`` history (without cold items' events);
+        none for a user held out of training."""
+        if not is_held_out(user, self.cfg.holdout_users):
+            yield from self.windows(user, events)
+
+    def holdout_samples(self, user: str, events: Sequence[Event]) -> Iterator[dict[str, Any]]:
+        """The windows :meth:`train_samples` leaves out for a held-out user (none for anyone else)."""
+        if is_held_out(user, self.cfg.holdout_users):
+            yield from self.windows(user, events)
+
+    def windows(self, user: str, events: Sequence[Event]) -> Iterator[dict[str, Any]]:
+        """Sliding windows over ``events``' unified ``train`` history, latest first, whoever the user."""
         history = [
             e
             for e in unified_order(events, self.vocab.services)
@@ -226,8 +255,25 @@ def build_samples(table: pa.Table, builder: SequenceBuilder, split: str) -> Iter
     for user, events in iter_users(table):
         if split == "train":
             yield from builder.train_samples(user, events)
+        elif split == HOLDOUT_SPLIT:
+            yield from builder.holdout_samples(user, events)
         else:
             yield from builder.eval_samples(user, events, split)
+
+
+def canary_samples(builder: SequenceBuilder) -> tuple[list[dict[str, Any]], list[Canary], list[Canary]]:
+    """The training windows of the synthetic users that carry ``builder.cfg.canaries``' planted
+    patterns (:mod:`moe_rec.data.canaries`), and the planted and control patterns."""
+    cfg = builder.cfg
+    trainable = (k for k in builder.item_codes if not is_cold(k[0], k[1], cfg.cold_items))
+    planted, controls = make_canaries(trainable, cfg.canaries)
+    rows = []
+    for p, canary in enumerate(planted):
+        items = [*canary.context, canary.item]
+        events = [Event(canary.service, item, None, i, "train") for i, item in enumerate(items)]
+        for c in range(cfg.canaries.copies):
+            rows += builder.windows(canary_user(p, c), events)
+    return rows, planted, controls
 
 
 def write_sequences(
@@ -237,12 +283,19 @@ def write_sequences(
     splits: Sequence[str] = ("train", "valid", "test"),
 ) -> dict[str, int]:
     """Write ``<out_dir>/<split>/part-XXXXX.parquet`` (one per event shard that has samples of the
-    split) through ``datasets``, replacing earlier files; returns the number of samples per split."""
+    split) through ``datasets``, replacing earlier files; returns the number of samples per split.
+    With ``holdout_users`` the ``holdout`` split is written too (and recorded), with ``canaries``
+    the planted patterns' windows join ``train`` (and the patterns are recorded)."""
+    cfg = builder.cfg
+    if cfg.holdout_users > 0 and "train" in splits:
+        splits = (*splits, HOLDOUT_SPLIT)
     counts = dict.fromkeys(splits, 0)
-    for split in splits:
+    stale = (*splits, HOLDOUT_SPLIT) if "train" in splits else splits  # an earlier build's holdout goes too
+    for split in dict.fromkeys(stale):
         for old in (Path(out_dir) / split).glob("*.parquet"):
             old.unlink()
     shards = store.event_shard_paths(data_dir)
+    held_out_users: set[str] = set()
     with progress() as bar:
         task = bar.add_task("sequences", total=len(shards) * len(splits))
         for i, shard in enumerate(shards):
@@ -253,7 +306,18 @@ def write_sequences(
                 bar.advance(task)
                 if not rows:  # a shard can hold no sample of a split; datasets cannot read an empty file
                     continue
+                if split == HOLDOUT_SPLIT:
+                    held_out_users.update(r["user"] for r in rows)
                 path = Path(out_dir) / split / f"part-{i:05d}.parquet"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 datasets.Dataset.from_list(rows, features=SAMPLE_FEATURES[split]).to_parquet(str(path))
+    if "train" in splits:
+        write_holdout_record(out_dir, cfg.holdout_users, len(held_out_users), counts.get(HOLDOUT_SPLIT, 0))
+        rows, planted, controls = canary_samples(builder) if cfg.canaries.count else ([], [], [])
+        if rows:
+            path = Path(out_dir) / "train" / CANARY_SHARD
+            path.parent.mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_list(rows, features=SAMPLE_FEATURES["train"]).to_parquet(str(path))
+            counts["train"] += len(rows)
+        write_canary_record(out_dir, cfg.canaries, planted, controls)
     return counts

@@ -7,7 +7,9 @@ table: for each code position p, ``scores += log_probs[:, p, codes[:, p]]``. Onl
 service's items are scored, so other services' items can never be returned. Items are scored in
 chunks of ``chunk_items`` and a running top-k is kept, so a million-item catalogue needs memory
 for one (B, chunk) block. :func:`reference_scores` is the plain loop the fast path is tested
-against.
+against. :func:`target_ranks` places a known target in the same ranking (its rank and the
+cross-entropy of a softmax over the scores), at the last position of requests or, through
+:func:`position_log_probs`, at every position of a training window (the privacy audit).
 """
 
 from __future__ import annotations
@@ -78,13 +80,7 @@ def top_items(
     best_s = log_probs.new_full((b, 0), -math.inf)
     best_i = torch.zeros((b, 0), dtype=torch.long, device=log_probs.device)
     for start in range(0, n, chunk_items):
-        s = gather_scores(by_code, codes[start : start + chunk_items])  # (n_chunk, B)
-        if vectors is not None:
-            s += codes.shape[1] * (vectors[start : start + chunk_items].float() @ query.float().T)
-        if adjust is not None:
-            index, amount = adjust
-            inside = ((index >= start) & (index < start + s.shape[0])).nonzero().flatten()  # requests
-            s[index[inside] - start, inside] += codes.shape[1] * amount[inside].float()
+        s = _chunk_scores(by_code, codes, start, chunk_items, query, vectors, adjust)  # (n_chunk, B)
         if exclude is not None:
             s = s.masked_fill(exclude[:, start : start + chunk_items].T, -math.inf)
         top_s, top_i = torch.topk(s, min(k, s.shape[0]), dim=0)  # (k', B)
@@ -95,6 +91,73 @@ def top_items(
         order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]
         best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
     return best_s, best_i
+
+
+def _chunk_scores(
+    by_code: torch.Tensor,
+    codes: torch.Tensor,
+    start: int,
+    size: int,
+    query: torch.Tensor | None,
+    vectors: torch.Tensor | None,
+    adjust: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Scores (n_chunk, B) of items ``codes[start : start + size]`` (see :func:`top_items`)."""
+    s = gather_scores(by_code, codes[start : start + size])  # (n_chunk, B)
+    if vectors is not None:
+        s += codes.shape[1] * (vectors[start : start + size].float() @ query.float().T)
+    if adjust is not None:
+        index, amount = adjust
+        inside = ((index >= start) & (index < start + s.shape[0])).nonzero().flatten()  # requests
+        s[index[inside] - start, inside] += codes.shape[1] * amount[inside].float()
+    return s
+
+
+def target_ranks(
+    log_probs: torch.Tensor,
+    codes: torch.Tensor,
+    target: torch.Tensor,
+    chunk_items: int = 65_536,
+    query: torch.Tensor | None = None,
+    vectors: torch.Tensor | None = None,
+    adjust: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each request's target lands in the ranking :func:`top_items` makes, and its loss.
+
+    Args:
+        log_probs, codes, chunk_items, query, vectors, adjust: as :func:`top_items`.
+        target: (B,) index into ``codes`` of each request's target item.
+
+    Returns:
+        rank (B,), 1 for the best item (equal scores: the lower index first, as :func:`top_items`),
+        and loss (B,): ``logsumexp`` of every item's score minus the target's, the cross-entropy of
+        a softmax over the N items with their scores as logits.
+    """
+    b, n = log_probs.shape[0], codes.shape[0]
+    by_code = _by_code(log_probs)
+    target = target.to(log_probs.device)
+    requests = torch.arange(b, device=log_probs.device)
+    chunks = list(range(0, n, chunk_items))
+    scored = log_probs.new_full((b,), math.nan)
+    total = log_probs.new_full((b,), -math.inf)
+    cached = None
+    for start in chunks:  # first pass: the target's own score, and the normaliser
+        s = _chunk_scores(by_code, codes, start, chunk_items, query, vectors, adjust)
+        inside = (target >= start) & (target < start + s.shape[0])
+        scored[inside] = s[target[inside] - start, requests[inside]]
+        total = torch.logaddexp(total, torch.logsumexp(s, dim=0))
+        cached = s if len(chunks) == 1 else None
+    above = torch.zeros(b, dtype=torch.long, device=log_probs.device)
+    for start in chunks:  # second pass: how many items rank before the target
+        s = (
+            cached
+            if cached is not None
+            else _chunk_scores(by_code, codes, start, chunk_items, query, vectors, adjust)
+        )
+        index = torch.arange(start, start + s.shape[0], device=s.device)[:, None]  # (n_chunk, 1)
+        before = (s > scored) | ((s == scored) & (index < target))
+        above += before.sum(0)
+    return above + 1, total - scored
 
 
 class ServiceCatalogue:
@@ -121,24 +184,39 @@ class ServiceCatalogue:
 
 
 @torch.no_grad()
-def request_log_probs(
-    model: MoERecForItemPrediction, batch: dict[str, torch.Tensor]
+def position_log_probs(
+    model: MoERecForItemPrediction, batch: dict[str, torch.Tensor], logits_to_keep: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Per-code log-probabilities (B, P, K) of the next item at the last position of a left-padded
-    item-level batch (:func:`moe_rec.data.positions.item_batch` with ``left_pad=True``), the
-    query (B, D') its per-item term reads (None without ``item_embedding``), and with
-    ``item_text_prior`` the own-item correction: (B,) table row of the last position's item (-1:
-    none) and (B,) what its score loses (None otherwise)."""
+    """Per-code log-probabilities (B, T', P, K) of the next item at every position of an item-level
+    batch (:func:`moe_rec.data.positions.item_batch`, ``labels`` left out: with none, each position
+    asks for the next position's service), or at the last ``logits_to_keep``; the query (B, T', D')
+    the per-item term reads (None without ``item_embedding``); and with ``item_text_prior`` the
+    own-item correction: (B, T') table row of each position's item (-1: none) and what its score
+    loses (None otherwise)."""
     device = next(model.parameters()).device
     if model.config.router_mode != "domain_user":
         batch = {k: v for k, v in batch.items() if k != "user_ids"}
-    out = model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=1)
-    query = out.hidden_states[:, -1] if out.hidden_states is not None else None
+    out = model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=logits_to_keep)
+    query = out.hidden_states
     own = None
     if model.text_prior is not None:
-        rows = model.position_rows(batch["item_tokens"].to(device))[:, -1]  # (B,)
+        rows = model.position_rows(batch["item_tokens"].to(device))[:, -out.logits.shape[1] :]  # (B, T')
         own = (rows, model.own_item_term(query, rows))
-    return torch.log_softmax(out.logits[:, -1].float(), dim=-1), query, own
+    return torch.log_softmax(out.logits.float(), dim=-1), query, own
+
+
+def request_log_probs(
+    model: MoERecForItemPrediction, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`position_log_probs` at the last position of a left-padded batch of requests
+    (``item_batch(..., left_pad=True)``): (B, P, K), the query (B, D') and the own-item correction
+    ((B,), (B,))."""
+    log_probs, query, own = position_log_probs(model, batch, logits_to_keep=1)
+    return (
+        log_probs[:, -1],
+        query[:, -1] if query is not None else None,
+        (own[0][:, -1], own[1][:, -1]) if own is not None else None,
+    )
 
 
 def top_for_requests(
@@ -197,6 +275,43 @@ def top_for_requests(
         ranked[mine, : picked.shape[1]] = picked
         scores[mine, : top_s.shape[1]] = top_s
     return ranked, scores
+
+
+def ranks_for_requests(
+    log_probs: torch.Tensor,
+    services: Sequence[str],
+    targets: torch.Tensor,
+    catalogue: ServiceCatalogue,
+    query: torch.Tensor | None = None,
+    item_vectors: torch.Tensor | None = None,
+    own: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank (B,) of each request's target among its service's items by the score
+    :func:`top_for_requests` ranks with (1: first), and loss (B,) (:func:`target_ranks`).
+
+    Args:
+        log_probs, services, catalogue, query, item_vectors, own: as :func:`top_for_requests`.
+        targets: (B,) table row of each request's target, an item of the request's service.
+    """
+    b = len(services)
+    ranks = torch.zeros(b, dtype=torch.long)
+    losses = torch.zeros(b)
+    for service in dict.fromkeys(services):
+        mine = [i for i, s in enumerate(services) if s == service]
+        codes = catalogue.codes[service]
+        local = catalogue.local_of(targets[mine], service)
+        if bool((local < 0).any()):
+            raise ValueError(f"a target of a {service} request is not an item of {service}")
+        vectors = item_vectors[catalogue.rows[service]] if item_vectors is not None else None
+        adjust = None
+        if own is not None:
+            adjust = (catalogue.local_of(own[0][mine], service).to(codes.device), own[1][mine])
+        rank, loss = target_ranks(
+            log_probs[mine], codes, local.to(codes.device),
+            query=query[mine] if query is not None else None, vectors=vectors, adjust=adjust,
+        )  # fmt: skip
+        ranks[mine], losses[mine] = rank.cpu(), loss.cpu()
+    return ranks, losses
 
 
 def history_rows(item_tokens: torch.Tensor, service: str, table: SIDTable) -> list[int]:

@@ -77,6 +77,9 @@ class MoERecConfig(PretrainedConfig):
         item_text_dim: int = 0,  # width of those text embeddings (set from the SID stage's encoder)
         item_text_prior: bool = False,  # item_text: + w x cos(text of the position's own item, text of
         # the candidate), w learned (0 for the own item itself: "more like the last item, not it again")
+        item_vector_dropout: float = 0.0,  # item_embedding: in training, each item's learned vector is
+        # left out with this probability per forward (its text part stays), so items also learn to
+        # rank without one, as items unseen in training must (the cold-start benchmark)
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -122,6 +125,7 @@ class MoERecConfig(PretrainedConfig):
         self.item_text = item_text
         self.item_text_dim = item_text_dim
         self.item_text_prior = item_text_prior
+        self.item_vector_dropout = item_vector_dropout
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -173,6 +177,10 @@ class MoERecConfig(PretrainedConfig):
                 raise ValueError("item_text_prior needs item_text (the text embeddings it compares)")
             if self.item_negatives < 0:
                 raise ValueError(f"item_negatives must be >= 0, got {self.item_negatives}")
+            if self.item_vector_dropout and not (self.item_embedding and 0 < self.item_vector_dropout < 1):
+                raise ValueError(
+                    f"item_vector_dropout {self.item_vector_dropout} needs item_embedding and a value in [0, 1)"
+                )
             if self.item_head_temperature <= 0:
                 raise ValueError(f"item_head_temperature must be > 0, got {self.item_head_temperature}")
         if self.num_attention_heads % self.num_key_value_heads:

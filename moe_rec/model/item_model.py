@@ -94,6 +94,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.text_prior: nn.Parameter | None = None
         if config.item_text_prior:  # the weight of the last item's text similarity, in mean-code-logit units
             self.text_prior = nn.Parameter(torch.full((1,), TEXT_PRIOR_INIT))  # (1,): DeepSpeed takes no 0-d
+        self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
@@ -146,6 +147,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         ``item_text`` the projection of the item's text embedding; zero where a row is -1."""
         safe = rows.clamp_min(0)
         vec = self.item_embed(safe)
+        if (
+            self.training and self._kept_vectors is not None
+        ):  # item_vector_dropout: these items' learned vectors left out
+            vec = vec * self._kept_vectors[safe][..., None].to(vec.dtype)
         if self.text_proj is not None:
             vec = vec + self.text_proj(self.item_text[safe].to(vec.dtype))
         return vec * (rows >= 0)[..., None].to(vec.dtype)
@@ -261,6 +266,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         Returns:
             ``logits`` (B, T', P, K_max) and, with ``labels``, ``loss`` = ``lm_loss`` + ``aux_loss``.
         """
+        p = self.config.item_vector_dropout
+        self._kept_vectors = None  # one draw per forward: an item is left out as input and as candidate
+        if self.training and p and self.item_embed is not None:
+            self._kept_vectors = torch.rand(self.config.num_items, device=item_tokens.device) >= p
         if query_services is None:
             service = item_tokens[..., 0]  # (B, T)
             query_services = torch.cat([service[:, 1:], service[:, -1:]], dim=1)

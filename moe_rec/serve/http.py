@@ -82,7 +82,7 @@ def _demo(value: Any) -> dict[str, Any]:
 
 
 class RecommendedItem(BaseModel):
-    """One recommended item: its id, beam score, 1-based rank and its catalogue fields."""
+    """One recommended item: its id, ranking score (higher first), 1-based rank and its catalogue fields."""
 
     model_config = ConfigDict(extra="allow")
     item_id: str

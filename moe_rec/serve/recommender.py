@@ -14,8 +14,10 @@ item-level bundle (``model_kind: item``) by exact scoring of every item of the a
 always has ``min(k, available)`` items.
 
 Every request is decoded with the same beam width ``max_k`` whatever its ``k`` (then cut to
-``k``), so an answer does not depend on which other requests shared its batch. Scores are the
-summed log-probabilities of the item's full semantic ID (the beam score). Histories longer than
+``k``), so an answer does not depend on which other requests shared its batch. A score ranks
+the items of one answer: for a token-level bundle the summed log-probabilities of the item's full
+semantic ID (the beam score); for an item-level one that sum plus the model's per-item term and
+text prior where it has them (so not a log-probability, and it may be positive). Histories longer than
 ``max_history`` events keep the most recent ``max_history`` (training's ``sequences.max_events``);
 ``exclude_seen`` removes every item of the whole given history in the requested service.
 
@@ -70,7 +72,7 @@ def _nan_to_null(table: pa.Table) -> pa.Table:
 class Recommendation:
     service: str
     item_id: str
-    score: float  # log-probability of the item's full semantic ID (beam score)
+    score: float  # the item's ranking score (module docstring: summed code log-probabilities, + item terms)
     fields: dict[str, Any]  # the item's catalogue fields (title, brand, ... whatever the catalogue has)
 
 

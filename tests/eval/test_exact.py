@@ -16,8 +16,12 @@ from moe_rec.eval.exact import (
     ServiceCatalogue,
     evaluate_exact,
     item_scores,
+    position_log_probs,
     rank_exact,
+    ranks_for_requests,
     reference_scores,
+    request_log_probs,
+    target_ranks,
     top_for_requests,
     top_items,
 )
@@ -260,3 +264,71 @@ def test_saved_predictions_of_exact_scoring_give_the_reported_metrics(tmp_path) 
         assert all(item.startswith(r["service"]) for item in line["ranked"])
     assert recall == pytest.approx(got["test/recall@10"]) and ndcg == pytest.approx(got["test/ndcg@10"])
     assert 0 < got["test/recall@10"] < 1
+
+
+def test_target_ranks_place_the_target_where_top_items_ranks_it() -> None:
+    """Rank: 1 + the target's position in top_items' full ranking (ties included: log-probabilities
+    rounded to halves make many scores equal); loss: a float64 log-softmax over every item's score."""
+    g = torch.Generator().manual_seed(11)
+    log_probs = torch.round(torch.log_softmax(torch.randn(6, 4, 16, generator=g), -1) * 2) / 2
+    codes = torch.randint(16, (300, 4), generator=g)
+    query, vectors = torch.randn(6, 5, generator=g), torch.randn(300, 5, generator=g)
+    adjust = (torch.tensor([4, -1, 299, 17, 0, 150]), torch.full((6,), -3.0))
+    target = torch.tensor([4, 0, 299, 123, 7, 150])
+    for extra in ({}, {"query": query, "vectors": vectors, "adjust": adjust}):
+        _, full = top_items(log_probs, codes, 300, **extra)
+        expect = (full == target[:, None]).nonzero()[:, 1] + 1
+        reference = reference_scores(log_probs, codes)
+        if extra:
+            reference = reference + 4 * (query.double() @ vectors.double().T)
+            reference[torch.arange(6)[adjust[0] >= 0], adjust[0][adjust[0] >= 0]] += 4 * -3.0
+        loss = torch.logsumexp(reference, 1) - reference[torch.arange(6), target]
+        for chunk in (7, 64, 300, 1000):
+            rank, got = target_ranks(log_probs, codes, target, chunk_items=chunk, **extra)
+            assert torch.equal(rank, expect)
+            torch.testing.assert_close(got.double(), loss, atol=1e-4, rtol=0)
+    assert (expect > 1).any() and (expect < 300).any()
+
+
+def test_ranks_for_requests_agree_with_top_for_requests_over_a_whole_service() -> None:
+    table = _table(8)
+    catalogue = ServiceCatalogue(table)
+    g = torch.Generator().manual_seed(8)
+    services = ["a", "b", "c", "b", "a"]
+    log_probs = torch.log_softmax(torch.randn(5, 4, K, generator=g), -1)
+    query, vectors = torch.randn(5, 6, generator=g), torch.randn(len(table), 6, generator=g)
+    own = (
+        torch.tensor([int(catalogue.rows["a"][2]), -1, int(catalogue.rows["c"][1]), 0, -1]),
+        torch.full((5,), -2.0),
+    )
+    targets = torch.tensor([int(catalogue.rows[s][i]) for s, i in zip(services, (2, 11, 40, 0, 29))])
+    ranks, losses = ranks_for_requests(log_probs, services, targets, catalogue, query, vectors, own)
+    ranked, _ = top_for_requests(
+        log_probs, services, catalogue, max(SIZES.values()), None, query, vectors, own
+    )
+    for b, t in enumerate(targets.tolist()):
+        assert int(ranks[b]) == ranked[b].tolist().index(t) + 1
+    assert (losses > 0).all()
+    with pytest.raises(ValueError, match="not an item of b"):
+        ranks_for_requests(log_probs[:1], ["b"], targets[:1], catalogue)
+
+
+def test_position_log_probs_are_those_of_each_prefix_asked_as_a_request() -> None:
+    """Teacher-forced, position t predicts event t + 1 (its service asked), as a request made of the
+    history up to t asking that service would."""
+    table = _table(9)
+    model = _model(table, 9)
+    vocab = table.vocabulary()
+    window = _requests(table, 9, n=4)[3]  # 7 or fewer events; drop the asked service: a training window
+    events = (len(window["input_ids"]) - 2) // vocab.tokens_per_item
+    assert events >= 2
+    row = {"user": "u", "input_ids": window["input_ids"][:-1], "domain_ids": window["domain_ids"][:-1]}
+    log_probs, _, _ = position_log_probs(model, item_batch([row], vocab, 16))  # (1, T, P, K)
+    s = vocab.tokens_per_item
+    for t in range(events):  # position t: [BOS] + t events; it asks for event t + 1's service
+        service = vocab.services[row["domain_ids"][1 + t * s]]
+        request = {"user": "u", "service": service,
+                   "input_ids": row["input_ids"][: 1 + t * s] + [vocab.service_token(service)],
+                   "domain_ids": row["domain_ids"][: 1 + t * s] + [vocab.service_index(service)]}  # fmt: skip
+        expected, _, _ = request_log_probs(model, item_batch([request], vocab, 16, left_pad=True))
+        torch.testing.assert_close(log_probs[0, t], expected[0], atol=1e-5, rtol=1e-5)

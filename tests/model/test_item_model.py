@@ -307,3 +307,50 @@ def test_items_kept_out_of_training_are_no_negatives_and_keep_a_zero_vector() ->
         model(**batch).loss.backward()
         grad = model.item_embed.weight.grad.abs().sum(-1)  # (N,)
         assert (grad[~trained] == 0).all() and (grad[trained] > 0).any()
+
+
+def test_item_vector_dropout_leaves_out_learned_vectors_in_training_only() -> None:
+    """item_vector_dropout: a training forward equals an evaluation forward of the same weights with
+    the left-out items' learned vectors zeroed (input positions and candidates alike; their text
+    part stays), those rows get no gradient, and evaluation afterwards uses every vector."""
+    g = torch.Generator().manual_seed(16)
+    catalogue = _catalogue(g)
+    codes = torch.tensor([c for _, c in catalogue])
+    tokens = torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    rows = [
+        _sample([catalogue[i] for i in picks], f"u{j}") for j, picks in enumerate([[0, 5, 9, 3], [11, 2, 6]])
+    ]
+    batch = item_batch(rows, VOCAB, 16)
+    batch.pop("user_ids")
+    text = torch.randn(len(catalogue), 6, generator=g)
+
+    def model() -> MoERecForItemPrediction:
+        m = _model(
+            17, "token", item_loss="items", item_embedding=True, num_items=len(catalogue), item_text=True,
+            item_text_dim=6, item_vector_dropout=0.5, hidden_dropout=0.0, attention_dropout=0.0,
+        )  # fmt: skip
+        m.set_item_text(text)
+        m.set_train_catalogue(codes, tokens)
+        with torch.no_grad():
+            m.item_embed.weight.copy_(
+                torch.randn(m.item_embed.weight.shape, generator=torch.Generator().manual_seed(18))
+            )
+        return m
+
+    trained = model().train()
+    torch.manual_seed(19)
+    loss = trained(**batch).lm_loss
+    kept = trained._kept_vectors.clone()
+    assert 0 < int(kept.sum()) < len(catalogue)  # some left out, some kept (seeded)
+    loss.backward()
+    grad = trained.item_embed.weight.grad.abs().sum(-1)
+    assert (grad[~kept] == 0).all() and (grad[kept] > 0).any()
+
+    reference = model()  # evaluation mode, the left-out vectors zeroed by hand
+    with torch.no_grad():
+        reference.item_embed.weight[~kept] = 0.0
+        assert reference(**batch).lm_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+
+    trained.eval()
+    full = trained.item_embed.weight.detach() + text @ trained.text_proj.weight.detach().T
+    torch.testing.assert_close(trained.item_table(), full)
