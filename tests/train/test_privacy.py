@@ -36,7 +36,7 @@ from moe_rec.train.privacy import (
     user_rows,
 )
 from moe_rec.train.trainer import model_config
-from tests.train.conftest import VOCAB, tiny_config, write_catalogue
+from tests.train.conftest import VOCAB, sid_table, tiny_config, write_catalogue
 
 PRIVATE = ("train.grad_accum=1", "train.clip=0", "train.privacy.enabled=true")
 
@@ -136,13 +136,24 @@ def _users(
     run_dir: Path, kind: str, max_windows: int = 4, backend: str = "loop", dtype: torch.dtype = torch.float64
 ) -> tuple[torch.nn.Module, list[dict]]:
     """A tiny model of ``kind`` (float64: the loop experts; grouped_mm takes float32 at least) and
-    one batch per user of the train split (2 windows each)."""
-    cfg = tiny_config(run_dir, f"model.kind={kind}", f"model.moe_backend={backend}")
-    mc = model_config(cfg.model, VOCAB)
+    one batch per user of the train split (2 windows each). ``item_softmax``: the item model with
+    the demo's loss (a softmax over the service's items, here all of them) and per-item vectors."""
+    softmax = ("model.overrides.item_loss=items", "model.overrides.item_embedding=true")
+    cfg = tiny_config(
+        run_dir, f"model.kind={kind.removesuffix('_softmax')}", f"model.moe_backend={backend}",
+        *(softmax if kind == "item_softmax" else ()),
+    )  # fmt: skip
+    table = sid_table()
+    mc = model_config(cfg.model, VOCAB, num_items=len(table))
     torch.manual_seed(0)
     model = model_class(mc)(mc).to(dtype).train()
+    if kind == "item_softmax":
+        model.set_train_catalogue(table.codes, table.service_index + VOCAB.service_offset)
+        with torch.no_grad():  # the per-item vectors start at zero; give them a gradient-carrying value
+            model.item_embed.weight.normal_(0, 0.1)
     train = load_split(run_dir / "sequences", "train")
-    collator = ItemCollator(VOCAB, mc.num_user_buckets) if kind == "item" else Collator(mc.num_user_buckets)
+    item_level = kind.startswith("item")
+    collator = ItemCollator(VOCAB, mc.num_user_buckets) if item_level else Collator(mc.num_user_buckets)
     data = UserSampledData(
         train,
         expected_users=8,
@@ -158,7 +169,7 @@ def _users(
 @pytest.mark.parametrize(
     ("kind", "backend", "dtype", "tol"),
     [("item", "loop", torch.float64, 1e-12), ("token", "loop", torch.float64, 1e-12),
-     ("item", "grouped_mm", torch.float32, 1e-5)],
+     ("item_softmax", "loop", torch.float64, 1e-12), ("item", "grouped_mm", torch.float32, 1e-5)],
 )  # fmt: skip
 def test_clipping_bounds_each_users_contribution(
     run_dir: Path, kind: str, backend: str, dtype: torch.dtype, tol: float
@@ -167,7 +178,8 @@ def test_clipping_bounds_each_users_contribution(
     clipped gradient by exactly C (theirs was clipped) and never by more; with C above every norm
     nothing is clipped and the sum is the gradient of the summed per-user losses, so a user's
     contribution is that user's own gradient alone (nothing crosses between users). Float64 on
-    the reference experts; float32 on grouped_mm, the default backend."""
+    the reference experts (item model with the code loss, with the demo's item softmax and
+    per-item vectors, token model); float32 on grouped_mm, the default backend."""
     model, batches = _users(run_dir, kind, backend=backend, dtype=dtype)
     batches = batches[:10]
     params = trainable(model)
