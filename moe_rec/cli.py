@@ -518,6 +518,11 @@ def stage_export(
         f"{v['max_abs_diff']:.3g} (bound {v['tolerance']['max_abs_diff']:.3g}), mean {v['mean_abs_diff']:.3g}, "
         f"argmax agreement {v['argmax_agreement']:.3f}"
     )
+    if (dp := manifest.get("privacy")) is not None:
+        console.print(
+            f"privacy: ({dp['epsilon']:.3g}, {dp['delta']:.3g})-DP per {dp['unit']} after {dp['steps']:,} steps "
+            f"({dp['accountant']}, {dp['library']}; noise sigma {dp['noise_multiplier']:.4g}, clip {dp['max_grad_norm']:g})"
+        )
     return manifest
 
 

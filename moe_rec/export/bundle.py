@@ -4,7 +4,9 @@ Layout::
 
     <bundle>/manifest.json                 format version, versions, experiment config, source
                                            checkpoint + tag, dtype, created time, sha256 + size of
-                                           every other file, and the verification result
+                                           every other file, and the verification result; for a
+                                           model trained with ``train.privacy`` also its privacy
+                                           record (epsilon, delta, accountant, noise, clip, ...)
     <bundle>/model/config.json             the MoERecConfig (``save_pretrained``)
     <bundle>/model/model.safetensors       the weights in the export dtype (float32 or bfloat16)
     <bundle>/model/generation_config.json  written by ``save_pretrained``
@@ -229,6 +231,7 @@ def export_model(
     source: dict[str, Any] | None = None,
     probes: Sequence[Mapping[str, Any]] | None = None,
     overwrite: bool = False,
+    privacy: dict[str, Any] | None = None,
 ) -> Path:
     """Write a verified bundle of ``model`` (left untouched) to ``out``; returns ``out``.
 
@@ -244,6 +247,9 @@ def export_model(
         probes: rows with ``input_ids`` / ``domain_ids`` (and ``user``) to compare logits on;
             default: prompts made from the table's items.
         overwrite: replace an existing bundle at ``out``.
+        privacy: the privacy record of a model trained with ``train.privacy`` (the checkpoint's,
+            :meth:`moe_rec.train.privacy.UserLevelDP.record`), written to the manifest as
+            ``privacy``; None (any other model): no such key.
 
     Raises:
         BundleError: inconsistent inputs, an existing ``out``, or a reloaded bundle whose logits
@@ -296,6 +302,8 @@ def export_model(
             "catalogue_fields": [c for c in aligned.column_names if c not in ("service", "item_id")],
             "files": _file_entries(tmp),
         }
+        if privacy is not None:
+            manifest["privacy"] = privacy
         _write_manifest(tmp, manifest)
         exported = _probe_logits(load_bundle(tmp).model, probes, vocab)
         result = _compare(reference, exported, dtype)
@@ -450,4 +458,5 @@ def export_checkpoint(
     return export_model(
         model, table, vocab, align_catalogue(catalogue, table, run_dir / "data" / "items"), out,
         dtype=dtype, config=config, source=source, probes=_history_probes(run_dir), overwrite=overwrite,
+        privacy=state.get("privacy"),
     )  # fmt: skip

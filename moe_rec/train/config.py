@@ -99,6 +99,45 @@ class WandbConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """``train.privacy``: user-level differentially private training (:mod:`moe_rec.train.privacy`,
+    docs/privacy.md). Off by default; when off none of the other keys is read."""
+
+    enabled: bool = False
+    # the noise: set one of the two. noise_multiplier: sigma, the noise std over max_grad_norm;
+    # target_epsilon: the sigma that spends this epsilon (at delta) by the run's last step, calibrated
+    # at start-up with Opacus for the planned steps
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 0.0  # the delta epsilon is reported at; 0: 0.1 / (users in the train split)
+    max_grad_norm: float = 1.0  # C: each sampled user's whole gradient is clipped to this L2 norm
+    expected_users: int = (
+        256  # users per step on average: each joins a step with probability expected_users / users
+    )
+    max_windows_per_user: int = 4  # a user's newest training windows that make up their gradient (bounds a
+    # step's cost; the guarantee does not need it: the user's whole gradient is clipped as one vector)
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's RDP or PRV accountant (both upper bounds)
+    seed: int | None = None  # the users sampled and the noise; None: drawn from the OS's entropy at each
+    # start (the guarantee assumes nobody can replay them); a number: reproducible, for tests only
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
+            raise ConfigError(
+                "train.privacy: set exactly one of noise_multiplier (sigma) and target_epsilon, both > 0; "
+                f"got noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon}"
+            )
+        if not 0 <= self.delta < 1:
+            raise ConfigError(f"train.privacy.delta must be in [0, 1) (0: 0.1 / users), got {self.delta}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"train.privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        for name in ("expected_users", "max_windows_per_user"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.privacy.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class TrainConfig:
     deepspeed: Path = Path("configs/deepspeed/zero2.json")  # JSON or YAML; relative: cwd, else repo root
     micro_batch_size: int = 16  # samples per rank per forward (and per validation batch)
@@ -130,6 +169,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the GPU's name (no MFU on CPU)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # user-level DP training (off by default)
 
     def __post_init__(self) -> None:
         positive = ("micro_batch_size", "grad_accum", "epochs", "keep_last", "log_every")
@@ -151,6 +191,18 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.privacy.enabled:  # a private step is one Poisson sample of users, clipped per user
+            for name, off, why in (
+                ("grad_accum", 1, "a step's batch is its sample of users (train.privacy.expected_users)"),
+                ("micro_batch_tokens", 0, "a sampled user's windows are one batch"),
+                ("clip", 0.0, "each user's gradient is clipped to train.privacy.max_grad_norm; clipping "
+                 "the noisy sum again would distort the noise"),
+            ):  # fmt: skip
+                if getattr(self, name) != off:
+                    raise ConfigError(
+                        f"train.{name}={getattr(self, name)} with train.privacy.enabled: set train.{name}={off:g} "
+                        f"({why}); configs/train/private.yaml does"
+                    )
 
     def in_steps(self, steps_per_epoch: int) -> TrainConfig:
         """This config with ``save_every`` and ``eval_every`` in optimizer steps, given the epoch length."""

@@ -263,6 +263,12 @@ class RankZeroLogger:
         if self.run is not None:
             self.run.summary.update(metrics)
 
+    def summarize(self, values: dict[str, Any]) -> None:
+        """``values`` into the W&B run's summary only (final numbers, e.g. a private run's epsilon,
+        whose history rows ``metrics.jsonl`` already has)."""
+        if self.active and self.run is not None:
+            self.run.summary.update(values)
+
     def log_expert_load(self, load: torch.Tensor, services: Sequence[str], step: int) -> None:
         """Expert load per service as a W&B table (layer, service, expert, share of the service's
         routed tokens) and heat maps (:func:`expert_load_figure`), and as nested lists (layer,

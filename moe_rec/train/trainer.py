@@ -6,7 +6,9 @@ process group) -> join the process group (gloo with ``DS_ACCELERATOR=cpu`` on a 
 on GPUs) -> build the model from the vocabulary's sizes -> ``deepspeed.initialize`` with a client
 ``torch.optim.AdamW`` -> resume from ``latest`` (``train.resume: auto``) -> steps. The
 loss is the model's own (``lm_loss + aux_loss``). One optimizer step consumes ``grad_accum`` micro
-batches per rank; logs, validation and checkpoints count optimizer steps.
+batches per rank; logs, validation and checkpoints count optimizer steps. With ``train.privacy``
+a step is instead a Poisson sample of users, each user's gradient clipped, noise added once
+(:meth:`Trainer.private_step`, :mod:`moe_rec.train.privacy`).
 """
 
 from __future__ import annotations
@@ -278,17 +280,32 @@ class Trainer:
             lengths = (ShardedTrainData.token_lengths(train_ds) - 1) // self.vocab.tokens_per_item + 1
         else:
             self.collator = Collator(self.model_config.num_user_buckets)
-        self.data = ShardedTrainData(
-            train_ds,
-            micro_batch_size=self.tc.micro_batch_size,
-            micro_batch_tokens=self.tc.micro_batch_tokens,
-            grad_accum=self.tc.grad_accum,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.tc.seed,
-            collator=self.collator,
-            positions_per_sample=lengths,
-        )
+        privacy = self.tc.privacy
+        if privacy.enabled:  # a step is a Poisson sample of users (moe_rec.train.privacy)
+            from moe_rec.train.privacy import UserSampledData, private_seed
+
+            self.private_seed = private_seed(privacy.seed, self.device)
+            self.data: ShardedTrainData | UserSampledData = UserSampledData(
+                train_ds,
+                expected_users=privacy.expected_users,
+                max_windows_per_user=privacy.max_windows_per_user,
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.private_seed,
+                collator=self.collator,
+            )
+        else:
+            self.data = ShardedTrainData(
+                train_ds,
+                micro_batch_size=self.tc.micro_batch_size,
+                micro_batch_tokens=self.tc.micro_batch_tokens,
+                grad_accum=self.tc.grad_accum,
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.tc.seed,
+                collator=self.collator,
+                positions_per_sample=lengths,
+            )
         self.tc = self.tc.in_steps(self.data.steps_per_epoch)  # save_every / eval_every in epochs -> steps
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch
         n_valid = min(self.tc.max_eval_samples or len(valid_ds), len(valid_ds))
@@ -318,13 +335,20 @@ class Trainer:
         self.params = parameter_report(model)
         self.peak_flops = peak_flops(self.tc.peak_tflops)  # per device; None: no MFU
         bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")
+        ds_config = deepspeed_config(self.tc, self.world_size, bf16)
+        self.privacy = None  # UserLevelDP: the mechanism and accountant of a private run
+        if privacy.enabled:
+            from moe_rec.train.privacy import UserLevelDP, check_engine
+
+            check_engine(ds_config, self.tc.deepspeed)
+            self.privacy = UserLevelDP(
+                privacy, self.data, total_steps=self.total_steps, seed=self.private_seed, rank=self.rank,
+                world_size=self.world_size,
+            )  # fmt: skip
         optimizer = _optimizer(model, self.tc)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.tc, self.total_steps))
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(self.tc, self.world_size, bf16),
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.ckpt_dir = cfg.checkpoint_dir
         self.logger = RankZeroLogger(
@@ -340,6 +364,7 @@ class Trainer:
         self.position = DataPosition()
         self.best: dict[str, Any] = {"tag": None, "value": -math.inf}
         self.saved_step = -1
+        self.user_norms = torch.zeros(3, dtype=torch.float64)  # private runs: sum of norms, clipped, users
         n_moe = self.model_config.ffn_types.count("moe")
         # tokens per (MoE layer, service, expert) since the last validation, which logs it
         self.expert_load = torch.zeros(n_moe, self.model_config.num_domains, self.model_config.num_experts)
@@ -354,6 +379,16 @@ class Trainer:
         if tag is None:
             return
         state = ckpt.verify(self.ckpt_dir, tag, self.world_size)
+        recorded = state.get("privacy")
+        if (recorded is not None) != (self.privacy is not None):
+            trained = "with" if recorded is not None else "without"
+            raise ckpt.CheckpointError(
+                f"{self.ckpt_dir / tag} was trained {trained} train.privacy and this run has it "
+                f"{'off' if recorded is not None else 'on'}: a run keeps one setting from its first step "
+                f"(start a new run_dir, or set train.resume=never there)"
+            )
+        if recorded is not None:
+            self.privacy.resume(recorded)
         try:
             path, _ = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
             rng = torch.load(self.ckpt_dir / tag / f"rng_rank{self.rank}.pt", weights_only=False)
@@ -393,6 +428,8 @@ class Trainer:
                 "world_size": self.world_size,
                 "zero_stage": self.engine.zero_optimization_stage(),
             }
+            if self.privacy is not None:  # (epsilon, delta), the mechanism, and the accountant's history
+                state["privacy"] = self.privacy.record()
             ckpt.finish(self.ckpt_dir, tag, state)
             if self.best["tag"] == tag:
                 ckpt.write_pointer(self.ckpt_dir, ckpt.BEST, tag)
@@ -432,10 +469,12 @@ class Trainer:
             metrics.update(
                 retrieval(self.engine, self.valid_requests, self.sids, self.sid_trie, self.retrieval_cfg)
             )
-        self.logger.log(metrics, self.step, kind="valid")
+        spent = self.privacy.log_values() if self.privacy is not None else {}
+        self.logger.log({**metrics, **spent}, self.step, kind="valid")
         if self.rank == 0:
             shown = {k: v for k, v in metrics.items() if k.count("/") == 1}  # overall, not per service
-            console.print(f"step {self.step}  " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+            line = "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
+            console.print(f"step {self.step}  {line}{_epsilon(spent)}")
         return metrics
 
     def plan(self, stop: int) -> str:
@@ -461,6 +500,8 @@ class Trainer:
         plan = self.plan(stop)
         if self.rank == 0:
             console.print(plan)
+            if self.privacy is not None:
+                console.print(self.privacy_plan())
         window, tokens_per_s = _LogWindow(), 0.0
         losses: list[float] = []
         metrics: dict[str, float] = {}
@@ -493,10 +534,13 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
         }
 
-    def train_step(self, stream: Iterator[tuple[DataPosition, list[dict[str, torch.Tensor]]]]) -> StepStats:
+    def train_step(self, stream: Iterator[tuple[DataPosition, Any]]) -> StepStats:
         """One optimizer step: this rank's ``grad_accum`` micro batches forward and backward (the
         engine steps the optimizer after the last), the expert load added up for the next
-        validation; returns the step's statistics reduced over ranks."""
+        validation; returns the step's statistics reduced over ranks. A private run's step is
+        :meth:`private_step`."""
+        if self.privacy is not None:
+            return self.private_step(stream)
         position, micro = next(stream)
         stats = StepStats()
         for mb in micro:
@@ -508,6 +552,43 @@ class Trainer:
                 self.expert_load += out.expert_load.detach().float().cpu()
         self.step, self.position = self.step + 1, position
         return stats.reduced(self.world_size * self.tc.grad_accum)
+
+    def private_step(self, stream: Iterator[tuple[DataPosition, Any]]) -> StepStats:
+        """One step of user-level DP (:mod:`moe_rec.train.privacy`): this rank's sampled users one
+        at a time (forward, gradient, clip to ``max_grad_norm``), noise on rank 0, the result
+        handed to the engine through a surrogate loss whose gradient it is, then the optimizer
+        step. The statistics are means over the step's users."""
+        from moe_rec.train.privacy import surrogate_loss, trainable
+
+        position, users = next(stream)
+        stats = StepStats()
+
+        def record(out: Any, batch: dict[str, torch.Tensor]) -> None:
+            nonlocal stats
+            stats += StepStats.of_micro_batch(out, batch)
+            if out.expert_load is not None:
+                self.expert_load += out.expert_load.detach().float().cpu()
+
+        params = trainable(self.engine.module)
+        batches = ({k: v.to(self.device) for k, v in b.items()} for b in users.batches)
+        grads, norms = self.privacy.gradient(self.engine.module, params, batches, self.step, record)
+        self.engine.backward(surrogate_loss(params, grads))
+        self.engine.step()
+        clipped = sum(n > self.tc.privacy.max_grad_norm for n in norms)
+        self.user_norms += torch.tensor([sum(norms), clipped, len(norms)], dtype=torch.float64)
+        self.step, self.position = self.step + 1, position
+        return stats.reduced(max(users.sampled, 1))
+
+    def privacy_plan(self) -> str:
+        """One line for the log: the private run's users, sampling rate, noise and planned epsilon."""
+        dp, data = self.privacy, self.data
+        how = f"target {dp.cfg.target_epsilon:g}" if dp.cfg.target_epsilon else "given"
+        return (
+            f"user-level DP: {data.users:,} users, each in a step with q {data.sample_rate:.4g} ({data.expected_users:.1f} "
+            f"expected), <= {dp.cfg.max_windows_per_user} windows each, clip C {dp.cfg.max_grad_norm:g}, noise sigma "
+            f"{dp.noise_multiplier:.4g} ({how}); epsilon {dp.planned_epsilon():.3g} at delta {dp.delta:.3g} after "
+            f"{self.total_steps:,} steps ({dp.cfg.accountant}, Opacus)"
+        )
 
     def log_window(self, window: _LogWindow, stop: int) -> float:
         """Log the window's mean losses, the LR, the gradient norm and throughput (rank 0 prints a
@@ -530,16 +611,27 @@ class Trainer:
             "train/lr": engine.get_lr()[0],
             "train/grad_norm": _item(engine.get_global_grad_norm()),
             "perf/tokens_per_s": tokens_per_s,
+            "perf/step_seconds": window.seconds / window.steps,
             "perf/tflops_per_device": fpt * tokens_per_s / self.world_size / 1e12,
             "train/epoch": self.position.epoch,
         }
         if self.peak_flops is not None:
             log["perf/mfu"] = fpt * tokens_per_s / self.world_size / self.peak_flops
+        spent = {}
+        if self.privacy is not None:  # epsilon so far, and the users' gradient norms before clipping
+            norms = self.user_norms.to(self.device)  # NCCL reduces GPU tensors only
+            dist.all_reduce(norms)
+            total, clipped, users = norms.tolist()
+            spent = self.privacy.log_values()
+            log.update(spent, **{"privacy/user_grad_norm": total / max(users, 1),
+                                 "privacy/clipped_share": clipped / max(users, 1)})  # fmt: skip
+            self.user_norms.zero_()
         self.logger.log(log, self.step, kind="train")
         if self.rank == 0:
             console.print(
                 f"step {self.step}/{stop}  loss {log['train/loss']:.4f}  lm {log['train/lm_loss']:.4f}  "
                 f"lr {log['train/lr']:.2e}  grad {log['train/grad_norm']:.2f}  {tokens_per_s:,.0f} tok/s"
+                + _epsilon(spent)
             )
         return tokens_per_s
 
@@ -587,6 +679,13 @@ class _NullBar:
         return None
 
 
+def _epsilon(spent: dict[str, float]) -> str:
+    """``"  epsilon 1.23 (delta 1e-05)"`` of a private run's log values; ``""`` without."""
+    if not spent:
+        return ""
+    return f"  epsilon {spent['privacy/epsilon']:.3g} (delta {spent['privacy/delta']:.3g})"
+
+
 def _item(x: torch.Tensor | float | None) -> float:
     if x is None:
         return 0.0
@@ -599,6 +698,8 @@ def train(cfg: TrainInputs) -> dict[str, Any]:
     try:
         trainer.resume()
         summary = trainer.fit()
+        if trainer.privacy is not None:  # the final (epsilon, delta) in the W&B run's summary
+            trainer.logger.summarize({**trainer.privacy.log_values(), "privacy/steps": trainer.step})
     finally:
         trainer.logger.finish()
     summary.update(
@@ -609,8 +710,16 @@ def train(cfg: TrainInputs) -> dict[str, Any]:
         rank=trainer.rank,
         world_size=trainer.world_size,
     )
+    if trainer.privacy is not None:
+        summary["privacy"] = trainer.privacy.record()
     if trainer.rank == 0:
         console.print(f"trained to step {trainer.step:,} in {summary['seconds']:,.0f} s")
+        if trainer.privacy is not None:
+            record = summary["privacy"]
+            console.print(
+                f"privacy: ({record['epsilon']:.3g}, {record['delta']:.3g})-DP per user after {record['steps']:,} "
+                f"steps ({record['accountant']}, {record['library']}); stored in every checkpoint's {ckpt.STATE_FILE}"
+            )
         console.print(f"checkpoint: {summary['checkpoint']} (best: {trainer.best['tag']})")
         console.print(f"W&B: {summary['wandb']}; metrics: {summary['metrics_jsonl']}")
     trainer.engine.destroy()
