@@ -409,6 +409,75 @@ def stage_eval(
     return report
 
 
+def _load_eval_model(cfg: ExperimentConfig, checkpoint: str, bundle: str | None) -> tuple[str, Any, Any]:
+    """``(name, model, SID table)`` of a checkpoint of the run or of a bundle (checksums verified)."""
+    if bundle:
+        from moe_rec.export import load_bundle
+
+        loaded = load_bundle(bundle)
+        return (
+            f"bundle-{loaded.manifest['source']['tag']}-{loaded.manifest['dtype']}",
+            loaded.model,
+            loaded.table,
+        )
+    from moe_rec.sid.table import SIDTable
+    from moe_rec.train.checkpoint import load_model, resolve_tag
+
+    name = resolve_tag(cfg.checkpoint_dir, checkpoint)
+    return name, load_model(cfg.checkpoint_dir, name), SIDTable.load(cfg.sid_dir)
+
+
+def stage_eval_critiques(
+    cfg: ExperimentConfig, *, checkpoint: str = "best", bundle: str | None = None
+) -> dict:
+    """The critique requests of ``cfg.eval.split`` ranked with and without their critique, beside
+    the rule filter (:mod:`moe_rec.eval.critiques`); writes and returns the report
+    (``<run_dir>/eval/critiques-<split>-<model>.json``)."""
+    from moe_rec.data import store
+    from moe_rec.data.text_samples import CRITIQUE_SPLITS
+    from moe_rec.eval.critiques import evaluate_critiques, item_facts
+
+    split_dir = cfg.sequences_dir / CRITIQUE_SPLITS[cfg.eval.split]
+    if not any(split_dir.glob("*.parquet")):
+        raise DataError(
+            f"no critique requests in {split_dir}; build the sequences with critiques.enabled (`moe-rec run`)"
+        )
+    name, model, table = _load_eval_model(cfg, checkpoint, bundle)
+    if getattr(model.config, "text_token_range", None) is None:
+        raise ConfigError(f"{name} reads no text (trained without critiques); train with critiques.enabled")
+    requests = datasets.Dataset.from_parquet(str(split_dir / "*.parquet")).to_list()
+    facts = item_facts(store.load_table(cfg.data_dir, store.ITEMS_DIR), table, cfg.critiques)
+    metrics = evaluate_critiques(
+        model, table, requests, facts, batch_size=cfg.eval.batch_size, exclude_seen=cfg.eval.exclude_seen
+    )
+    report = {"model": name, "split": CRITIQUE_SPLITS[cfg.eval.split], "metrics": metrics}
+    out = cfg.eval_dir / f"critiques-{cfg.eval.split}-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return report
+
+
+def _print_critique_metrics(report: dict) -> None:
+    """The critique report as a table: N@10 and R@10 with the critique, without it and the rule
+    filter, per scope."""
+    metrics = report["metrics"]
+    table = Table(title=f"{report['split']} ({report['model']}): with the critique, without it, rule filter")
+    for col in ("scope", "requests", "N@10 critique", "N@10 plain", "N@10 filter", "R@10 critique",
+                "R@10 plain", "R@10 filter", "top-10 satisfied: critique / plain"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "scope" else "right")
+    scopes = sorted({k.split("/")[0] for k in metrics if k.endswith("/count")}, key=lambda s: (s != "all", s))
+    for scope in scopes:
+        sat = [k for k in metrics if k.startswith(f"{scope}/critique/satisfied_")]
+        shown = (
+            f"{metrics[sat[0]]:.2f} / {metrics[sat[0].replace('/critique/', '/plain/')]:.2f}" if sat else "-"
+        )
+        table.add_row(scope, f"{metrics[f'{scope}/count']:,.0f}",
+                      *(f"{metrics[f'{scope}/{m}/{k}']:.4f}" for k in ("ndcg@10", "recall@10")
+                        for m in ("critique", "plain", "filter")), shown)  # fmt: skip
+    results.print(table)
+
+
 def stage_audit(
     cfg: ExperimentConfig,
     *,
@@ -690,6 +759,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     cfg = _load(args)
     predictions = Path(args.save_predictions) if args.save_predictions else None
+    if args.critiques:
+        if args.baseline or predictions is not None:
+            raise ConfigError(
+                "--critiques evaluates a model's critique requests: no --baseline or --save-predictions"
+            )
+        report = stage_eval_critiques(cfg, checkpoint=args.checkpoint, bundle=args.bundle)
+        print_json(report) if args.json else _print_critique_metrics(report)
+        return
     report = stage_eval(
         cfg, checkpoint=args.checkpoint, bundle=args.bundle, baseline=args.baseline, predictions=predictions
     )
@@ -896,6 +973,10 @@ def _parser() -> argparse.ArgumentParser:
         "--save-predictions", metavar="PATH",
         help="also write every request's ranked item ids there (JSONL: request index, user, service, "
         "target, ranked), from which the metrics can be recomputed",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--critiques", action="store_true",
+        help="rank the split's critique requests with and without their critique, beside the rule filter",
     )  # fmt: skip
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON document")
     evaluate.set_defaults(func=cmd_eval)

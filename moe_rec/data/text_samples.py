@@ -218,18 +218,8 @@ def write_text_samples(
     tokenizer.save(out_dir)
     vocab = replace(builder.vocab, text_size=tokenizer.size)
     text = TextSampleBuilder(SequenceBuilder(vocab, builder.item_codes, builder.cfg), tokenizer, cfg)
-    columns = [
-        "user",
-        "service",
-        "position",
-        "split",
-        "prev_item",
-        "target_item",
-        "text",
-        "types",
-        "family",
-        "held_out",
-    ]
+    columns = ["user", "service", "position", "split", "prev_item", "target_item", "text", "types", "clauses",
+               "family", "held_out"]  # fmt: skip
     crit_rows = {split: _by_user(rows, columns) for split, rows in critiques.items()}
     narr_rows = (
         _by_user(narratives, ["user", "service", "position", "split", "target_item", "text"])

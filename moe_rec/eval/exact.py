@@ -14,6 +14,7 @@ cross-entropy of a softmax over the scores), at the last position of requests or
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from moe_rec.console import progress
 from moe_rec.data.cold_start import cold_groups, cold_labels
 from moe_rec.data.positions import code_token_ranges, item_batch
+from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.metrics import RankingMetrics
 from moe_rec.model import MoERecForItemPrediction
@@ -324,6 +326,13 @@ def history_rows(item_tokens: torch.Tensor, service: str, table: SIDTable) -> li
     return [int(r) for r in table.rows_for_codes(service, events[:, 1:] - starts) if r >= 0]
 
 
+def request_vocabulary(model: MoERecForItemPrediction, table: SIDTable) -> Vocabulary:
+    """The vocabulary a request to ``model`` is written in: the SID table's, plus the text tokens of
+    a model that reads critiques (``text_token_range``)."""
+    vocab, text = table.vocabulary(), model.config.text_token_range
+    return dataclasses.replace(vocab, text_size=text[1] - text[0]) if text else vocab
+
+
 def rank_exact(
     model: MoERecForItemPrediction,
     catalogue: ServiceCatalogue,
@@ -336,7 +345,7 @@ def rank_exact(
     fewer exist). ``rows`` are ``valid`` / ``test`` requests; ``vectors``: the model's
     :meth:`~MoERecForItemPrediction.item_table` when the caller computed it once for many batches."""
     table = catalogue.table
-    batch = item_batch(rows, table.vocabulary(), model.config.num_user_buckets, left_pad=True)
+    batch = item_batch(rows, request_vocabulary(model, table), model.config.num_user_buckets, left_pad=True)
     services = [r["service"] for r in rows]
     exclude = (
         [history_rows(batch["item_tokens"][i], s, table) for i, s in enumerate(services)]

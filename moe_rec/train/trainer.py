@@ -178,6 +178,8 @@ class StepStats:
     router_entropy: float = 0.0  # mean over MoE layers
     tokens: float = 0.0  # real (not padding) tokens
     token_length: float = 0.0  # real tokens x padded length, for the attention FLOPs
+    text_loss: float = 0.0  # the narrative loss, summed over the micro batches that had narratives
+    text_batches: float = 0.0  # how many did
 
     MEANS: ClassVar[tuple[str, ...]] = (
         "loss", "lm_loss", "aux_loss", "load_balancing_loss", "z_loss", "router_entropy",
@@ -188,13 +190,14 @@ class StepStats:
         """One micro batch's, with one device sync (``batch`` is still on the CPU); a loss the
         model did not return (a dense model's router losses) counts as 0."""
         zero = out.loss.new_zeros(())
-        losses = [out.loss, out.lm_loss, out.aux_loss, out.load_balancing_loss, out.z_loss]
+        losses = [out.loss, out.lm_loss, out.aux_loss, out.load_balancing_loss, out.z_loss, out.text_loss]
         entropy = out.router_entropy.mean() if out.router_entropy is not None else zero
         on_device = torch.stack([*(x if x is not None else zero for x in losses), entropy]).detach()
-        loss, lm, aux, lb, z, ent = on_device.double().cpu().tolist()
+        loss, lm, aux, lb, z, text, ent = on_device.double().cpu().tolist()
         mask = batch["attention_mask"]  # (B, T)
         tokens = float(mask.sum().item())
-        return cls(loss, lm, aux, lb, z, ent, tokens, tokens * mask.shape[1])
+        had_text = float(out.text_loss is not None)
+        return cls(loss, lm, aux, lb, z, ent, tokens, tokens * mask.shape[1], text, had_text)
 
     def __add__(self, other: StepStats) -> StepStats:
         return StepStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -246,7 +249,9 @@ class Trainer:
         self.cfg, self.tc = cfg, cfg.train
         self.vocab = Vocabulary.from_dict(json.loads(vocab_path.read_text()))
         self.sids = SIDTable.load(cfg.sid_dir)
-        if self.sids.vocabulary() != dataclasses.replace(self.vocab, text_size=0):  # the text tokens come after
+        if self.sids.vocabulary() != dataclasses.replace(
+            self.vocab, text_size=0
+        ):  # the text tokens come after
             raise DataError(
                 f"the SID table in {cfg.sid_dir} does not match {vocab_path}; rebuild the sequences"
             )
@@ -617,6 +622,8 @@ class Trainer:
         }
         if self.peak_flops is not None:
             log["perf/mfu"] = fpt * tokens_per_s / self.world_size / self.peak_flops
+        if mean.text_batches:  # the narrative loss, over the micro batches that had one
+            log["train/text_loss"] = mean.text_loss / mean.text_batches
         spent = {}
         if self.privacy is not None:  # epsilon so far, and the users' gradient norms before clipping
             norms = self.user_norms.to(self.device)  # NCCL reduces GPU tensors only
@@ -630,7 +637,8 @@ class Trainer:
         if self.rank == 0:
             console.print(
                 f"step {self.step}/{stop}  loss {log['train/loss']:.4f}  lm {log['train/lm_loss']:.4f}  "
-                f"lr {log['train/lr']:.2e}  grad {log['train/grad_norm']:.2f}  {tokens_per_s:,.0f} tok/s"
+                + (f"text {log['train/text_loss']:.4f}  " if "train/text_loss" in log else "")
+                + f"lr {log['train/lr']:.2e}  grad {log['train/grad_norm']:.2f}  {tokens_per_s:,.0f} tok/s"
                 + _epsilon(spent)
             )
         return tokens_per_s

@@ -1,0 +1,176 @@
+"""Does a critique steer the ranking? Critique requests (:mod:`moe_rec.data.text_samples`) ranked
+with and without their critique, against the honest baseline: rank without it, then filter.
+
+For every ``critique_test`` (or ``critique_valid``) request the model ranks the asked service's
+items exactly twice: with the critique, and with it left out (the plain request of the same
+target). Reported, overall, per critique type and for seen / held-out wording families:
+
+* Recall@K / NDCG@K of the target, with and without the critique;
+* the **rule filter** baseline: the ranking without the critique, items that satisfy what the
+  critique asks moved first (order kept otherwise). What it asks is read from the critique's own
+  record (its types and clauses, and the target's brand, leaf category and the previous item's
+  price), a perfect parser of the text, so the baseline is as strong as a rule-based reading can be;
+* **satisfaction**: the share of the top 10 that satisfies each asked type (``brand``: the
+  target's brand; ``category``: the target's leaf category; ``price``: cheaper / pricier than
+  the previous item, as the clause says), with and without the critique.
+
+Items are read with :func:`moe_rec.data.item_attributes.service_attributes`, as the critiques
+were built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from moe_rec.data.critique_config import CritiqueConfig
+from moe_rec.data.item_attributes import brand_key, service_attributes
+from moe_rec.data.text_samples import without_critique
+from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact
+from moe_rec.model.item_model import MoERecForItemPrediction
+from moe_rec.sid.table import SIDTable
+
+DEPTH = 200  # how deep the rule filter reorders the ranking without the critique
+KS = (10,)
+ASKED = ("brand", "category", "price")  # the types whose satisfaction is measured
+
+
+@dataclass
+class ItemFacts:
+    """Per SID-table row: brand key, lower-case leaf category and price (None where unknown)."""
+
+    brand: list[str | None]
+    leaf: list[str | None]
+    price: list[float | None]
+
+
+def item_facts(items: pa.Table, table: SIDTable, cfg: CritiqueConfig) -> ItemFacts:
+    """The facts of every catalogue item, in SID-table row order."""
+    n = len(table.item_ids)
+    facts = ItemFacts([None] * n, [None] * n, [None] * n)
+    for service in table.services:
+        attrs = service_attributes(
+            items, service, num_bands=cfg.price_bands, min_band_items=cfg.min_band_items
+        )
+        rows = table.rows([service] * len(attrs), attrs.item_ids)
+        for i, row in enumerate(rows.tolist()):
+            facts.brand[row] = brand_key(attrs.brand[i]) if attrs.brand[i] else None
+            facts.leaf[row] = attrs.path[i][-1].lower() if attrs.path[i] else None
+            facts.price[row] = attrs.price[i]
+    return facts
+
+
+def asks(request: dict[str, Any], target: int, prev: int, facts: ItemFacts) -> dict[str, Any]:
+    """What a critique asks for, from its record: ``{type: wanted}`` for the measured types the
+    data can check (a brand key, a leaf, or ``("<" | ">", previous price)``)."""
+    out: dict[str, Any] = {}
+    types, clauses = set(request["types"]), set(request["clauses"])
+    if "brand" in types and facts.brand[target]:
+        out["brand"] = facts.brand[target]
+    if "category" in types and facts.leaf[target]:
+        out["category"] = facts.leaf[target]
+    if "price" in types and prev >= 0 and facts.price[prev] is not None:
+        if clauses & {"cheaper", "pricier"}:
+            out["price"] = ("<" if "cheaper" in clauses else ">", facts.price[prev])
+    return out
+
+
+def satisfied(row: int, kind: str, wanted: Any, facts: ItemFacts) -> bool:
+    """Whether the item at ``row`` is what ``wanted`` asks for."""
+    if row < 0:
+        return False
+    if kind == "brand":
+        return facts.brand[row] == wanted
+    if kind == "category":
+        return facts.leaf[row] == wanted
+    price = facts.price[row]
+    op, reference = wanted
+    return price is not None and (price < reference if op == "<" else price > reference)
+
+
+def rule_filter(ranked: list[int], wanted: dict[str, Any], facts: ItemFacts) -> list[int]:
+    """``ranked`` with the items that satisfy every ask moved first, each part in its order."""
+    if not wanted:
+        return ranked
+    ok = [all(satisfied(r, k, w, facts) for k, w in wanted.items()) for r in ranked]
+    return [r for r, good in zip(ranked, ok, strict=True) if good] + [
+        r for r, good in zip(ranked, ok, strict=True) if not good
+    ]
+
+
+def _gains(ranked: list[int], target: int, k: int) -> tuple[float, float]:
+    """(recall@k, ndcg@k) of one request with one target."""
+    top = ranked[:k]
+    if target not in top:
+        return 0.0, 0.0
+    return 1.0, 1.0 / math.log2(top.index(target) + 2)
+
+
+def evaluate_critiques(
+    model: MoERecForItemPrediction,
+    table: SIDTable,
+    requests: Sequence[dict[str, Any]],
+    facts: ItemFacts,
+    *,
+    batch_size: int = 64,
+    exclude_seen: bool = False,
+) -> dict[str, float]:
+    """Metrics of ``requests`` (critique requests) with and without the critique, the rule filter
+    and satisfaction (module docstring): keys ``{scope}/{model}/{metric}``, scope ``all``, a type,
+    ``seen`` or ``held_out``; model ``critique``, ``plain``, ``filter``; metric ``recall@10``,
+    ``ndcg@10``, ``satisfied_<type>``; ``{scope}/count`` requests."""
+    catalogue = ServiceCatalogue(table, next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    vectors = gathered_item_table(model)
+    plain = []
+    for r in requests:
+        ids, domains = without_critique(r["input_ids"], r["domain_ids"])
+        plain.append({**r, "input_ids": ids, "domain_ids": domains})
+    ranked: dict[str, list[list[int]]] = {"critique": [], "plain": []}
+    with torch.no_grad():
+        for name, rows in (("critique", requests), ("plain", plain)):
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i : i + batch_size]
+                ranked[name] += rank_exact(model, catalogue, chunk, DEPTH, exclude_seen, vectors).tolist()
+    model.train(was_training)
+    services = [r["service"] for r in requests]
+    targets = table.rows(services, [r["target_item"] for r in requests]).tolist()
+    prevs = table.rows(services, [r["prev_item"] for r in requests]).tolist()
+    sums: dict[str, float] = defaultdict(float)
+    for j, r in enumerate(requests):
+        wanted = asks(r, targets[j], prevs[j], facts)
+        lists = {
+            **{n: ranked[n][j] for n in ranked},
+            "filter": rule_filter(ranked["plain"][j], wanted, facts),
+        }
+        scopes = ["all", *r["types"], "held_out" if r["held_out"] else "seen"]
+        for scope in scopes:
+            sums[f"{scope}/count"] += 1
+            for name, ranking in lists.items():
+                for k in KS:
+                    recall, ndcg = _gains(ranking, targets[j], k)
+                    sums[f"{scope}/{name}/recall@{k}"] += recall
+                    sums[f"{scope}/{name}/ndcg@{k}"] += ndcg
+        for kind, want in wanted.items():  # satisfaction among the top 10, where the data can check it
+            sums[f"{kind}/asked"] += 1
+            for name, ranking in lists.items():
+                top = ranking[:10]
+                sums[f"{kind}/{name}/satisfied_{kind}"] += (
+                    sum(satisfied(x, kind, want, facts) for x in top) / 10
+                )
+    out: dict[str, float] = {}
+    for key, value in sums.items():
+        scope, _, metric = key.partition("/")
+        if metric in ("count", "asked"):
+            out[key] = value
+            continue
+        denominator = sums[f"{scope}/asked"] if "satisfied_" in metric else sums[f"{scope}/count"]
+        out[key] = value / denominator if denominator else math.nan
+    return out
