@@ -1,0 +1,89 @@
+"""Critique and narrative samples: tokens and labels against a hand-built expectation, the
+request against the plain request of the same target, the per-user cap and unmatched rows."""
+
+from __future__ import annotations
+
+from moe_rec.data.positions import item_batch
+from moe_rec.data.sequences import IGNORE_INDEX, Event, SequenceBuilder, SequenceConfig, TextSampleConfig
+from moe_rec.data.text_samples import TextSampleBuilder, without_critique
+from moe_rec.data.text_tokenizer import train_tokenizer
+from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, Vocabulary
+
+TEXTS = ["anything cheaper?", "a budget pick in lotions", "you like lotions"] * 30
+CODES = {("a", f"i{k}"): (k % 4, (k + 1) % 4, k % 2) for k in range(6)} | {("b", "j0"): (3, 3, 1)}
+EVENTS = [Event("a", f"i{k}", None, k, split) for k, split in enumerate(["train"] * 4 + ["valid", "test"])]
+EVENTS.append(Event("b", "j0", None, 0, "train"))
+
+
+def _builders(**text: int) -> tuple[SequenceBuilder, TextSampleBuilder]:
+    tokenizer = train_tokenizer(TEXTS, 300)
+    vocab = Vocabulary(services=("a", "b"), levels=2, codebook_size=4, dedup_size=2, text_size=tokenizer.size)
+    cfg = SequenceConfig(max_events=50, text=TextSampleConfig(**text))
+    plain = SequenceBuilder(vocab, CODES, cfg)
+    return plain, TextSampleBuilder(plain, tokenizer, cfg.text)
+
+
+def _row(position: int, split: str, text: str = "anything cheaper?") -> dict:
+    return {"user": "u", "service": "a", "position": position, "split": split, "prev_item": f"i{position - 1}",
+            "target_item": f"i{position}", "text": text, "types": ["price"], "clauses": ["cheaper"],
+            "family": "plain", "held_out": False}  # fmt: skip
+
+
+def test_critique_sample_labels_only_its_target() -> None:
+    plain, text = _builders(critiques_per_user=1)
+    vocab = plain.vocab
+    rows = [_row(2, "train"), _row(3, "train")]  # the cap keeps the latest: target i3
+    (sample,) = text.train_samples("u", EVENTS, rows, [])
+    words = [vocab.text_offset + i for i in text.tokenizer.encode("anything cheaper?")]
+    unified = [e for e in EVENTS if e.split == "train"]  # a: 0..3 then b's one event, by progress
+    history = [e for e in unified[: unified.index(EVENTS[3])]]
+    expected = [BOS]
+    for e in history:
+        expected += vocab.item_tokens(e.service, CODES[(e.service, e.item_id)])
+    target = vocab.item_tokens("a", CODES[("a", "i3")])
+    assert sample["input_ids"] == expected + [CRITIQUE, *words, *target]
+    assert sample["labels"] == [IGNORE_INDEX] * (len(expected) + 1 + len(words) + 1) + target[1:]
+    batch = item_batch([sample], vocab, 8)
+    labelled = (batch["labels"][0, :, 0] != IGNORE_INDEX).nonzero().flatten().tolist()
+    assert labelled == [
+        len(history) + 1 + len(words) + 1
+    ]  # [BOS], history, [CRITIQUE], words: then the target
+    assert (batch["text_labels"] == IGNORE_INDEX).all()  # a critique is read, not written
+    assert text.counts["critique_samples"] == 1
+
+
+def test_narrative_sample_writes_its_words_and_eos() -> None:
+    plain, text = _builders(narratives_per_user=1)
+    vocab = plain.vocab
+    narrative = {"user": "u", "service": "a", "position": 1, "split": "train", "target_item": "i1",
+                 "text": "you like lotions"}  # fmt: skip
+    (sample,) = text.train_samples("u", EVENTS, [], [narrative])
+    words = text.tokenizer.encode("you like lotions")
+    batch = item_batch([sample], vocab, 8)
+    n = 1 + 1 + 1 + 1  # [BOS], i0, the target i1, [EXPLAIN]
+    assert batch["text_labels"][0, n : n + len(words) + 1].tolist() == [*words, vocab.text_size]
+    assert (batch["text_labels"][0, :n] == IGNORE_INDEX).all()
+    assert sample["input_ids"][-1] == EOS and EXPLAIN in sample["input_ids"]
+    assert (batch["labels"][0, :, 0] != IGNORE_INDEX).nonzero().flatten().tolist() == [2]  # the target
+
+
+def test_request_is_the_plain_request_with_the_critique_before_the_asked_service() -> None:
+    plain, text = _builders()
+    (request,) = text.requests("u", EVENTS, [_row(5, "test"), _row(4, "valid")], "test")
+    (reference,) = [r for r in plain.eval_samples("u", EVENTS, "test") if r["target_item"] == "i5"]
+    words = [CRITIQUE, *(plain.vocab.text_offset + i for i in text.tokenizer.encode("anything cheaper?"))]
+    assert request["input_ids"] == reference["input_ids"][:-1] + words + reference["input_ids"][-1:]
+    assert without_critique(request["input_ids"], request["domain_ids"]) == (
+        reference["input_ids"],
+        reference["domain_ids"],
+    )
+    assert request["target"] == reference["target"] and request["prev_item"] == "i4"
+
+
+def test_rows_that_match_no_event_are_counted_not_dropped_silently() -> None:
+    _, text = _builders()
+    stale = {**_row(2, "train"), "target_item": "i9"}
+    assert list(text.train_samples("u", EVENTS, [stale], [])) == []
+    assert text.counts["critique_not_in_history"] == 1
+    assert list(text.requests("u", EVENTS, [{**_row(5, "test"), "target_item": "i9"}], "test")) == []
+    assert text.counts["request_not_in_split"] == 1
