@@ -602,16 +602,22 @@ def recommendations(
     k: int,
     user: str | None,
     exclude_seen: bool,
+    critique: str | None = None,
+    explain: bool = False,
 ) -> dict[str, Any]:
     """One request through the serving API, as the JSON document ``moe-rec recommend --json``
-    prints: the request, ``available`` (items it may get) and ``items`` best first."""
-    found = rec.recommend(history, service, k=k, exclude_seen=exclude_seen, user_id=user)
+    prints: the request, ``available`` (items it may get) and ``items`` best first (with their
+    narratives when ``explain``)."""
+    found = rec.recommend(
+        history, service, k=k, exclude_seen=exclude_seen, user_id=user, critique=critique, explain=explain
+    )
     return {
-        "service": service, "k": k, "user": user, "exclude_seen": exclude_seen,
+        "service": service, "k": k, "user": user, "exclude_seen": exclude_seen, "critique": critique,
         "history": [f"{s}:{i}" for s, i in history],
         "available": rec.available(history, service, exclude_seen),
         "items": [
             {"rank": rank, "item_id": r.item_id, "score": r.score, "fields": r.fields}
+            | ({"narrative": r.narrative} if r.narrative is not None else {})
             for rank, r in enumerate(found, start=1)
         ],
     }  # fmt: skip
@@ -652,6 +658,9 @@ def _print_recommendations(found: dict[str, Any], held_out: str | None = None) -
         name = str(r["fields"].get("title") or "")[:60]
         table.add_row(str(r["rank"]), r["item_id"] + mark, f"{r['score']:.3f}", name)
     results.print(table)
+    for r in found["items"]:  # explain: each item's narrative under the table
+        if "narrative" in r:
+            results.print(f"{r['rank']}. {r['item_id']}: {r['narrative']}")
     if len(found["items"]) < k:  # the Recommender returns fewer than k only when no more exist
         why = " (the history has the others)" if found["exclude_seen"] else ""
         results.print(f"only {len(found['items'])} items of {service} are left to recommend{why}: all shown")
@@ -820,7 +829,9 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     from moe_rec.serve import Recommender
 
     with Recommender.from_bundle(args.bundle, ServeConfig(device=args.device)) as rec:
-        found = recommendations(rec, args.history, args.service, args.k, args.user, args.exclude_seen)
+        found = recommendations(
+            rec, args.history, args.service, args.k, args.user, args.exclude_seen, args.critique, args.explain
+        )
     if args.json:
         print_json(found)
     else:
@@ -1011,6 +1022,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--user", help="user id (hashed into the user-routing bucket, as in training)")
     rec.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
                      help="leave out items already in the history (default: %(default)s)")  # fmt: skip
+    rec.add_argument("--critique", help='what the user wants changed, in words ("something cheaper")')
+    rec.add_argument("--explain", action="store_true", help="a narrative for every item: why it fits")
     rec.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     rec.add_argument("--json", action="store_true", help="print the recommendations as one JSON document")
     rec.set_defaults(func=cmd_recommend, overrides=[])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from moe_rec.cli import main
 
@@ -18,16 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "experiments" / "demo.yaml"
 
 
-@pytest.mark.slow  # the whole pipeline on 120 users (about a minute on 2 busy cores)
-def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain_evaluation(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def critique_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """``moe-rec run`` on 120 synthetic users with critiques on (about 40 s on 2 busy cores): the
+    run directory and the arguments that made it."""
+    run = tmp_path_factory.mktemp("critiques") / "run"
     args = ["--config", str(DEMO), f"run_dir={run}", "data.synthetic.num_users=120",
             "data.synthetic.items_per_service=200", "critiques.enabled=true", "critiques.min_matching_items=5",
             "sid.levels=4", "sid.codebook_size=16", "train.max_steps=6", "train.eval_every=6",
             "train.save_every=6", "train.wandb.mode=disabled"]  # fmt: skip
     assert main(["run", *args]) == 0
+    return run, args
+
+
+@pytest.mark.slow  # the run fixture
+def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain_evaluation(
+    critique_run: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run, args = critique_run
     vocab = json.loads((run / "sequences" / "vocab.json").read_text())
     assert vocab["text_size"] > 256 and (run / "sequences" / "tokenizer.json").exists()
     assert any((run / "sequences" / "train").glob("part-text-*.parquet"))
@@ -54,3 +63,46 @@ def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain
         top = ranked[(r["user"], r["service"], r["target_item"])][:10]
         gains.append(1.0 / math.log2(top.index(r["target_item"]) + 2) if r["target_item"] in top else 0.0)
     assert metrics["all/plain/ndcg@10"] == pytest.approx(sum(gains) / len(gains), abs=1e-9)
+
+
+@pytest.mark.slow  # the run fixture
+def test_the_bundle_reads_critiques_and_writes_narratives(critique_run: tuple[Path, list[str]]) -> None:
+    from moe_rec.eval.narrate import narrative_prompt, write_narratives
+    from moe_rec.serve import Recommender
+    from moe_rec.serve.request import RequestError
+
+    run, _ = critique_run
+    request = datasets.Dataset.from_parquet(str(run / "sequences" / "critique_test" / "*.parquet"))[0]
+    with Recommender.from_bundle(run / "bundle") as rec:
+        history = _history(rec, request)
+        plain = rec.recommend(history, request["service"], k=5)
+        steered = rec.recommend(history, request["service"], k=5, critique=request["critique"], explain=True)
+        assert [r.score for r in plain] != [r.score for r in steered]  # the critique is read
+        assert all(r.narrative is not None and r.narrative == r.narrative.strip() for r in steered)
+        assert all(r.narrative is None for r in plain)
+        with pytest.raises(RequestError, match="critique"):
+            rec.recommend(history, request["service"], critique="   ")
+        odd = rec.recommend(history, request["service"], k=3, critique="zxqv brändname ünknown!?")
+        assert len(odd) == 3  # words never seen are subwords, not an error
+        # one prompt alone decodes as it does in a batch, and stops at [EOS] or the cap
+        vocab, model = rec.vocab, rec.bundle.model
+        row = rec.table.rows(request["service"], [request["target_item"]])[0]
+        item = vocab.item_tokens(request["service"], rec.table.codes[row].tolist())
+        prompt = narrative_prompt(request, item, vocab)
+        second = narrative_prompt(
+            request, vocab.item_tokens(request["service"], rec.table.codes[0].tolist()), vocab
+        )
+        together = write_narratives(model, [prompt, second], [0, 0], vocab, max_tokens=12)
+        alone = write_narratives(model, [prompt], [0], vocab, max_tokens=12)
+        assert together[0] == alone[0] and all(len(t) <= 12 for t in together)
+
+
+def _history(rec: object, request: dict) -> list[tuple[str, str]]:
+    """A critique request's history as (service, item id) events, read back from its item tokens."""
+    vocab, table, ids = rec.vocab, rec.table, request["input_ids"]
+    events, i = [], 1
+    while i < len(ids) and vocab.service_offset <= ids[i] < vocab.code_offset:
+        service, codes = vocab.decode_item(ids[i : i + vocab.tokens_per_item])
+        events.append((service, table.item_ids_for(service, torch.tensor([codes]))[0]))
+        i += vocab.tokens_per_item
+    return events

@@ -48,7 +48,9 @@ import transformers
 
 import moe_rec
 from moe_rec.data.positions import item_batch, left_pad
+from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import prompt, user_bucket
+from moe_rec.data.text_tokenizer import TOKENIZER_FILE, TextTokenizer
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.errors import MoeRecError
 from moe_rec.model import MoERecConfig, MoERecForCausalLM, MoERecForItemPrediction, model_class
@@ -102,6 +104,7 @@ class Bundle:
     vocab: Vocabulary
     catalogue: pa.Table  # row i describes table row i: service, item_id, then the catalogue fields
     manifest: dict[str, Any]
+    tokenizer: TextTokenizer | None = None  # the text tokenizer of a model that reads critiques
 
 
 def _check_vocab(vocab: Vocabulary, table: SIDTable, where: Path | str) -> None:
@@ -232,6 +235,7 @@ def export_model(
     probes: Sequence[Mapping[str, Any]] | None = None,
     overwrite: bool = False,
     privacy: dict[str, Any] | None = None,
+    tokenizer: TextTokenizer | None = None,
 ) -> Path:
     """Write a verified bundle of ``model`` (left untouched) to ``out``; returns ``out``.
 
@@ -250,6 +254,8 @@ def export_model(
         privacy: the privacy record of a model trained with ``train.privacy`` (the checkpoint's,
             :meth:`moe_rec.train.privacy.UserLevelDP.record`), written to the manifest as
             ``privacy``; None (any other model): no such key.
+        tokenizer: the text tokenizer, required when the vocabulary has text tokens (a model
+            trained with critiques and narratives); saved as ``tokenizer.json``.
 
     Raises:
         BundleError: inconsistent inputs, an existing ``out``, or a reloaded bundle whose logits
@@ -261,6 +267,11 @@ def export_model(
     if out.exists() and not overwrite:
         raise BundleError(out, "already exists (pass overwrite=True / --overwrite to replace it)")
     _check_vocab(vocab, table, "vocabulary")
+    if vocab.text_size and (tokenizer is None or tokenizer.size != vocab.text_size):
+        raise BundleError(
+            "tokenizer",
+            f"the vocabulary has {vocab.text_size} text tokens: give its tokenizer (of that size)",
+        )
     cfg = model.config
     if cfg.sid_token_offset + vocab.size > cfg.vocab_size or cfg.num_domains < len(vocab.services):
         raise BundleError(
@@ -282,6 +293,8 @@ def export_model(
             table.trie().save(tmp / SID_DIR / TRIE_FILE)
         pq.write_table(aligned, tmp / CATALOGUE_FILE)
         (tmp / VOCAB_FILE).write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
+        if vocab.text_size:
+            tokenizer.save(tmp)
         for p in tmp.rglob("*"):  # some writers create 0600 temp files; a bundle is meant to be shipped
             p.chmod(0o755 if p.is_dir() else 0o644)
         counts = torch.bincount(table.service_index, minlength=len(table.services)).tolist()
@@ -367,8 +380,11 @@ def load_bundle(path: Path | str, device: str | torch.device = "cpu") -> Bundle:
         item_level = model_class(config) is MoERecForItemPrediction
         trie = None if item_level else SIDTrie.load(root / SID_DIR / TRIE_FILE, device=device)
         catalogue = pq.read_table(root / CATALOGUE_FILE)
+        tokenizer = TextTokenizer.load(root) if vocab.text_size else None
     except SIDFileError as e:
         raise _wrapped(e, e.path) from None
+    except DataError as e:  # the tokenizer file: missing or unreadable
+        raise BundleError(root / TOKENIZER_FILE, str(e)) from None
     except (ValueError, TypeError, KeyError, OSError, pa.ArrowException) as e:
         raise BundleError(root, f"unreadable bundle part ({type(e).__name__}: {e})") from None
     _check_vocab(vocab, table, root / VOCAB_FILE)
@@ -383,7 +399,11 @@ def load_bundle(path: Path | str, device: str | torch.device = "cpu") -> Bundle:
     if len(keys) != len(table) or not (keys == _item_keys(_table_services(table), table.item_ids)).all():
         raise BundleError(root / CATALOGUE_FILE, "catalogue rows do not match the SID table's items")
     model = model_class(config).from_pretrained(root / MODEL_DIR, dtype=dtype).to(device).eval()
-    return Bundle(root, model, table, trie, vocab, catalogue, manifest)
+    if tokenizer is not None and tokenizer.size != vocab.text_size:
+        raise BundleError(
+            root / TOKENIZER_FILE, f"{tokenizer.size} subwords for {vocab.text_size} text tokens"
+        )
+    return Bundle(root, model, table, trie, vocab, catalogue, manifest, tokenizer)
 
 
 def _history_probes(run_dir: Path) -> list[dict[str, Any]]:
@@ -431,7 +451,6 @@ def export_checkpoint(
     """
     import yaml
 
-    from moe_rec.data.schema import DataError
     from moe_rec.data.store import load_items
     from moe_rec.train import checkpoint as ckpt  # DeepSpeed loads only inside consolidate()
 
@@ -448,6 +467,7 @@ def export_checkpoint(
         table = SIDTable.load(run_dir / SID_DIR)
         catalogue = load_items(run_dir / "data").data.table
         model = ckpt.load_model(ckpt_dir, tag)
+        tokenizer = TextTokenizer.load(run_dir / "sequences") if vocab.text_size else None
     except FileNotFoundError as e:
         raise BundleError(e.filename, "not found") from None
     except (ckpt.CheckpointError, SIDFileError, DataError) as e:
@@ -458,5 +478,5 @@ def export_checkpoint(
     return export_model(
         model, table, vocab, align_catalogue(catalogue, table, run_dir / "data" / "items"), out,
         dtype=dtype, config=config, source=source, probes=_history_probes(run_dir), overwrite=overwrite,
-        privacy=state.get("privacy"),
+        privacy=state.get("privacy"), tokenizer=tokenizer,
     )  # fmt: skip

@@ -252,6 +252,25 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         emb = self.model.embed_tokens.weight
         return F.linear(hidden, torch.cat([emb[start:stop], emb[EOS : EOS + 1]]))
 
+    @torch.no_grad()
+    def next_text_logits(
+        self,
+        item_tokens: torch.LongTensor,
+        domain_ids: torch.LongTensor,
+        user_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """(B, V + 1) the text head's logits after the last position of left-padded prompts
+        (:meth:`text_logits`): what a narrative writes next."""
+        if self.config.text_token_range is None:
+            raise ValueError("this model has no text head (trained without critiques and narratives)")
+        hidden, _, _ = self.model(
+            None, domain_ids, user_ids=user_ids, attention_mask=attention_mask,
+            inputs_embeds=self.embed_positions(item_tokens),
+        )  # fmt: skip
+        return self.text_logits(hidden[:, -1])
+
     def forward(
         self,
         item_tokens: torch.LongTensor,

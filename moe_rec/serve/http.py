@@ -59,7 +59,12 @@ log = logging.getLogger(__name__)
 DRAIN_FACTOR = 8  # an oversized body up to this many times the limit is read (and dropped) so the
 # client gets its 413 instead of a connection reset; a larger one is refused unread
 
-RESERVED = ("item_id", "score", "rank")  # response keys a catalogue field of the same name cannot replace
+RESERVED = (
+    "item_id",
+    "score",
+    "rank",
+    "narrative",
+)  # response keys a catalogue field of the same name cannot replace
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -88,6 +93,7 @@ class RecommendedItem(BaseModel):
     item_id: str
     score: float
     rank: int
+    narrative: str | None = Field(None, description="why it fits and what it is (only with `explain`)")
 
 
 class RecommendResponse(BaseModel):
@@ -324,6 +330,7 @@ def create_app(recommender: Recommender) -> FastAPI:
             return _invalid([{"field": e.field, "message": e.message}])
         items = [
             {"item_id": r.item_id, "score": r.score, "rank": rank}
+            | ({"narrative": r.narrative} if r.narrative is not None else {})
             | {f: v for f, v in r.fields.items() if f not in RESERVED}
             for rank, r in enumerate(answer.items, start=1)
         ]

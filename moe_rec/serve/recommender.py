@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,10 @@ import torch
 
 from moe_rec.data.positions import item_batch, left_pad
 from moe_rec.data.sequences import prompt, user_bucket
+from moe_rec.data.vocab import CRITIQUE
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.exact import ServiceCatalogue, request_log_probs, top_for_requests
+from moe_rec.eval.narrate import narrative_prompt, write_narratives
 from moe_rec.export.bundle import Bundle, load_bundle
 from moe_rec.model import MoERecForItemPrediction
 from moe_rec.serve.config import DEFAULT_K, ServeConfig
@@ -57,6 +59,9 @@ from moe_rec.serve.request import RecommendRequest, RequestError, parse_request
 from moe_rec.sid.trie import SIDTrie
 
 DEFAULT_MAX_HISTORY = 50  # sequences.max_events when the bundle's config does not say
+MAX_CRITIQUE_TOKENS = (
+    48  # a critique's subwords beyond this are cut (training's sequences.text.max_text_tokens)
+)
 
 
 def _nan_to_null(table: pa.Table) -> pa.Table:
@@ -74,6 +79,7 @@ class Recommendation:
     item_id: str
     score: float  # the item's ranking score (module docstring: summed code log-probabilities, + item terms)
     fields: dict[str, Any]  # the item's catalogue fields (title, brand, ... whatever the catalogue has)
+    narrative: str | None = None  # why it fits and what it is, when the request asked (``explain``)
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class _Job:
     excluded_rows: list[int]  # their table rows
     available: int  # items of the service that may be returned
     future: Future
+    explain: bool = False  # write a narrative for every returned item
 
 
 class Recommender:
@@ -201,8 +208,23 @@ class Recommender:
         recent = list(zip(services, codes.tolist()))[-self.max_history :]
         # the history's distinct items of the asked service: never returned
         seen = sorted({r for s, r in zip(services, rows) if s == service}) if request.exclude_seen else []
+        for field, asked in (("critique", request.critique is not None), ("explain", request.explain)):
+            if asked and self.bundle.tokenizer is None:
+                raise RequestError(
+                    field, "this bundle's model reads and writes no text (trained without critiques.enabled)"
+                )
+        request_prompt = prompt(self.vocab, recent, service)
+        if request.critique is not None:  # [CRITIQUE] and its words, before the asked service
+            ids = self.bundle.tokenizer.encode(request.critique)[:MAX_CRITIQUE_TOKENS]
+            words = [CRITIQUE, *(self.vocab.text_offset + i for i in ids)]
+            domain = self.vocab.service_index(service)
+            request_prompt = {
+                "input_ids": request_prompt["input_ids"][:-1] + words + request_prompt["input_ids"][-1:],
+                "domain_ids": request_prompt["domain_ids"][:-1] + [domain] * len(words) + [domain],
+            }
         return _Job(
-            prompt=prompt(self.vocab, recent, service),
+            prompt=request_prompt,
+            explain=request.explain,
             service=service,
             k=request.k,
             user=user_bucket(request.user_id or "", self.bundle.model.config.num_user_buckets),
@@ -248,10 +270,14 @@ class Recommender:
         k: int = DEFAULT_K,
         exclude_seen: bool = True,
         user_id: str | None = None,
+        critique: str | None = None,
+        explain: bool = False,
     ) -> list[Recommendation]:
         """The ``k`` best items of ``service`` for a cross-service ``history`` (oldest first), best
         first; fewer only when the service has fewer than ``k`` items left after exclusion
-        (:meth:`available`), and then all of them.
+        (:meth:`available`), and then all of them. ``critique``: what the user wants changed, in
+        words, read before the items are scored; ``explain``: each item gets a narrative (both
+        need a bundle trained with critiques and narratives).
 
         Raises:
             RequestError: naming the bad input (unknown service or item, empty history, k out of range).
@@ -262,6 +288,8 @@ class Recommender:
             "k": k,
             "exclude_seen": exclude_seen,
             "user_id": user_id,
+            "critique": critique,
+            "explain": explain,
         }
         job = self._checked(raw)
         self._submit(job)
@@ -409,10 +437,29 @@ class Recommender:
                     for (_, s), rec in zip(keep, records)
                 ]
             )
+        if any(j.explain for j in batch):
+            results = self._narrate(batch, results)
         self._count(
             requests=len(batch), batches=1, items_scored=scored, batch_seconds=time.perf_counter() - t0
         )
         return results
+
+    def _narrate(self, batch: list[_Job], results: list[list[Recommendation]]) -> list[list[Recommendation]]:
+        """Every item of the jobs that asked for ``explain``, with its narrative (one greedy
+        decode over all of them)."""
+        asked = [(i, n) for i, j in enumerate(batch) if j.explain for n in range(len(results[i]))]
+        prompts, users = [], []
+        for i, n in asked:
+            rec = results[i][n]
+            row = int(self.table.rows(rec.service, [rec.item_id])[0])
+            item = self.vocab.item_tokens(rec.service, self.table.codes[row].tolist())
+            prompts.append(narrative_prompt(batch[i].prompt, item, self.vocab))
+            users.append(batch[i].user)
+        texts = write_narratives(self.bundle.model, prompts, users, self.vocab)
+        out = [list(r) for r in results]
+        for (i, n), ids in zip(asked, texts, strict=True):
+            out[i][n] = replace(out[i][n], narrative=self.bundle.tokenizer.decode(ids))
+        return out
 
     # --- bookkeeping ------------------------------------------------------------------------
 

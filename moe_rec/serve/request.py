@@ -11,12 +11,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from moe_rec.errors import MoeRecError
 from moe_rec.serve.config import DEFAULT_K
 
 EVENT_KEYS = ("service", "item_id")
+MAX_CRITIQUE_CHARS = 500
 
 
 class RequestError(MoeRecError, ValueError):
@@ -49,6 +59,21 @@ class RecommendRequest(BaseModel):
     user_id: StrictStr | None = Field(
         None, description="the user; hashed to the user bucket of user-routed experts (null: no user)"
     )
+    critique: StrictStr | None = Field(
+        None,
+        max_length=MAX_CRITIQUE_CHARS,
+        description='what the user wants changed, in words ("something cheaper", "not this brand"); '
+        "needs a bundle trained with critiques",
+        examples=["Anything cheaper? Not a fan of that brand."],
+    )
+    explain: StrictBool = Field(False, description="add a narrative to every item: why it fits, what it is")
+
+    @field_validator("critique")
+    @classmethod
+    def _has_words(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must hold words (or be null for none)")
+        return value
 
 
 def field_name(loc: Sequence[int | str], root: str = "body") -> str:

@@ -395,6 +395,12 @@ BAD = [
     ("user_id a number", {**GOOD, "user_id": 12}, 422, "user_id", "valid string"),
     ("missing service", {"history": GOOD["history"]}, 422, "service", "required"),
     ("unknown field", {**GOOD, "exclude_sen": False}, 422, "exclude_sen", "not permitted"),
+    ("empty critique", {**GOOD, "critique": "  "}, 422, "critique", "must hold words"),
+    ("critique a number", {**GOOD, "critique": 3}, 422, "critique", "valid string"),
+    ("critique too long", {**GOOD, "critique": "x" * 501}, 422, "critique", "at most 500"),
+    ("critique to a model without text", {**GOOD, "critique": "cheaper"}, 422, "critique", "no text"),
+    ("explain from a model without text", {**GOOD, "explain": True}, 422, "explain", "no text"),
+    ("explain a string", {**GOOD, "explain": "yes"}, 422, "explain", "valid boolean"),
     ("body a list", [GOOD], 422, "body", "valid dictionary"),
 ]  # fmt: skip
 
