@@ -671,16 +671,24 @@ def _print_recommendations(found: dict[str, Any], held_out: str | None = None) -
 def _recommend_for_test_users(cfg: ExperimentConfig, bundle: Path, users: int = 3, k: int = 5) -> None:
     """The end of ``moe-rec run``: the bundle recommends for the first few test users (their train
     and valid events, in training's cross-service order, as the history) in the service of their
-    first held-out test item, excluding seen items as the evaluation did (``eval.exclude_seen``)."""
+    first held-out test item, excluding seen items as the evaluation did (``eval.exclude_seen``);
+    with critiques, again with the user's test critique, each item explained."""
     import pyarrow.compute as pc
 
     from moe_rec.data import store
+    from moe_rec.data.critiques import load_rows
     from moe_rec.data.sequences import iter_users, unified_order
     from moe_rec.serve import Recommender
 
     events = store.load_table(cfg.data_dir)
     first = pc.unique(events["user"])[:users]
     mine = events.filter(pc.is_in(events["user"], first)).sort_by([("user", "ascending")])
+    critiques = {}  # (user, service, target) -> the test critique
+    if cfg.critiques.enabled:
+        for row in load_rows(cfg.critiques_dir, "test").select_columns(
+            ["user", "service", "target_item", "text"]
+        ):
+            critiques[(row["user"], row["service"], row["target_item"])] = row["text"]
     with Recommender.from_bundle(bundle) as rec:
         for user, user_events in iter_users(mine):
             ordered = unified_order(user_events, rec.services)
@@ -690,6 +698,13 @@ def _recommend_for_test_users(cfg: ExperimentConfig, bundle: Path, users: int = 
             history = [(e.service, e.item_id) for e in ordered if e.split != "test"]
             found = recommendations(rec, history, target.service, k, user, cfg.eval.exclude_seen)
             _print_recommendations(found, held_out=target.item_id)
+            critique = critiques.get((user, target.service, target.item_id))
+            if critique is not None and rec.bundle.tokenizer is not None:
+                results.print(f"the same with the user's critique: {critique!r}, explained")
+                found = recommendations(
+                    rec, history, target.service, k, user, cfg.eval.exclude_seen, critique, explain=True
+                )
+                _print_recommendations(found, held_out=target.item_id)
 
 
 # -- the commands: arguments in, results out ----------------------------------------------------

@@ -2,7 +2,10 @@
 
 A prompt is a request's history (and critique), the recommended item and ``[EXPLAIN]``; each step
 runs the decoder over every unfinished prompt (left-padded, no cache: narratives are short and the
-model small) and appends the most likely subword, until ``[EOS]`` or ``max_tokens``.
+model small) and appends the most likely subword, until ``[EOS]`` or ``max_tokens``. As greedy
+decoders usually do, a subword that would repeat a ``no_repeat_ngram``-gram of the narrative, or
+the subword just written, is never chosen (an undertrained head otherwise loops: "bought bought
+bought ...").
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ from moe_rec.data.vocab import EXPLAIN, Vocabulary
 from moe_rec.model.item_model import MoERecForItemPrediction
 
 MAX_NARRATIVE_TOKENS = 64
+NO_REPEAT_NGRAM = 3
+
+
+def repeated(text: Sequence[int], n: int) -> set[int]:
+    """Tokens that would end an ``n``-gram already in ``text`` (what greedy decoding must not
+    write next)."""
+    if n < 1 or len(text) < n - 1:
+        return set()
+    tail = tuple(text[len(text) - n + 1 :]) if n > 1 else ()
+    return {text[i + n - 1] for i in range(len(text) - n + 1) if tuple(text[i : i + n - 1]) == tail}
 
 
 def narrative_prompt(
@@ -39,9 +52,10 @@ def write_narratives(
     user_buckets: Sequence[int],
     vocab: Vocabulary,
     max_tokens: int = MAX_NARRATIVE_TOKENS,
+    no_repeat_ngram: int = NO_REPEAT_NGRAM,
 ) -> list[list[int]]:
-    """Each prompt's narrative as subword ids (0 .. text_size - 1), greedy, without its ``[EOS]``;
-    cut at ``max_tokens``."""
+    """Each prompt's narrative as subword ids (0 .. text_size - 1), greedy, without its ``[EOS]``,
+    no ``no_repeat_ngram``-gram twice (0: no such rule); cut at ``max_tokens``."""
     device = next(model.parameters()).device
     rows = [
         {"input_ids": list(p["input_ids"]), "domain_ids": list(p["domain_ids"]), "user": ""} for p in prompts
@@ -54,6 +68,12 @@ def write_narratives(
         batch = item_batch([rows[i] for i in live], vocab, 1, left_pad=True)
         batch["user_ids"] = torch.tensor([user_buckets[i] for i in live])
         logits = model.next_text_logits(**{k: v.to(device) for k, v in batch.items()})  # (B, V + 1)
+        for b, i in enumerate(live):
+            banned = repeated(out[i], no_repeat_ngram) | set(
+                out[i][-1:]
+            )  # nor the same subword twice in a row
+            if banned:
+                logits[b, sorted(banned)] = float("-inf")
         still = []
         for i, token in zip(live, logits.argmax(-1).tolist(), strict=True):
             if token == vocab.text_size:  # [EOS]
