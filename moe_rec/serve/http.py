@@ -79,6 +79,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # so "Try it out" in /docs works against it as written.
 EXAMPLE_HISTORY = [{"service": "grocery", "item_id": "g00004"}, {"service": "delivery", "item_id": "d00014"}]
 EXAMPLE_REQUEST = {"history": EXAMPLE_HISTORY, "service": "marketplace", "k": 5}
+EXAMPLE_CRITIQUE = {
+    **EXAMPLE_REQUEST,
+    "critique": "Anything cheaper? Not a fan of that brand.",
+    "explain": True,
+}
 
 
 def _demo(value: Any) -> dict[str, Any]:
@@ -319,7 +324,18 @@ def create_app(recommender: Recommender) -> FastAPI:
         "/v1/recommend", response_model=RecommendResponse, responses=ERRORS, dependencies=[Depends(json_body)]
     )
     def recommend(
-        request: Annotated[RecommendRequest, Body(openapi_examples=_demo(EXAMPLE_REQUEST))],
+        request: Annotated[
+            RecommendRequest,
+            Body(
+                openapi_examples=_demo(EXAMPLE_REQUEST)
+                | {
+                    "critique": {
+                        "summary": "the demo bundle, with a critique, explained",
+                        "value": EXAMPLE_CRITIQUE,
+                    }
+                }
+            ),
+        ],
     ) -> JSONResponse:
         """Top-``k`` items of ``service`` for the history: real items only, best first; fewer than
         ``k`` only when fewer exist (``exhausted``)."""
