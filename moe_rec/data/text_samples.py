@@ -8,7 +8,9 @@ Built by the sequences stage from the critiques stage's rows (:mod:`moe_rec.data
   label: the history is trained by the plain windows already, and a critique sample would
   otherwise weigh its history twice.
 * **item -> narrative** (train): ``[BOS] history target [EXPLAIN] words [EOS]``: the target is a
-  label (predicted from the history), and the words and ``[EOS]`` are text labels.
+  label (predicted from the history), and the words and ``[EOS]`` are text labels. A critique
+  sample whose target has a narrative ends with it too, as a request with both a critique and
+  ``explain`` reads.
 * **critique requests** (``critique_valid`` / ``critique_test``): ``[BOS] history [CRITIQUE] words
   [service]``, the evaluation request of the critique's split with the critique before the asked
   service; :func:`without_critique` gives the same request without it, so the two rank the same
@@ -125,6 +127,7 @@ class TextSampleBuilder:
         """The user's latest training critique and narrative rows as samples (module docstring)."""
         ordered = unified_order(events, self.builder.vocab.services)
         by_key = {(e.service, e.position): e for e in ordered}
+        explained = {(r["service"], r["position"]): r["text"] for r in narratives if r["split"] == "train"}
         picks = (
             (critiques, self.cfg.critiques_per_user, "critique"),
             (narratives, self.cfg.narratives_per_user, "narrative"),
@@ -144,6 +147,10 @@ class TextSampleBuilder:
                         (service_token, False),
                         (codes, True),
                     ]
+                    narrative = explained.get((row["service"], row["position"]))
+                    if narrative is not None:  # the target's narrative after it, as serving asks for both
+                        tail += [([EXPLAIN], False), ([*self.words(narrative), EOS], True)]
+                        self.counts["critique_samples_explained"] += 1
                 else:
                     tail = [
                         (service_token, False),

@@ -87,3 +87,17 @@ def test_rows_that_match_no_event_are_counted_not_dropped_silently() -> None:
     assert text.counts["critique_not_in_history"] == 1
     assert list(text.requests("u", EVENTS, [{**_row(5, "test"), "target_item": "i9"}], "test")) == []
     assert text.counts["request_not_in_split"] == 1
+
+
+def test_a_critique_sample_ends_with_its_targets_narrative_when_there_is_one() -> None:
+    plain, text = _builders(critiques_per_user=1, narratives_per_user=0)
+    narrative = {"user": "u", "service": "a", "position": 3, "split": "train", "target_item": "i3",
+                 "text": "you like lotions"}  # fmt: skip
+    (sample,) = text.train_samples("u", EVENTS, [_row(3, "train")], [narrative])
+    words = [plain.vocab.text_offset + i for i in text.tokenizer.encode("you like lotions")]
+    assert sample["input_ids"][-len(words) - 2 :] == [EXPLAIN, *words, EOS]
+    batch = item_batch([sample], plain.vocab, 8)
+    assert batch["text_labels"][0, -len(words) - 1 :].tolist() == [
+        w - plain.vocab.text_offset for w in words
+    ] + [plain.vocab.text_size]
+    assert text.counts["critique_samples_explained"] == 1
