@@ -36,7 +36,9 @@ import pyarrow.parquet as pq
 
 from moe_rec.console import progress
 from moe_rec.data import store
+from moe_rec.data.cold_start import is_cold
 from moe_rec.data.critiques import load_rows
+from moe_rec.data.holdout import is_held_out
 from moe_rec.data.schema import EVENT_SCHEMA
 from moe_rec.data.sequences import (
     IGNORE_INDEX,
@@ -92,11 +94,11 @@ class TextSampleBuilder:
     def _train_prefix(self, ordered: list[Event], target: Event) -> list[Event]:
         """The training events before ``target`` in the unified history, the most recent
         ``max_events - 1`` (the target takes the last slot)."""
-        before = []
+        before, cold = [], self.builder.cfg.cold_items
         for e in ordered:
             if e.service == target.service and e.position == target.position:
                 break
-            if e.split == "train":
+            if e.split == "train" and not is_cold(e.service, e.item_id, cold):
                 before.append(e)
         return before[-(self.builder.cfg.max_events - 1) :] if self.builder.cfg.max_events > 1 else []
 
@@ -118,13 +120,17 @@ class TextSampleBuilder:
         return {"user": user, "service": service, "input_ids": ids, "domain_ids": domains, "labels": labels}
 
     def _target_tokens(self, target: Event) -> list[int]:
-        """The target event's tokens with its service token unlabelled (given, not predicted)."""
+        """The target event's tokens: its service token, then its codes."""
         return self.builder.vocab.item_tokens(target.service, self.builder.event_codes(target))
 
     def train_samples(
         self, user: str, events: Sequence[Event], critiques: Sequence[dict], narratives: Sequence[dict]
     ) -> Iterator[dict[str, Any]]:
-        """The user's latest training critique and narrative rows as samples (module docstring)."""
+        """The user's latest training critique and narrative rows as samples (module docstring);
+        none for a user held out of training, none whose target is a cold item (as the plain
+        windows leave them out)."""
+        if is_held_out(user, self.builder.cfg.holdout_users):
+            return
         ordered = unified_order(events, self.builder.vocab.services)
         by_key = {(e.service, e.position): e for e in ordered}
         explained = {(r["service"], r["position"]): r["text"] for r in narratives if r["split"] == "train"}
@@ -138,6 +144,9 @@ class TextSampleBuilder:
                 target = by_key.get((row["service"], row["position"]))
                 if target is None or target.item_id != row["target_item"]:
                     self.counts[f"{kind}_not_in_history"] += 1
+                    continue
+                if is_cold(target.service, target.item_id, self.builder.cfg.cold_items):
+                    self.counts[f"{kind}_cold_target"] += 1
                     continue
                 history, item = self._train_prefix(ordered, target), self._target_tokens(target)
                 service_token, codes = item[:1], item[1:]

@@ -101,3 +101,24 @@ def test_a_critique_sample_ends_with_its_targets_narrative_when_there_is_one() -
         w - plain.vocab.text_offset for w in words
     ] + [plain.vocab.text_size]
     assert text.counts["critique_samples_explained"] == 1
+
+
+def test_held_out_users_and_cold_targets_get_no_training_sample() -> None:
+    from moe_rec.data.cold_start import is_cold
+    from moe_rec.data.holdout import is_held_out
+
+    tokenizer = train_tokenizer(TEXTS, 300)
+    vocab = Vocabulary(services=("a", "b"), levels=2, codebook_size=4, dedup_size=2, text_size=tokenizer.size)
+    held = next(f"user{i}" for i in range(1000) if is_held_out(f"user{i}", 0.5))
+    kept = next(f"user{i}" for i in range(1000) if not is_held_out(f"user{i}", 0.5))
+    cfg = SequenceConfig(holdout_users=0.5)
+    text = TextSampleBuilder(SequenceBuilder(vocab, CODES, cfg), tokenizer, cfg.text)
+    rows = [{**_row(3, "train"), "user": u} for u in (held, kept)]
+    assert list(text.train_samples(held, EVENTS, rows[:1], [])) == []
+    assert len(list(text.train_samples(kept, EVENTS, rows[1:], []))) == 1
+
+    share = next(s for s in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9) if is_cold("a", "i3", s))
+    cfg = SequenceConfig(cold_items=share)
+    text = TextSampleBuilder(SequenceBuilder(vocab, CODES, cfg), tokenizer, cfg.text)
+    assert list(text.train_samples("u", EVENTS, [_row(3, "train")], [])) == []
+    assert text.counts["critique_cold_target"] == 1
