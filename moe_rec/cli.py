@@ -212,15 +212,20 @@ def stage_forget(
     """Delete ``users``' events from a prepared directory (:mod:`moe_rec.data.forget`), remove the
     run's token samples made from them (rebuilt with ``rebuild``, which needs ``cfg``), and say what
     still holds the users; returns the report ``--json`` prints (counts, never ids)."""
-    from moe_rec.data.forget import forget_users, holders, invalidate_sequences
+    from moe_rec.data.forget import forget_users, holders, invalidate_critiques, invalidate_sequences
 
     run_dir = cfg.run_dir if cfg is not None else data_dir.parent
     result = forget_users(data_dir, users)
     report = result.to_dict()
-    report["sequences"] = "unchanged"
+    report["sequences"] = report["critiques"] = "unchanged"
     if result.forgotten:
+        texts = invalidate_critiques(run_dir)  # critiques and narratives name users too
+        report["critiques"] = "removed" if texts else "none"
         removed = invalidate_sequences(run_dir / "sequences")
         report["sequences"] = "removed" if removed else "none"
+        if rebuild and texts and cfg.critiques.enabled:
+            stage_critiques(cfg)
+            report["critiques"] = "rebuilt"
         if rebuild and removed:
             stage_sequences(cfg)
             report["sequences"] = "rebuilt"
@@ -258,6 +263,12 @@ def _print_forget(report: dict[str, Any], data_dir: Path, cfg: ExperimentConfig 
         )
     elif report["sequences"] == "rebuilt":
         say("the token samples were rebuilt from the forgotten data")
+    if report["critiques"] == "removed":
+        say(
+            f"the critiques and narratives (they name users) were removed; `moe-rec critiques build {config}`"
+        )
+    elif report["critiques"] == "rebuilt":
+        say("the critiques and narratives were rebuilt from the forgotten data")
     if report["still_holding"]:
         say(
             "[bold red]still holding these users[/] (made before the deletion): retrain from the forgotten data "

@@ -292,7 +292,21 @@ def read_users_file(path: Path | str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-SEQUENCE_SPLITS = ("train", "valid", "test", HOLDOUT_SPLIT)
+SEQUENCE_SPLITS = ("train", "valid", "test", HOLDOUT_SPLIT, "critique_valid", "critique_test")
+TEXT_DIRS = ("critiques", "narratives")  # the critiques stage's outputs: rows keyed by user
+
+
+def invalidate_critiques(run_dir: Path | str) -> list[Path]:
+    """Remove the critiques and narratives of ``run_dir`` (their rows name users; every file and
+    the stage stamp), so ``moe-rec run`` (with ``critiques.enabled``) builds them again from the
+    data without the users. Returns the removed paths."""
+    removed = []
+    for name in TEXT_DIRS:
+        for path in sorted((Path(run_dir) / name).glob("*")):
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def invalidate_sequences(seq_dir: Path | str) -> list[Path]:

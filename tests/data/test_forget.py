@@ -145,3 +145,22 @@ def test_the_command_forgets_reports_and_warns(data_dir: Path, capsys: pytest.Ca
     assert main(["data", "forget", "--data", str(data_dir), "--user", "ghost"]) == 2
     err = capsys.readouterr().err
     assert "'ghost'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_invalidate_critiques_removes_both_directories_files(tmp_path: Path) -> None:
+    from moe_rec.data.forget import invalidate_critiques
+
+    names = [
+        "critiques/train.parquet",
+        "critiques/stats.json",
+        "critiques/stage.json",
+        "narratives/test.parquet",
+    ]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / "sequences").mkdir()
+    (tmp_path / "sequences" / "vocab.json").write_text("x")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in invalidate_critiques(tmp_path)) == sorted(names)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["vocab.json"]
+    assert invalidate_critiques(tmp_path) == []
