@@ -245,9 +245,10 @@ fi
 limit() { local kv; for kv in "${limits[@]}"; do [ "${kv%%=*}" != "$1" ] || echo "${kv#*=}"; done; }
 # The token-level model on the demo's synthetic services: 3 levels of 256 random codes, a training
 # window every 10 events; bf16 on a GPU; validation (on a few requests) and a checkpoint at the end.
+# No critiques: they are text for the item-level model.
 config=configs/experiments/demo.yaml
 run_args=(run_dir="$run" model.kind=token sid.levels=3 sid.codebook_size=256 sid.max_dedup=64
-  sequences.train_stride=10 "${data_args[@]}")
+  sequences.train_stride=10 critiques.enabled=false "${data_args[@]}")
 fit_args=("${run_args[@]}" train.precision=auto train.eval_every=0 train.save_every=100000
   train.wandb.mode=disabled "${train_args[@]}")
 export PYTHON wheels site work dry config

@@ -74,11 +74,14 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 def prepare_scope(config: str, scope_dir: Path, overrides: list[str]) -> None:
-    """data prepare -> sids build -> sequences build into ``scope_dir`` (skipped when done)."""
+    """data prepare -> sids build -> sequences build into ``scope_dir`` (skipped when done). The
+    matrix compares models on the plain task: critiques stay off unless an override turns them on
+    (then they are built after the data)."""
     if (scope_dir / "sequences" / "vocab.json").exists():
         return
-    base = ["--config", config, f"run_dir={scope_dir}", *overrides]
-    for step in (["data", "prepare"], ["sids", "build"], ["sequences", "build"]):
+    base = ["--config", config, f"run_dir={scope_dir}", "critiques.enabled=false", *overrides]
+    critiques = [["critiques", "build"]] if "critiques.enabled=true" in overrides else []
+    for step in (["data", "prepare"], *critiques, ["sids", "build"], ["sequences", "build"]):
         _run(_moe_rec(*step, *base), scope_dir / "logs" / f"{'_'.join(step)}.log")
 
 
