@@ -78,7 +78,11 @@ def synthetic_bundle(out: Path, size: str, items: int, levels: int = 3, codebook
     return export_model(model, table, vocab, catalogue, out, config={"sequences": {"max_events": 50}})
 
 
-def make_requests(bundle: Path, n: int, history: int, k: int, seed: int) -> list[dict[str, Any]]:
+def make_requests(
+    bundle: Path, n: int, history: int, k: int, seed: int, extra: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """``n`` random requests over the bundle's catalogue; ``extra``: more fields for each
+    (``critique``, ``explain``)."""
     rows = pq.read_table(bundle / CATALOGUE_FILE, columns=["service", "item_id"]).to_pylist()
     by_service: dict[str, list[str]] = {}
     for row in rows:
@@ -90,7 +94,7 @@ def make_requests(bundle: Path, n: int, history: int, k: int, seed: int) -> list
         for _ in range(rng.randint(max(history // 2, 1), history)):
             s = rng.choice(services)
             events.append({"service": s, "item_id": rng.choice(by_service[s])})
-        out.append({"history": events, "service": rng.choice(services), "k": k})
+        out.append({"history": events, "service": rng.choice(services), "k": k, **(extra or {})})
     return out
 
 
@@ -182,6 +186,8 @@ def main() -> None:
     parser.add_argument("--baseline-requests", type=int, default=200, help="sent one at a time")
     parser.add_argument("--history", type=int, default=20, help="longest history (events)")
     parser.add_argument("--k", type=int, default=DEFAULT_K)
+    parser.add_argument("--critique", help="send this critique with every request (a bundle with text)")
+    parser.add_argument("--explain", action="store_true", help="ask for every item's narrative")
     parser.add_argument(
         "--max-k", type=int, default=ServeConfig.max_k, help="the server's --max-k (beam width)"
     )
@@ -203,7 +209,9 @@ def main() -> None:
             print(f"exported a random {args.synthetic} bundle ({3 * args.items:,} items) in "
                   f"{time.perf_counter() - t0:.0f}s")  # fmt: skip
         total = args.clients * args.requests
-        requests = make_requests(bundle, total + args.clients * 4, args.history, args.k, args.seed)
+        extra = {"critique": args.critique} if args.critique else {}
+        extra |= {"explain": True} if args.explain else {}
+        requests = make_requests(bundle, total + args.clients * 4, args.history, args.k, args.seed, extra)
         warmup, requests = requests[total:], requests[:total]
         threads = args.torch_threads or torch.get_num_threads()
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; torch "
