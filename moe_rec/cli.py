@@ -469,6 +469,88 @@ def stage_eval_critiques(
     return report
 
 
+NARRATIVE_REQUESTS = 300  # test requests whose top item is explained (eval.max_samples, when set, instead)
+
+
+def stage_eval_narratives(
+    cfg: ExperimentConfig, *, checkpoint: str = "best", bundle: str | None = None
+) -> dict:
+    """Narratives for the top item of the first test requests, scored for consistency with that
+    item and for diversity (:mod:`moe_rec.eval.narrative_metrics`); writes and returns the report
+    (``<run_dir>/eval/narratives-<split>-<model>.json``, with a few examples)."""
+
+    import torch
+
+    from moe_rec.data import store
+    from moe_rec.data.sequences import user_bucket
+    from moe_rec.data.text_tokenizer import TextTokenizer
+    from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact, request_vocabulary
+    from moe_rec.eval.narrate import narrative_prompt, write_narratives
+    from moe_rec.eval.narrative_metrics import consistency, diversity
+    from moe_rec.sid.build import table_text_embeddings
+    from moe_rec.sid.embed import TextEncoder
+
+    name, model, table = _load_eval_model(cfg, checkpoint, bundle)
+    if getattr(model.config, "text_token_range", None) is None:
+        raise ConfigError(f"{name} writes no text (trained without critiques); train with critiques.enabled")
+    tokenizer = TextTokenizer.load(Path(bundle) if bundle else cfg.sequences_dir)
+    split_dir = cfg.sequences_dir / cfg.eval.split
+    rows = datasets.Dataset.from_parquet(str(split_dir / "*.parquet"))
+    rows = rows.select(range(min(len(rows), cfg.eval.max_samples or NARRATIVE_REQUESTS))).to_list()
+    vocab, catalogue = (
+        request_vocabulary(model, table),
+        ServiceCatalogue(table, next(model.parameters()).device),
+    )
+    vectors = gathered_item_table(model)
+    top = torch.cat([
+        rank_exact(model, catalogue, rows[i : i + cfg.eval.batch_size], 1, cfg.eval.exclude_seen, vectors)
+        for i in range(0, len(rows), cfg.eval.batch_size)
+    ])[:, 0].tolist()  # fmt: skip
+    prompts = [
+        narrative_prompt(r, vocab.item_tokens(r["service"], table.codes[item].tolist()), vocab)
+        for r, item in zip(rows, top, strict=True)
+    ]
+    users = [user_bucket(r["user"], model.config.num_user_buckets) for r in rows]
+    texts = [tokenizer.decode(ids) for ids in write_narratives(model, prompts, users, vocab)]
+    items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
+    item_vectors = table_text_embeddings(items, table, cfg.sid, cfg.embedding_cache)
+    encoder = TextEncoder.from_config(cfg.sid.encoder, cfg.embedding_cache)
+    services = [table.services.index(r["service"]) for r in rows]
+    candidates = [(table.service_index == s).nonzero().flatten() for s in services]
+    metrics = consistency(encoder.encode(texts), item_vectors, top, candidates) | diversity(texts)
+    # calibration: the item's own title as its "narrative" (the ceiling of what a text can say)
+    columns = (items.column(c).to_pylist() for c in ("service", "item_id", "title"))
+    title = {(s, i): t or "" for s, i, t in zip(*columns, strict=True)}
+    titles = [title[(r["service"], str(table.item_ids[item]))] for r, item in zip(rows, top, strict=True)]
+    metrics["title_mrr"] = consistency(encoder.encode(titles), item_vectors, top, candidates)["mrr"]
+    sizes = [len(c) for c in candidates]
+    metrics["chance_mrr"] = sum(sum(1 / r for r in range(1, n + 1)) / n for n in sizes) / len(sizes)
+    metrics["requests"] = len(rows)
+    examples = [{"user": r["user"], "service": r["service"], "item": str(table.item_ids[item]), "narrative": t}
+                for r, item, t in list(zip(rows, top, texts, strict=True))[:5]]  # fmt: skip
+    report = {"model": name, "split": cfg.eval.split, "metrics": metrics, "examples": examples}
+    out = cfg.eval_dir / f"narratives-{cfg.eval.split}-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return report
+
+
+def _print_narrative_metrics(report: dict) -> None:
+    """The narrative report: consistency and diversity, then the examples."""
+    m = report["metrics"]
+    table = Table(
+        title=f"narratives of the top item, {report['split']} ({report['model']}, {m['requests']:,.0f} requests)"
+    )
+    keys = ("mrr", "chance_mrr", "title_mrr", "hit@10", "distinct-1", "distinct-2", "repeated")
+    for col in ("MRR of the item", "chance", "its title", "Hit@10", "distinct-1", "distinct-2", "repeated"):
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{m[k]:.4f}" for k in keys))
+    results.print(table)
+    for e in report["examples"]:
+        results.print(f"{e['service']}:{e['item']}: {e['narrative']}")
+
+
 def _print_critique_metrics(report: dict) -> None:
     """The critique report as a table: N@10 and R@10 with the critique, without it and the rule
     filter, per scope."""
@@ -794,6 +876,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     cfg = _load(args)
     predictions = Path(args.save_predictions) if args.save_predictions else None
+    if args.narratives:
+        if args.baseline or predictions is not None or args.critiques:
+            raise ConfigError(
+                "--narratives evaluates a model's narratives: no --baseline, --critiques or --save-predictions"
+            )
+        report = stage_eval_narratives(cfg, checkpoint=args.checkpoint, bundle=args.bundle)
+        print_json(report) if args.json else _print_narrative_metrics(report)
+        return
     if args.critiques:
         if args.baseline or predictions is not None:
             raise ConfigError(
@@ -1014,6 +1104,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--critiques", action="store_true",
         help="rank the split's critique requests with and without their critique, beside the rule filter",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--narratives", action="store_true",
+        help="explain the top item of the first test requests; narrative-item consistency and diversity",
     )  # fmt: skip
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON document")
     evaluate.set_defaults(func=cmd_eval)

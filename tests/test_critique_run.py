@@ -106,3 +106,19 @@ def _history(rec: object, request: dict) -> list[tuple[str, str]]:
         events.append((service, table.item_ids_for(service, torch.tensor([codes]))[0]))
         i += vocab.tokens_per_item
     return events
+
+
+@pytest.mark.slow  # the run fixture
+def test_eval_narratives_reports_consistency_against_chance_and_titles(
+    critique_run: tuple[Path, list[str]], capsys: pytest.CaptureFixture
+) -> None:
+    run, args = critique_run
+    capsys.readouterr()
+    assert main(["eval", *args, "--checkpoint", "latest", "--narratives", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    m = report["metrics"]
+    tests = datasets.Dataset.from_parquet(str(run / "sequences" / "test" / "*.parquet"))
+    assert m["requests"] == min(len(tests), 300) and len(report["examples"]) == min(5, m["requests"])
+    assert 0.0 < m["chance_mrr"] < m["title_mrr"] <= 1.0  # a title names its item far above chance
+    assert 0.0 < m["mrr"] <= 1.0 and 0.0 <= m["hit@10"] <= 1.0 and 0.0 < m["distinct-1"] <= 1.0
+    assert (run / "eval" / f"narratives-test-{report['model']}.json").exists()
