@@ -486,7 +486,7 @@ def stage_eval_narratives(
     from moe_rec.data.text_tokenizer import TextTokenizer
     from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact, request_vocabulary
     from moe_rec.eval.narrate import narrative_prompt, write_narratives
-    from moe_rec.eval.narrative_metrics import consistency, diversity
+    from moe_rec.eval.narrative_metrics import consistency, diversity, faithfulness, narrative_facts
     from moe_rec.sid.build import table_text_embeddings
     from moe_rec.sid.embed import TextEncoder
 
@@ -523,6 +523,10 @@ def stage_eval_narratives(
     title = {(s, i): t or "" for s, i, t in zip(*columns, strict=True)}
     titles = [title[(r["service"], str(table.item_ids[item]))] for r, item in zip(rows, top, strict=True)]
     metrics["title_mrr"] = consistency(encoder.encode(titles), item_vectors, top, candidates)["mrr"]
+    facts, vocab = narrative_facts(items, table, cfg.critiques, top)
+    metrics |= {
+        f"faithful_{k}": v for k, v in faithfulness(texts, facts, [vocab[r["service"]] for r in rows]).items()
+    }
     sizes = [len(c) for c in candidates]
     metrics["chance_mrr"] = sum(sum(1 / r for r in range(1, n + 1)) / n for n in sizes) / len(sizes)
     metrics["requests"] = len(rows)
@@ -542,8 +546,10 @@ def _print_narrative_metrics(report: dict) -> None:
     table = Table(
         title=f"narratives of the top item, {report['split']} ({report['model']}, {m['requests']:,.0f} requests)"
     )
-    keys = ("mrr", "chance_mrr", "title_mrr", "hit@10", "distinct-1", "distinct-2", "repeated")
-    for col in ("MRR of the item", "chance", "its title", "Hit@10", "distinct-1", "distinct-2", "repeated"):
+    keys = ("mrr", "chance_mrr", "title_mrr", "hit@10", "distinct-1", "distinct-2", "repeated",
+            "faithful_precision", "faithful_coverage")  # fmt: skip
+    for col in ("MRR of the item", "chance", "its title", "Hit@10", "distinct-1", "distinct-2", "repeated",
+                "named right", "item's named"):  # fmt: skip
         table.add_column(col, justify="right")
     table.add_row(*(f"{m[k]:.4f}" for k in keys))
     results.print(table)

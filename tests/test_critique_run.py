@@ -121,4 +121,7 @@ def test_eval_narratives_reports_consistency_against_chance_and_titles(
     assert m["requests"] == min(len(tests), 300) and len(report["examples"]) == min(5, m["requests"])
     assert 0.0 < m["chance_mrr"] < m["title_mrr"] <= 1.0  # a title names its item far above chance
     assert 0.0 < m["mrr"] <= 1.0 and 0.0 <= m["hit@10"] <= 1.0 and 0.0 < m["distinct-1"] <= 1.0
+    assert all(
+        m[k] != m[k] or 0.0 <= m[k] <= 1.0 for k in ("faithful_precision", "faithful_coverage")
+    )  # or NaN
     assert (run / "eval" / f"narratives-test-{report['model']}.json").exists()

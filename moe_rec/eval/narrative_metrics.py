@@ -6,15 +6,25 @@
   (MRR about ``ln(N) / N``).
 * **Diversity**: distinct-n (distinct n-grams over all n-grams, whitespace words, n = 1, 2), and
   the share of narratives that are exactly another request's.
+* **Faithfulness**: every brand, leaf category and price band a narrative names, found by
+  searching it for the catalogue's own values (not by reading the templates that wrote the
+  training narratives), checked against the explained item: precision and coverage.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
+
+from moe_rec.data.critique_config import CritiqueConfig
+from moe_rec.data.item_attributes import BAND_NAMES, service_attributes
+from moe_rec.sid.table import SIDTable
 
 
 def consistency(
@@ -54,3 +64,77 @@ def diversity(texts: Sequence[str]) -> dict[str, float]:
     counts = Counter(texts)
     out["repeated"] = sum(c for c in counts.values() if c > 1) / len(texts) if texts else 0.0
     return out
+
+
+def _words(text: str) -> str:
+    """Lower-case words joined by single spaces, with spaces around (for whole-word search)."""
+    return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
+
+
+def mentions(text: str, phrases: Iterable[str]) -> set[str]:
+    """The ``phrases`` (lower-case words) that ``text`` names as whole words; a phrase found only
+    inside a longer found one ("food" in "baby food") is not counted."""
+    found: list[str] = []
+    words = _words(text)
+    for phrase in sorted({_words(p).strip() for p in phrases if _words(p).strip()}, key=len, reverse=True):
+        if f" {phrase} " in words and not any(f" {phrase} " in f" {longer} " for longer in found):
+            found.append(phrase)
+    return set(found)
+
+
+def faithfulness(
+    texts: Sequence[str], facts: Sequence[Mapping[str, str | None]], vocab: Sequence[Mapping[str, set[str]]]
+) -> dict[str, float]:
+    """Precision and coverage of what narratives name about their item, read with the catalogue's
+    own values, not the templates: for each kind (``brand``, ``category``, ``band``), the values of
+    ``vocab`` a narrative names (:func:`mentions`) against its item's value in ``facts``.
+
+    Args:
+        texts: the narratives.
+        facts: per narrative, its item's value of each kind (None: the item has none).
+        vocab: per narrative, every value of each kind in its service's catalogue.
+
+    Returns:
+        ``precision`` (named values that are the item's, over all named values), ``coverage``
+        (the item's values that are named, over those it has), ``mentions`` per narrative.
+    """
+    named = right = known = covered = 0
+    for text, fact, values in zip(texts, facts, vocab, strict=True):
+        for kind, options in values.items():
+            said = mentions(text, options)
+            truth = _words(fact[kind]).strip() if fact.get(kind) else None
+            named += len(said)
+            right += truth in said
+            known += truth is not None
+            covered += truth is not None and truth in said
+    return {
+        "precision": right / named if named else math.nan,
+        "coverage": covered / known if known else math.nan,
+        "mentions": named / len(texts) if texts else 0.0,
+    }
+
+
+def narrative_facts(
+    items: pa.Table, table: SIDTable, cfg: CritiqueConfig, rows: Sequence[int]
+) -> tuple[list[dict[str, str | None]], dict[str, dict[str, set[str]]]]:
+    """For :func:`faithfulness`: the brand, leaf category and price band name of the items at
+    table ``rows``, and every such value per service, read from the catalogue as the critiques
+    stage reads it (:func:`moe_rec.data.item_attributes.service_attributes`)."""
+    by_row: dict[int, dict[str, str | None]] = {}
+    vocab: dict[str, dict[str, set[str]]] = {}
+    for service in table.services:
+        attrs = service_attributes(
+            items, service, num_bands=cfg.price_bands, min_band_items=cfg.min_band_items
+        )
+        values = {"brand": set(), "category": set(), "band": set(BAND_NAMES[attrs.num_bands])}
+        for i, row in enumerate(table.rows([service] * len(attrs), attrs.item_ids).tolist()):
+            fact = {
+                "brand": attrs.brand[i],
+                "category": attrs.path[i][-1] if attrs.path[i] else None,
+                "band": attrs.band_name(attrs.band[i]),
+            }
+            values["brand"] |= {fact["brand"]} if fact["brand"] else set()
+            values["category"] |= {fact["category"]} if fact["category"] else set()
+            by_row[row] = fact
+        vocab[service] = values
+    return [by_row[r] for r in rows], vocab

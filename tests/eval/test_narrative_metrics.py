@@ -41,3 +41,29 @@ def test_diversity_counts_distinct_ngrams_and_exact_repeats() -> None:
     assert got["distinct-2"] == pytest.approx(3 / 6)  # (a b) (b c) (b d) of 6 bigrams
     assert got["repeated"] == pytest.approx(2 / 3)
     assert math.isclose(diversity([])["distinct-1"], 0.0)
+
+
+def test_mentions_are_whole_words_and_the_longest_phrase() -> None:
+    from moe_rec.eval.narrative_metrics import mentions
+
+    text = "A budget pick in Baby Food by Willow-field, with newborn care."
+    assert mentions(text, {"baby food", "food", "willow field", "field", "bbq", "new"}) == {
+        "baby food",
+        "willow field",
+    }
+    assert mentions("", {"a"}) == set()
+
+
+def test_faithfulness_counts_right_and_covered_values_by_hand() -> None:
+    from moe_rec.eval.narrative_metrics import faithfulness
+
+    vocab = {"brand": {"nivea", "dove"}, "category": {"lotions", "soap"}, "band": {"budget", "premium"}}
+    texts = ["a budget pick in lotions by dove", "premium soap"]
+    facts = [
+        {"brand": "Dove", "category": "Lotions", "band": "premium"},
+        {"brand": None, "category": "soap", "band": "premium"},
+    ]
+    got = faithfulness(texts, facts, [vocab, vocab])
+    # named: budget, lotions, dove | premium, soap -> 5; right: lotions, dove, premium, soap -> 4
+    # known: 3 + 2 = 5 values; covered: lotions, dove, premium, soap -> 4
+    assert got == {"precision": 4 / 5, "coverage": 4 / 5, "mentions": 5 / 2}
