@@ -395,29 +395,22 @@ def stage_eval(
                 f"no {cfg.eval.split} samples in {split_dir}; run `moe-rec sequences build` first"
             )
         samples = datasets.Dataset.from_parquet(str(split_dir / "*.parquet"))
-        if bundle:  # the exported model and its SID table, checksums verified on load
-            from moe_rec.export import load_bundle
-
-            loaded = load_bundle(bundle)
-            name = f"bundle-{loaded.manifest['source']['tag']}-{loaded.manifest['dtype']}"
-            model, table = loaded.model, loaded.table
-        else:
-            from moe_rec.sid.table import SIDTable
-            from moe_rec.train.checkpoint import load_model, resolve_tag
-
-            name = resolve_tag(cfg.checkpoint_dir, checkpoint)
-            model, table = load_model(cfg.checkpoint_dir, name), SIDTable.load(cfg.sid_dir)
+        name, model, table = _load_eval_model(cfg, checkpoint, bundle)
         metrics = evaluate_model(model, table, samples, cfg.eval, cold, predictions=predictions)
         if predictions is not None:
             console.print(f"wrote every request's ranking to {predictions}")
         if not bundle:
             _log_checkpoint_result(cfg, name, metrics)
     report = {"model": name, "config": to_dict(cfg.eval), "metrics": metrics}
-    out = cfg.eval_dir / f"{cfg.eval.split}-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    _write_report(cfg.eval_dir / f"{cfg.eval.split}-{name}.json", report)
     return report
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    """An evaluation report as JSON at ``path`` (its directory made), said on the console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {path}")
 
 
 def _load_eval_model(cfg: ExperimentConfig, checkpoint: str, bundle: str | None) -> tuple[str, Any, Any]:
@@ -462,10 +455,7 @@ def stage_eval_critiques(
         model, table, requests, facts, batch_size=cfg.eval.batch_size, exclude_seen=cfg.eval.exclude_seen
     )
     report = {"model": name, "split": CRITIQUE_SPLITS[cfg.eval.split], "metrics": metrics}
-    out = cfg.eval_dir / f"critiques-{cfg.eval.split}-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    _write_report(cfg.eval_dir / f"critiques-{cfg.eval.split}-{name}.json", report)
     return report
 
 
@@ -484,6 +474,7 @@ def stage_eval_narratives(
     from moe_rec.data import store
     from moe_rec.data.sequences import user_bucket
     from moe_rec.data.text_tokenizer import TextTokenizer
+    from moe_rec.eval.critiques import item_facts
     from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact, request_vocabulary
     from moe_rec.eval.narrate import narrative_prompt, write_narratives
     from moe_rec.eval.narrative_metrics import consistency, diversity, faithfulness, narrative_facts
@@ -515,28 +506,25 @@ def stage_eval_narratives(
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
     item_vectors = table_text_embeddings(items, table, cfg.sid, cfg.embedding_cache)
     encoder = TextEncoder.from_config(cfg.sid.encoder, cfg.embedding_cache)
-    services = [table.services.index(r["service"]) for r in rows]
-    candidates = [(table.service_index == s).nonzero().flatten() for s in services]
+    service_rows = {s: (table.service_index == i).nonzero().flatten() for i, s in enumerate(table.services)}
+    candidates = [service_rows[r["service"]] for r in rows]  # each narrative ranks its service's items
     metrics = consistency(encoder.encode(texts), item_vectors, top, candidates) | diversity(texts)
     # calibration: the item's own title as its "narrative" (the ceiling of what a text can say)
     columns = (items.column(c).to_pylist() for c in ("service", "item_id", "title"))
     title = {(s, i): t or "" for s, i, t in zip(*columns, strict=True)}
     titles = [title[(r["service"], str(table.item_ids[item]))] for r, item in zip(rows, top, strict=True)]
     metrics["title_mrr"] = consistency(encoder.encode(titles), item_vectors, top, candidates)["mrr"]
-    facts, vocab = narrative_facts(items, table, cfg.critiques, top)
-    metrics |= {
-        f"faithful_{k}": v for k, v in faithfulness(texts, facts, [vocab[r["service"]] for r in rows]).items()
-    }
+    own, values = narrative_facts(
+        item_facts(items, table, cfg.critiques), [r["service"] for r in rows], service_rows, top
+    )
+    metrics |= {f"faithful_{k}": v for k, v in faithfulness(texts, own, values).items()}
     sizes = [len(c) for c in candidates]
     metrics["chance_mrr"] = sum(sum(1 / r for r in range(1, n + 1)) / n for n in sizes) / len(sizes)
     metrics["requests"] = len(rows)
     examples = [{"user": r["user"], "service": r["service"], "item": str(table.item_ids[item]), "narrative": t}
                 for r, item, t in list(zip(rows, top, texts, strict=True))[:5]]  # fmt: skip
     report = {"model": name, "split": cfg.eval.split, "metrics": metrics, "examples": examples}
-    out = cfg.eval_dir / f"narratives-{cfg.eval.split}-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    _write_report(cfg.eval_dir / f"narratives-{cfg.eval.split}-{name}.json", report)
     return report
 
 
@@ -591,18 +579,7 @@ def stage_audit(
     with the model's NDCG@10 from its evaluation report when there is one."""
     from moe_rec.eval.privacy_audit import run_audit
 
-    if bundle:
-        from moe_rec.export import load_bundle
-
-        loaded = load_bundle(bundle)
-        name = f"bundle-{loaded.manifest['source']['tag']}-{loaded.manifest['dtype']}"
-        model, table = loaded.model, loaded.table
-    else:
-        from moe_rec.sid.table import SIDTable
-        from moe_rec.train.checkpoint import load_model, resolve_tag
-
-        name = resolve_tag(cfg.checkpoint_dir, checkpoint)
-        model, table = load_model(cfg.checkpoint_dir, name), SIDTable.load(cfg.sid_dir)
+    name, model, table = _load_eval_model(cfg, checkpoint, bundle)
     t0 = time.perf_counter()
     found = run_audit(model, table, cfg.sequences_dir, seed=seed, rounds=rounds, max_users=max_users)
     report: dict[str, Any] = {"model": name, "seed": seed, "bootstrap_rounds": rounds, **found}
@@ -614,10 +591,7 @@ def stage_audit(
                                  "recall@10": metrics.get(f"{split}/recall@10")}  # fmt: skip
             break
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    out = cfg.eval_dir / f"audit-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    _write_report(cfg.eval_dir / f"audit-{name}.json", report)
     return report
 
 

@@ -239,7 +239,7 @@ def write_text_samples(
     crit_rows = {split: _by_user(rows, columns) for split, rows in critiques.items()}
     narr_rows = (
         _by_user(narratives, ["user", "service", "position", "split", "target_item", "text"])
-        if narratives
+        if narratives is not None
         else {}
     )
     outputs = {"train": ("train", "part-text-{:05d}.parquet", SAMPLE_FEATURES["train"])}

@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import torch
 
 from moe_rec.data.critique_config import CritiqueConfig
-from moe_rec.data.item_attributes import brand_key, service_attributes
+from moe_rec.data.item_attributes import BAND_NAMES, brand_key, service_attributes
 from moe_rec.data.text_samples import without_critique
 from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact
 from moe_rec.model.item_model import MoERecForItemPrediction
@@ -43,17 +43,20 @@ ASKED = ("brand", "category", "price")  # the types whose satisfaction is measur
 
 @dataclass
 class ItemFacts:
-    """Per SID-table row: brand key, lower-case leaf category and price (None where unknown)."""
+    """Per SID-table row: brand key, lower-case leaf category, price and price band name (None
+    where unknown)."""
 
     brand: list[str | None]
     leaf: list[str | None]
     price: list[float | None]
+    band: list[str | None] = field(default_factory=list)
+    band_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> its band names
 
 
 def item_facts(items: pa.Table, table: SIDTable, cfg: CritiqueConfig) -> ItemFacts:
     """The facts of every catalogue item, in SID-table row order."""
     n = len(table.item_ids)
-    facts = ItemFacts([None] * n, [None] * n, [None] * n)
+    facts = ItemFacts([None] * n, [None] * n, [None] * n, [None] * n)
     for service in table.services:
         attrs = service_attributes(
             items, service, num_bands=cfg.price_bands, min_band_items=cfg.min_band_items
@@ -63,6 +66,8 @@ def item_facts(items: pa.Table, table: SIDTable, cfg: CritiqueConfig) -> ItemFac
             facts.brand[row] = brand_key(attrs.brand[i]) if attrs.brand[i] else None
             facts.leaf[row] = attrs.path[i][-1].lower() if attrs.path[i] else None
             facts.price[row] = attrs.price[i]
+            facts.band[row] = attrs.band_name(attrs.band[i])
+        facts.band_names[service] = BAND_NAMES[attrs.num_bands]
     return facts
 
 

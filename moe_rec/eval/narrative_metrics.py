@@ -18,13 +18,10 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from moe_rec.data.critique_config import CritiqueConfig
-from moe_rec.data.item_attributes import BAND_NAMES, service_attributes
-from moe_rec.sid.table import SIDTable
+from moe_rec.eval.critiques import ItemFacts
 
 
 def consistency(
@@ -115,26 +112,24 @@ def faithfulness(
 
 
 def narrative_facts(
-    items: pa.Table, table: SIDTable, cfg: CritiqueConfig, rows: Sequence[int]
-) -> tuple[list[dict[str, str | None]], dict[str, dict[str, set[str]]]]:
-    """For :func:`faithfulness`: the brand, leaf category and price band name of the items at
-    table ``rows``, and every such value per service, read from the catalogue as the critiques
-    stage reads it (:func:`moe_rec.data.item_attributes.service_attributes`)."""
-    by_row: dict[int, dict[str, str | None]] = {}
-    vocab: dict[str, dict[str, set[str]]] = {}
-    for service in table.services:
-        attrs = service_attributes(
-            items, service, num_bands=cfg.price_bands, min_band_items=cfg.min_band_items
-        )
-        values = {"brand": set(), "category": set(), "band": set(BAND_NAMES[attrs.num_bands])}
-        for i, row in enumerate(table.rows([service] * len(attrs), attrs.item_ids).tolist()):
-            fact = {
-                "brand": attrs.brand[i],
-                "category": attrs.path[i][-1] if attrs.path[i] else None,
-                "band": attrs.band_name(attrs.band[i]),
-            }
-            values["brand"] |= {fact["brand"]} if fact["brand"] else set()
-            values["category"] |= {fact["category"]} if fact["category"] else set()
-            by_row[row] = fact
-        vocab[service] = values
-    return [by_row[r] for r in rows], vocab
+    facts: ItemFacts, services: Sequence[str], service_rows: Mapping[str, torch.Tensor], rows: Sequence[int]
+) -> tuple[list[dict[str, str | None]], list[dict[str, set[str]]]]:
+    """For :func:`faithfulness`: the brand, leaf category and price band of the items at table
+    ``rows`` (of ``services``), and every such value of each one's service.
+
+    Args:
+        facts: the catalogue's facts (:func:`moe_rec.eval.critiques.item_facts`).
+        services: the service of each of ``rows``.
+        service_rows: every table row of each service, (N_s,).
+        rows: the explained items' table rows.
+    """
+    vocab = {
+        s: {
+            "brand": {facts.brand[r] for r in all_rows.tolist() if facts.brand[r]},
+            "category": {facts.leaf[r] for r in all_rows.tolist() if facts.leaf[r]},
+            "band": set(facts.band_names[s]),
+        }
+        for s, all_rows in service_rows.items()
+    }
+    own = [{"brand": facts.brand[r], "category": facts.leaf[r], "band": facts.band[r]} for r in rows]
+    return own, [vocab[s] for s in services]

@@ -438,21 +438,23 @@ class Recommender:
                 ]
             )
         if any(j.explain for j in batch):
-            results = self._narrate(batch, results)
+            results = self._narrate(
+                batch, results, [[r for r, _ in beams[: j.k]] for j, beams in zip(batch, found)]
+            )
         self._count(
             requests=len(batch), batches=1, items_scored=scored, batch_seconds=time.perf_counter() - t0
         )
         return results
 
-    def _narrate(self, batch: list[_Job], results: list[list[Recommendation]]) -> list[list[Recommendation]]:
-        """Every item of the jobs that asked for ``explain``, with its narrative (one greedy
-        decode over all of them)."""
+    def _narrate(
+        self, batch: list[_Job], results: list[list[Recommendation]], rows: list[list[int]]
+    ) -> list[list[Recommendation]]:
+        """Every item of the jobs that asked for ``explain`` (``rows``: their table rows), with its
+        narrative (one greedy decode over all of them)."""
         asked = [(i, n) for i, j in enumerate(batch) if j.explain for n in range(len(results[i]))]
         prompts, users = [], []
         for i, n in asked:
-            rec = results[i][n]
-            row = int(self.table.rows(rec.service, [rec.item_id])[0])
-            item = self.vocab.item_tokens(rec.service, self.table.codes[row].tolist())
+            item = self.vocab.item_tokens(batch[i].service, self.table.codes[rows[i][n]].tolist())
             prompts.append(narrative_prompt(batch[i].prompt, item, self.vocab))
             users.append(batch[i].user)
         texts = write_narratives(self.bundle.model, prompts, users, self.vocab)
