@@ -31,11 +31,9 @@ import numpy as np
 import torch
 
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
-from moe_rec.data.vocab import BOS, EOS, EXPLAIN, PAD, SPECIAL_TOKENS, Vocabulary
+from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, PAD, Vocabulary
 
-TEXT_POSITION_TOKENS = {
-    token for token, name in enumerate(SPECIAL_TOKENS) if name in ("[EOS]", "[CRITIQUE]", "[EXPLAIN]")
-}
+TEXT_POSITION_TOKENS = frozenset({CRITIQUE, EXPLAIN, EOS})  # special tokens that are positions of their own
 
 
 def left_pad(rows: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
