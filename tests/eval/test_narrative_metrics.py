@@ -118,6 +118,32 @@ def test_corpus_bleu_by_hand() -> None:
     assert clipped["p1"] == pytest.approx(1 / 4) and clipped["bp"] == 1.0
     assert corpus_bleu([hyps[0]], [refs[0]])["bleu"] == 0.0  # no 4-gram in common, no smoothing
     assert corpus_bleu([refs[1]], [refs[1]])["bleu"] == pytest.approx(1.0)
+    # a hypothesis shorter than n has no n-gram to count (NLTK's corpus_bleu counts one, unmatched)
+    assert corpus_bleu([["a", "b"], list("abcd")], [["a", "b"], list("abcd")])["bleu"] == pytest.approx(1.0)
+
+
+def test_bleu_agrees_with_nltk_where_it_is_installed() -> None:
+    """Not a dependency: skipped unless NLTK is importable (``pip install --target`` elsewhere)."""
+    import random
+
+    nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+    from moe_rec.eval.narrative_metrics import corpus_bleu, self_bleu
+
+    method1 = nltk_bleu.SmoothingFunction().method1
+    for seed in range(50):
+        rng = random.Random(seed)
+        vocab = "abcdef"[: rng.randint(2, 6)]
+        hyps = [[rng.choice(vocab) for _ in range(rng.randint(4, 14))] for _ in range(rng.randint(1, 6))]
+        refs = [[rng.choice(vocab) for _ in range(rng.randint(1, 14))] for _ in hyps]
+        assert corpus_bleu(hyps, refs)["bleu"] == pytest.approx(
+            nltk_bleu.corpus_bleu([[r] for r in refs], hyps)
+        )
+        texts = hyps + refs
+        expected = [
+            nltk_bleu.sentence_bleu(texts[:i] + texts[i + 1 :], t, smoothing_function=method1)
+            for i, t in enumerate(texts)
+        ]
+        assert self_bleu(texts) == pytest.approx(sum(expected) / len(expected))
 
 
 def test_rouge_l_by_hand() -> None:
