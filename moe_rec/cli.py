@@ -619,6 +619,8 @@ def _narrative_references(
         users_last_narratives,
     )
 
+    if limit <= 0 or not (cfg.narratives_dir / f"{cfg.eval.split}.parquet").exists():
+        return {"requests": 0}  # none asked for, or no narratives built (critiques.narratives.enabled off)
     found = held_out_requests(requests, load_rows(cfg.narratives_dir, cfg.eval.split).to_list(), limit)
     if not found:
         return {"requests": 0}
