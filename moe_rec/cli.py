@@ -460,14 +460,22 @@ def stage_eval_critiques(
 
 
 NARRATIVE_REQUESTS = 300  # test requests whose top item is explained (eval.max_samples, when set, instead)
+NARRATIVE_REFERENCES = 300  # requests with a held-out-family reference narrative, for BLEU / ROUGE-L
 
 
 def stage_eval_narratives(
-    cfg: ExperimentConfig, *, checkpoint: str = "best", bundle: str | None = None
+    cfg: ExperimentConfig,
+    *,
+    checkpoint: str = "best",
+    bundle: str | None = None,
+    references: int = NARRATIVE_REFERENCES,
 ) -> dict:
     """Narratives for the top item of the first test requests, scored for consistency with that
-    item and for diversity (:mod:`moe_rec.eval.narrative_metrics`); writes and returns the report
-    (``<run_dir>/eval/narratives-<split>-<model>.json``, with a few examples)."""
+    item, diversity (distinct-n, self-BLEU), faithfulness, personalisation and format validity;
+    then the targets of the first ``references`` requests with a held-out-family reference
+    narrative, narrated and scored with BLEU-4 / ROUGE-L beside the calibration baselines
+    (:mod:`moe_rec.eval.narrative_metrics`, :mod:`moe_rec.eval.narrative_references`); writes and
+    returns the report (``<run_dir>/eval/narratives-<split>-<model>.json``, with a few examples)."""
 
     import torch
 
@@ -476,8 +484,16 @@ def stage_eval_narratives(
     from moe_rec.data.text_tokenizer import TextTokenizer
     from moe_rec.eval.critiques import item_facts
     from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact, request_vocabulary
-    from moe_rec.eval.narrate import narrative_prompt, write_narratives
-    from moe_rec.eval.narrative_metrics import consistency, diversity, faithfulness, narrative_facts
+    from moe_rec.eval.narrate import MAX_NARRATIVE_TOKENS, narrative_prompt, write_narratives
+    from moe_rec.eval.narrative_metrics import (
+        consistency,
+        diversity,
+        faithfulness,
+        format_validity,
+        narrative_facts,
+        self_bleu,
+        words,
+    )
     from moe_rec.sid.build import table_text_embeddings
     from moe_rec.sid.embed import TextEncoder
 
@@ -486,8 +502,8 @@ def stage_eval_narratives(
         raise ConfigError(f"{name} writes no text (trained without critiques); train with critiques.enabled")
     tokenizer = TextTokenizer.load(Path(bundle) if bundle else cfg.sequences_dir)
     split_dir = cfg.sequences_dir / cfg.eval.split
-    rows = datasets.Dataset.from_parquet(str(split_dir / "*.parquet"))
-    rows = rows.select(range(min(len(rows), cfg.eval.max_samples or NARRATIVE_REQUESTS))).to_list()
+    requests = datasets.Dataset.from_parquet(str(split_dir / "*.parquet"))
+    rows = requests.select(range(min(len(requests), cfg.eval.max_samples or NARRATIVE_REQUESTS))).to_list()
     vocab, catalogue = (
         request_vocabulary(model, table),
         ServiceCatalogue(table, next(model.parameters()).device),
@@ -502,34 +518,146 @@ def stage_eval_narratives(
         for r, item in zip(rows, top, strict=True)
     ]
     users = [user_bucket(r["user"], model.config.num_user_buckets) for r in rows]
-    texts = [tokenizer.decode(ids) for ids in write_narratives(model, prompts, users, vocab)]
+    subwords = write_narratives(model, prompts, users, vocab)
+    texts = [tokenizer.decode(ids) for ids in subwords]
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
     item_vectors = table_text_embeddings(items, table, cfg.sid, cfg.embedding_cache)
     encoder = TextEncoder.from_config(cfg.sid.encoder, cfg.embedding_cache)
     service_rows = {s: (table.service_index == i).nonzero().flatten() for i, s in enumerate(table.services)}
     candidates = [service_rows[r["service"]] for r in rows]  # each narrative ranks its service's items
-    metrics = consistency(encoder.encode(texts), item_vectors, top, candidates) | diversity(texts)
+    narrative_vectors = encoder.encode(texts)
+    metrics = consistency(narrative_vectors, item_vectors, top, candidates) | diversity(texts)
+    metrics["self_bleu"] = self_bleu([words(t) for t in texts])
     # calibration: the item's own title as its "narrative" (the ceiling of what a text can say)
-    columns = (items.column(c).to_pylist() for c in ("service", "item_id", "title"))
-    title = {(s, i): t or "" for s, i, t in zip(*columns, strict=True)}
+    title = _item_titles(items)
     titles = [title[(r["service"], str(table.item_ids[item]))] for r, item in zip(rows, top, strict=True)]
-    metrics["title_mrr"] = consistency(encoder.encode(titles), item_vectors, top, candidates)["mrr"]
+    title_vectors = encoder.encode(titles)
+    metrics["title_mrr"] = consistency(title_vectors, item_vectors, top, candidates)["mrr"]
     own, values = narrative_facts(
         item_facts(items, table, cfg.critiques), [r["service"] for r in rows], service_rows, top
     )
     metrics |= {f"faithful_{k}": v for k, v in faithfulness(texts, own, values).items()}
+    metrics |= _narrative_personalisation(rows, vocab, table, item_vectors, narrative_vectors, title_vectors)
+    item_ids = {str(i).lower() for i in items.column("item_id").to_pylist()}
+    lengths = [len(ids) for ids in subwords]
+    validity = format_validity(lengths, texts, MAX_NARRATIVE_TOKENS, item_ids)
+    metrics |= {f"format_{k}": v for k, v in validity.items()}
     sizes = [len(c) for c in candidates]
     metrics["chance_mrr"] = sum(sum(1 / r for r in range(1, n + 1)) / n for n in sizes) / len(sizes)
     metrics["requests"] = len(rows)
     examples = [{"user": r["user"], "service": r["service"], "item": str(table.item_ids[item]), "narrative": t}
                 for r, item, t in list(zip(rows, top, texts, strict=True))[:5]]  # fmt: skip
-    report = {"model": name, "split": cfg.eval.split, "metrics": metrics, "examples": examples}
+    scored = _narrative_references(
+        cfg, requests, references, model, table, vocab, tokenizer, item_vectors, title
+    )
+    report = {"model": name, "split": cfg.eval.split, "metrics": metrics, "references": scored,
+              "examples": examples}  # fmt: skip
     _write_report(cfg.eval_dir / f"narratives-{cfg.eval.split}-{name}.json", report)
     return report
 
 
+def _item_titles(items: Any) -> dict[tuple[str, str], str]:
+    """Every catalogue item's title ("" where it has none) by ``(service, item id)``."""
+    columns = (items.column(c).to_pylist() for c in ("service", "item_id", "title"))
+    return {(s, str(i)): t or "" for s, i, t in zip(*columns, strict=True)}
+
+
+def _narrative_personalisation(
+    rows: list[dict], vocab: Any, table: Any, item_vectors: Any, narrative_vectors: Any, title_vectors: Any
+) -> dict[str, float]:
+    """Personalisation AUC of the narratives and, for calibration, of the explained items' titles
+    (an item recommended from the history is itself like the history), against the other users'
+    requests of the same service: each request's history is the mean text embedding of its items
+    in the asked service (what the training narratives describe); requests with none there are
+    left out (``personal_requests``: those kept)."""
+    import torch
+
+    from moe_rec.data.positions import split_positions
+    from moe_rec.eval.exact import history_rows
+    from moe_rec.eval.narrative_metrics import personalisation
+
+    kept, history = [], []
+    for i, r in enumerate(rows):
+        tokens = torch.from_numpy(split_positions(r["input_ids"], r["domain_ids"], vocab).tokens)
+        seen = history_rows(tokens, r["service"], table)
+        if seen:
+            kept.append(i)
+            history.append(item_vectors[seen].float().mean(0))
+    if not kept:
+        return {"personal_auc": float("nan"), "title_personal_auc": float("nan"), "personal_requests": 0}
+    users, services = [rows[i]["user"] for i in kept], [rows[i]["service"] for i in kept]
+    stacked = torch.stack(history)
+    return {
+        "personal_auc": personalisation(narrative_vectors[kept], stacked, users, services),
+        "title_personal_auc": personalisation(title_vectors[kept], stacked, users, services),
+        "personal_requests": len(kept),
+    }
+
+
+def _narrative_references(
+    cfg: ExperimentConfig,
+    requests: Any,
+    limit: int,
+    model: Any,
+    table: Any,
+    vocab: Any,
+    tokenizer: Any,
+    item_vectors: Any,
+    title: dict[tuple[str, str], str],
+) -> dict[str, Any]:
+    """BLEU-4 / ROUGE-L of the model's narratives of the targets of the first ``limit`` requests
+    with a held-out-family reference narrative (:mod:`moe_rec.eval.narrative_references`), beside
+    the target's title, the nearest training narrative by item and the user's last training
+    narrative (the nearest-item one where the user has none)."""
+    from moe_rec.data.critiques import load_rows
+    from moe_rec.data.sequences import user_bucket
+    from moe_rec.eval.narrate import narrative_prompt, write_narratives
+    from moe_rec.eval.narrative_metrics import against_references
+    from moe_rec.eval.narrative_references import (
+        held_out_requests,
+        nearest_item_narratives,
+        users_last_narratives,
+    )
+
+    if limit <= 0 or not (cfg.narratives_dir / f"{cfg.eval.split}.parquet").exists():
+        return {"requests": 0}  # none asked for, or no narratives built (critiques.narratives.enabled off)
+    found = held_out_requests(requests, load_rows(cfg.narratives_dir, cfg.eval.split).to_list(), limit)
+    if not found:
+        return {"requests": 0}
+    rows, refs = [r for r, _ in found], [text for _, text in found]
+    targets = table.rows([r["service"] for r in rows], [r["target_item"] for r in rows]).tolist()
+    prompts = [
+        narrative_prompt(r, vocab.item_tokens(r["service"], table.codes[t].tolist()), vocab)
+        for r, t in zip(rows, targets, strict=True)
+    ]
+    users = [user_bucket(r["user"], model.config.num_user_buckets) for r in rows]
+    texts = [tokenizer.decode(ids) for ids in write_narratives(model, prompts, users, vocab)]
+    train = load_rows(cfg.narratives_dir, "train").select_columns(
+        ["user", "service", "position", "target_item", "text"]
+    ).to_list()  # fmt: skip
+    train_rows = table.rows([t["service"] for t in train], [t["target_item"] for t in train]).tolist()
+    nearest = nearest_item_narratives(
+        targets, train_rows, [t["text"] for t in train], item_vectors, table.service_index
+    )
+    nearest = [n or "" for n in nearest]
+    users_last = users_last_narratives(rows, train)
+    baselines = {
+        "model": texts,
+        "title": [title[(r["service"], r["target_item"])] for r in rows],
+        "nearest_item": nearest,
+        "user_last": [u if u is not None else n for u, n in zip(users_last, nearest, strict=True)],
+    }
+    scored: dict[str, Any] = {k: against_references(v, refs) for k, v in baselines.items()}
+    scored |= {"requests": len(rows), "user_last_found": sum(u is not None for u in users_last) / len(rows)}
+    scored["examples"] = [
+        {"reference": ref, "narrative": t} for ref, t in list(zip(refs, texts, strict=True))[:3]
+    ]
+    return scored
+
+
 def _print_narrative_metrics(report: dict) -> None:
-    """The narrative report: consistency and diversity, then the examples."""
+    """The narrative report: consistency, diversity, faithfulness; personalisation and format; BLEU /
+    ROUGE-L against held-out-family references beside the baselines; then the examples."""
     m = report["metrics"]
     table = Table(
         title=f"narratives of the top item, {report['split']} ({report['model']}, {m['requests']:,.0f} requests)"
@@ -541,6 +669,29 @@ def _print_narrative_metrics(report: dict) -> None:
         table.add_column(col, justify="right")
     table.add_row(*(f"{m[k]:.4f}" for k in keys))
     results.print(table)
+    table = Table(title="self-BLEU; personalisation (AUC against other users' histories, same service; "
+                  "0.5: none); format")  # fmt: skip
+    keys = ("self_bleu", "personal_auc", "title_personal_auc", "personal_requests", "format_valid",
+            "format_ended", "format_nonempty", "format_clean")  # fmt: skip
+    for col in ("self-BLEU", "narrative AUC", "its title's AUC", "requests", "valid", "ended [EOS]",
+                "non-empty", "clean"):  # fmt: skip
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{m[k]:,}" if k == "personal_requests" else f"{m[k]:.4f}" for k in keys))
+    results.print(table)
+    refs = report.get("references", {})
+    if refs.get("requests"):
+        table = Table(
+            title=f"the target narrated, against held-out-family references ({refs['requests']:,} requests)"
+        )
+        for col in ("text", "BLEU-4", "ROUGE-L F1", "brevity penalty", "length ratio"):
+            table.add_column(col, justify="left" if col == "text" else "right")
+        names = {"model": "the model's narrative", "title": "the target's title",
+                 "nearest_item": "nearest training narrative (item)",
+                 "user_last": "the user's last training narrative"}  # fmt: skip
+        for key, label in names.items():
+            r = refs[key]
+            table.add_row(label, *(f"{r[k]:.4f}" for k in ("bleu", "rouge_l", "bp", "ratio")))
+        results.print(table)
     for e in report["examples"]:
         results.print(f"{e['service']}:{e['item']}: {e['narrative']}")
 
@@ -861,7 +1012,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ConfigError(
                 "--narratives evaluates a model's narratives: no --baseline, --critiques or --save-predictions"
             )
-        report = stage_eval_narratives(cfg, checkpoint=args.checkpoint, bundle=args.bundle)
+        report = stage_eval_narratives(
+            cfg, checkpoint=args.checkpoint, bundle=args.bundle, references=args.narrative_references
+        )
         print_json(report) if args.json else _print_narrative_metrics(report)
         return
     if args.critiques:
@@ -1087,7 +1240,14 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     evaluate.add_argument(
         "--narratives", action="store_true",
-        help="explain the top item of the first test requests; narrative-item consistency and diversity",
+        help="explain the top item of the first test requests (consistency, diversity, faithfulness, "
+        "personalisation, format) and narrate the targets of requests with a held-out-family reference "
+        "narrative (BLEU-4, ROUGE-L beside baselines)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--narrative-references", type=int, default=NARRATIVE_REFERENCES, metavar="N",
+        help=f"with --narratives: how many held-out-family requests to narrate (default {NARRATIVE_REFERENCES}; "
+        "0: none)",
     )  # fmt: skip
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON document")
     evaluate.set_defaults(func=cmd_eval)

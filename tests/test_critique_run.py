@@ -124,4 +124,17 @@ def test_eval_narratives_reports_consistency_against_chance_and_titles(
     assert all(
         m[k] != m[k] or 0.0 <= m[k] <= 1.0 for k in ("faithful_precision", "faithful_coverage")
     )  # or NaN
+    assert 0.0 <= m["self_bleu"] <= 1.0 and 0.0 <= m["format_valid"] <= min(
+        m["format_ended"], m["format_clean"]
+    )
+    assert m["personal_requests"] <= m["requests"] and (
+        m["personal_auc"] != m["personal_auc"] or 0 <= m["personal_auc"] <= 1
+    )
+    refs = report["references"]
+    held_out = datasets.Dataset.from_parquet(str(run / "narratives" / "test.parquet")).filter(
+        lambda r: r["held_out"]
+    )
+    assert 0 < refs["requests"] <= min(len(held_out), 300)
+    for baseline in ("model", "title", "nearest_item", "user_last"):
+        assert 0.0 <= refs[baseline]["bleu"] <= 1.0 and 0.0 <= refs[baseline]["rouge_l"] <= 1.0
     assert (run / "eval" / f"narratives-test-{report['model']}.json").exists()
