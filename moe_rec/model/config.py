@@ -83,6 +83,11 @@ class MoERecConfig(PretrainedConfig):
         item_vector_dropout: float = 0.0,  # item_embedding: in training, each item's learned vector is
         # left out with this probability per forward (its text part stays), so items also learn to
         # rank without one, as items unseen in training must (the cold-start benchmark)
+        item_words: bool = False,  # item_embedding with text_token_range: + sum_f <W_f query, words_f(item)>,
+        # words_f the mean input embedding of the subwords of the item's field f (brand, leaf category,
+        # price band, title: moe_rec.data.item_words), so a critique's words meet item words directly
+        item_word_slots: int = 0,  # subwords per field of that table (set from the data)
+        item_words_input: bool = False,  # item_words: + the mean of an item's field vectors in its input
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -129,6 +134,9 @@ class MoERecConfig(PretrainedConfig):
         self.item_text_dim = item_text_dim
         self.item_text_prior = item_text_prior
         self.item_vector_dropout = item_vector_dropout
+        self.item_words = item_words
+        self.item_word_slots = item_word_slots
+        self.item_words_input = item_words_input
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight
         super().__init__(
@@ -189,6 +197,13 @@ class MoERecConfig(PretrainedConfig):
                 raise ValueError(
                     f"item_vector_dropout {self.item_vector_dropout} needs item_embedding and a value in [0, 1)"
                 )
+            if self.item_words and not (self.item_embedding and r is not None and self.item_word_slots >= 1):
+                raise ValueError(
+                    "item_words needs item_embedding, text_token_range (sequences with critiques) and "
+                    "item_word_slots >= 1"
+                )
+            if self.item_words_input and not self.item_words:
+                raise ValueError("item_words_input needs item_words (the item word vectors it adds)")
             if self.item_head_temperature <= 0:
                 raise ValueError(f"item_head_temperature must be > 0, got {self.item_head_temperature}")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -17,7 +17,10 @@ similarity of ``W_p q`` with the embedding rows of p's codes (tied to the input)
 temperature. An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability
 of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
 ``item_embedding`` an item also has a vector of its own, added to its input positions, whose dot
-product with the query (times P) joins its score.
+product with the query (times P) joins its score; with ``item_words`` its words (brand, leaf
+category, price band, title, as subwords of the critiques' tokenizer) add ``sum_f <W_f q, words_f>``,
+``words_f`` the mean input embedding of field f's subwords, so a critique read by the decoder meets
+the words of the items it asks for through the one embedding table.
 
 Loss (``item_loss``). ``codes``: cross-entropy of every code of the next event, at every position
 that has one, averaged over codes and positions. ``items``: one softmax over every item of the next
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_rec.data.item_words import WORD_FIELDS
 from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.data.vocab import EOS, SPECIAL_TOKENS
 from moe_rec.model.config import MoERecConfig
@@ -51,6 +55,18 @@ def item_keys(codes: torch.Tensor, services: torch.Tensor) -> torch.Tensor:
     for p in range(codes.shape[-1]):
         key = key * 1_000_003 + codes[..., p].long()
     return key
+
+
+def reference_word_bags(words: torch.Tensor, embedding: torch.Tensor, pad: int) -> torch.Tensor:
+    """:meth:`MoERecForItemPrediction.word_bags` as a plain loop (for tests): (N, F, L) ids and a
+    (V, D) embedding -> (N, F, D), each field the mean of its non-pad ids' rows (zero if none)."""
+    out = torch.zeros(*words.shape[:-1], embedding.shape[1], dtype=embedding.dtype)
+    for n in range(words.shape[0]):
+        for f in range(words.shape[1]):
+            ids = [int(i) for i in words[n, f] if int(i) != pad]
+            if ids:
+                out[n, f] = embedding[ids].mean(0)
+    return out
 
 
 def gather_scores(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -95,6 +111,11 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.text_prior: nn.Parameter | None = None
         if config.item_text_prior:  # the weight of the last item's text similarity, in mean-code-logit units
             self.text_prior = nn.Parameter(torch.full((1,), TEXT_PRIOR_INIT))  # (1,): DeepSpeed takes no 0-d
+        self.word_proj: nn.Linear | None = None
+        if config.item_words:  # each item's subwords per field (saved with the weights, as item_text)
+            shape = (config.num_items, len(WORD_FIELDS), config.item_word_slots)
+            self.register_buffer("item_words", torch.full(shape, config.pad_token_id, dtype=torch.long))
+            self.word_proj = nn.Linear(d, len(WORD_FIELDS) * d, bias=False)  # W_f for every field f
         self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
         if self.item_embed is not None:
@@ -143,6 +164,31 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             )
         self.item_text.copy_(vectors)
 
+    def set_item_words(self, words: torch.Tensor) -> None:
+        """The catalogue's words (N, F, L) (:func:`moe_rec.data.item_words.item_words`), row i the
+        SID table's row i; every id a text token or ``[PAD]``."""
+        if tuple(words.shape) != tuple(self.item_words.shape):
+            raise ValueError(
+                f"item words of shape {tuple(words.shape)}; expected {tuple(self.item_words.shape)}"
+            )
+        start, stop = self.config.text_token_range
+        pad = words == self.config.pad_token_id
+        if not bool((pad | ((words >= start) & (words < stop))).all()):
+            raise ValueError(f"item words must be text tokens [{start}, {stop}) or [PAD]")
+        self.item_words.copy_(words)
+
+    def word_bags(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., F, D) per field the mean input embedding of the subwords of catalogue ``rows``;
+        zero for an empty field and where a row is -1. One ``embedding_bag`` (no (..., F, L, D)
+        intermediate); :func:`reference_word_bags` is the plain version it is tested against."""
+        words = self.item_words[rows.clamp_min(0)]  # (..., F, L)
+        emb = self.model.embed_tokens.weight
+        bags = F.embedding_bag(
+            words.reshape(-1, words.shape[-1]), emb, mode="mean", padding_idx=self.config.pad_token_id
+        )  # (... x F, D)
+        bags = bags.view(*words.shape[:-1], emb.shape[1])
+        return bags * (rows >= 0)[..., None, None].to(bags.dtype)
+
     def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D) the per-item vectors of catalogue ``rows``: the learned vector, plus with
         ``item_text`` the projection of the item's text embedding; zero where a row is -1."""
@@ -158,29 +204,42 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
 
     def score_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D') what an item's per-item term dots with the query (:meth:`item_query`): its
-        vector, and with ``item_text_prior`` its unit text embedding; zero where a row is -1."""
-        vec = self.item_vectors(rows)
-        return vec if self.text_prior is None else torch.cat([vec, self._unit_text(rows)], dim=-1)
+        vector, with ``item_text_prior`` its unit text embedding, with ``item_words`` its F field
+        vectors (:meth:`word_bags` x sqrt(D), the input scale); zero where a row is -1."""
+        parts = [self.item_vectors(rows)]
+        if self.text_prior is not None:
+            parts.append(self._unit_text(rows).to(parts[0].dtype))
+        if self.word_proj is not None:
+            bags = self.word_bags(rows) * math.sqrt(self.config.hidden_size)  # (..., F, D)
+            parts.append(bags.flatten(-2).to(parts[0].dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _unit_text(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D_text) the unit text embeddings of catalogue ``rows``; zero where a row is -1."""
         text = F.normalize(self.item_text[rows.clamp_min(0)].float(), dim=-1)
         return text * (rows >= 0)[..., None].to(text.dtype)
 
-    def item_query(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
-        """(..., D') the query of the per-item term: the heads' query, and with ``item_text_prior``
-        the weighted unit text embedding of each position's own item (``own_rows``, -1: none), so
-        that ``item_query . score_vectors`` adds ``w x cos(own item, candidate)``."""
-        if self.text_prior is None:
-            return query
-        return torch.cat([query, self.text_prior * self._unit_text(own_rows).to(query.dtype)], dim=-1)
+    def item_query(self, query: torch.Tensor, own_rows: torch.Tensor | None) -> torch.Tensor:
+        """(..., D') the query of the per-item term: the heads' query (..., D); with
+        ``item_text_prior`` the weighted unit text embedding of each position's own item
+        (``own_rows``, -1: none), so that ``item_query . score_vectors`` adds ``w x cos(own item,
+        candidate)``; with ``item_words`` the F projections ``W_f query`` that meet the candidate's
+        field vectors."""
+        parts = [query]
+        if self.text_prior is not None:
+            parts.append(self.text_prior * self._unit_text(own_rows).to(query.dtype))
+        if self.word_proj is not None:
+            parts.append(self.word_proj(query))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def own_item_term(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
         """(...) what each position's own item must lose so that its text prior is 0: its cosine
         with itself is 1, so it got ``w``, which the text part of the query (:meth:`item_query`)
         dotted with its unit text gives back (read from the query, not the weight: outside a forward
         pass ZeRO-3 may hold no copy of it)."""
-        return -(query[..., self.config.hidden_size :].float() * self._unit_text(own_rows)).sum(-1)
+        d = self.config.hidden_size
+        text = query[..., d : d + self.config.item_text_dim].float()  # the text prior's part
+        return -(text * self._unit_text(own_rows)).sum(-1)
 
     @torch.no_grad()
     def item_table(self) -> torch.Tensor | None:
@@ -211,7 +270,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         count = (item_tokens != self.config.pad_token_id).sum(-1, keepdim=True).clamp_min(1)  # (B, T, 1)
         x = emb.sum(2) / count.to(emb.dtype)
         if self.item_embed is not None:  # + the item's own vector where it is a catalogue item
-            x = x + self.item_vectors(self.position_rows(item_tokens))
+            rows = self.position_rows(item_tokens)  # (B, T)
+            x = x + self.item_vectors(rows)
+            if self.config.item_words_input:  # + the mean of its field vectors
+                x = x + self.word_bags(rows).mean(-2).to(x.dtype)
         return x * math.sqrt(self.config.hidden_size)
 
     def position_rows(self, item_tokens: torch.Tensor) -> torch.Tensor:
@@ -323,7 +385,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
             query = self.query(hidden, query_services)  # (B, T', D)
-            out.hidden_states = self.item_query(query, own_rows) if own_rows is not None else query
+            out.hidden_states = self.item_query(query, own_rows)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
