@@ -88,6 +88,9 @@ class MoERecConfig(PretrainedConfig):
         # price band, title: moe_rec.data.item_words), so a critique's words meet item words directly
         item_word_slots: int = 0,  # subwords per field of that table (set from the data)
         item_words_input: bool = False,  # item_words: + the mean of an item's field vectors in its input
+        critique_loss_weight: float = 1.0,  # item_loss=items with text tokens: the item loss of a position
+        # that reads a critique (its token is a critique's last word) counts this many times (the other
+        # positions unchanged): a critique sample has one such position, a plain window dozens of others
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -137,6 +140,7 @@ class MoERecConfig(PretrainedConfig):
         self.item_words = item_words
         self.item_word_slots = item_word_slots
         self.item_words_input = item_words_input
+        self.critique_loss_weight = critique_loss_weight
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight
         super().__init__(
@@ -204,6 +208,13 @@ class MoERecConfig(PretrainedConfig):
                 )
             if self.item_words_input and not self.item_words:
                 raise ValueError("item_words_input needs item_words (the item word vectors it adds)")
+            if self.critique_loss_weight != 1.0 and not (
+                self.critique_loss_weight > 0 and self.item_loss == "items" and r is not None
+            ):
+                raise ValueError(
+                    f"critique_loss_weight {self.critique_loss_weight} needs a value > 0, item_loss='items' "
+                    "and text_token_range (sequences with critiques)"
+                )
             if self.item_head_temperature <= 0:
                 raise ValueError(f"item_head_temperature must be > 0, got {self.item_head_temperature}")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -396,8 +396,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 query = out.hidden_states[:, :-1] if self.item_embed is not None else None
                 own = own_rows[:, :-1] if own_rows is not None else None
                 out.lm_loss = self._item_softmax_loss(
-                    logits[:, :-1], target, query_services[:, :-1], query, own
-                )
+                    logits[:, :-1], target, query_services[:, :-1], query, own,
+                    self._position_weights(item_tokens[:, :-1, 0]),
+                )  # fmt: skip
             else:
                 out.lm_loss = F.cross_entropy(
                     logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -413,6 +414,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             out.loss = out.lm_loss + (out.aux_loss if out.aux_loss is not None else 0.0)
         return out
 
+    def _position_weights(self, first: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) the item loss's weight of each position from its first token (B, T):
+        ``critique_loss_weight`` where it is a text token (a critique's last word: the position that
+        ranks the critique's target), 1 elsewhere; None when every weight is 1."""
+        w = self.config.critique_loss_weight
+        if w == 1.0 or self.config.text_token_range is None:
+            return None
+        start, stop = self.config.text_token_range
+        steered = (first >= start) & (first < stop)
+        return 1.0 + (w - 1.0) * steered.float()
+
     def _item_softmax_loss(
         self,
         logits: torch.Tensor,
@@ -420,6 +432,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         services: torch.Tensor,
         query: torch.Tensor | None,
         own_rows: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean over scored positions of ``logsumexp_i s_i - s_target`` over the items i of the
         target's service, ``s_i`` the mean of item i's code logits; with ``item_negatives`` over
@@ -433,6 +446,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             query: (B, T, D') with ``item_embedding``: an item's logit also gets ``query .
                 score_vector`` (:meth:`item_query`, :meth:`score_vectors`).
             own_rows: (B, T) with ``item_text_prior``: each position's own item, whose text prior is 0.
+            weights: (B, T) each position's weight (:meth:`_position_weights`); None: all 1. The sum
+                of weighted losses is divided by the number of scored positions either way, so the
+                other positions' gradients do not change.
         """
         if self.train_codes is None:
             raise ValueError(
@@ -448,6 +464,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         asked = services[scored]  # (M,)
         q = query[scored].float() if query is not None else None  # (M, D)
         own = own_rows[scored] if own_rows is not None else None  # (M,)
+        weight = weights[scored] if weights is not None else None  # (M,)
         if q is not None:
             target_rows = self.item_rows(tgt, asked)  # (M,)
             target_score = target_score + (q * self.score_vectors(target_rows).float()).sum(-1)
@@ -477,5 +494,6 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
                 copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
                 scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)
-            total = total + (torch.logsumexp(scores, dim=1) - target_score[pos]).sum()
+            loss = torch.logsumexp(scores, dim=1) - target_score[pos]  # (M_s,)
+            total = total + (loss if weight is None else loss * weight[pos]).sum()
         return total / len(asked)

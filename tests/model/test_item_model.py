@@ -560,3 +560,29 @@ def test_item_words_config_and_table_are_checked() -> None:
     bad[0, 0, 0] = VOCAB.service_token("a")
     with pytest.raises(ValueError, match="text tokens"):
         model.set_item_words(bad)
+
+
+def test_critique_loss_weight_scales_only_the_position_that_reads_a_critique() -> None:
+    """critique_loss_weight w: with the history event and the critique's target both labels (two
+    scored positions), the loss is (l_history + w x l_target) / 2, l_target the loss of the target
+    alone; w must be > 0 and needs text tokens."""
+    row = _text_sample()
+    only_target = [IGNORE_INDEX] * len(row["input_ids"])
+    only_target[10:14] = row["input_ids"][10:14]
+    both = list(only_target)
+    both[2:5] = row["input_ids"][2:5]  # the first event's codes (its tokens 1..4, service first)
+    losses = {}
+    for w in (1.0, 4.0):
+        model, _, _ = _words_model(35, critique_loss_weight=w)
+        for name, labels in (("target", only_target), ("both", both)):
+            batch = item_batch([{**row, "labels": labels}], TEXT_VOCAB, 16)
+            batch.pop("user_ids")
+            batch.pop("text_labels")
+            losses[name, w] = model(**batch).lm_loss.item()
+    assert losses["target", 4.0] == pytest.approx(4 * losses["target", 1.0], rel=1e-5)
+    history = 2 * losses["both", 1.0] - losses["target", 1.0]
+    assert losses["both", 4.0] == pytest.approx((history + 4 * losses["target", 1.0]) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="critique_loss_weight"):
+        _model(36, item_loss="items", critique_loss_weight=2.0)  # no text tokens
+    with pytest.raises(ValueError, match="critique_loss_weight"):
+        _words_model(36, critique_loss_weight=0.0)
