@@ -83,9 +83,9 @@ class MoERecConfig(PretrainedConfig):
         item_vector_dropout: float = 0.0,  # item_embedding: in training, each item's learned vector is
         # left out with this probability per forward (its text part stays), so items also learn to
         # rank without one, as items unseen in training must (the cold-start benchmark)
-        item_words: bool = False,  # item_embedding with text_token_range: + sum_f <W_f query, words_f(item)>,
-        # words_f the mean input embedding of the subwords of the item's field f (brand, leaf category,
-        # price band, title: moe_rec.data.item_words), so a critique's words meet item words directly
+        item_words: bool = False,  # item_embedding with text_token_range: at a critique's last word, + the
+        # critique's words matched to each item's words (brand, leaf category, price band, title:
+        # moe_rec.data.item_words) through the shared embeddings, each word weighted in its context
         item_word_slots: int = 0,  # subwords per field of that table (set from the data)
         item_words_input: bool = False,  # item_words: + the mean of an item's field vectors in its input
         critique_loss_weight: float = 1.0,  # item_loss=items with text tokens: the item loss of a position

@@ -17,10 +17,14 @@ similarity of ``W_p q`` with the embedding rows of p's codes (tied to the input)
 temperature. An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability
 of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
 ``item_embedding`` an item also has a vector of its own, added to its input positions, whose dot
-product with the query (times P) joins its score; with ``item_words`` its words (brand, leaf
-category, price band, title, as subwords of the critiques' tokenizer) add ``sum_f <W_f q, words_f>``,
-``words_f`` the mean input embedding of field f's subwords, so a critique read by the decoder meets
-the words of the items it asks for through the one embedding table.
+product with the query (times P) joins its score. With ``item_words`` a position that ends a
+critique (a run of text positions) scores each item's words (brand, leaf category, price band,
+title, as subwords of the critiques' tokenizer) against the critique's own words:
+``sum_f sum_s a_f(h_s) cos(e_s, words_f)``, s the critique's positions, ``e_s`` their input
+embeddings, ``words_f`` the mean input embedding of the item's field-f subwords and ``a_f(h_s)``
+a weight the decoder gives each word in its context (so "not a fan of Revlon" can count against
+Revlon and "anything by Maybelline?" for Maybelline). A word the item holds matches itself
+exactly from the start, through the one embedding table; other positions get no such term.
 
 Loss (``item_loss``). ``codes``: cross-entropy of every code of the next event, at every position
 that has one, averaged over codes and positions. ``items``: one softmax over every item of the next
@@ -43,6 +47,7 @@ from moe_rec.data.vocab import EOS, SPECIAL_TOKENS
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERecPreTrainedModel, router_stats
 
+WORD_WEIGHT_INIT = 2.0  # a_f at the start: a critique word that an item's field holds adds about this much
 TEXT_PRIOR_INIT = 5.0  # w at the start, a little below the best weight added to a trained model after
 # training (beta 96-128 in summed-log-prob units on Beauty's validation split, 5.6-7.5 per code position)
 
@@ -111,15 +116,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.text_prior: nn.Parameter | None = None
         if config.item_text_prior:  # the weight of the last item's text similarity, in mean-code-logit units
             self.text_prior = nn.Parameter(torch.full((1,), TEXT_PRIOR_INIT))  # (1,): DeepSpeed takes no 0-d
-        self.word_proj: nn.Linear | None = None
+        self.word_weight: nn.Linear | None = None
         if config.item_words:  # each item's subwords per field (saved with the weights, as item_text)
             shape = (config.num_items, len(WORD_FIELDS), config.item_word_slots)
             self.register_buffer("item_words", torch.full(shape, config.pad_token_id, dtype=torch.long))
-            self.word_proj = nn.Linear(d, len(WORD_FIELDS) * d, bias=False)  # W_f for every field f
+            self.word_weight = nn.Linear(d, len(WORD_FIELDS))  # a_f(h_s) of every critique word, per field
         self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
+        if self.word_weight is not None:  # every critique word counts for the items that hold it
+            nn.init.constant_(self.word_weight.bias, WORD_WEIGHT_INIT)
 
     def set_train_catalogue(
         self, codes: torch.Tensor, service_tokens: torch.Tensor, trained: torch.Tensor | None = None
@@ -204,32 +211,52 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
 
     def score_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D') what an item's per-item term dots with the query (:meth:`item_query`): its
-        vector, with ``item_text_prior`` its unit text embedding, with ``item_words`` its F field
-        vectors (:meth:`word_bags` x sqrt(D), the input scale); zero where a row is -1."""
+        vector, with ``item_text_prior`` its unit text embedding, with ``item_words`` its F unit
+        field vectors (:meth:`word_bags`, normalised; zero for an empty field); zero where a row is -1."""
         parts = [self.item_vectors(rows)]
         if self.text_prior is not None:
             parts.append(self._unit_text(rows).to(parts[0].dtype))
-        if self.word_proj is not None:
-            bags = self.word_bags(rows) * math.sqrt(self.config.hidden_size)  # (..., F, D)
+        if self.word_weight is not None:
+            bags = F.normalize(self.word_bags(rows), dim=-1)  # (..., F, D)
             parts.append(bags.flatten(-2).to(parts[0].dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def critique_words(self, item_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, F x D) per position and field ``sum_s a_f(h_s) e_s`` over the critique that ends
+        there: the run of text positions s <= t (its words; zero where t is no text position), ``e_s``
+        the unit input embedding of s's token, ``a_f`` :attr:`word_weight` of the decoder output
+        ``hidden`` (B, T, D) at s. Dotted with an item's unit field vectors it gives the item's
+        ``item_words`` term (:meth:`score_vectors`)."""
+        start, stop = self.config.text_token_range
+        first = item_tokens[..., 0]  # (B, T): a text position holds one token
+        word = (first >= start) & (first < stop)
+        index = torch.arange(first.shape[1], device=first.device).expand_as(first)
+        last_break = torch.where(word, -1, index).cummax(dim=1).values  # (B, T) last non-text position <= t
+        run = (index[:, None, :] > last_break[:, :, None]) & (index[:, None, :] <= index[:, :, None])
+        run = run & word[:, :, None]  # (B, T, S): s is a word of the critique ending at t
+        e = F.normalize(self.model.embed_tokens(first), dim=-1) * word[..., None]  # (B, S, D)
+        a = self.word_weight(hidden)  # (B, S, F)
+        out = torch.einsum("bts,bsf,bsd->btfd", run.to(a.dtype), a, e.to(a.dtype))
+        return out.flatten(-2)
 
     def _unit_text(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D_text) the unit text embeddings of catalogue ``rows``; zero where a row is -1."""
         text = F.normalize(self.item_text[rows.clamp_min(0)].float(), dim=-1)
         return text * (rows >= 0)[..., None].to(text.dtype)
 
-    def item_query(self, query: torch.Tensor, own_rows: torch.Tensor | None) -> torch.Tensor:
+    def item_query(
+        self, query: torch.Tensor, own_rows: torch.Tensor | None, words: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(..., D') the query of the per-item term: the heads' query (..., D); with
         ``item_text_prior`` the weighted unit text embedding of each position's own item
         (``own_rows``, -1: none), so that ``item_query . score_vectors`` adds ``w x cos(own item,
-        candidate)``; with ``item_words`` the F projections ``W_f query`` that meet the candidate's
-        field vectors."""
+        candidate)``; with ``item_words`` the critique's weighted words (:meth:`critique_words`,
+        (..., F x D)) that meet the candidate's field vectors."""
         parts = [query]
         if self.text_prior is not None:
             parts.append(self.text_prior * self._unit_text(own_rows).to(query.dtype))
-        if self.word_proj is not None:
-            parts.append(self.word_proj(query))
+        if self.word_weight is not None:
+            parts.append(words.to(query.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def own_item_term(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
@@ -378,14 +405,16 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             inputs_embeds=self.embed_positions(item_tokens),
         )
         own_rows = self.position_rows(item_tokens) if self.text_prior is not None else None  # (B, T)
+        words = self.critique_words(item_tokens, hidden) if self.word_weight is not None else None
         if logits_to_keep:
             hidden, query_services = hidden[:, -logits_to_keep:], query_services[:, -logits_to_keep:]
             own_rows = own_rows[:, -logits_to_keep:] if own_rows is not None else None
+            words = words[:, -logits_to_keep:] if words is not None else None
         logits = self.code_logits(hidden, query_services)  # (B, T', P, K)
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
             query = self.query(hidden, query_services)  # (B, T', D)
-            out.hidden_states = self.item_query(query, own_rows)
+            out.hidden_states = self.item_query(query, own_rows, words)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")

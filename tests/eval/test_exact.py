@@ -337,8 +337,8 @@ def test_position_log_probs_are_those_of_each_prefix_asked_as_a_request() -> Non
 
 def test_item_words_join_every_score_of_a_request_with_a_critique() -> None:
     """item_words: rank_exact of requests with critique words ranks as a float64 loop: the sum of
-    code log-probs + P x (query . item vector + sum_f (W_f query) . sqrt(D) mean embedding of the
-    item's field-f subwords), over the asked service's items only."""
+    code log-probs + P x (query . item vector + sum_f sum_s a_f(h_s) cos(e_s, mean embedding of the
+    item's field-f subwords)) over the critique's words s, over the asked service's items only."""
     from moe_rec.data.vocab import CRITIQUE
     from moe_rec.model.item_model import reference_word_bags
 
@@ -360,7 +360,7 @@ def test_item_words_join_every_score_of_a_request_with_a_critique() -> None:
     model.set_item_words(words)
     with torch.no_grad():
         model.item_embed.weight.normal_(0, 0.3)
-        model.word_proj.weight.normal_(0, 0.3)
+        model.word_weight.weight.normal_(0, 0.3)
     requests = []
     for r in _requests(table, 9, n=6):  # [CRITIQUE] and two words before the asked service
         ids, doms = r["input_ids"], r["domain_ids"]
@@ -371,18 +371,25 @@ def test_item_words_join_every_score_of_a_request_with_a_critique() -> None:
     ranked = rank_exact(model, ServiceCatalogue(table), requests, k=10)
     d = cfg.hidden_size
     emb = model.model.embed_tokens.weight.detach().double()
-    bags = reference_word_bags(words, emb, 0) * math.sqrt(d)  # (N, 4, D)
-    w = model.word_proj.weight.detach().double().view(4, d, d)  # W_f
+    bags = reference_word_bags(words, emb, 0)  # (N, 4, D)
+    unit = bags / bags.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    gate_w, gate_b = model.word_weight.weight.detach().double(), model.word_weight.bias.detach().double()
     vec = model.item_embed.weight.detach().double()
+    captured = {}
+    model.model.register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
     for i, r in enumerate(requests):
         vocab_t = dataclasses.replace(vocab, text_size=text)
         with torch.no_grad():
             out = model(**item_batch([r], vocab_t, 16, left_pad=True))
         logits, q = out.logits[0, -1].double(), out.hidden_states[0, -1, :d].double()
         log_probs = logits - torch.logsumexp(logits, -1, keepdim=True)
+        h = captured["hidden"][0].double()  # the last two positions are the critique's words
+        crit = torch.zeros(4, d, dtype=torch.float64)  # sum_s a_f(h_s) e_s
+        for s, token in ((-2, start + 3), (-1, start + 11)):
+            crit += (gate_w @ h[s] + gate_b)[:, None] * (emb[token] / emb[token].norm())
         brute = {
             j: sum(float(log_probs[p, c]) for p, c in enumerate(table.codes[j].tolist()))
-            + 4 * (float(q @ vec[j]) + sum(float((w[f] @ q) @ bags[j, f]) for f in range(4)))
+            + 4 * (float(q @ vec[j]) + float((crit * unit[j]).sum()))
             for j in range(len(table))
             if table.services[int(table.service_index[j])] == r["service"]
         }
