@@ -12,31 +12,33 @@ through the one embedding table both are read with. Attributes come from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 import torch
 
 from moe_rec.data.item_attributes import service_attributes
 from moe_rec.data.text_tokenizer import TextTokenizer
 from moe_rec.data.vocab import PAD
-from moe_rec.sid.table import SIDTable
 
 WORD_FIELDS = ("brand", "category", "band", "title")  # the fields of an item's words, in this order
 WORD_SLOTS = 16  # subwords kept per field at most (a title's first ones: the product name)
 
 
-def item_word_texts(items: pa.Table, table: SIDTable, num_bands: int, min_band_items: int) -> list[list[str]]:
-    """Per SID-table row, the text of each of :data:`WORD_FIELDS` ("" where unknown)."""
-    out = [["" for _ in WORD_FIELDS] for _ in range(len(table))]
-    for service in table.services:
-        attrs = service_attributes(items, service, num_bands=num_bands, min_band_items=min_band_items)
-        rows = table.rows([service] * len(attrs), attrs.item_ids)
-        for i, row in enumerate(rows.tolist()):
-            out[row] = [
-                attrs.brand[i] or "",
-                attrs.leaf(i) or "",
-                attrs.band_name(attrs.band[i]) or "",
-                attrs.title[i] or "",
-            ]
+def item_word_texts(
+    items: pa.Table, keys: Sequence[tuple[str, str]], num_bands: int, min_band_items: int
+) -> list[list[str]]:
+    """Per ``(service, item_id)`` of ``keys`` (the SID table's rows, in order), the text of each of
+    :data:`WORD_FIELDS` ("" where unknown)."""
+    out = []
+    attrs = {
+        s: service_attributes(items, s, num_bands=num_bands, min_band_items=min_band_items)
+        for s in dict.fromkeys(s for s, _ in keys)
+    }
+    for service, item in keys:
+        a = attrs[service]
+        i = a.row[item]
+        out.append([a.brand[i] or "", a.leaf(i) or "", a.band_name(a.band[i]) or "", a.title[i] or ""])
     return out
 
 
@@ -57,13 +59,14 @@ def encode_item_words(
 
 def item_words(
     items: pa.Table,
-    table: SIDTable,
+    keys: Sequence[tuple[str, str]],
     tokenizer: TextTokenizer,
     text_offset: int,
     *,
     num_bands: int = 3,
     min_band_items: int = 20,
 ) -> torch.Tensor:
-    """(N, F, L) the words of every catalogue item in SID-table row order (module docstring)."""
-    texts = item_word_texts(items, table, num_bands, min_band_items)
+    """(N, F, L) the words of the items ``keys`` (``(service, item_id)`` of each SID-table row, in
+    order) (module docstring)."""
+    texts = item_word_texts(items, keys, num_bands, min_band_items)
     return encode_item_words(texts, tokenizer, text_offset)

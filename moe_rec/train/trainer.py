@@ -100,8 +100,9 @@ def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary) -> torch.Te
         raise ConfigError("model.overrides.item_words needs sequences with critiques (critiques.enabled)")
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
     tokenizer = TextTokenizer.load(cfg.sequences_dir)
+    keys = [(sids.services[int(s)], item) for s, item in zip(sids.service_index, sids.item_ids, strict=True)]
     return item_words(
-        items, sids, tokenizer, vocab.text_offset,
+        items, keys, tokenizer, vocab.text_offset,
         num_bands=cfg.critiques.price_bands, min_band_items=cfg.critiques.min_band_items,
     )  # fmt: skip
 

@@ -4,12 +4,10 @@ SID-table row order, tokenised as critiques are, by hand."""
 from __future__ import annotations
 
 import pyarrow as pa
-import torch
 
 from moe_rec.data.item_words import WORD_FIELDS, encode_item_words, item_word_texts, item_words
 from moe_rec.data.text_tokenizer import train_tokenizer
 from moe_rec.data.vocab import PAD
-from moe_rec.sid.table import SIDTable
 
 ITEMS = [
     {"service": "s", "item_id": f"x{i}", "title": f"Red lip gloss {i}", "categories": ["R", "Lips", "Gloss"],
@@ -21,16 +19,11 @@ ITEMS = [
 ]  # fmt: skip
 
 
-def _table() -> SIDTable:
-    """The items in another order than the catalogue's: the words follow the table's rows."""
-    order = [("t", "y0"), ("s", "x2"), ("s", "x0"), ("s", "x1")]
-    codes = torch.tensor([[0, 0], [1, 0], [2, 0], [3, 0]])
-    return SIDTable(services=[s for s, _ in order], item_ids=[i for _, i in order], codes=codes,
-                    codebook_size=4, max_dedup=1)  # fmt: skip
+KEYS = [("t", "y0"), ("s", "x2"), ("s", "x0"), ("s", "x1")]  # another order than the catalogue's
 
 
 def test_fields_per_table_row_with_bands_named_as_critiques_name_them() -> None:
-    texts = item_word_texts(pa.Table.from_pylist(ITEMS), _table(), num_bands=3, min_band_items=3)
+    texts = item_word_texts(pa.Table.from_pylist(ITEMS), KEYS, num_bands=3, min_band_items=3)
     assert len(WORD_FIELDS) == 4
     assert texts[0] == ["", "Hair", "", "Argan shampoo"]  # no brand, no price
     assert texts[1] == ["Maybelline", "Gloss", "premium", "Red lip gloss 2"]
@@ -48,5 +41,5 @@ def test_encoding_cuts_pads_and_offsets_each_field_as_the_tokenizer_does() -> No
         ids = [100 + i for i in tok.encode(text)[:4]] if text else []
         assert out[0, f].tolist() == ids + [PAD] * (width - len(ids))
     assert (out[1] == PAD).all()  # an item with no words at all
-    whole = item_words(pa.Table.from_pylist(ITEMS), _table(), tok, 100, min_band_items=3)
+    whole = item_words(pa.Table.from_pylist(ITEMS), KEYS, tok, 100, min_band_items=3)
     assert whole.shape[:2] == (4, 4) and whole[1, 2, 0] == 100 + tok.encode("premium")[0]
