@@ -47,7 +47,6 @@ from moe_rec.data.vocab import EOS, SPECIAL_TOKENS
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERecPreTrainedModel, router_stats
 
-WORD_WEIGHT_INIT = 2.0  # a_f at the start: a critique word that an item's field holds adds about this much
 TEXT_PRIOR_INIT = 5.0  # w at the start, a little below the best weight added to a trained model after
 # training (beta 96-128 in summed-log-prob units on Beauty's validation split, 5.6-7.5 per code position)
 
@@ -120,13 +119,13 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if config.item_words:  # each item's subwords per field (saved with the weights, as item_text)
             shape = (config.num_items, len(WORD_FIELDS), config.item_word_slots)
             self.register_buffer("item_words", torch.full(shape, config.pad_token_id, dtype=torch.long))
-            self.word_weight = nn.Linear(d, len(WORD_FIELDS))  # a_f(h_s) of every critique word, per field
+            # a_f(h_s) of every critique word, per field; zero at the start (post_init), as a bias of 2.0
+            # made words of unseen phrasings count (docs/critiques.md)
+            self.word_weight = nn.Linear(d, len(WORD_FIELDS))
         self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
-        if self.word_weight is not None:  # every critique word counts for the items that hold it
-            nn.init.constant_(self.word_weight.bias, WORD_WEIGHT_INIT)
 
     def set_train_catalogue(
         self, codes: torch.Tensor, service_tokens: torch.Tensor, trained: torch.Tensor | None = None
