@@ -148,6 +148,7 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
         "num_items",
         "item_text_dim",
         "text_token_range",
+        "item_word_slots",
     }
     assert section_sets <= fields.keys()
     overrides = [
@@ -157,6 +158,7 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
     assert set(cfg.model.overrides) == fields.keys() - section_sets
     for name in sorted(section_sets):
         with pytest.raises(
-            ConfigError, match=rf"model\.overrides\.{name}.*(model\.{name}|vocabulary|SID table|text encoder)"
+            ConfigError,
+            match=rf"model\.overrides\.{name}.*(model\.{name}|vocabulary|SID table|text encoder|item words)",
         ):
             load_config(ExperimentConfig, None, [f"model.overrides.{name}={fields[name]!r}"])

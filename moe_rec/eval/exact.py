@@ -361,7 +361,8 @@ def rank_exact(
 def gathered_item_table(model: MoERecForItemPrediction) -> torch.Tensor | None:
     """:meth:`~MoERecForItemPrediction.item_table`, its weights gathered first where DeepSpeed
     ZeRO-3 partitions them (outside a forward pass a rank holds only its shard); every rank calls it."""
-    modules = [m for m in (model.item_embed, model.text_proj) if m is not None]
+    words = model.model.embed_tokens if model.word_weight is not None else None  # the item words' vectors
+    modules = [m for m in (model.item_embed, model.text_proj, words) if m is not None]
     params = [p for m in modules for p in m.parameters()] + (
         [model.text_prior] if model.text_prior is not None else []
     )

@@ -83,6 +83,14 @@ class MoERecConfig(PretrainedConfig):
         item_vector_dropout: float = 0.0,  # item_embedding: in training, each item's learned vector is
         # left out with this probability per forward (its text part stays), so items also learn to
         # rank without one, as items unseen in training must (the cold-start benchmark)
+        item_words: bool = False,  # item_embedding with text_token_range: at a critique's last word, + the
+        # critique's words matched to each item's words (brand, leaf category, price band, title:
+        # moe_rec.data.item_words) through the shared embeddings, each word weighted in its context
+        item_word_slots: int = 0,  # subwords per field of that table (set from the data)
+        item_words_input: bool = False,  # item_words: + the mean of an item's field vectors in its input
+        critique_loss_weight: float = 1.0,  # item_loss=items with text tokens: the item loss of a position
+        # that reads a critique (its token is a critique's last word) counts this many times (the other
+        # positions unchanged): a critique sample has one such position, a plain window dozens of others
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -129,6 +137,10 @@ class MoERecConfig(PretrainedConfig):
         self.item_text_dim = item_text_dim
         self.item_text_prior = item_text_prior
         self.item_vector_dropout = item_vector_dropout
+        self.item_words = item_words
+        self.item_word_slots = item_word_slots
+        self.item_words_input = item_words_input
+        self.critique_loss_weight = critique_loss_weight
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight
         super().__init__(
@@ -188,6 +200,20 @@ class MoERecConfig(PretrainedConfig):
             if self.item_vector_dropout and not (self.item_embedding and 0 < self.item_vector_dropout < 1):
                 raise ValueError(
                     f"item_vector_dropout {self.item_vector_dropout} needs item_embedding and a value in [0, 1)"
+                )
+            if self.item_words and not (self.item_embedding and r is not None and self.item_word_slots >= 1):
+                raise ValueError(
+                    "item_words needs item_embedding, text_token_range (sequences with critiques) and "
+                    "item_word_slots >= 1"
+                )
+            if self.item_words_input and not self.item_words:
+                raise ValueError("item_words_input needs item_words (the item word vectors it adds)")
+            if self.critique_loss_weight != 1.0 and not (
+                self.critique_loss_weight > 0 and self.item_loss == "items" and r is not None
+            ):
+                raise ValueError(
+                    f"critique_loss_weight {self.critique_loss_weight} needs a value > 0, item_loss='items' "
+                    "and text_token_range (sequences with critiques)"
                 )
             if self.item_head_temperature <= 0:
                 raise ValueError(f"item_head_temperature must be > 0, got {self.item_head_temperature}")

@@ -17,7 +17,14 @@ similarity of ``W_p q`` with the embedding rows of p's codes (tied to the input)
 temperature. An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability
 of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
 ``item_embedding`` an item also has a vector of its own, added to its input positions, whose dot
-product with the query (times P) joins its score.
+product with the query (times P) joins its score. With ``item_words`` a position that ends a
+critique (a run of text positions) scores each item's words (brand, leaf category, price band,
+title, as subwords of the critiques' tokenizer) against the critique's own words:
+``sum_f sum_s a_f(h_s) cos(e_s, words_f)``, s the critique's positions, ``e_s`` their input
+embeddings, ``words_f`` the mean input embedding of the item's field-f subwords and ``a_f(h_s)``
+a weight the decoder gives each word in its context (so "not a fan of Revlon" can count against
+Revlon and "anything by Maybelline?" for Maybelline). A word the item holds matches itself
+exactly from the start, through the one embedding table; other positions get no such term.
 
 Loss (``item_loss``). ``codes``: cross-entropy of every code of the next event, at every position
 that has one, averaged over codes and positions. ``items``: one softmax over every item of the next
@@ -34,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_rec.data.item_words import WORD_FIELDS
 from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.data.vocab import EOS, SPECIAL_TOKENS
 from moe_rec.model.config import MoERecConfig
@@ -51,6 +59,18 @@ def item_keys(codes: torch.Tensor, services: torch.Tensor) -> torch.Tensor:
     for p in range(codes.shape[-1]):
         key = key * 1_000_003 + codes[..., p].long()
     return key
+
+
+def reference_word_bags(words: torch.Tensor, embedding: torch.Tensor, pad: int) -> torch.Tensor:
+    """:meth:`MoERecForItemPrediction.word_bags` as a plain loop (for tests): (N, F, L) ids and a
+    (V, D) embedding -> (N, F, D), each field the mean of its non-pad ids' rows (zero if none)."""
+    out = torch.zeros(*words.shape[:-1], embedding.shape[1], dtype=embedding.dtype)
+    for n in range(words.shape[0]):
+        for f in range(words.shape[1]):
+            ids = [int(i) for i in words[n, f] if int(i) != pad]
+            if ids:
+                out[n, f] = embedding[ids].mean(0)
+    return out
 
 
 def gather_scores(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -95,6 +115,13 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.text_prior: nn.Parameter | None = None
         if config.item_text_prior:  # the weight of the last item's text similarity, in mean-code-logit units
             self.text_prior = nn.Parameter(torch.full((1,), TEXT_PRIOR_INIT))  # (1,): DeepSpeed takes no 0-d
+        self.word_weight: nn.Linear | None = None
+        if config.item_words:  # each item's subwords per field (saved with the weights, as item_text)
+            shape = (config.num_items, len(WORD_FIELDS), config.item_word_slots)
+            self.register_buffer("item_words", torch.full(shape, config.pad_token_id, dtype=torch.long))
+            # a_f(h_s) of every critique word, per field; zero at the start (post_init), as a bias of 2.0
+            # made words of unseen phrasings count (docs/critiques.md)
+            self.word_weight = nn.Linear(d, len(WORD_FIELDS))
         self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
         if self.item_embed is not None:
@@ -143,6 +170,31 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             )
         self.item_text.copy_(vectors)
 
+    def set_item_words(self, words: torch.Tensor) -> None:
+        """The catalogue's words (N, F, L) (:func:`moe_rec.data.item_words.item_words`), row i the
+        SID table's row i; every id a text token or ``[PAD]``."""
+        if tuple(words.shape) != tuple(self.item_words.shape):
+            raise ValueError(
+                f"item words of shape {tuple(words.shape)}; expected {tuple(self.item_words.shape)}"
+            )
+        start, stop = self.config.text_token_range
+        pad = words == self.config.pad_token_id
+        if not bool((pad | ((words >= start) & (words < stop))).all()):
+            raise ValueError(f"item words must be text tokens [{start}, {stop}) or [PAD]")
+        self.item_words.copy_(words)
+
+    def word_bags(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., F, D) per field the mean input embedding of the subwords of catalogue ``rows``;
+        zero for an empty field and where a row is -1. One ``embedding_bag`` (no (..., F, L, D)
+        intermediate); :func:`reference_word_bags` is the plain version it is tested against."""
+        words = self.item_words[rows.clamp_min(0)]  # (..., F, L)
+        emb = self.model.embed_tokens.weight
+        bags = F.embedding_bag(
+            words.reshape(-1, words.shape[-1]), emb, mode="mean", padding_idx=self.config.pad_token_id
+        )  # (... x F, D)
+        bags = bags.view(*words.shape[:-1], emb.shape[1])
+        return bags * (rows >= 0)[..., None, None].to(bags.dtype)
+
     def item_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D) the per-item vectors of catalogue ``rows``: the learned vector, plus with
         ``item_text`` the projection of the item's text embedding; zero where a row is -1."""
@@ -158,29 +210,62 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
 
     def score_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D') what an item's per-item term dots with the query (:meth:`item_query`): its
-        vector, and with ``item_text_prior`` its unit text embedding; zero where a row is -1."""
-        vec = self.item_vectors(rows)
-        return vec if self.text_prior is None else torch.cat([vec, self._unit_text(rows)], dim=-1)
+        vector, with ``item_text_prior`` its unit text embedding, with ``item_words`` its F unit
+        field vectors (:meth:`word_bags`, normalised; zero for an empty field); zero where a row is -1."""
+        parts = [self.item_vectors(rows)]
+        if self.text_prior is not None:
+            parts.append(self._unit_text(rows).to(parts[0].dtype))
+        if self.word_weight is not None:
+            bags = F.normalize(self.word_bags(rows), dim=-1)  # (..., F, D)
+            parts.append(bags.flatten(-2).to(parts[0].dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def critique_words(self, item_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, F x D) per position and field ``sum_s a_f(h_s) e_s`` over the critique that ends
+        there: the run of text positions s <= t (its words; zero where t is no text position), ``e_s``
+        the unit input embedding of s's token, ``a_f`` :attr:`word_weight` of the decoder output
+        ``hidden`` (B, T, D) at s. Dotted with an item's unit field vectors it gives the item's
+        ``item_words`` term (:meth:`score_vectors`)."""
+        start, stop = self.config.text_token_range
+        first = item_tokens[..., 0]  # (B, T): a text position holds one token
+        word = (first >= start) & (first < stop)
+        index = torch.arange(first.shape[1], device=first.device).expand_as(first)
+        last_break = torch.where(word, -1, index).cummax(dim=1).values  # (B, T) last non-text position <= t
+        run = (index[:, None, :] > last_break[:, :, None]) & (index[:, None, :] <= index[:, :, None])
+        run = run & word[:, :, None]  # (B, T, S): s is a word of the critique ending at t
+        e = F.normalize(self.model.embed_tokens(first), dim=-1) * word[..., None]  # (B, S, D)
+        a = self.word_weight(hidden)  # (B, S, F)
+        out = torch.einsum("bts,bsf,bsd->btfd", run.to(a.dtype), a, e.to(a.dtype))
+        return out.flatten(-2)
 
     def _unit_text(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., D_text) the unit text embeddings of catalogue ``rows``; zero where a row is -1."""
         text = F.normalize(self.item_text[rows.clamp_min(0)].float(), dim=-1)
         return text * (rows >= 0)[..., None].to(text.dtype)
 
-    def item_query(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
-        """(..., D') the query of the per-item term: the heads' query, and with ``item_text_prior``
-        the weighted unit text embedding of each position's own item (``own_rows``, -1: none), so
-        that ``item_query . score_vectors`` adds ``w x cos(own item, candidate)``."""
-        if self.text_prior is None:
-            return query
-        return torch.cat([query, self.text_prior * self._unit_text(own_rows).to(query.dtype)], dim=-1)
+    def item_query(
+        self, query: torch.Tensor, own_rows: torch.Tensor | None, words: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(..., D') the query of the per-item term: the heads' query (..., D); with
+        ``item_text_prior`` the weighted unit text embedding of each position's own item
+        (``own_rows``, -1: none), so that ``item_query . score_vectors`` adds ``w x cos(own item,
+        candidate)``; with ``item_words`` the critique's weighted words (:meth:`critique_words`,
+        (..., F x D)) that meet the candidate's field vectors."""
+        parts = [query]
+        if self.text_prior is not None:
+            parts.append(self.text_prior * self._unit_text(own_rows).to(query.dtype))
+        if self.word_weight is not None:
+            parts.append(words.to(query.dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def own_item_term(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
         """(...) what each position's own item must lose so that its text prior is 0: its cosine
         with itself is 1, so it got ``w``, which the text part of the query (:meth:`item_query`)
         dotted with its unit text gives back (read from the query, not the weight: outside a forward
         pass ZeRO-3 may hold no copy of it)."""
-        return -(query[..., self.config.hidden_size :].float() * self._unit_text(own_rows)).sum(-1)
+        d = self.config.hidden_size
+        text = query[..., d : d + self.config.item_text_dim].float()  # the text prior's part
+        return -(text * self._unit_text(own_rows)).sum(-1)
 
     @torch.no_grad()
     def item_table(self) -> torch.Tensor | None:
@@ -211,7 +296,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         count = (item_tokens != self.config.pad_token_id).sum(-1, keepdim=True).clamp_min(1)  # (B, T, 1)
         x = emb.sum(2) / count.to(emb.dtype)
         if self.item_embed is not None:  # + the item's own vector where it is a catalogue item
-            x = x + self.item_vectors(self.position_rows(item_tokens))
+            rows = self.position_rows(item_tokens)  # (B, T)
+            x = x + self.item_vectors(rows)
+            if self.config.item_words_input:  # + the mean of its field vectors
+                x = x + self.word_bags(rows).mean(-2).to(x.dtype)
         return x * math.sqrt(self.config.hidden_size)
 
     def position_rows(self, item_tokens: torch.Tensor) -> torch.Tensor:
@@ -316,14 +404,16 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             inputs_embeds=self.embed_positions(item_tokens),
         )
         own_rows = self.position_rows(item_tokens) if self.text_prior is not None else None  # (B, T)
+        words = self.critique_words(item_tokens, hidden) if self.word_weight is not None else None
         if logits_to_keep:
             hidden, query_services = hidden[:, -logits_to_keep:], query_services[:, -logits_to_keep:]
             own_rows = own_rows[:, -logits_to_keep:] if own_rows is not None else None
+            words = words[:, -logits_to_keep:] if words is not None else None
         logits = self.code_logits(hidden, query_services)  # (B, T', P, K)
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
             query = self.query(hidden, query_services)  # (B, T', D)
-            out.hidden_states = self.item_query(query, own_rows) if own_rows is not None else query
+            out.hidden_states = self.item_query(query, own_rows, words)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
@@ -334,8 +424,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 query = out.hidden_states[:, :-1] if self.item_embed is not None else None
                 own = own_rows[:, :-1] if own_rows is not None else None
                 out.lm_loss = self._item_softmax_loss(
-                    logits[:, :-1], target, query_services[:, :-1], query, own
-                )
+                    logits[:, :-1], target, query_services[:, :-1], query, own,
+                    self._position_weights(item_tokens[:, :-1, 0]),
+                )  # fmt: skip
             else:
                 out.lm_loss = F.cross_entropy(
                     logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -351,6 +442,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             out.loss = out.lm_loss + (out.aux_loss if out.aux_loss is not None else 0.0)
         return out
 
+    def _position_weights(self, first: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) the item loss's weight of each position from its first token (B, T):
+        ``critique_loss_weight`` where it is a text token (a critique's last word: the position that
+        ranks the critique's target), 1 elsewhere; None when every weight is 1."""
+        w = self.config.critique_loss_weight
+        if w == 1.0 or self.config.text_token_range is None:
+            return None
+        start, stop = self.config.text_token_range
+        steered = (first >= start) & (first < stop)
+        return 1.0 + (w - 1.0) * steered.float()
+
     def _item_softmax_loss(
         self,
         logits: torch.Tensor,
@@ -358,6 +460,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         services: torch.Tensor,
         query: torch.Tensor | None,
         own_rows: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean over scored positions of ``logsumexp_i s_i - s_target`` over the items i of the
         target's service, ``s_i`` the mean of item i's code logits; with ``item_negatives`` over
@@ -371,6 +474,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             query: (B, T, D') with ``item_embedding``: an item's logit also gets ``query .
                 score_vector`` (:meth:`item_query`, :meth:`score_vectors`).
             own_rows: (B, T) with ``item_text_prior``: each position's own item, whose text prior is 0.
+            weights: (B, T) each position's weight (:meth:`_position_weights`); None: all 1. The sum
+                of weighted losses is divided by the number of scored positions either way, so the
+                other positions' gradients do not change.
         """
         if self.train_codes is None:
             raise ValueError(
@@ -386,6 +492,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         asked = services[scored]  # (M,)
         q = query[scored].float() if query is not None else None  # (M, D)
         own = own_rows[scored] if own_rows is not None else None  # (M,)
+        weight = weights[scored] if weights is not None else None  # (M,)
         if q is not None:
             target_rows = self.item_rows(tgt, asked)  # (M,)
             target_score = target_score + (q * self.score_vectors(target_rows).float()).sum(-1)
@@ -415,5 +522,6 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
                 copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
                 scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)
-            total = total + (torch.logsumexp(scores, dim=1) - target_score[pos]).sum()
+            loss = torch.logsumexp(scores, dim=1) - target_score[pos]  # (M_s,)
+            total = total + (loss if weight is None else loss * weight[pos]).sum()
         return total / len(asked)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from moe_rec.config import ConfigError, check_keys
+from moe_rec.data.critique_config import CritiqueConfig
 from moe_rec.eval.config import EvalConfig
 from moe_rec.model.choices import ModelSize, MoEBackend, RouterMode
 from moe_rec.sid.config import SIDConfig
@@ -32,6 +33,7 @@ SET_ELSEWHERE = {
     "num_items": "the SID table (model.kind=item with item_embedding)",
     "item_text_dim": "the SID stage's text encoder (model.kind=item with item_text)",
     "text_token_range": "the vocabulary's text tokens (model.kind=item, sequences with critiques)",
+    "item_word_slots": "the item words' table (model.kind=item with item_words)",
 }
 
 
@@ -223,6 +225,7 @@ class TrainInputs(Protocol):
     train: TrainConfig
     eval: EvalConfig  # validation ranks items as this says (its split set to valid)
     sid: SIDConfig  # its encoder embeds the item texts (model.overrides.item_text)
+    critiques: CritiqueConfig  # its price bands name the items' bands (model.overrides.item_words)
 
     @property
     def data_dir(self) -> Path: ...

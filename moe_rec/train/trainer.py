@@ -61,17 +61,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def model_config(
-    section: ModelSection, vocab: Vocabulary, num_items: int = 0, text_dim: int = 0
+    section: ModelSection, vocab: Vocabulary, num_items: int = 0, text_dim: int = 0, word_slots: int = 0
 ) -> MoERecConfig:
     """The decoder for ``vocab``: a named size, the vocabulary's token count and service slots, and
     for the item-level model (``kind: item``) the token range of each code position and, with a
     per-item term (``item_embedding``), the catalogue's ``num_items`` (and with ``item_text`` the
-    text embeddings' width ``text_dim``)."""
+    text embeddings' width ``text_dim``, with ``item_words`` the subwords per field ``word_slots``)."""
     ranges = {"code_token_ranges": code_token_ranges(vocab)} if section.kind == "item" else {}
     if section.overrides.get("item_embedding"):
         ranges["num_items"] = num_items
     if section.kind == "item" and section.overrides.get("item_text"):
         ranges["item_text_dim"] = text_dim
+    if section.kind == "item" and section.overrides.get("item_words"):
+        ranges["item_word_slots"] = word_slots
     if section.kind == "item" and vocab.text_size:  # sequences with critiques and narratives
         ranges["text_token_range"] = [vocab.text_offset, vocab.size]
     try:
@@ -87,6 +89,22 @@ def model_config(
     except ValueError as e:  # a model.overrides value the model refuses, e.g. top-k above num_experts
         raise ConfigError(f"model: {e}") from None
     return cfg.dense_twin() if section.dense else cfg
+
+
+def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary) -> torch.Tensor:
+    """(N, F, L) the catalogue's words (:mod:`moe_rec.data.item_words`) in the run's subwords."""
+    from moe_rec.data.item_words import item_words
+    from moe_rec.data.text_tokenizer import TextTokenizer
+
+    if not vocab.text_size:
+        raise ConfigError("model.overrides.item_words needs sequences with critiques (critiques.enabled)")
+    items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
+    tokenizer = TextTokenizer.load(cfg.sequences_dir)
+    keys = [(sids.services[int(s)], item) for s, item in zip(sids.service_index, sids.item_ids, strict=True)]
+    return item_words(
+        items, keys, tokenizer, vocab.text_offset,
+        num_bands=cfg.critiques.price_bands, min_band_items=cfg.critiques.min_band_items,
+    )  # fmt: skip
 
 
 def lr_lambda(train: TrainConfig, total_steps: int) -> Any:
@@ -271,7 +289,11 @@ class Trainer:
             items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
             self.item_text = table_text_embeddings(items, self.sids, cfg.sid, cfg.embedding_cache)
         text_dim = self.item_text.shape[1] if self.item_text is not None else 0
-        self.model_config = model_config(cfg.model, self.vocab, len(self.sids), text_dim)
+        self.item_words = None  # (N, F, L) with item_words: each item's subwords per field, by table row
+        if cfg.model.kind == "item" and cfg.model.overrides.get("item_words"):
+            self.item_words = _item_words(cfg, self.sids, self.vocab)
+        word_slots = self.item_words.shape[2] if self.item_words is not None else 0
+        self.model_config = model_config(cfg.model, self.vocab, len(self.sids), text_dim, word_slots)
 
         self.rank, self.world_size, self.device = init_distributed()
         import deepspeed
@@ -337,6 +359,8 @@ class Trainer:
             )
         if self.item_text is not None:
             model.set_item_text(self.item_text)
+        if self.item_words is not None:
+            model.set_item_words(self.item_words)
         self.params = parameter_report(model)
         self.peak_flops = peak_flops(self.tc.peak_tflops)  # per device; None: no MFU
         bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")

@@ -4,6 +4,7 @@ a catalogue smaller than k, a never-trained (cold) item, and chunked top-k again
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -332,3 +333,66 @@ def test_position_log_probs_are_those_of_each_prefix_asked_as_a_request() -> Non
                    "domain_ids": row["domain_ids"][: 1 + t * s] + [vocab.service_index(service)]}  # fmt: skip
         expected, _, _ = request_log_probs(model, item_batch([request], vocab, 16, left_pad=True))
         torch.testing.assert_close(log_probs[0, t], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_item_words_join_every_score_of_a_request_with_a_critique() -> None:
+    """item_words: rank_exact of requests with critique words ranks as a float64 loop: the sum of
+    code log-probs + P x (query . item vector + sum_f sum_s a_f(h_s) cos(e_s, mean embedding of the
+    item's field-f subwords)) over the critique's words s, over the asked service's items only."""
+    from moe_rec.data.vocab import CRITIQUE
+    from moe_rec.model.item_model import reference_word_bags
+
+    table = _table(9)
+    vocab = table.vocabulary()
+    text = 20  # text tokens after the item tokens
+    start = vocab.size
+    torch.manual_seed(9)
+    cfg = build_config(
+        "tiny", vocab_size=start + text, num_domains=3, num_user_buckets=16,
+        code_token_ranges=code_token_ranges(vocab), text_token_range=[start, start + text],
+        item_loss="items", item_embedding=True, num_items=len(table), item_words=True, item_word_slots=3,
+    )  # fmt: skip
+    model = MoERecForItemPrediction(cfg).eval()
+    model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
+    g = torch.Generator().manual_seed(9)
+    words = start + torch.randint(text, (len(table), 4, 3), generator=g)
+    words[torch.rand(words.shape, generator=g) < 0.3] = 0  # [PAD]: fields of 0-3 subwords
+    model.set_item_words(words)
+    with torch.no_grad():
+        model.item_embed.weight.normal_(0, 0.3)
+        model.word_weight.weight.normal_(0, 0.3)
+    requests = []
+    for r in _requests(table, 9, n=6):  # [CRITIQUE] and two words before the asked service
+        ids, doms = r["input_ids"], r["domain_ids"]
+        crit = [CRITIQUE, start + 3, start + 11]
+        requests.append(
+            {**r, "input_ids": ids[:-1] + crit + ids[-1:], "domain_ids": doms[:-1] + doms[-1:] * 4}
+        )
+    ranked = rank_exact(model, ServiceCatalogue(table), requests, k=10)
+    d = cfg.hidden_size
+    emb = model.model.embed_tokens.weight.detach().double()
+    bags = reference_word_bags(words, emb, 0)  # (N, 4, D)
+    unit = bags / bags.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    gate_w, gate_b = model.word_weight.weight.detach().double(), model.word_weight.bias.detach().double()
+    vec = model.item_embed.weight.detach().double()
+    captured = {}
+    model.model.register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
+    for i, r in enumerate(requests):
+        vocab_t = dataclasses.replace(vocab, text_size=text)
+        with torch.no_grad():
+            out = model(**item_batch([r], vocab_t, 16, left_pad=True))
+        logits, q = out.logits[0, -1].double(), out.hidden_states[0, -1, :d].double()
+        log_probs = logits - torch.logsumexp(logits, -1, keepdim=True)
+        h = captured["hidden"][0].double()  # the last two positions are the critique's words
+        crit = torch.zeros(4, d, dtype=torch.float64)  # sum_s a_f(h_s) e_s
+        for s, token in ((-2, start + 3), (-1, start + 11)):
+            crit += (gate_w @ h[s] + gate_b)[:, None] * (emb[token] / emb[token].norm())
+        brute = {
+            j: sum(float(log_probs[p, c]) for p, c in enumerate(table.codes[j].tolist()))
+            + 4 * (float(q @ vec[j]) + float((crit * unit[j]).sum()))
+            for j in range(len(table))
+            if table.services[int(table.service_index[j])] == r["service"]
+        }
+        best = sorted(brute.values(), reverse=True)[:10]
+        assert all(j in brute for j in ranked[i].tolist())  # the asked service's items only
+        assert [brute[j] for j in ranked[i].tolist()] == pytest.approx(best, abs=1e-3)

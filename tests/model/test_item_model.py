@@ -424,3 +424,172 @@ def test_text_loss_is_the_cross_entropy_of_the_narrative_under_the_tied_head() -
     no_text = model(**{k: v for k, v in batch.items() if k != "text_labels"})
     assert out.lm_loss.item() == pytest.approx(no_text.lm_loss.item() + 0.5 * out.text_loss.item(), rel=1e-5)
     assert model.position_rows(batch["item_tokens"])[0].tolist() == [-1, 0, -1, -1, -1, 1, -1, -1, -1, -1]
+
+
+def _words_model(seed: int, **fields: object) -> tuple[MoERecForItemPrediction, list, torch.Tensor]:
+    """A tiny text model with item_words (and the text prior, whose slice the words follow), its
+    catalogue and its (N, 4, 3) item words (random text tokens, some [PAD])."""
+    g = torch.Generator().manual_seed(seed)
+    catalogue = [("b", [1, 2, 3, 0]), ("b", [4, 5, 6, 1]), ("b", [7, 7, 7, 0]), ("a", [0, 1, 2, 3]),
+                 ("a", [3, 3, 3, 1]), ("c", [5, 4, 3, 2])]  # fmt: skip
+    start, stop = TEXT_VOCAB.text_offset, TEXT_VOCAB.size
+    torch.manual_seed(seed)
+    cfg = build_config(
+        "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+        code_token_ranges=code_token_ranges(TEXT_VOCAB), text_token_range=[start, stop],
+        item_loss="items", item_embedding=True, num_items=len(catalogue), item_text=True, item_text_dim=5,
+        item_text_prior=True, item_words=True, item_word_slots=3, **fields,
+    )  # fmt: skip
+    model = model_class(cfg)(cfg).eval()
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]),
+        torch.tensor([TEXT_VOCAB.service_token(s) for s, _ in catalogue]),
+    )
+    model.set_item_text(torch.randn(len(catalogue), 5, generator=g))
+    words = start + torch.randint(stop - start, (len(catalogue), 4, 3), generator=g)
+    words[torch.rand(words.shape, generator=g) < 0.3] = PAD
+    words[0, 1] = PAD  # an empty field
+    model.set_item_words(words)
+    with torch.no_grad():
+        model.item_embed.weight.normal_(0, 0.1)
+        model.word_weight.weight.normal_(0, 0.3)
+    return model, catalogue, words
+
+
+def test_item_words_add_each_fields_term_to_the_item_logits_by_hand() -> None:
+    """item_words: word_bags is the plain per-field mean (an empty field zero); the loss equals a
+    float64 loop whose item logit is the mean code logit + query . vector + the text prior +
+    sum_f sum_s a_f(h_s) cos(e_s, bag_f) over the critique's two words s, normalised over the
+    target's service only (the critique sample's target is of service b, whose three items are
+    the only candidates)."""
+    from moe_rec.model.item_model import reference_word_bags
+
+    model, catalogue, words = _words_model(31)
+    d = model.config.hidden_size
+    emb = model.model.embed_tokens.weight.detach().double()
+    bags = reference_word_bags(words, emb, PAD)
+    rows = torch.arange(len(catalogue))
+    torch.testing.assert_close(model.word_bags(rows).double(), bags)
+    assert bags[0, 1].abs().sum() == 0
+    assert model.word_bags(torch.tensor([-1])).abs().sum() == 0  # no item: no words
+    row = _text_sample()
+    labels = [IGNORE_INDEX] * len(row["input_ids"])
+    labels[10:14] = row["input_ids"][10:14]  # only the target after the critique is a label
+    batch = item_batch([{**row, "labels": labels}], TEXT_VOCAB, 16)
+    batch.pop("user_ids")
+    batch.pop("text_labels")
+    captured = {}
+    model.model.register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
+    out = model(**batch)
+    t = 4  # the critique's last word, which predicts the target (position 5)
+    z = out.logits[0, t].detach().double()
+    q = out.hidden_states[0, t, :d].detach().double()
+    h = captured["hidden"][0].detach().double()  # (T, D) decoder outputs
+    gate_w, gate_b = model.word_weight.weight.detach().double(), model.word_weight.bias.detach().double()
+    critique = [(3, row["input_ids"][7]), (4, row["input_ids"][8])]  # (position, token): [CRITIQUE] breaks
+    unit = [bags[i] / bags[i].norm(dim=-1, keepdim=True).clamp_min(1e-12) for i in range(len(catalogue))]
+    vec = (
+        model.item_embed.weight.detach().double()
+        + model.item_text.double() @ model.text_proj.weight.detach().double().T
+    )
+
+    def logit(i: int) -> float:  # a text position has no own item: no text prior
+        words_term = 0.0
+        for s, token in critique:
+            a = gate_w @ h[s] + gate_b  # (4,) the word's weight per field
+            e = emb[token] / emb[token].norm()
+            words_term += sum(float(a[f] * (e @ unit[i][f])) for f in range(4))
+        return _logit(z, q, vec, i, catalogue[i][1]) + words_term
+
+    b_items = [i for i, (s, _) in enumerate(catalogue) if s == "b"]
+    expect = math.log(sum(math.exp(logit(i)) for i in b_items)) - logit(1)
+    assert out.lm_loss.item() == pytest.approx(expect, rel=1e-4, abs=1e-6)  # fp32 against float64
+    plain = math.log(sum(math.exp(_logit(z, q, vec, i, catalogue[i][1])) for i in b_items))
+    assert abs(plain - _logit(z, q, vec, 1, catalogue[1][1]) - expect) > 0.1  # the words' term matters
+    # an item position's own-item correction reads the text prior's part only: its cosine is 1
+    own = model.own_item_term(out.hidden_states[0, 1].detach(), torch.tensor(0))
+    assert float(own) == pytest.approx(-float(model.text_prior), rel=1e-5)
+    assert out.hidden_states[0, :3, d + 5 :].abs().sum() == 0  # no critique word there: no words term
+
+
+def test_item_words_train_the_shared_text_embeddings_and_the_word_weights() -> None:
+    """The gradient of the item loss reaches the input embedding of a subword that only an item's
+    words hold (no position reads it) and the word weights a_f; [PAD] gets none."""
+    model, _, words = _words_model(32)
+    row = _text_sample()
+    labels = [IGNORE_INDEX] * len(row["input_ids"])
+    labels[10:14] = row["input_ids"][10:14]
+    batch = item_batch([{**row, "labels": labels}], TEXT_VOCAB, 16)
+    batch.pop("user_ids")
+    batch.pop("text_labels")
+    model.train()
+    model(**batch).lm_loss.backward()
+    grad = model.model.embed_tokens.weight.grad
+    read = set(row["input_ids"])
+    only_words = sorted(set(words[:3].flatten().tolist()) - read - {PAD})  # service b's items' words
+    assert only_words and all(float(grad[i].abs().sum()) > 0 for i in only_words)
+    assert float(grad[PAD].abs().sum()) == 0
+    assert float(model.word_weight.weight.grad.abs().sum()) > 0
+
+
+def test_item_words_input_adds_the_mean_field_vector_to_item_positions_only() -> None:
+    """item_words_input: an item position's input gains sqrt(D) x the mean of its field vectors;
+    [BOS] and text positions are unchanged."""
+    model, _, _ = _words_model(33, item_words_input=True)
+    batch = item_batch([_text_sample()], TEXT_VOCAB, 16)
+    tokens = batch["item_tokens"]
+    with_words = model.embed_positions(tokens).detach()
+    model.config.item_words_input = False
+    without = model.embed_positions(tokens).detach()
+    rows = model.position_rows(tokens)
+    extra = model.word_bags(rows).mean(-2).detach() * math.sqrt(model.config.hidden_size)
+    torch.testing.assert_close(with_words - without, extra)
+    assert rows[0].tolist() == [-1, 0, -1, -1, -1, 1, -1, -1, -1, -1]
+    assert float(extra[0, 1].abs().sum()) > 0 and float(extra[0, 2].abs().sum()) == 0
+
+
+def test_item_words_config_and_table_are_checked() -> None:
+    """item_words needs item_embedding, text tokens and slots; item_words_input needs item_words;
+    set_item_words refuses a wrong shape and a token that is no text token."""
+    base = dict(vocab_size=TEXT_VOCAB.size, num_domains=3, code_token_ranges=code_token_ranges(TEXT_VOCAB),
+                item_loss="items", item_embedding=True, num_items=6)  # fmt: skip
+    text = [TEXT_VOCAB.text_offset, TEXT_VOCAB.size]
+    with pytest.raises(ValueError, match="item_words needs"):
+        build_config("tiny", **base, item_words=True, item_word_slots=3)  # no text tokens
+    with pytest.raises(ValueError, match="item_words needs"):
+        build_config("tiny", **base, text_token_range=text, item_words=True)  # no slots
+    with pytest.raises(ValueError, match="item_words_input needs"):
+        build_config("tiny", **base, text_token_range=text, item_words_input=True)
+    model, _, words = _words_model(34)
+    with pytest.raises(ValueError, match="shape"):
+        model.set_item_words(words[:, :, :2])
+    bad = words.clone()
+    bad[0, 0, 0] = VOCAB.service_token("a")
+    with pytest.raises(ValueError, match="text tokens"):
+        model.set_item_words(bad)
+
+
+def test_critique_loss_weight_scales_only_the_position_that_reads_a_critique() -> None:
+    """critique_loss_weight w: with the history event and the critique's target both labels (two
+    scored positions), the loss is (l_history + w x l_target) / 2, l_target the loss of the target
+    alone; w must be > 0 and needs text tokens."""
+    row = _text_sample()
+    only_target = [IGNORE_INDEX] * len(row["input_ids"])
+    only_target[10:14] = row["input_ids"][10:14]
+    both = list(only_target)
+    both[2:5] = row["input_ids"][2:5]  # the first event's codes (its tokens 1..4, service first)
+    losses = {}
+    for w in (1.0, 4.0):
+        model, _, _ = _words_model(35, critique_loss_weight=w)
+        for name, labels in (("target", only_target), ("both", both)):
+            batch = item_batch([{**row, "labels": labels}], TEXT_VOCAB, 16)
+            batch.pop("user_ids")
+            batch.pop("text_labels")
+            losses[name, w] = model(**batch).lm_loss.item()
+    assert losses["target", 4.0] == pytest.approx(4 * losses["target", 1.0], rel=1e-5)
+    history = 2 * losses["both", 1.0] - losses["target", 1.0]
+    assert losses["both", 4.0] == pytest.approx((history + 4 * losses["target", 1.0]) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="critique_loss_weight"):
+        _model(36, item_loss="items", critique_loss_weight=2.0)  # no text tokens
+    with pytest.raises(ValueError, match="critique_loss_weight"):
+        _words_model(36, critique_loss_weight=0.0)

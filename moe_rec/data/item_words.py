@@ -1,0 +1,72 @@
+"""The words of every catalogue item, as the subword tokens a critique is written in: what the
+item-level model's ``item_words`` term matches a critique against (:mod:`moe_rec.model.item_model`).
+
+An item's words are four fields, each tokenised on its own with the run's text tokenizer
+(``sequences/tokenizer.json``) and cut at ``slots`` subwords: its brand, its leaf category, its
+price band's name ("budget", "mid-price", "premium", as the critiques name bands) and its title
+(its keyword text where it has none). A critique that names a brand or a category ("anything by
+Maybelline?", "something in lip gloss") then shares subwords with exactly the items it asks for,
+through the one embedding table both are read with. Attributes come from
+:func:`moe_rec.data.item_attributes.service_attributes`, as the critiques were built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+import torch
+
+from moe_rec.data.item_attributes import service_attributes
+from moe_rec.data.text_tokenizer import TextTokenizer
+from moe_rec.data.vocab import PAD
+
+WORD_FIELDS = ("brand", "category", "band", "title")  # the fields of an item's words, in this order
+WORD_SLOTS = 16  # subwords kept per field at most (a title's first ones: the product name)
+
+
+def item_word_texts(
+    items: pa.Table, keys: Sequence[tuple[str, str]], num_bands: int, min_band_items: int
+) -> list[list[str]]:
+    """Per ``(service, item_id)`` of ``keys`` (the SID table's rows, in order), the text of each of
+    :data:`WORD_FIELDS` ("" where unknown)."""
+    out = []
+    attrs = {
+        s: service_attributes(items, s, num_bands=num_bands, min_band_items=min_band_items)
+        for s in dict.fromkeys(s for s, _ in keys)
+    }
+    for service, item in keys:
+        a = attrs[service]
+        i = a.row[item]
+        out.append([a.brand[i] or "", a.leaf(i) or "", a.band_name(a.band[i]) or "", a.title[i] or ""])
+    return out
+
+
+def encode_item_words(
+    texts: list[list[str]], tokenizer: TextTokenizer, text_offset: int, slots: int = WORD_SLOTS
+) -> torch.Tensor:
+    """(N, F, L) vocabulary ids of each item's fields (:func:`item_word_texts`), each cut at
+    ``slots`` subwords and ``[PAD]``-filled; L is the longest field kept (at least 1)."""
+    encoded = [[tokenizer.encode(t)[:slots] if t else [] for t in fields] for fields in texts]
+    width = max([len(ids) for fields in encoded for ids in fields] + [1])
+    out = torch.full((len(texts), len(WORD_FIELDS), width), PAD, dtype=torch.long)
+    for n, fields in enumerate(encoded):
+        for f, ids in enumerate(fields):
+            if ids:
+                out[n, f, : len(ids)] = torch.tensor(ids) + text_offset
+    return out
+
+
+def item_words(
+    items: pa.Table,
+    keys: Sequence[tuple[str, str]],
+    tokenizer: TextTokenizer,
+    text_offset: int,
+    *,
+    num_bands: int = 3,
+    min_band_items: int = 20,
+) -> torch.Tensor:
+    """(N, F, L) the words of the items ``keys`` (``(service, item_id)`` of each SID-table row, in
+    order) (module docstring)."""
+    texts = item_word_texts(items, keys, num_bands, min_band_items)
+    return encode_item_words(texts, tokenizer, text_offset)
