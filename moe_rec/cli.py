@@ -485,6 +485,7 @@ def stage_eval_narratives(
     from moe_rec.eval.critiques import item_facts
     from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact, request_vocabulary
     from moe_rec.eval.narrate import MAX_NARRATIVE_TOKENS, narrative_prompt, write_narratives
+    from moe_rec.eval.narrative_eval import item_titles, request_personalisation, score_references
     from moe_rec.eval.narrative_metrics import (
         consistency,
         diversity,
@@ -529,7 +530,7 @@ def stage_eval_narratives(
     metrics = consistency(narrative_vectors, item_vectors, top, candidates) | diversity(texts)
     metrics["self_bleu"] = self_bleu([words(t) for t in texts])
     # calibration: the item's own title as its "narrative" (the ceiling of what a text can say)
-    title = _item_titles(items)
+    title = item_titles(items)
     titles = [title[(r["service"], str(table.item_ids[item]))] for r, item in zip(rows, top, strict=True)]
     title_vectors = encoder.encode(titles)
     metrics["title_mrr"] = consistency(title_vectors, item_vectors, top, candidates)["mrr"]
@@ -537,7 +538,7 @@ def stage_eval_narratives(
         item_facts(items, table, cfg.critiques), [r["service"] for r in rows], service_rows, top
     )
     metrics |= {f"faithful_{k}": v for k, v in faithfulness(texts, own, values).items()}
-    metrics |= _narrative_personalisation(rows, vocab, table, item_vectors, narrative_vectors, title_vectors)
+    metrics |= request_personalisation(rows, vocab, table, item_vectors, narrative_vectors, title_vectors)
     item_ids = {str(i).lower() for i in items.column("item_id").to_pylist()}
     lengths = [len(ids) for ids in subwords]
     validity = format_validity(lengths, texts, MAX_NARRATIVE_TOKENS, item_ids)
@@ -547,112 +548,22 @@ def stage_eval_narratives(
     metrics["requests"] = len(rows)
     examples = [{"user": r["user"], "service": r["service"], "item": str(table.item_ids[item]), "narrative": t}
                 for r, item, t in list(zip(rows, top, texts, strict=True))[:5]]  # fmt: skip
-    scored = _narrative_references(
-        cfg, requests, references, model, table, vocab, tokenizer, item_vectors, title
+    scored = score_references(
+        cfg.narratives_dir,
+        cfg.eval.split,
+        requests,
+        references,
+        model,
+        table,
+        vocab,
+        tokenizer,
+        item_vectors,
+        title,
     )
     report = {"model": name, "split": cfg.eval.split, "metrics": metrics, "references": scored,
               "examples": examples}  # fmt: skip
     _write_report(cfg.eval_dir / f"narratives-{cfg.eval.split}-{name}.json", report)
     return report
-
-
-def _item_titles(items: Any) -> dict[tuple[str, str], str]:
-    """Every catalogue item's title ("" where it has none) by ``(service, item id)``."""
-    columns = (items.column(c).to_pylist() for c in ("service", "item_id", "title"))
-    return {(s, str(i)): t or "" for s, i, t in zip(*columns, strict=True)}
-
-
-def _narrative_personalisation(
-    rows: list[dict], vocab: Any, table: Any, item_vectors: Any, narrative_vectors: Any, title_vectors: Any
-) -> dict[str, float]:
-    """Personalisation AUC of the narratives and, for calibration, of the explained items' titles
-    (an item recommended from the history is itself like the history), against the other users'
-    requests of the same service: each request's history is the mean text embedding of its items
-    in the asked service (what the training narratives describe); requests with none there are
-    left out (``personal_requests``: those kept)."""
-    import torch
-
-    from moe_rec.data.positions import split_positions
-    from moe_rec.eval.exact import history_rows
-    from moe_rec.eval.narrative_metrics import personalisation
-
-    kept, history = [], []
-    for i, r in enumerate(rows):
-        tokens = torch.from_numpy(split_positions(r["input_ids"], r["domain_ids"], vocab).tokens)
-        seen = history_rows(tokens, r["service"], table)
-        if seen:
-            kept.append(i)
-            history.append(item_vectors[seen].float().mean(0))
-    if not kept:
-        return {"personal_auc": float("nan"), "title_personal_auc": float("nan"), "personal_requests": 0}
-    users, services = [rows[i]["user"] for i in kept], [rows[i]["service"] for i in kept]
-    stacked = torch.stack(history)
-    return {
-        "personal_auc": personalisation(narrative_vectors[kept], stacked, users, services),
-        "title_personal_auc": personalisation(title_vectors[kept], stacked, users, services),
-        "personal_requests": len(kept),
-    }
-
-
-def _narrative_references(
-    cfg: ExperimentConfig,
-    requests: Any,
-    limit: int,
-    model: Any,
-    table: Any,
-    vocab: Any,
-    tokenizer: Any,
-    item_vectors: Any,
-    title: dict[tuple[str, str], str],
-) -> dict[str, Any]:
-    """BLEU-4 / ROUGE-L of the model's narratives of the targets of the first ``limit`` requests
-    with a held-out-family reference narrative (:mod:`moe_rec.eval.narrative_references`), beside
-    the target's title, the nearest training narrative by item and the user's last training
-    narrative (the nearest-item one where the user has none)."""
-    from moe_rec.data.critiques import load_rows
-    from moe_rec.data.sequences import user_bucket
-    from moe_rec.eval.narrate import narrative_prompt, write_narratives
-    from moe_rec.eval.narrative_metrics import against_references
-    from moe_rec.eval.narrative_references import (
-        held_out_requests,
-        nearest_item_narratives,
-        users_last_narratives,
-    )
-
-    if limit <= 0 or not (cfg.narratives_dir / f"{cfg.eval.split}.parquet").exists():
-        return {"requests": 0}  # none asked for, or no narratives built (critiques.narratives.enabled off)
-    found = held_out_requests(requests, load_rows(cfg.narratives_dir, cfg.eval.split).to_list(), limit)
-    if not found:
-        return {"requests": 0}
-    rows, refs = [r for r, _ in found], [text for _, text in found]
-    targets = table.rows([r["service"] for r in rows], [r["target_item"] for r in rows]).tolist()
-    prompts = [
-        narrative_prompt(r, vocab.item_tokens(r["service"], table.codes[t].tolist()), vocab)
-        for r, t in zip(rows, targets, strict=True)
-    ]
-    users = [user_bucket(r["user"], model.config.num_user_buckets) for r in rows]
-    texts = [tokenizer.decode(ids) for ids in write_narratives(model, prompts, users, vocab)]
-    train = load_rows(cfg.narratives_dir, "train").select_columns(
-        ["user", "service", "position", "target_item", "text"]
-    ).to_list()  # fmt: skip
-    train_rows = table.rows([t["service"] for t in train], [t["target_item"] for t in train]).tolist()
-    nearest = nearest_item_narratives(
-        targets, train_rows, [t["text"] for t in train], item_vectors, table.service_index
-    )
-    nearest = [n or "" for n in nearest]
-    users_last = users_last_narratives(rows, train)
-    baselines = {
-        "model": texts,
-        "title": [title[(r["service"], r["target_item"])] for r in rows],
-        "nearest_item": nearest,
-        "user_last": [u if u is not None else n for u, n in zip(users_last, nearest, strict=True)],
-    }
-    scored: dict[str, Any] = {k: against_references(v, refs) for k, v in baselines.items()}
-    scored |= {"requests": len(rows), "user_last_found": sum(u is not None for u in users_last) / len(rows)}
-    scored["examples"] = [
-        {"reference": ref, "narrative": t} for ref, t in list(zip(refs, texts, strict=True))[:3]
-    ]
-    return scored
 
 
 def _print_narrative_metrics(report: dict) -> None:
