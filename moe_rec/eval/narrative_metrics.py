@@ -68,8 +68,9 @@ def diversity(texts: Sequence[str]) -> dict[str, float]:
     another text repeats exactly."""
     out = {}
     for n in (1, 2):
-        grams = [tuple(w[i : i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
-        out[f"distinct-{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+        grams = sum((ngrams(t.split(), n) for t in texts), Counter())
+        total = sum(grams.values())
+        out[f"distinct-{n}"] = len(grams) / total if total else 0.0
     counts = Counter(texts)
     out["repeated"] = sum(c for c in counts.values() if c > 1) / len(texts) if texts else 0.0
     return out
