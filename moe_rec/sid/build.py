@@ -75,8 +75,9 @@ def table_text_embeddings(items: pa.Table, table: SIDTable, cfg: SIDConfig, cach
     vectors, _, _ = item_embeddings(items, cfg, cache_dir)
     rows = table.rows(items.column("service").to_pylist(), items.column("item_id").to_pylist())
     if len(rows) != len(table) or len(set(rows.tolist())) != len(table):
-        raise ValueError(
-            f"the catalogue has {len(rows):,} items, the SID table {len(table):,}; rebuild the SIDs"
+        raise DataError(
+            f"the prepared catalogue has {len(rows):,} items but the SID table {len(table):,}: the "
+            "SIDs were built for other data; rebuild them (moe-rec sids build) on this run's data"
         )
     out = torch.empty(len(table), vectors.shape[1], dtype=torch.float32)
     out[torch.from_numpy(rows)] = vectors.float()

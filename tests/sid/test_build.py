@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
 import torch
 
-from moe_rec.data.schema import ITEM_SCHEMA
-from moe_rec.sid.build import STATS_FILE, build_sids
+from moe_rec.data.schema import ITEM_SCHEMA, DataError
+from moe_rec.sid.build import STATS_FILE, build_sids, table_text_embeddings
 from moe_rec.sid.config import SIDConfig
 from moe_rec.sid.quantizer import load_quantizer
 from moe_rec.sid.table import SIDTable
@@ -72,3 +74,22 @@ def test_items_without_text_are_named_by_their_id(tmp_path) -> None:
     assert stats["unique_ids"] == n
     # distinct stand-in texts give distinct embeddings, so items spread over codes instead of all colliding
     assert stats["unique_prefixes"] > 1
+
+
+def test_text_embeddings_follow_table_rows_and_refuse_other_data(tmp_path) -> None:
+    """Each SID-table row gets its own item's text vector; a table built for another catalogue
+    (here: one service of it only) is a clear data error, not a crash deep in training."""
+    items = catalogue()
+    cfg = SIDConfig(levels=2, codebook_size=4, max_dedup=32)
+    build_sids(items, cfg, tmp_path / "sid", cache_dir=tmp_path / "cache")
+    table = SIDTable.load(tmp_path / "sid")
+    vectors = table_text_embeddings(items, table, cfg, tmp_path / "cache")
+    rows = table.rows(items.column("service").to_pylist(), items.column("item_id").to_pylist())
+    shuffled = items.take(list(reversed(range(items.num_rows))))
+    again = table_text_embeddings(shuffled, table, cfg, tmp_path / "cache")
+    assert torch.equal(vectors, again)  # by table row, whatever the catalogue's order
+    assert not torch.equal(vectors[rows[0]], vectors[rows[1]])  # different titles, different rows
+
+    market = items.filter(pc.equal(items.column("service"), "market"))
+    with pytest.raises(DataError, match="32 items but the SID table 48"):
+        table_text_embeddings(market, table, cfg, tmp_path / "cache")
