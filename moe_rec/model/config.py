@@ -40,6 +40,7 @@ class MoERecConfig(PretrainedConfig):
         num_user_buckets: int = 4096,  # hashed user buckets for the user routing signal
         router_signal_dim: int = 32,  # size of the domain / user embeddings the router reads
         domain_expert_bias: bool = True,  # learned per-domain bias over experts
+        domain_expert_groups: int = 0,  # >0: hard routing, service d uses expert group d % this only
         router_use_profile: bool = True,  # domain_user: also a causal running mean of the history
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
@@ -111,6 +112,7 @@ class MoERecConfig(PretrainedConfig):
         self.num_user_buckets = num_user_buckets
         self.router_signal_dim = router_signal_dim
         self.domain_expert_bias = domain_expert_bias
+        self.domain_expert_groups = domain_expert_groups
         self.router_use_profile = router_use_profile
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
@@ -171,6 +173,12 @@ class MoERecConfig(PretrainedConfig):
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_experts}]"
+            )
+        g = self.domain_expert_groups
+        if g < 0 or (g and (self.num_experts % g or self.num_experts // g < self.num_experts_per_tok)):
+            raise ValueError(
+                f"domain_expert_groups={g} must split num_experts={self.num_experts} into equal groups "
+                f"of at least num_experts_per_tok={self.num_experts_per_tok} experts (or be 0)"
             )
         if self.code_token_ranges is not None:
             bad = [

@@ -147,6 +147,7 @@ class DecoderLayer(nn.Module):
                 signal_dim=config.router_signal_dim,
                 domain_expert_bias=config.domain_expert_bias and config.router_mode != "token",
                 use_profile=config.router_mode == "domain_user" and config.router_use_profile,
+                expert_groups=config.domain_expert_groups,
             )
             self.mlp: nn.Module = MoEFeedForward(
                 hidden_size=d,

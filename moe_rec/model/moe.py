@@ -394,5 +394,5 @@ def _expert_load(
 @torch.no_grad()
 def _router_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the entropy (nats) of the router's full softmax; logits (N, E)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (N, E)
-    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+    probs = torch.softmax(logits.float(), dim=-1)  # (N, E); 0 where an expert is masked (-inf)
+    return torch.special.entr(probs).sum(dim=-1).mean()  # entr(0) = 0, where p log p is 0 x -inf

@@ -13,6 +13,12 @@ the logits see depends on ``mode``:
   when the caller passes one, a profile vector per token (the model passes a causal running mean
   of the history's embeddings) projected onto the experts.
 
+With ``expert_groups`` G > 0, in any mode, routing by service is hard: the experts are split into G
+equal groups and a token of service d may only choose experts of group ``d % G`` (the others'
+logits are -inf), so each service has experts of its own while attention and embeddings stay
+shared. A joint model of G services then has G times the expert parameters of one service's
+model at the same active parameters per token.
+
 Every term is a linear map onto the ``E`` expert logits, so the logits are
 ``W_h h + W_d e_domain + b_domain + W_u e_user + W_p profile`` — the same as one linear layer over
 the concatenated signals. Logits are computed in fp32 whatever the activation dtype, so a bf16
@@ -47,6 +53,8 @@ class Router(nn.Module):
         domain_expert_bias: add a learned ``(num_domains, E)`` bias to the logits, so experts can
             specialise per service (``domain`` / ``domain_user`` only).
         use_profile: ``domain_user`` only: also read a per-token profile vector (B, T, D).
+        expert_groups: G > 0: a token of service d routes within expert group ``d % G`` only
+            (``num_experts`` must split into G groups of at least ``top_k``); 0: any expert.
 
     With ``top_k=1`` the renormalised weight is always 1, so the main loss gives the router no
     gradient; it then learns through the auxiliary losses only.
@@ -64,6 +72,7 @@ class Router(nn.Module):
         signal_dim: int,
         domain_expert_bias: bool,
         use_profile: bool = False,
+        expert_groups: int = 0,
     ) -> None:
         super().__init__()
         if mode not in ROUTER_MODES:
@@ -76,6 +85,13 @@ class Router(nn.Module):
             raise ValueError("domain_expert_bias needs mode 'domain' or 'domain_user'")
         if mode == "domain_user" and num_user_buckets < 1:
             raise ValueError(f"num_user_buckets={num_user_buckets} must be >= 1 in mode 'domain_user'")
+        if expert_groups < 0 or (
+            expert_groups and (num_experts % expert_groups or num_experts // expert_groups < top_k)
+        ):
+            raise ValueError(
+                f"expert_groups={expert_groups} must split num_experts={num_experts} into equal "
+                f"groups of at least top_k={top_k} experts (or be 0)"
+            )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -83,6 +99,11 @@ class Router(nn.Module):
         self.num_domains = num_domains
 
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.expert_groups = expert_groups
+        # (num_domains, E) which experts each service may choose (all with no groups)
+        group = torch.arange(num_experts) // max(num_experts // max(expert_groups, 1), 1)
+        allowed = group[None, :] == (torch.arange(num_domains) % max(expert_groups, 1))[:, None]
+        self.register_buffer("allowed", allowed if expert_groups else None, persistent=False)
         self.domain_embedding: nn.Embedding | None = None
         self.domain_proj: nn.Linear | None = None
         self.domain_bias: nn.Parameter | None = None
@@ -132,6 +153,8 @@ class Router(nn.Module):
                 if self.profile_proj is None:
                     raise ValueError("a profile was passed to a router built with use_profile=False")
                 logits = logits + _linear_fp32(profile, self.profile_proj)  # (B, T, E)
+        if self.allowed is not None:
+            logits = logits.masked_fill(~self.allowed[domain_ids], float("-inf"))  # (B, T, E)
         return logits
 
     def forward(

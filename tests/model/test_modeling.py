@@ -1,6 +1,7 @@
 """The decoder: save/load, Auto classes, KV cache and padding against full recomputation, loss,
 parameter counts of the dense twin, and generate()."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,33 @@ def test_padding_is_left_out_of_router_statistics() -> None:
     for d in domains[mask.bool()].tolist():
         counts[d] += k
     torch.testing.assert_close(out.expert_load[0].sum(dim=1).float(), counts)
+
+
+def test_expert_groups_give_each_service_its_own_experts() -> None:
+    """With domain_expert_groups, a service's tokens land only on its group's experts (expert load
+    by service, every layer); loss, router entropy and gradients stay finite although the other
+    groups' router logits are -inf; a group too small for top-k is a config error."""
+    model = _model(domain_expert_groups=2).train()  # tiny: 4 experts, top-2; services 0, 2 -> group 0
+    ids, domains, users = _batch(b=4, t=10)
+    out = model(ids, domains, users, labels=ids)
+    size = model.config.num_experts // 2
+    for d in range(DOMAINS):
+        group = d % 2
+        load = out.expert_load[:, d]  # (L_moe, E)
+        assert int(load[:, group * size : (group + 1) * size].sum()) == 2 * int((domains == d).sum()) * len(
+            load
+        )
+        assert int(load.sum()) == int(load[:, group * size : (group + 1) * size].sum())
+    assert (
+        bool(torch.isfinite(out.router_entropy).all())
+        and float(out.router_entropy.max()) <= math.log(size) + 1e-5
+    )
+    out.loss.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="domain_expert_groups"):
+        build_config(
+            "tiny", vocab_size=V, num_domains=DOMAINS, num_user_buckets=USERS, domain_expert_groups=3
+        )
 
 
 def test_loss_is_shifted_cross_entropy_plus_weighted_aux() -> None:

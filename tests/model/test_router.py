@@ -213,3 +213,41 @@ def test_invalid_arguments() -> None:
     x, domain_ids, _, _ = _inputs()
     with pytest.raises(ValueError, match="user_ids"):
         r(x, domain_ids)
+
+
+@pytest.mark.parametrize("mode", ["token", "domain", "domain_user"])
+@pytest.mark.parametrize("groups,e,k", [(2, 6, 2), (3, 6, 1), (3, 9, 3), (4, 8, 2)])
+def test_expert_groups_route_each_service_within_its_group(seed: int, mode: str, groups, e, k) -> None:
+    """With expert_groups G, a token of service d picks only experts e with e // (E / G) == d % G,
+    and among them the same top-k as the ungrouped router's logits restricted to the group (a
+    plain loop per token); weights still sum to 1 and gradients stay finite."""
+    domains = 5  # more services than groups: service d shares group d % G
+    r = Router(
+        hidden_size=16, num_experts=e, top_k=k, mode=mode, num_domains=domains, num_user_buckets=5,
+        signal_dim=8, domain_expert_bias=mode != "token", use_profile=mode == "domain_user",
+        expert_groups=groups,
+    )  # fmt: skip
+    x, domain_ids, user_ids, profile = _inputs(domains=domains)
+    x.requires_grad_(True)
+    weights, indices, logits = r(x, domain_ids, user_ids, profile if mode == "domain_user" else None)
+    free = _logits_float64(r, x.detach(), domain_ids, user_ids, profile if mode == "domain_user" else None)
+    size = e // groups
+    for n, d in enumerate(domain_ids.reshape(-1).tolist()):
+        group = list(range((d % groups) * size, (d % groups + 1) * size))
+        ranked = sorted(group, key=lambda j: -free[n, j].item())
+        assert sorted(indices[n].tolist()) == sorted(ranked[:k]), (seed, n, d)
+        outside = [j for j in range(e) if j not in group]
+        assert all(math.isinf(logits[n, j].item()) for j in outside), (seed, n)
+    assert torch.allclose(weights.sum(-1), torch.ones(len(weights))), seed
+    loss = load_balancing_loss(logits, indices, e, k) + router_z_loss(logits) + (weights**2).sum()
+    loss.backward()
+    assert torch.isfinite(loss) and bool(torch.isfinite(x.grad).all()), seed
+
+
+def test_expert_groups_must_split_the_experts() -> None:
+    for e, k, g in [(6, 2, 4), (6, 3, 3), (4, 1, -1)]:
+        with pytest.raises(ValueError, match="expert_groups"):
+            Router(
+                hidden_size=8, num_experts=e, top_k=k, mode="domain", num_domains=3,
+                num_user_buckets=0, signal_dim=4, domain_expert_bias=True, expert_groups=g,
+            )  # fmt: skip
