@@ -44,6 +44,7 @@ from torch import nn
 from moe_rec.data.item_words import WORD_FIELDS
 from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.data.vocab import EOS, SPECIAL_TOKENS
+from moe_rec.model.cache import KVCache
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERecPreTrainedModel, router_stats
 
@@ -347,15 +348,21 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         domain_ids: torch.LongTensor,
         user_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """(B, V + 1) the text head's logits after the last position of left-padded prompts
-        (:meth:`text_logits`): what a narrative writes next."""
+        (:meth:`text_logits`): what a narrative writes next.
+
+        With ``past_key_values`` (a :class:`~moe_rec.model.cache.MoERecCache`, empty for the
+        prefill) ``item_tokens`` / ``domain_ids`` are only the positions after the cached ones,
+        ``attention_mask`` covers the cached positions and the new ones (B, S), and the cache is
+        updated in place (keys, values and the router's running profile)."""
         if self.config.text_token_range is None:
             raise ValueError("this model has no text head (trained without critiques and narratives)")
         hidden, _, _ = self.model(
             None, domain_ids, user_ids=user_ids, attention_mask=attention_mask,
-            inputs_embeds=self.embed_positions(item_tokens),
+            past_key_values=past_key_values, inputs_embeds=self.embed_positions(item_tokens),
         )  # fmt: skip
         return self.text_logits(hidden[:, -1])
 

@@ -450,14 +450,15 @@ class Recommender:
         self, batch: list[_Job], results: list[list[Recommendation]], rows: list[list[int]]
     ) -> list[list[Recommendation]]:
         """Every item of the jobs that asked for ``explain`` (``rows``: their table rows), with its
-        narrative (one greedy decode over all of them)."""
+        narrative (one greedy decode over all of them, KV-cached: one prefill, then one position a
+        step; :mod:`moe_rec.eval.narrate`)."""
         asked = [(i, n) for i, j in enumerate(batch) if j.explain for n in range(len(results[i]))]
         prompts, users = [], []
         for i, n in asked:
             item = self.vocab.item_tokens(batch[i].service, self.table.codes[rows[i][n]].tolist())
             prompts.append(narrative_prompt(batch[i].prompt, item, self.vocab))
             users.append(batch[i].user)
-        texts = write_narratives(self.bundle.model, prompts, users, self.vocab)
+        texts = write_narratives(self.bundle.model, prompts, users, self.vocab, use_cache=True)
         out = [list(r) for r in results]
         for (i, n), ids in zip(asked, texts, strict=True):
             out[i][n] = replace(out[i][n], narrative=self.bundle.tokenizer.decode(ids))
