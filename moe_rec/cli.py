@@ -519,7 +519,7 @@ def stage_eval_narratives(
         for r, item in zip(rows, top, strict=True)
     ]
     users = [user_bucket(r["user"], model.config.num_user_buckets) for r in rows]
-    subwords = write_narratives(model, prompts, users, vocab, use_cache=True)  # KV-cached greedy
+    subwords = write_narratives(model, prompts, users, vocab)  # KV-cached greedy
     texts = [tokenizer.decode(ids) for ids in subwords]
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
     item_vectors = table_text_embeddings(items, table, cfg.sid, cfg.embedding_cache)

@@ -85,7 +85,7 @@ def score_references(
         for r, t in zip(rows, targets, strict=True)
     ]
     users = [user_bucket(r["user"], model.config.num_user_buckets) for r in rows]
-    texts = [tokenizer.decode(ids) for ids in write_narratives(model, prompts, users, vocab, use_cache=True)]
+    texts = [tokenizer.decode(ids) for ids in write_narratives(model, prompts, users, vocab)]
     train = load_rows(narratives_dir, "train").select_columns(
         ["user", "service", "position", "target_item", "text"]
     ).to_list()  # fmt: skip

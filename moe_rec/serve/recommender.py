@@ -458,7 +458,7 @@ class Recommender:
             item = self.vocab.item_tokens(batch[i].service, self.table.codes[rows[i][n]].tolist())
             prompts.append(narrative_prompt(batch[i].prompt, item, self.vocab))
             users.append(batch[i].user)
-        texts = write_narratives(self.bundle.model, prompts, users, self.vocab, use_cache=True)
+        texts = write_narratives(self.bundle.model, prompts, users, self.vocab)
         out = [list(r) for r in results]
         for (i, n), ids in zip(asked, texts, strict=True):
             out[i][n] = replace(out[i][n], narrative=self.bundle.tokenizer.decode(ids))
