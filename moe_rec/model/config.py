@@ -89,6 +89,13 @@ class MoERecConfig(PretrainedConfig):
         # moe_rec.data.item_words) through the shared embeddings, each word weighted in its context
         item_word_slots: int = 0,  # subwords per field of that table (set from the data)
         item_words_input: bool = False,  # item_words: + the mean of an item's field vectors in its input
+        item_phrases: bool = False,  # item_words: + at a critique's last word, each item field (brand,
+        # leaf category, price band) whose whole subword sequence occurs in the critique (the longest
+        # match only), weighted by the decoder at the match's end and at the critique's end
+        item_phrase_rank: int = 16,
+        critique_field_query: bool = False,  # item_words: + at a critique's words W_f h_t against each
+        # item's unit field-f vector (the decoder at the critique's end asks for a field directly, e.g.
+        # a band below the previous item's for "anything cheaper?")  # item_phrases: width of the (critique end, match end) bilinear weight
         critique_loss_weight: float = 1.0,  # item_loss=items with text tokens: the item loss of a position
         # that reads a critique (its token is a critique's last word) counts this many times (the other
         # positions unchanged): a critique sample has one such position, a plain window dozens of others
@@ -142,6 +149,9 @@ class MoERecConfig(PretrainedConfig):
         self.item_words = item_words
         self.item_word_slots = item_word_slots
         self.item_words_input = item_words_input
+        self.item_phrases = item_phrases
+        self.item_phrase_rank = item_phrase_rank
+        self.critique_field_query = critique_field_query
         self.critique_loss_weight = critique_loss_weight
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight
@@ -216,6 +226,12 @@ class MoERecConfig(PretrainedConfig):
                 )
             if self.item_words_input and not self.item_words:
                 raise ValueError("item_words_input needs item_words (the item word vectors it adds)")
+            if self.critique_field_query and not self.item_words:
+                raise ValueError("critique_field_query needs item_words (the field vectors it meets)")
+            if self.item_phrases and not (self.item_words and self.item_phrase_rank >= 0):
+                raise ValueError(
+                    "item_phrases needs item_words (the fields it matches) and item_phrase_rank >= 0"
+                )
             if self.critique_loss_weight != 1.0 and not (
                 self.critique_loss_weight > 0 and self.item_loss == "items" and r is not None
             ):

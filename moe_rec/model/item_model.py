@@ -74,6 +74,78 @@ def reference_word_bags(words: torch.Tensor, embedding: torch.Tensor, pad: int) 
     return out
 
 
+PHRASE_FIELDS = (0, 1, 2)  # item_phrases: the fields of WORD_FIELDS matched as whole phrases (not the title)
+
+
+def phrase_table(
+    words: torch.Tensor, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct phrases of the catalogue's words (N, F, L) in the fields :data:`PHRASE_FIELDS`:
+    ids (U, L) (``pad``-filled, left-aligned), field (U,) (index into PHRASE_FIELDS), length (U,), and
+    each item's membership (N, U) (1.0 where the item's field is that phrase). The same subwords in
+    two fields are two phrases (each field has its own weight)."""
+    n, _, width = words.shape
+    sel = words[:, list(PHRASE_FIELDS)]  # (N, NP, L)
+    fields = torch.arange(len(PHRASE_FIELDS), device=words.device)[None, :, None].expand(n, -1, 1)
+    keys = torch.cat([fields, sel], dim=-1).reshape(-1, width + 1)  # (N x NP, 1 + L)
+    nonempty = (sel != pad).any(-1).reshape(-1)
+    member = torch.zeros(n, 0, device=words.device)
+    if not bool(nonempty.any()):
+        empty = words.new_zeros(0)
+        return words.new_full((0, width), pad), empty, empty, member
+    unique, inverse = torch.unique(keys[nonempty], dim=0, return_inverse=True)
+    ids = unique[:, 1:]
+    lengths = (ids != pad).sum(-1)
+    member = torch.zeros(n, len(unique), device=words.device)
+    item = torch.arange(n, device=words.device)[:, None].expand(-1, len(PHRASE_FIELDS)).reshape(-1)
+    member[item[nonempty], inverse] = 1.0
+    return ids, unique[:, 0], lengths, member
+
+
+def reference_phrase_query(
+    tokens: list[int],
+    is_word: list[bool],
+    phrases: list[tuple[int, list[int]]],
+    lin: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+) -> torch.Tensor:
+    """:meth:`MoERecForItemPrediction.critique_phrases` for one sequence as a plain loop (for tests).
+
+    Args:
+        tokens: (T,) each position's first token; is_word: (T,) whether it is a text position.
+        phrases: per phrase its field f and its subwords.
+        lin: (T, NP) per position the field weights ``c_f(h_s)``; q, k: (T, NP, r) the bilinear parts.
+
+    Returns (T, U): at a text position t, sum over the phrases matched in the run of text positions
+    ending at t (the longest matches only: a match inside a longer match of any phrase is dropped)
+    of ``c_f(h_s) + q_f(h_t) . k_f(h_s) / sqrt(r)``, s the match's last position; zero elsewhere.
+    """
+    t_len, r = len(tokens), max(q.shape[-1], 1)
+    out = torch.zeros(t_len, len(phrases), dtype=lin.dtype)
+    for t in range(t_len):
+        if not is_word[t]:
+            continue
+        first = t
+        while first > 0 and is_word[first - 1]:
+            first -= 1
+        run = tokens[first : t + 1]
+        spans = []  # (start, end, phrase): every match inside the run
+        for u, (_, ids) in enumerate(phrases):
+            for a in range(len(run) - len(ids) + 1):
+                if run[a : a + len(ids)] == ids:
+                    spans.append((first + a, first + a + len(ids) - 1, u))
+        for a, e, u in spans:
+            inside = any(
+                a2 <= a and e <= e2 and (a2, e2) != (a, e) for a2, e2, _ in spans
+            )  # a strictly longer match covers it
+            if inside:
+                continue
+            f = phrases[u][0]
+            out[t, u] += lin[e, f] + (q[t, f] * k[e, f]).sum() / math.sqrt(r)
+    return out
+
+
 def gather_scores(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Scores (N, M) of N items for M queries: ``sum_p by_code[p, codes[:, p]]``.
 
@@ -123,10 +195,22 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             # a_f(h_s) of every critique word, per field; zero at the start (post_init), as a bias of 2.0
             # made words of unseen phrasings count (docs/critiques.md)
             self.word_weight = nn.Linear(d, len(WORD_FIELDS))
+        self.phrase_weight: nn.Linear | None = None
+        if config.item_phrases:  # c_f(h_s) and the bilinear q_f(h_t) . k_f(h_s) of a matched phrase
+            fields, r = len(PHRASE_FIELDS), config.item_phrase_rank
+            self.phrase_weight = nn.Linear(d, fields)
+            self.phrase_q = nn.Linear(d, fields * r, bias=False)
+            self.phrase_k = nn.Linear(d, fields * r, bias=False)
+        self.field_query: nn.Linear | None = None
+        if config.critique_field_query:  # W_f h_t per field, zero at the start (post_init below)
+            self.field_query = nn.Linear(d, len(WORD_FIELDS) * d, bias=False)
+        self._phrase_cache: tuple | None = None  # (key, phrase_table(...)) of the current item words
         self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
+        if self.field_query is not None:
+            nn.init.zeros_(self.field_query.weight)  # no field query until training gives it one
 
     def set_train_catalogue(
         self, codes: torch.Tensor, service_tokens: torch.Tensor, trained: torch.Tensor | None = None
@@ -219,7 +303,88 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if self.word_weight is not None:
             bags = F.normalize(self.word_bags(rows), dim=-1)  # (..., F, D)
             parts.append(bags.flatten(-2).to(parts[0].dtype))
+        if self.phrase_weight is not None:  # each item's phrases (brand, category, band): one-hot
+            member = self.phrases()[3][rows.clamp_min(0)] * (rows >= 0)[..., None]
+            parts.append(member.to(parts[0].dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def phrases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`phrase_table` of the current item words, computed once per change of the buffer
+        (loading weights or :meth:`set_item_words` bumps its version; moving it changes its storage)."""
+        w = self.item_words
+        key = (w._version, w.data_ptr(), str(w.device))
+        if self._phrase_cache is None or self._phrase_cache[0] != key:
+            self._phrase_cache = (key, phrase_table(w, self.config.pad_token_id))
+        return self._phrase_cache[1]
+
+    def critique_phrases(self, item_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, U) per position and catalogue phrase (:meth:`phrases`) the weight the critique
+        ending there gives the phrase: over its matches in the run of text positions s <= t (the whole
+        phrase, contiguous, inside the run; a match inside a longer match dropped), ``c_f(h_s) +
+        q_f(h_t) . k_f(h_s) / sqrt(r)`` with s the match's last position and f the phrase's field;
+        zero where t is no text position. Dotted with an item's phrase membership it gives the
+        item's ``item_phrases`` term; :func:`reference_phrase_query` is the plain version."""
+        ids, field, lengths, _ = self.phrases()
+        b, t_len = item_tokens.shape[:2]
+        first, word, index, last_break = self._text_runs(item_tokens)
+        u, width = ids.shape
+        k = torch.arange(width, device=ids.device)
+        src = index[0][:, None] - k  # (T, L) position s - k
+        back = first[:, src.clamp_min(0)]  # (B, T, L) the token k before s
+        inside = (src[None] >= 0) & (src[None] > last_break[:, :, None])  # (B, T, L) in s's run
+        need = k[None] < lengths[:, None]  # (U, L)
+        rev = ids.gather(1, (lengths[:, None] - 1 - k).clamp_min(0))  # (U, L) the phrase backwards
+        pos = word.nonzero(as_tuple=True)  # the text positions only
+        eq = (back[pos][:, None, :] == rev[None]) & inside[pos][:, None, :]  # (n, U, L)
+        hit = (eq | ~need[None]).all(-1)  # (n, U): phrase u ends at this text position
+        match = torch.zeros(b, t_len, u, dtype=torch.bool, device=ids.device)
+        match[pos] = hit
+        # the longest matches only: a match inside a longer one ending at the same position is dropped;
+        # one inside a longer match ending later is dropped from that position on (causal: the critique
+        # ending at t has read only up to t)
+        longest = (match * lengths).amax(-1) if u else torch.zeros_like(first)  # (B, T)
+        match = match & ~(longest[..., None] > lengths)
+        big = t_len + width + 1
+        start = torch.where(longest > 0, index - longest + 1, big)  # (B, T) start of the longest match
+        later = index[:, None, :] > index[:, :, None]  # (B, S, S'): s' after s
+        run = self._run_matrix(word, index, last_break)  # (B, T, S)
+        r = max(self.config.item_phrase_rank, 1)
+        nf = len(PHRASE_FIELDS)
+        weight = self.phrase_weight(hidden)[:, None].expand(-1, t_len, -1, -1)  # (B, T, S, NP) c_f(h_s)
+        if self.config.item_phrase_rank:
+            q = self.phrase_q(hidden).view(b, t_len, nf, r)
+            kk = self.phrase_k(hidden).view(b, t_len, nf, r)
+            weight = weight + torch.einsum("btfr,bsfr->btsf", q, kk) / math.sqrt(r)
+        weight = weight * run[..., None].to(weight.dtype)
+        out = hidden.new_zeros(b, t_len, u)
+        for length in lengths.unique().tolist():
+            own = index - length + 1  # (B, S) where a match of this length ending at s starts
+            covers = later & (start[:, None, :] <= own[..., None])  # (B, S, S'): s' covers it
+            cover_at = torch.where(covers, index[:, None, :], big).amin(-1)  # (B, S) first s' covering it
+            alive = index[:, :, None] < cover_at[:, None, :]  # (B, T, S): not covered by t
+            for f in range(nf):
+                cols = ((field == f) & (lengths == length)).nonzero().flatten()
+                if len(cols):
+                    out[..., cols] = torch.einsum(
+                        "bts,bsu->btu", weight[..., f] * alive, match[..., cols].to(weight.dtype)
+                    )
+        return out
+
+    def _text_runs(self, item_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, T) each position's first token, whether it is a text position, its index, and the
+        last non-text position <= t."""
+        start, stop = self.config.text_token_range
+        first = item_tokens[..., 0]  # (B, T): a text position holds one token
+        word = (first >= start) & (first < stop)
+        index = torch.arange(first.shape[1], device=first.device).expand_as(first)
+        last_break = torch.where(word, -1, index).cummax(dim=1).values
+        return first, word, index, last_break
+
+    @staticmethod
+    def _run_matrix(word: torch.Tensor, index: torch.Tensor, last_break: torch.Tensor) -> torch.Tensor:
+        """(B, T, S): s is a word of the critique (run of text positions) ending at t."""
+        run = (index[:, None, :] > last_break[:, :, None]) & (index[:, None, :] <= index[:, :, None])
+        return run & word[:, :, None]
 
     def critique_words(self, item_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, F x D) per position and field ``sum_s a_f(h_s) e_s`` over the critique that ends
@@ -227,16 +392,14 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         the unit input embedding of s's token, ``a_f`` :attr:`word_weight` of the decoder output
         ``hidden`` (B, T, D) at s. Dotted with an item's unit field vectors it gives the item's
         ``item_words`` term (:meth:`score_vectors`)."""
-        start, stop = self.config.text_token_range
-        first = item_tokens[..., 0]  # (B, T): a text position holds one token
-        word = (first >= start) & (first < stop)
-        index = torch.arange(first.shape[1], device=first.device).expand_as(first)
-        last_break = torch.where(word, -1, index).cummax(dim=1).values  # (B, T) last non-text position <= t
-        run = (index[:, None, :] > last_break[:, :, None]) & (index[:, None, :] <= index[:, :, None])
-        run = run & word[:, :, None]  # (B, T, S): s is a word of the critique ending at t
+        first, word, index, last_break = self._text_runs(item_tokens)
+        run = self._run_matrix(word, index, last_break)  # (B, T, S): s is a word of the critique ending at t
         e = F.normalize(self.model.embed_tokens(first), dim=-1) * word[..., None]  # (B, S, D)
         a = self.word_weight(hidden)  # (B, S, F)
         out = torch.einsum("bts,bsf,bsd->btfd", run.to(a.dtype), a, e.to(a.dtype))
+        if self.field_query is not None:  # + W_f h_t at every critique word t (zero elsewhere)
+            b, t_len, nf, d = out.shape
+            out = out + self.field_query(hidden).view(b, t_len, nf, d) * word[..., None, None].to(out.dtype)
         return out.flatten(-2)
 
     def _unit_text(self, rows: torch.Tensor) -> torch.Tensor:
@@ -245,7 +408,11 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         return text * (rows >= 0)[..., None].to(text.dtype)
 
     def item_query(
-        self, query: torch.Tensor, own_rows: torch.Tensor | None, words: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        own_rows: torch.Tensor | None,
+        words: torch.Tensor | None = None,
+        phrases: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(..., D') the query of the per-item term: the heads' query (..., D); with
         ``item_text_prior`` the weighted unit text embedding of each position's own item
@@ -257,6 +424,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             parts.append(self.text_prior * self._unit_text(own_rows).to(query.dtype))
         if self.word_weight is not None:
             parts.append(words.to(query.dtype))
+        if self.phrase_weight is not None:  # with item_phrases: the critique's phrase weights (..., U)
+            parts.append(phrases.to(query.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def own_item_term(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
@@ -412,15 +581,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         )
         own_rows = self.position_rows(item_tokens) if self.text_prior is not None else None  # (B, T)
         words = self.critique_words(item_tokens, hidden) if self.word_weight is not None else None
+        phrases = self.critique_phrases(item_tokens, hidden) if self.phrase_weight is not None else None
         if logits_to_keep:
             hidden, query_services = hidden[:, -logits_to_keep:], query_services[:, -logits_to_keep:]
             own_rows = own_rows[:, -logits_to_keep:] if own_rows is not None else None
             words = words[:, -logits_to_keep:] if words is not None else None
+            phrases = phrases[:, -logits_to_keep:] if phrases is not None else None
         logits = self.code_logits(hidden, query_services)  # (B, T', P, K)
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
             query = self.query(hidden, query_services)  # (B, T', D)
-            out.hidden_states = self.item_query(query, own_rows, words)
+            out.hidden_states = self.item_query(query, own_rows, words, phrases)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")

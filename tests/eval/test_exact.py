@@ -396,3 +396,64 @@ def test_item_words_join_every_score_of_a_request_with_a_critique() -> None:
         best = sorted(brute.values(), reverse=True)[:10]
         assert all(j in brute for j in ranked[i].tolist())  # the asked service's items only
         assert [brute[j] for j in ranked[i].tolist()] == pytest.approx(best, abs=1e-3)
+
+
+def test_item_phrases_join_every_score_and_survive_a_save_and_load(tmp_path) -> None:
+    """item_phrases: rank_exact ranks as code log-probs + P x (the query . the item's score vector),
+    the phrase part of that dot product being the critique's phrase weights on the item's phrases;
+    a request whose critique names an item's brand phrase moves that item; weights saved and loaded
+    (the item words a buffer, the phrase table rebuilt from it) give the same table and ranking."""
+    from moe_rec.data.vocab import CRITIQUE
+
+    table = _table(9)
+    vocab = table.vocabulary()
+    text = 20
+    start = vocab.size
+    torch.manual_seed(9)
+    cfg = build_config(
+        "tiny", vocab_size=start + text, num_domains=3, num_user_buckets=16,
+        code_token_ranges=code_token_ranges(vocab), text_token_range=[start, start + text],
+        item_loss="items", item_embedding=True, num_items=len(table), item_words=True, item_word_slots=3,
+        item_phrases=True, item_phrase_rank=4,
+    )  # fmt: skip
+    model = MoERecForItemPrediction(cfg).eval()
+    model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
+    words = torch.zeros(len(table), 4, 3, dtype=torch.long)  # [PAD]
+    words[:, 0, 0] = start + torch.arange(len(table)) % 5  # brand: one of 5 subwords
+    words[:, 0, 1] = start + 5 + torch.arange(len(table)) % 2  # ... of two: 10 two-subword brands
+    words[:, 1, 0] = start + 7 + torch.arange(len(table)) % 3  # category: one of 3
+    model.set_item_words(words)
+    with torch.no_grad():
+        model.item_embed.weight.normal_(0, 0.3)
+        model.phrase_weight.bias.fill_(3.0)
+    vocab_t = dataclasses.replace(vocab, text_size=text)
+    requests = []
+    for r in _requests(table, 9, n=6):  # [CRITIQUE] naming item 0's brand, before the asked service
+        ids, doms = r["input_ids"], r["domain_ids"]
+        crit = [CRITIQUE, start + 12, *words[0, 0, :2].tolist()]
+        requests.append(
+            {**r, "input_ids": ids[:-1] + crit + ids[-1:], "domain_ids": doms[:-1] + doms[-1:] * 4}
+        )
+    ranked = rank_exact(model, ServiceCatalogue(table), requests, k=10)
+    vectors = model.item_table()
+    u = model.phrases()[3].shape[1]
+    for i, r in enumerate(requests):
+        with torch.no_grad():
+            out = model(**item_batch([r], vocab_t, 16, left_pad=True))
+        logits, q = out.logits[0, -1].double(), out.hidden_states[0, -1].double()
+        assert float(q[-u:] @ vectors[0, -u:].double()) > 1.0  # the named brand's phrase weight
+        log_probs = logits - torch.logsumexp(logits, -1, keepdim=True)
+        brute = {
+            j: sum(float(log_probs[p, c]) for p, c in enumerate(table.codes[j].tolist()))
+            + 4 * float(q @ vectors[j].double())
+            for j in range(len(table))
+            if table.services[int(table.service_index[j])] == r["service"]
+        }
+        best = sorted(brute.values(), reverse=True)[:10]
+        assert [brute[j] for j in ranked[i].tolist()] == pytest.approx(best, abs=1e-3)
+    model.save_pretrained(tmp_path)
+    loaded = MoERecForItemPrediction.from_pretrained(tmp_path).eval()
+    loaded.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
+    torch.testing.assert_close(loaded.item_table(), vectors)
+    again = rank_exact(loaded, ServiceCatalogue(table), requests, k=10)
+    assert [a.tolist() for a in again] == [a.tolist() for a in ranked]

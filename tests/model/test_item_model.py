@@ -593,3 +593,157 @@ def test_critique_loss_weight_scales_only_the_position_that_reads_a_critique() -
         _model(36, item_loss="items", critique_loss_weight=2.0)  # no text tokens
     with pytest.raises(ValueError, match="critique_loss_weight"):
         _words_model(36, critique_loss_weight=0.0)
+
+
+def _phrase_model(seed: int, words: torch.Tensor, **fields: object) -> MoERecForItemPrediction:
+    """A tiny text model with item_words and item_phrases over the given (N, 4, L) words; N items
+    of service b (distinct codes)."""
+    n = words.shape[0]
+    catalogue = [("b", [i % 8, i // 8, 0, 0]) for i in range(n)]
+    start, stop = TEXT_VOCAB.text_offset, TEXT_VOCAB.size
+    torch.manual_seed(seed)
+    cfg = build_config(
+        "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+        code_token_ranges=code_token_ranges(TEXT_VOCAB), text_token_range=[start, stop],
+        item_loss="items", item_embedding=True, num_items=n, item_words=True,
+        item_word_slots=words.shape[-1], item_phrases=True, **fields,
+    )  # fmt: skip
+    model = model_class(cfg)(cfg).eval()
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]),
+        torch.tensor([TEXT_VOCAB.service_token(s) for s, _ in catalogue]),
+    )
+    model.set_item_words(words)
+    return model
+
+
+def _phrase_words(fields: list[list[list[int]]], width: int = 3) -> torch.Tensor:
+    """(N, 4, width) item words from per item per field text-token offsets (title left empty)."""
+    t0 = TEXT_VOCAB.text_offset
+    out = torch.full((len(fields), 4, width), PAD, dtype=torch.long)
+    for n, item in enumerate(fields):
+        for f, ids in enumerate(item):
+            out[n, f, : len(ids)] = torch.tensor(ids) + t0
+    return out
+
+
+def _critique_batch(words: list[int]) -> dict:
+    """One request: [BOS] an event of b, [CRITIQUE] the words (text-token offsets), asking b."""
+    t0 = TEXT_VOCAB.text_offset
+    ids = [BOS, *TEXT_VOCAB.item_tokens("b", [1, 2, 3, 0]), CRITIQUE, *[t0 + w for w in words]]
+    ids.append(TEXT_VOCAB.service_token("b"))
+    batch = item_batch([{"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)}], TEXT_VOCAB, 32)
+    return {k: v for k, v in batch.items() if k in ("item_tokens", "domain_ids", "attention_mask")}
+
+
+def test_phrase_match_picks_the_named_brand_not_one_sharing_a_subword() -> None:
+    """Brands "sprint now" (1 2), "hop now" (3 2), "sprint go" (1 4); categories "gloss" (5) and
+    "lip gloss" (6 5). A critique "... sprint now ... lip gloss" matches exactly the items of brand
+    "sprint now" and category "lip gloss" (not "gloss" inside it), so only they get the phrase
+    term, each its field's weight; one that names no phrase gives none."""
+    words = _phrase_words([
+        [[1, 2], [5], [9]], [[3, 2], [6, 5], [9]], [[1, 4], [5], [10]], [[1, 2], [6, 5], [10]],
+        [[3, 2], [7], [9]],
+    ])  # fmt: skip
+    model = _phrase_model(41, words)
+    ids, field, lengths, member = model.phrases()
+    assert len(ids) == 3 + 3 + 2 and lengths.tolist().count(2) == 4  # brands, categories, bands
+    assert member.sum(-1).tolist() == [3.0] * 5
+    with torch.no_grad():  # a field weight of 1 for brands, 2 for categories, from the bias alone
+        model.phrase_weight.weight.zero_()
+        model.phrase_weight.bias.copy_(torch.tensor([1.0, 2.0, 0.0]))
+        model.phrase_q.weight.zero_()
+    batch = _critique_batch([8, 1, 2, 11, 6, 5, 8])
+    out = model(**batch, logits_to_keep=1)
+    table = model.item_table()
+    u = member.shape[1]
+    term = out.hidden_states[0, -1, -u:] @ table[:, -u:].T  # (N,) the phrase term per item
+    assert term.tolist() == pytest.approx([1.0, 2.0, 0.0, 3.0, 0.0])
+    plain = model(**_critique_batch([8, 2, 5, 4, 8]), logits_to_keep=1)  # "now", "gloss", "go" alone
+    term = plain.hidden_states[0, -1, -u:] @ table[:, -u:].T
+    assert term.tolist() == pytest.approx([2.0, 0.0, 2.0, 0.0, 0.0])  # "gloss" is a category: those
+
+
+def test_phrase_match_stays_inside_one_critique() -> None:
+    """A phrase split by a non-text position ([CRITIQUE], an event) is no match; the phrase term of
+    a request without a critique is zero."""
+    words = _phrase_words([[[1, 2], [5], [9]], [[3], [6], [9]]])
+    model = _phrase_model(42, words)
+    with torch.no_grad():
+        model.phrase_weight.bias.fill_(1.0)
+    u = model.phrases()[3].shape[1]
+    t0 = TEXT_VOCAB.text_offset
+    ids = [BOS, CRITIQUE, t0 + 1, *TEXT_VOCAB.item_tokens("b", [1, 2, 3, 0]), CRITIQUE, t0 + 2]
+    ids.append(TEXT_VOCAB.service_token("b"))
+    batch = item_batch([{"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)}], TEXT_VOCAB, 32)
+    batch = {k: v for k, v in batch.items() if k in ("item_tokens", "domain_ids", "attention_mask")}
+    out = model(**batch)
+    assert out.hidden_states[0, :, -u:].abs().sum() == 0
+    no_critique = model(**_critique_batch([])).hidden_states
+    assert no_critique[0, :, -u:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int) -> None:
+    """critique_phrases against reference_phrase_query: random item words over 5 subwords (so
+    phrases overlap and nest), random critiques in a batch of two, random weights."""
+    from moe_rec.model.item_model import PHRASE_FIELDS, reference_phrase_query
+
+    g = torch.Generator().manual_seed(seed)
+    items = [[[int(x) for x in torch.randint(5, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g)]
+              for _ in range(3)] for _ in range(12)]  # fmt: skip
+    words = _phrase_words(items)
+    model = _phrase_model(seed, words, item_phrase_rank=4)
+    with torch.no_grad():
+        for layer in (model.phrase_weight, model.phrase_q, model.phrase_k):
+            layer.weight.normal_(0, 0.5, generator=g)
+        model.phrase_weight.bias.normal_(0, 0.5, generator=g)
+    t0 = TEXT_VOCAB.text_offset
+    rows = []
+    for _ in range(2):
+        critique = torch.randint(6, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
+        second = torch.randint(6, (3,), generator=g).tolist()
+        ids = [BOS, *TEXT_VOCAB.item_tokens("b", [1, 2, 3, 0]), CRITIQUE, *[t0 + w for w in critique]]
+        ids += [*TEXT_VOCAB.item_tokens("b", [4, 5, 6, 1]), CRITIQUE, *[t0 + w for w in second]]
+        ids.append(TEXT_VOCAB.service_token("b"))
+        rows.append({"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)})
+    batch = item_batch(rows, TEXT_VOCAB, 64)
+    tokens = batch["item_tokens"]
+    hidden = torch.randn(*tokens.shape[:2], model.config.hidden_size, generator=g)
+    got = model.critique_phrases(tokens, hidden)
+    ids, field, _, _ = model.phrases()
+    phrases = [(int(f), [int(i) for i in row if int(i) != PAD]) for f, row in zip(field, ids, strict=True)]
+    nf = len(PHRASE_FIELDS)
+    matched = 0
+    for b in range(tokens.shape[0]):
+        first = tokens[b, :, 0].tolist()
+        is_word = [TEXT_VOCAB.text_offset <= x < TEXT_VOCAB.size for x in first]
+        with torch.no_grad():
+            lin = model.phrase_weight(hidden[b])
+            q = model.phrase_q(hidden[b]).view(len(first), nf, -1)
+            k = model.phrase_k(hidden[b]).view(len(first), nf, -1)
+        expect = reference_phrase_query(first, is_word, phrases, lin, q, k)
+        torch.testing.assert_close(got[b].detach(), expect, rtol=1e-5, atol=1e-5)
+        matched += int((expect != 0).sum())
+    assert matched > 0  # the inputs do match some phrases
+
+
+def test_critique_field_query_adds_the_decoder_query_at_critique_words_only() -> None:
+    """critique_field_query: at a critique word t the words part gains W_f h_t per field (zero at
+    the start: the model scores as without it), and nothing at other positions."""
+    model, _, _ = _words_model(34, critique_field_query=True)
+    batch = item_batch([_text_sample()], TEXT_VOCAB, 16)
+    tokens = batch["item_tokens"]
+    hidden = torch.randn(
+        *tokens.shape[:2], model.config.hidden_size, generator=torch.Generator().manual_seed(3)
+    )
+    before = model.critique_words(tokens, hidden)
+    assert float(model.field_query.weight.abs().sum()) == 0
+    with torch.no_grad():
+        model.field_query.weight.normal_(0, 0.2)
+        extra = model.field_query(hidden)  # (B, T, F x D)
+    after = model.critique_words(tokens, hidden).detach()
+    text = (tokens[..., 0] >= TEXT_VOCAB.text_offset) & (tokens[..., 0] < TEXT_VOCAB.size)
+    torch.testing.assert_close(after[text], (before + extra)[text].detach())
+    torch.testing.assert_close(after[~text], before[~text].detach())
+    assert float(after[~text].abs().sum()) == 0
