@@ -99,6 +99,9 @@ class MoERecConfig(PretrainedConfig):
         critique_previous: bool = False,  # item_phrases: + at a critique's words g_f(h_t) for each item whose
         # field f (brand, category, band) is the previous item's (of the asked service): "not that
         # brand again" without reading the brand's name
+        critique_relative_scale: float = 1.0,  # the critique_previous and item_price_bins terms times this
+        # (their weights start at zero and, under Adam, grow about as fast whatever the scale: a larger
+        # one lets them reach a larger term in as many steps)
         item_price_bins: int = 0,  # item_words: Q > 0 adds each item's price as a one-hot over Q quantile
         # bins of its service's prices (items without a price: zeros), and at a critique's words a query
         # over the bins from the decoder and the previous item's bin (of the asked service): "cheaper
@@ -161,6 +164,7 @@ class MoERecConfig(PretrainedConfig):
         self.critique_field_query = critique_field_query
         self.item_price_bins = item_price_bins
         self.critique_previous = critique_previous
+        self.critique_relative_scale = critique_relative_scale
         self.critique_loss_weight = critique_loss_weight
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight

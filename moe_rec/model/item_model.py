@@ -362,7 +362,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         coef = self.price_weight(hidden)  # (B, T, Q + 4)
         rel = price_relations(prev_bin, num_bins).to(coef.dtype)  # (B, T, Q, 4)
         out = coef[..., :num_bins] + (rel * coef[..., None, num_bins:]).sum(-1)
-        return out * word[..., None].to(out.dtype)
+        return out * (word[..., None].to(out.dtype) * self.config.critique_relative_scale)
 
     def previous_rows(self, item_tokens: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
         """(B, T) the catalogue row of the previous item at each position: the last catalogue item of
@@ -386,7 +386,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         word = self._text_runs(item_tokens)[1]
         prev = self.previous_rows(item_tokens, query_services)  # (B, T)
         held = member[prev.clamp_min(0)] * (prev >= 0)[..., None]  # (B, T, U)
-        g = self.previous_weight(hidden)  # (B, T, NP)
+        g = self.previous_weight(hidden) * self.config.critique_relative_scale  # (B, T, NP)
         return held.to(g.dtype) * g[..., field] * word[..., None].to(g.dtype)
 
     def price_one_hot(self, rows: torch.Tensor) -> torch.Tensor:

@@ -901,3 +901,35 @@ def test_critique_previous_weights_the_fields_shared_with_the_previous_item() ->
             "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, code_token_ranges=code_token_ranges(TEXT_VOCAB),
             critique_previous=True,
         )  # fmt: skip
+
+
+def test_critique_relative_scale_multiplies_the_price_and_previous_terms() -> None:
+    """critique_relative_scale: the price and previous-item terms of the same weights, times it."""
+    bins = [0, 1, 2, 3]
+    words = _phrase_words(
+        [[[1, 2], [5], [9]], [[3, 2], [5], [9]], [[1, 2], [6, 5], [10]], [[1, 4], [7], [9]]]
+    )
+    t0 = TEXT_VOCAB.text_offset
+    ids = [BOS, *TEXT_VOCAB.item_tokens("b", [3, 0, 0, 0]), CRITIQUE, t0 + 3, t0 + 4]
+    ids.append(TEXT_VOCAB.service_token("b"))
+    batch = item_batch([{"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)}], TEXT_VOCAB, 32)
+    tokens, asked = batch["item_tokens"], batch["query_services"]
+    terms = []
+    for scale in (1.0, 3.0):
+        model = _phrase_model(
+            44, words, critique_previous=True, item_price_bins=4, critique_relative_scale=scale
+        )
+        model.set_item_price_bins(torch.tensor(bins))
+        hidden = torch.randn(
+            *tokens.shape[:2], model.config.hidden_size, generator=torch.Generator().manual_seed(0)
+        )
+        with torch.no_grad():
+            for layer in (model.previous_weight, model.price_weight):
+                layer.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+                layer.bias.fill_(0.5)
+            terms.append(
+                (model.critique_price(tokens, hidden, asked), model.critique_previous(tokens, hidden, asked))
+            )
+    for one, three in zip(*terms, strict=True):
+        assert float(one.abs().sum()) > 0
+        torch.testing.assert_close(three, 3 * one)
