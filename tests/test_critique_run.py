@@ -138,3 +138,38 @@ def test_eval_narratives_reports_consistency_against_chance_and_titles(
     for baseline in ("model", "title", "nearest_item", "user_last"):
         assert 0.0 <= refs[baseline]["bleu"] <= 1.0 and 0.0 <= refs[baseline]["rouge_l"] <= 1.0
     assert (run / "eval" / f"narratives-test-{report['model']}.json").exists()
+
+
+@pytest.mark.slow  # the run fixture
+def test_price_bins_and_critique_validation_train_export_and_serve(
+    critique_run: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """model.overrides.item_price_bins with train.critique_valid: the trainer sets every item's price
+    bin, validation reports the critique requests and their mean with the plain ones (best_metric
+    valid/mixed/ndcg@10 picks `best`), and the bundle carries the bins and reads a critique."""
+    from moe_rec.serve import Recommender
+
+    run, args = critique_run
+    other = tmp_path / "run"
+    other.mkdir()
+    for stage in ("data", "sids", "critiques", "narratives", "sequences"):
+        (other / stage).symlink_to(run / stage)
+    args = [a if not a.startswith("run_dir=") else f"run_dir={other}" for a in args]
+    args += ["train.max_steps=4", "train.eval_every=2", "train.save_every=2", "train.critique_valid=true",
+             "train.best_metric=valid/mixed/ndcg@10", "model.overrides.item_words=true",
+             "model.overrides.item_price_bins=4"]  # fmt: skip
+    assert main(["train", *args]) == 0
+    rows = [json.loads(line) for line in (other / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in rows if r["kind"] == "valid"]
+    assert len(valid) == 2
+    for r in valid:
+        mixed = (r["valid/ndcg@10"] + r["valid/critique/ndcg@10"]) / 2
+        assert r["valid/mixed/ndcg@10"] == pytest.approx(mixed)
+    assert main(["export", *args]) == 0
+    request = datasets.Dataset.from_parquet(str(run / "sequences" / "critique_test" / "*.parquet"))[0]
+    with Recommender.from_bundle(other / "bundle") as rec:
+        bins = rec.bundle.model.item_price_bin
+        assert int(bins.min()) >= -1 and int(bins.max()) == 3 and bool((bins >= 0).any())
+        history = _history(rec, request)
+        steered = rec.recommend(history, request["service"], k=5, critique=request["critique"])
+        assert len(steered) == 5

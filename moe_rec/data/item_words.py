@@ -12,6 +12,7 @@ through the one embedding table both are read with. Attributes come from
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -70,3 +71,40 @@ def item_words(
     order) (module docstring)."""
     texts = item_word_texts(items, keys, num_bands, min_band_items)
     return encode_item_words(texts, tokenizer, text_offset)
+
+
+def price_bins(prices: Sequence[float | None], num_bins: int) -> list[int]:
+    """Each price's quantile bin among ``prices`` (one service's): ``floor(Q x share of the prices
+    strictly below it)``, so 0 (cheapest) .. Q - 1, equal prices in one bin and a higher price never
+    in a lower bin; -1 without a price."""
+    known = sorted(p for p in prices if p is not None)
+    out = []
+    for p in prices:
+        if p is None:
+            out.append(-1)
+            continue
+        below = bisect.bisect_left(known, p)
+        out.append(min(num_bins - 1, num_bins * below // len(known)))
+    return out
+
+
+def item_price_bins(
+    items: pa.Table,
+    keys: Sequence[tuple[str, str]],
+    num_bins: int,
+    *,
+    num_bands: int = 3,
+    min_band_items: int = 20,
+) -> torch.Tensor:
+    """(N,) the price bin (:func:`price_bins`, among the prices of the item's service) of each
+    ``(service, item_id)`` of ``keys`` (the SID table's rows, in order); -1 without a price: what the
+    item-level model's ``item_price_bins`` term reads."""
+    out = torch.full((len(keys),), -1, dtype=torch.long)
+    services = dict.fromkeys(s for s, _ in keys)
+    for service in services:
+        a = service_attributes(items, service, num_bands=num_bands, min_band_items=min_band_items)
+        bins = price_bins(a.price, num_bins)
+        for n, (s, item) in enumerate(keys):
+            if s == service and item in a.row:
+                out[n] = bins[a.row[item]]
+    return out

@@ -96,6 +96,16 @@ class MoERecConfig(PretrainedConfig):
         critique_field_query: bool = False,  # item_words: + at a critique's words W_f h_t against each
         # item's unit field-f vector (the decoder at the critique's end asks for a field directly, e.g.
         # a band below the previous item's for "anything cheaper?")  # item_phrases: width of the (critique end, match end) bilinear weight
+        critique_previous: bool = False,  # item_phrases: + at a critique's words g_f(h_t) for each item whose
+        # field f (brand, category, band) is the previous item's (of the asked service): "not that
+        # brand again" without reading the brand's name
+        critique_relative_scale: float = 1.0,  # the critique_previous and item_price_bins terms times this
+        # (their weights start at zero and, under Adam, grow about as fast whatever the scale: a larger
+        # one lets them reach a larger term in as many steps)
+        item_price_bins: int = 0,  # item_words: Q > 0 adds each item's price as a one-hot over Q quantile
+        # bins of its service's prices (items without a price: zeros), and at a critique's words a query
+        # over the bins from the decoder and the previous item's bin (of the asked service): "cheaper
+        # than the item before" as one dot product
         critique_loss_weight: float = 1.0,  # item_loss=items with text tokens: the item loss of a position
         # that reads a critique (its token is a critique's last word) counts this many times (the other
         # positions unchanged): a critique sample has one such position, a plain window dozens of others
@@ -152,6 +162,9 @@ class MoERecConfig(PretrainedConfig):
         self.item_phrases = item_phrases
         self.item_phrase_rank = item_phrase_rank
         self.critique_field_query = critique_field_query
+        self.item_price_bins = item_price_bins
+        self.critique_previous = critique_previous
+        self.critique_relative_scale = critique_relative_scale
         self.critique_loss_weight = critique_loss_weight
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight
@@ -228,6 +241,10 @@ class MoERecConfig(PretrainedConfig):
                 raise ValueError("item_words_input needs item_words (the item word vectors it adds)")
             if self.critique_field_query and not self.item_words:
                 raise ValueError("critique_field_query needs item_words (the field vectors it meets)")
+            if self.item_price_bins and not (self.item_words and self.item_price_bins >= 2):
+                raise ValueError("item_price_bins needs item_words (critique positions) and at least 2 bins")
+            if self.critique_previous and not self.item_phrases:
+                raise ValueError("critique_previous needs item_phrases (the phrases it weights)")
             if self.item_phrases and not (self.item_words and self.item_phrase_rank >= 0):
                 raise ValueError(
                     "item_phrases needs item_words (the fields it matches) and item_phrase_rank >= 0"

@@ -74,6 +74,60 @@ def reference_word_bags(words: torch.Tensor, embedding: torch.Tensor, pad: int) 
     return out
 
 
+PRICE_RELATIONS = ("below", "same", "above", "distance")  # item_price_bins: a bin against the previous item's
+
+
+def price_relations(prev: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """(..., Q, 4) each of the Q bins against the previous item's bin ``prev`` (...) (-1: none, all
+    zero): below it, the same, above it (0/1), and the signed distance (q - prev) / (Q - 1)."""
+    q = torch.arange(num_bins, device=prev.device)
+    b = prev[..., None]
+    rel = torch.stack([q < b, q == b, q > b], dim=-1).to(torch.float32)
+    rel = torch.cat([rel, ((q - b) / (num_bins - 1)).to(torch.float32)[..., None]], dim=-1)
+    return rel * (prev >= 0)[..., None, None]
+
+
+def reference_price_query(
+    tokens: list[int],
+    is_word: list[bool],
+    rows: list[int],
+    services: list[int],
+    query_services: list[int],
+    bins: list[int],
+    coef: torch.Tensor,
+) -> torch.Tensor:
+    """:meth:`MoERecForItemPrediction.critique_price` for one sequence as a plain loop (for tests).
+
+    Args:
+        tokens: (T,) unused beyond their count; is_word: (T,) whether a position is a text position.
+        rows: (T,) each position's catalogue row (-1: none); services: (T,) its first token;
+        query_services: (T,) the service each position asks for; bins: (N,) each item's price bin.
+        coef: (T, Q + 4) the decoder's weights per position (absolute bins, then the relations).
+
+    Returns (T, Q): at a text position t, ``coef[t, q]`` plus, when an item of the asked service comes
+    at or before t (the last one: the previous item) with a bin b, ``coef[t, Q]`` [q < b] +
+    ``coef[t, Q+1]`` [q == b] + ``coef[t, Q+2]`` [q > b] + ``coef[t, Q+3]`` (q - b) / (Q - 1); zero
+    elsewhere."""
+    t_len, num_bins = len(tokens), coef.shape[1] - len(PRICE_RELATIONS)
+    out = torch.zeros(t_len, num_bins, dtype=coef.dtype)
+    for t in range(t_len):
+        if not is_word[t]:
+            continue
+        prev = -1
+        for s in range(t + 1):
+            if rows[s] >= 0 and services[s] == query_services[t]:
+                prev = rows[s]
+        b = bins[prev] if prev >= 0 else -1
+        for q in range(num_bins):
+            out[t, q] = coef[t, q]
+            if b >= 0:
+                out[t, q] += (
+                    coef[t, num_bins] * (q < b) + coef[t, num_bins + 1] * (q == b)
+                    + coef[t, num_bins + 2] * (q > b) + coef[t, num_bins + 3] * (q - b) / (num_bins - 1)
+                )  # fmt: skip
+    return out
+
+
 PHRASE_FIELDS = (0, 1, 2)  # item_phrases: the fields of WORD_FIELDS matched as whole phrases (not the title)
 
 
@@ -204,6 +258,14 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.field_query: nn.Linear | None = None
         if config.critique_field_query:  # W_f h_t per field, zero at the start (post_init below)
             self.field_query = nn.Linear(d, len(WORD_FIELDS) * d, bias=False)
+        self.previous_weight: nn.Linear | None = None
+        if config.critique_previous:  # g_f(h_t): a field shared with the previous item, per phrase field
+            self.previous_weight = nn.Linear(d, len(PHRASE_FIELDS))
+        self.price_weight: nn.Linear | None = None
+        if config.item_price_bins:  # each item's price bin (saved with the weights); per critique word
+            # Q absolute bin weights and 4 relative to the previous item's bin (below, same, above, distance)
+            self.register_buffer("item_price_bin", torch.full((config.num_items,), -1, dtype=torch.long))
+            self.price_weight = nn.Linear(d, config.item_price_bins + len(PRICE_RELATIONS))
         self._phrase_cache: tuple | None = None  # (key, phrase_table(...)) of the current item words
         self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
@@ -211,6 +273,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
         if self.field_query is not None:
             nn.init.zeros_(self.field_query.weight)  # no field query until training gives it one
+        if self.previous_weight is not None:  # no such term until training gives it one
+            nn.init.zeros_(self.previous_weight.weight)
+            nn.init.zeros_(self.previous_weight.bias)
+        if self.price_weight is not None:  # no price term until training gives it one
+            nn.init.zeros_(self.price_weight.weight)
+            nn.init.zeros_(self.price_weight.bias)
 
     def set_train_catalogue(
         self, codes: torch.Tensor, service_tokens: torch.Tensor, trained: torch.Tensor | None = None
@@ -268,6 +336,65 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             raise ValueError(f"item words must be text tokens [{start}, {stop}) or [PAD]")
         self.item_words.copy_(words)
 
+    def set_item_price_bins(self, bins: torch.Tensor) -> None:
+        """The catalogue's price bins (N,) (:func:`moe_rec.data.item_words.item_price_bins`), row i the
+        SID table's row i; -1 where an item has no price."""
+        if tuple(bins.shape) != tuple(self.item_price_bin.shape):
+            raise ValueError(
+                f"price bins of shape {tuple(bins.shape)}; expected {tuple(self.item_price_bin.shape)}"
+            )
+        if not bool(((bins >= -1) & (bins < self.config.item_price_bins)).all()):
+            raise ValueError(f"price bins must be -1 or in [0, {self.config.item_price_bins})")
+        self.item_price_bin.copy_(bins)
+
+    def critique_price(
+        self, item_tokens: torch.Tensor, hidden: torch.Tensor, query_services: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, T, Q) per text position the query over the price bins: the decoder's absolute bin
+        weights plus its weights of each bin's relation to the previous item's bin (:func:`price_relations`;
+        the previous item: the last catalogue item of the asked service ``query_services`` at or before
+        t); zero where t is no text position. Dotted with an item's one-hot bin it gives the item's
+        ``item_price_bins`` term; :func:`reference_price_query` is the plain version."""
+        num_bins = self.config.item_price_bins
+        word = self._text_runs(item_tokens)[1]
+        prev = self.previous_rows(item_tokens, query_services)
+        prev_bin = torch.where(prev >= 0, self.item_price_bin[prev.clamp_min(0)], -1)  # (B, T)
+        coef = self.price_weight(hidden)  # (B, T, Q + 4)
+        rel = price_relations(prev_bin, num_bins).to(coef.dtype)  # (B, T, Q, 4)
+        out = coef[..., :num_bins] + (rel * coef[..., None, num_bins:]).sum(-1)
+        return out * (word[..., None].to(out.dtype) * self.config.critique_relative_scale)
+
+    def previous_rows(self, item_tokens: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
+        """(B, T) the catalogue row of the previous item at each position: the last catalogue item of
+        the asked service ``query_services`` (B, T) at or before it; -1 where none."""
+        _, _, index, _ = self._text_runs(item_tokens)
+        rows = self.position_rows(item_tokens)  # (B, T)
+        svc = item_tokens[..., 0]
+        cand = (index[:, None, :] <= index[:, :, None]) & (rows >= 0)[:, None, :]
+        cand = cand & (svc[:, None, :] == query_services[:, :, None])  # (B, T, S)
+        last = torch.where(cand, index[:, None, :], -1).amax(-1)  # (B, T) the previous item's position
+        return torch.where(last >= 0, rows.gather(1, last.clamp_min(0)), -1)
+
+    def critique_previous(
+        self, item_tokens: torch.Tensor, hidden: torch.Tensor, query_services: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, T, U) with ``critique_previous``: per text position t and catalogue phrase, ``g_f(h_t)``
+        where the previous item (:meth:`previous_rows`) holds the phrase (f its field: "the same brand /
+        category / band as the item before"); zero elsewhere. Added to :meth:`critique_phrases`, so an
+        item gets ``g_f(h_t)`` for each field it shares with the previous item."""
+        member, field = self.phrases()[3], self.phrases()[1]
+        word = self._text_runs(item_tokens)[1]
+        prev = self.previous_rows(item_tokens, query_services)  # (B, T)
+        held = member[prev.clamp_min(0)] * (prev >= 0)[..., None]  # (B, T, U)
+        g = self.previous_weight(hidden) * self.config.critique_relative_scale  # (B, T, NP)
+        return held.to(g.dtype) * g[..., field] * word[..., None].to(g.dtype)
+
+    def price_one_hot(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., Q) the one-hot price bin of catalogue ``rows``; zero without a price or where a row is -1."""
+        bins = self.item_price_bin[rows.clamp_min(0)]
+        bins = torch.where(rows >= 0, bins, -1)
+        return F.one_hot(bins.clamp_min(0), self.config.item_price_bins).float() * (bins >= 0)[..., None]
+
     def word_bags(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., F, D) per field the mean input embedding of the subwords of catalogue ``rows``;
         zero for an empty field and where a row is -1. One ``embedding_bag`` (no (..., F, L, D)
@@ -306,6 +433,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if self.phrase_weight is not None:  # each item's phrases (brand, category, band): one-hot
             member = self.phrases()[3][rows.clamp_min(0)] * (rows >= 0)[..., None]
             parts.append(member.to(parts[0].dtype))
+        if self.price_weight is not None:  # its price bin, one-hot
+            parts.append(self.price_one_hot(rows).to(parts[0].dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def phrases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -413,6 +542,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         own_rows: torch.Tensor | None,
         words: torch.Tensor | None = None,
         phrases: torch.Tensor | None = None,
+        price: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(..., D') the query of the per-item term: the heads' query (..., D); with
         ``item_text_prior`` the weighted unit text embedding of each position's own item
@@ -426,6 +556,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             parts.append(words.to(query.dtype))
         if self.phrase_weight is not None:  # with item_phrases: the critique's phrase weights (..., U)
             parts.append(phrases.to(query.dtype))
+        if (
+            self.price_weight is not None
+        ):  # with item_price_bins: the critique's query over price bins (..., Q)
+            parts.append(price.to(query.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def own_item_term(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
@@ -582,16 +716,24 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         own_rows = self.position_rows(item_tokens) if self.text_prior is not None else None  # (B, T)
         words = self.critique_words(item_tokens, hidden) if self.word_weight is not None else None
         phrases = self.critique_phrases(item_tokens, hidden) if self.phrase_weight is not None else None
+        if self.previous_weight is not None:
+            phrases = phrases + self.critique_previous(item_tokens, hidden, query_services)
+        price = (
+            self.critique_price(item_tokens, hidden, query_services)
+            if self.price_weight is not None
+            else None
+        )
         if logits_to_keep:
             hidden, query_services = hidden[:, -logits_to_keep:], query_services[:, -logits_to_keep:]
             own_rows = own_rows[:, -logits_to_keep:] if own_rows is not None else None
             words = words[:, -logits_to_keep:] if words is not None else None
             phrases = phrases[:, -logits_to_keep:] if phrases is not None else None
+            price = price[:, -logits_to_keep:] if price is not None else None
         logits = self.code_logits(hidden, query_services)  # (B, T', P, K)
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
             query = self.query(hidden, query_services)  # (B, T', D)
-            out.hidden_states = self.item_query(query, own_rows, words, phrases)
+            out.hidden_states = self.item_query(query, own_rows, words, phrases, price)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")

@@ -165,6 +165,10 @@ class TrainConfig:
     patience: int = 0  # early stopping: leave after this many validations in a row without a better
     # best_metric (0: never); read from the best checkpoint's step, so a rerun stops there too
     log_every: int = 10  # optimizer steps between log lines
+    critique_valid: bool = False  # item-level models with critiques: validation also ranks the valid split's
+    # critique requests (sequences/critique_valid, the first max_eval_samples) with their critique and
+    # reports valid/critique/<metric> and valid/mixed/<metric> (the mean with the plain one), which
+    # best_metric may name (e.g. valid/mixed/ndcg@10: `best` chosen on both)
     best_metric: str = "valid/ndcg@10"  # higher is better; picks the `best` checkpoint. recall@K / ndcg@K
     # rank items by beam search as the test does; valid/token_acc (teacher-forced) is the cheap alternative
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <run_dir>/checkpoints/latest

@@ -122,10 +122,38 @@ def retrieval(
     }
 
 
-def validation_keys(services: Sequence[str]) -> list[str]:
-    """Every metric :func:`evaluate` and :func:`retrieval` can report (``train.best_metric`` is one)."""
+def validation_keys(services: Sequence[str], critiques: bool = False) -> list[str]:
+    """Every metric :func:`evaluate` and :func:`retrieval` can report (``train.best_metric`` is one);
+    with ``critiques`` (``train.critique_valid``) also ``valid/critique/<metric>`` (the critique
+    requests of the valid split) and ``valid/mixed/<metric>`` (the mean of the plain and the critique
+    value), recall@K / ndcg@K."""
     names = ["exact_match", "token_acc", *(f"{m}@{k}" for m in ("recall", "ndcg") for k in DEFAULT_KS)]
-    return [f"valid/{scope}{name}" for scope in ["", *(f"{s}/" for s in services)] for name in names]
+    keys = [f"valid/{scope}{name}" for scope in ["", *(f"{s}/" for s in services)] for name in names]
+    if critiques:
+        keys += [
+            f"valid/{scope}/{m}@{k}"
+            for scope in CRITIQUE_SCOPES
+            for m in ("recall", "ndcg")
+            for k in DEFAULT_KS
+        ]
+    return keys
+
+
+CRITIQUE_SCOPES = (
+    "critique",
+    "mixed",
+)  # train.critique_valid: the critique requests, and their mean with the plain
+
+
+def mixed_metrics(plain: dict[str, float], critique: dict[str, float]) -> dict[str, float]:
+    """``valid/mixed/<m>``: the mean of ``valid/<m>`` (``plain``) and ``valid/critique/<m>``
+    (``critique``) for every overall recall@K / ndcg@K both hold."""
+    out = {}
+    for key, value in critique.items():
+        name = key.removeprefix("valid/critique/")
+        if "/" not in name and f"valid/{name}" in plain:
+            out[f"valid/mixed/{name}"] = (plain[f"valid/{name}"] + value) / 2
+    return out
 
 
 def flops_per_token(config: MoERecConfig, active_params: int, seq_len: float) -> float:

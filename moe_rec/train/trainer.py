@@ -48,10 +48,12 @@ from moe_rec.train.config import ModelSection, TrainConfig, TrainInputs
 from moe_rec.train.data import Collator, DataPosition, ItemCollator, ShardedTrainData, load_split
 from moe_rec.train.extensions import check_build_locks, skip_shm_op
 from moe_rec.train.metrics import (
+    CRITIQUE_SCOPES,
     RankZeroLogger,
     eval_rows,
     evaluate,
     flops_per_token,
+    mixed_metrics,
     peak_flops,
     retrieval,
     validation_keys,
@@ -105,6 +107,21 @@ def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary) -> torch.Te
         items, keys, tokenizer, vocab.text_offset,
         num_bands=cfg.critiques.price_bands, min_band_items=cfg.critiques.min_band_items,
     )  # fmt: skip
+
+
+def _item_price_bins(cfg: TrainInputs, sids: SIDTable, num_bins: int) -> torch.Tensor:
+    """(N,) each catalogue item's price bin among its service's prices (:mod:`moe_rec.data.item_words`)."""
+    from moe_rec.data.item_words import item_price_bins
+
+    items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
+    keys = [(sids.services[int(s)], item) for s, item in zip(sids.service_index, sids.item_ids, strict=True)]
+    return item_price_bins(
+        items,
+        keys,
+        num_bins,
+        num_bands=cfg.critiques.price_bands,
+        min_band_items=cfg.critiques.min_band_items,
+    )
 
 
 def lr_lambda(train: TrainConfig, total_steps: int) -> Any:
@@ -273,7 +290,7 @@ class Trainer:
             raise DataError(
                 f"the SID table in {cfg.sid_dir} does not match {vocab_path}; rebuild the sequences"
             )
-        known = validation_keys(self.vocab.services)
+        known = validation_keys(self.vocab.services, self.tc.critique_valid)
         if self.tc.best_metric not in known:
             raise ConfigError(
                 f"train.best_metric={self.tc.best_metric!r} is not a validation metric; known: "
@@ -337,6 +354,7 @@ class Trainer:
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch
         n_valid = min(self.tc.max_eval_samples or len(valid_ds), len(valid_ds))
         self.valid_requests = valid_ds.select(range(n_valid)).to_list()
+        self.critique_valid_requests = self._critique_valid_requests(cfg) if self.tc.critique_valid else []
         self.retrieval_cfg = dataclasses.replace(cfg.eval, split="valid")
         if self.item_level:  # exact scoring of every item of the asked service
             self.catalogue = ServiceCatalogue(self.sids, self.device)
@@ -361,6 +379,8 @@ class Trainer:
             model.set_item_text(self.item_text)
         if self.item_words is not None:
             model.set_item_words(self.item_words)
+        if self.model_config.item_price_bins:
+            model.set_item_price_bins(_item_price_bins(cfg, self.sids, self.model_config.item_price_bins))
         self.params = parameter_report(model)
         self.peak_flops = peak_flops(self.tc.peak_tflops)  # per device; None: no MFU
         bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")
@@ -478,6 +498,21 @@ class Trainer:
             self.engine.train()
         return {"batch": self.probe, "loss": out.loss.item(), "logits": out.logits[:2].float().cpu()}
 
+    def _critique_valid_requests(self, cfg: TrainInputs) -> list[dict[str, Any]]:
+        """train.critique_valid: the first max_eval_samples critique requests of the valid split."""
+        import datasets
+
+        from moe_rec.data.text_samples import CRITIQUE_SPLITS
+
+        split_dir = cfg.sequences_dir / CRITIQUE_SPLITS["valid"]
+        if not self.item_level or not any(split_dir.glob("*.parquet")):
+            raise ConfigError(
+                f"train.critique_valid needs an item-level model (model.kind=item) and critique requests in "
+                f"{split_dir} (sequences built with critiques.enabled)"
+            )
+        rows = datasets.Dataset.from_parquet(str(split_dir / "*.parquet"))
+        return rows.select(range(min(self.tc.max_eval_samples or len(rows), len(rows)))).to_list()
+
     def validate(self) -> dict[str, float]:
         if self.item_level:
             ranking = evaluate_exact(
@@ -491,6 +526,18 @@ class Trainer:
                 cold=self.cold,
             )
             metrics = {k: v for k, v in ranking.items() if not k.endswith("/count") and f"/{MACRO}/" not in k}
+            if (
+                self.critique_valid_requests
+            ):  # train.critique_valid: overall only, and the mean with the plain
+                ranking = evaluate_exact(
+                    self.engine.module, self.sids, self.critique_valid_requests, self.retrieval_cfg,
+                    prefix="valid/critique", catalogue=self.catalogue, show_progress=False,
+                )  # fmt: skip
+                critique = {
+                    k: v for k, v in ranking.items() if k.count("/") == 2 and not k.endswith("/count")
+                }
+                metrics.update(critique)
+                metrics.update(mixed_metrics(metrics, critique))
         else:
             metrics = evaluate(
                 self.engine, self.eval_rows, self.vocab, self.collator, self.tc.micro_batch_size
@@ -501,7 +548,10 @@ class Trainer:
         spent = self.privacy.log_values() if self.privacy is not None else {}
         self.logger.log({**metrics, **spent}, self.step, kind="valid")
         if self.rank == 0:
-            shown = {k: v for k, v in metrics.items() if k.count("/") == 1}  # overall, not per service
+            shown = {  # overall, not per service
+                k: v for k, v in metrics.items()
+                if k.count("/") == 1 or k.split("/")[1] in CRITIQUE_SCOPES and k.count("/") == 2
+            }  # fmt: skip
             line = "  ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
             console.print(f"step {self.step}  {line}{_epsilon(spent)}")
         return metrics

@@ -457,3 +457,70 @@ def test_item_phrases_join_every_score_and_survive_a_save_and_load(tmp_path) -> 
     torch.testing.assert_close(loaded.item_table(), vectors)
     again = rank_exact(loaded, ServiceCatalogue(table), requests, k=10)
     assert [a.tolist() for a in again] == [a.tolist() for a in ranked]
+
+
+def test_item_price_bins_join_every_score_and_survive_a_save_and_load(tmp_path) -> None:
+    """item_price_bins: rank_exact ranks as code log-probs + P x (the query . the item's score
+    vector), whose price part is the critique's query over the bins (absolute and relative to the
+    previous item of the asked service) on the item's one-hot bin; the bins are a buffer: weights
+    saved and loaded give the same table and ranking."""
+    from moe_rec.data.vocab import CRITIQUE
+
+    table = _table(11)
+    vocab = table.vocabulary()
+    text = 20
+    start = vocab.size
+    torch.manual_seed(11)
+    cfg = build_config(
+        "tiny", vocab_size=start + text, num_domains=3, num_user_buckets=16,
+        code_token_ranges=code_token_ranges(vocab), text_token_range=[start, start + text],
+        item_loss="items", item_embedding=True, num_items=len(table), item_words=True, item_word_slots=3,
+        item_price_bins=5,
+    )  # fmt: skip
+    model = MoERecForItemPrediction(cfg).eval()
+    model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
+    words = torch.zeros(len(table), 4, 3, dtype=torch.long)  # [PAD]
+    words[:, 0, 0] = start + torch.arange(len(table)) % 5
+    model.set_item_words(words)
+    g = torch.Generator().manual_seed(11)
+    bins = torch.randint(-1, 5, (len(table),), generator=g)
+    model.set_item_price_bins(bins)
+    with torch.no_grad():
+        model.item_embed.weight.normal_(0, 0.3)
+        model.price_weight.weight.normal_(0, 0.3, generator=g)
+        model.price_weight.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0, 0.0, -1.0, 0.0]))
+    vocab_t = dataclasses.replace(vocab, text_size=text)
+    requests = []
+    for r in _requests(table, 11, n=6):  # [CRITIQUE] two words, before the asked service
+        ids, doms = r["input_ids"], r["domain_ids"]
+        crit = [CRITIQUE, start + 12, start + 13]
+        requests.append(
+            {**r, "input_ids": ids[:-1] + crit + ids[-1:], "domain_ids": doms[:-1] + doms[-1:] * 3}
+        )
+    ranked = rank_exact(model, ServiceCatalogue(table), requests, k=10)
+    vectors = model.item_table()
+    assert torch.equal(vectors[:, -5:].argmax(-1)[bins >= 0], bins[bins >= 0])  # one-hot bins
+    assert vectors[bins < 0, -5:].abs().sum() == 0  # no price: zeros
+    moved = 0
+    for i, r in enumerate(requests):
+        with torch.no_grad():
+            out = model(**item_batch([r], vocab_t, 16, left_pad=True))
+        logits, q = out.logits[0, -1].double(), out.hidden_states[0, -1].double()
+        moved += int(q[-5:].abs().sum() > 0)
+        log_probs = logits - torch.logsumexp(logits, -1, keepdim=True)
+        brute = {
+            j: sum(float(log_probs[p, c]) for p, c in enumerate(table.codes[j].tolist()))
+            + 4 * float(q @ vectors[j].double())
+            for j in range(len(table))
+            if table.services[int(table.service_index[j])] == r["service"]
+        }
+        best = sorted(brute.values(), reverse=True)[:10]
+        assert [brute[j] for j in ranked[i].tolist()] == pytest.approx(best, abs=1e-3)
+    assert moved == len(requests)
+    model.save_pretrained(tmp_path)
+    loaded = MoERecForItemPrediction.from_pretrained(tmp_path).eval()
+    loaded.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
+    assert torch.equal(loaded.item_price_bin, bins)
+    torch.testing.assert_close(loaded.item_table(), vectors)
+    again = rank_exact(loaded, ServiceCatalogue(table), requests, k=10)
+    assert [a.tolist() for a in again] == [a.tolist() for a in ranked]

@@ -747,3 +747,189 @@ def test_critique_field_query_adds_the_decoder_query_at_critique_words_only() ->
     torch.testing.assert_close(after[text], (before + extra)[text].detach())
     torch.testing.assert_close(after[~text], before[~text].detach())
     assert float(after[~text].abs().sum()) == 0
+
+
+def test_price_bins_are_quantiles_of_the_service_prices() -> None:
+    """price_bins: the share of the prices strictly below, times Q, floored; equal prices one bin,
+    no price -1."""
+    from moe_rec.data.item_words import price_bins
+
+    prices = [10.0, None, 1.0, 5.0, 5.0, 7.0, 20.0, 3.0]
+    assert price_bins(prices, 4) == [2, -1, 0, 1, 1, 2, 3, 0]  # 7 prices: 4 x below // 7
+    assert price_bins([None, None], 4) == [-1, -1]
+
+
+def _price_model(
+    seed: int, bins: list[int], services: list[str], **fields: object
+) -> MoERecForItemPrediction:
+    """A tiny text model with item_words and item_price_bins=4: item i of ``services[i]`` (distinct
+    codes), its price bin ``bins[i]``, random item words."""
+    n = len(bins)
+    catalogue = [(s, [i % 8, i // 8, 0, 0]) for i, s in enumerate(services)]
+    start, stop = TEXT_VOCAB.text_offset, TEXT_VOCAB.size
+    torch.manual_seed(seed)
+    cfg = build_config(
+        "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
+        code_token_ranges=code_token_ranges(TEXT_VOCAB), text_token_range=[start, stop],
+        item_loss="items", item_embedding=True, num_items=n, item_words=True, item_word_slots=2,
+        item_price_bins=4, **fields,
+    )  # fmt: skip
+    model = model_class(cfg)(cfg).eval()
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]),
+        torch.tensor([TEXT_VOCAB.service_token(s) for s, _ in catalogue]),
+    )
+    g = torch.Generator().manual_seed(seed)
+    model.set_item_words(start + torch.randint(stop - start, (n, 4, 2), generator=g))
+    model.set_item_price_bins(torch.tensor(bins))
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_critique_price_matches_the_plain_loop_on_random_inputs(seed: int) -> None:
+    """critique_price against reference_price_query: items of two services with random bins (some
+    without a price), sequences mixing both services with critiques, left padding, random weights;
+    the previous item is the last one of the asked service, so asking a or b changes it."""
+    from moe_rec.model.item_model import reference_price_query
+
+    g = torch.Generator().manual_seed(seed)
+    n = 16
+    services = ["a" if i % 2 else "b" for i in range(n)]
+    bins = torch.randint(-1, 4, (n,), generator=g).tolist()
+    model = _price_model(seed, bins, services)
+    with torch.no_grad():
+        model.price_weight.weight.normal_(0, 0.5, generator=g)
+        model.price_weight.bias.normal_(0, 0.5, generator=g)
+    t0 = TEXT_VOCAB.text_offset
+    rows = []
+    for k in range(3):
+        ids = [BOS]
+        for _ in range(3 + k):
+            i = int(torch.randint(n, (1,), generator=g))
+            ids += TEXT_VOCAB.item_tokens(services[i], [i % 8, i // 8, 0, 0])
+            if bool(torch.rand(1, generator=g) < 0.5):
+                ids += [CRITIQUE, *[t0 + int(w) for w in torch.randint(6, (2,), generator=g)]]
+        ids.append(TEXT_VOCAB.service_token("a" if k % 2 else "b"))
+        rows.append({"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)})
+    batch = item_batch(rows, TEXT_VOCAB, 64, left_pad=True)
+    tokens = batch["item_tokens"]
+    hidden = torch.randn(*tokens.shape[:2], model.config.hidden_size, generator=g)
+    asked = torch.randint(
+        TEXT_VOCAB.service_token("a"), TEXT_VOCAB.service_token("c") + 1, tokens.shape[:2], generator=g
+    )
+    got = model.critique_price(tokens, hidden, asked)
+    all_rows = model.position_rows(tokens)
+    checked = 0
+    for b in range(tokens.shape[0]):
+        first = tokens[b, :, 0].tolist()
+        is_word = [TEXT_VOCAB.text_offset <= x < TEXT_VOCAB.size for x in first]
+        with torch.no_grad():
+            coef = model.price_weight(hidden[b])
+        expect = reference_price_query(
+            first, is_word, all_rows[b].tolist(), first, asked[b].tolist(), bins, coef.double()
+        )
+        torch.testing.assert_close(got[b].detach().double(), expect, rtol=1e-5, atol=1e-5)
+        checked += sum(is_word)
+    assert checked > 0
+
+
+def test_cheaper_after_an_expensive_item_ranks_cheaper_items_first() -> None:
+    """Bins 0..3 of service b's items; after an item of bin 3 and a critique, a weight on "below the
+    previous item's bin" gives exactly the cheaper items the price term; after an item of bin 0
+    none is cheaper; a request without a critique gets no price term."""
+    bins = [0, 1, 2, 3, 3, 2, 1, 0]
+    model = _price_model(5, bins, ["b"] * 8)
+    with torch.no_grad():
+        model.price_weight.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 6.0, 0.0, 0.0, 0.0]))
+    t0 = TEXT_VOCAB.text_offset
+
+    def price_term(prev: int, critique: bool) -> torch.Tensor:
+        ids = [BOS, *TEXT_VOCAB.item_tokens("b", [prev % 8, prev // 8, 0, 0])]
+        ids += [CRITIQUE, t0 + 3, t0 + 4] if critique else []
+        ids.append(TEXT_VOCAB.service_token("b"))
+        batch = item_batch([{"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)}], TEXT_VOCAB, 32)
+        batch = {k: v for k, v in batch.items() if k != "user_ids"}  # query_services: the asked service
+        with torch.no_grad():
+            q = model(**batch, logits_to_keep=1).hidden_states[0, -1, -4:]
+        return model.item_table()[:, -4:] @ q
+
+    cheaper = price_term(3, True)  # after item 3 (bin 3): items of bins 0..2 get 6
+    assert cheaper.tolist() == pytest.approx([6.0, 6.0, 6.0, 0.0, 0.0, 6.0, 6.0, 6.0])
+    order = torch.argsort(cheaper, descending=True, stable=True)[:6].tolist()
+    assert all(bins[i] < 3 for i in order)
+    assert price_term(0, True).tolist() == pytest.approx([0.0] * 8)  # nothing below bin 0
+    assert price_term(3, False).abs().sum() == 0  # no critique: no price term
+
+
+def test_price_bins_config_and_table_are_checked() -> None:
+    with pytest.raises(ValueError, match="item_price_bins"):
+        build_config(
+            "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, code_token_ranges=code_token_ranges(TEXT_VOCAB),
+            item_price_bins=4,
+        )  # fmt: skip
+    model = _price_model(6, [0, 1], ["b", "b"])
+    with pytest.raises(ValueError, match="price bins"):
+        model.set_item_price_bins(torch.tensor([0, 4]))
+
+
+def test_critique_previous_weights_the_fields_shared_with_the_previous_item() -> None:
+    """critique_previous: after an item of brand "sprint now" and category "gloss", a brand weight of
+    -3 and a category weight of 1 give every item of that brand -3 and of that category 1 (whatever the
+    critique says), nothing to the others, and nothing without a critique."""
+    words = _phrase_words(
+        [[[1, 2], [5], [9]], [[3, 2], [5], [9]], [[1, 2], [6, 5], [10]], [[1, 4], [7], [9]]]
+    )
+    model = _phrase_model(43, words, critique_previous=True)
+    with torch.no_grad():
+        model.previous_weight.bias.copy_(torch.tensor([-3.0, 1.0, 0.0]))
+    u = model.phrases()[3].shape[1]
+    t0 = TEXT_VOCAB.text_offset
+
+    def term(critique: list[int]) -> list[float]:
+        ids = [BOS, *TEXT_VOCAB.item_tokens("b", [0, 0, 0, 0]), CRITIQUE, *[t0 + w for w in critique]]
+        ids.append(TEXT_VOCAB.service_token("b"))  # item 0: brand (1 2), category (5), band (9)
+        batch = item_batch([{"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)}], TEXT_VOCAB, 32)
+        batch = {k: v for k, v in batch.items() if k != "user_ids"}  # query_services: the asked service
+        with torch.no_grad():
+            q = model(**batch, logits_to_keep=1).hidden_states[0, -1, -u:]
+        return (model.item_table()[:, -u:] @ q).tolist()
+
+    assert term([8, 11]) == pytest.approx([-2.0, 1.0, -3.0, 0.0])
+    assert term([]) == pytest.approx([0.0] * 4)
+    with pytest.raises(ValueError, match="critique_previous"):
+        build_config(
+            "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, code_token_ranges=code_token_ranges(TEXT_VOCAB),
+            critique_previous=True,
+        )  # fmt: skip
+
+
+def test_critique_relative_scale_multiplies_the_price_and_previous_terms() -> None:
+    """critique_relative_scale: the price and previous-item terms of the same weights, times it."""
+    bins = [0, 1, 2, 3]
+    words = _phrase_words(
+        [[[1, 2], [5], [9]], [[3, 2], [5], [9]], [[1, 2], [6, 5], [10]], [[1, 4], [7], [9]]]
+    )
+    t0 = TEXT_VOCAB.text_offset
+    ids = [BOS, *TEXT_VOCAB.item_tokens("b", [3, 0, 0, 0]), CRITIQUE, t0 + 3, t0 + 4]
+    ids.append(TEXT_VOCAB.service_token("b"))
+    batch = item_batch([{"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)}], TEXT_VOCAB, 32)
+    tokens, asked = batch["item_tokens"], batch["query_services"]
+    terms = []
+    for scale in (1.0, 3.0):
+        model = _phrase_model(
+            44, words, critique_previous=True, item_price_bins=4, critique_relative_scale=scale
+        )
+        model.set_item_price_bins(torch.tensor(bins))
+        hidden = torch.randn(
+            *tokens.shape[:2], model.config.hidden_size, generator=torch.Generator().manual_seed(0)
+        )
+        with torch.no_grad():
+            for layer in (model.previous_weight, model.price_weight):
+                layer.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+                layer.bias.fill_(0.5)
+            terms.append(
+                (model.critique_price(tokens, hidden, asked), model.critique_previous(tokens, hidden, asked))
+            )
+    for one, three in zip(*terms, strict=True):
+        assert float(one.abs().sum()) > 0
+        torch.testing.assert_close(three, 3 * one)
