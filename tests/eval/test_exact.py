@@ -378,7 +378,7 @@ def test_item_words_join_every_score_of_a_request_with_a_critique() -> None:
     captured = {}
     model.model.register_forward_hook(lambda mod, args, out: captured.update(hidden=out[0]))
     for i, r in enumerate(requests):
-        vocab_t = dataclasses.replace(vocab, text_size=text)
+        vocab_t = dataclasses.replace(vocab, text_size=TEXT_SIZE)
         with torch.no_grad():
             out = model(**item_batch([r], vocab_t, 16, left_pad=True))
         logits, q = out.logits[0, -1].double(), out.hidden_states[0, -1, :d].double()
@@ -398,6 +398,25 @@ def test_item_words_join_every_score_of_a_request_with_a_critique() -> None:
         assert [brute[j] for j in ranked[i].tolist()] == pytest.approx(best, abs=1e-3)
 
 
+TEXT_SIZE = 20  # subwords of the critique models' text range
+
+
+def _critique_model(seed: int, **overrides):
+    """A tiny item model with a TEXT_SIZE-subword text range and item words over ``_table(seed)``:
+    (table, vocabulary, first text token, model in eval mode)."""
+    table = _table(seed)
+    vocab = table.vocabulary()
+    start = vocab.size
+    torch.manual_seed(seed)
+    cfg = build_config(
+        "tiny", vocab_size=start + TEXT_SIZE, num_domains=3, num_user_buckets=16,
+        code_token_ranges=code_token_ranges(vocab), text_token_range=[start, start + TEXT_SIZE],
+        item_loss="items", item_embedding=True, num_items=len(table), item_words=True, item_word_slots=3,
+        **overrides,
+    )  # fmt: skip
+    return table, vocab, start, MoERecForItemPrediction(cfg).eval()
+
+
 def test_item_phrases_join_every_score_and_survive_a_save_and_load(tmp_path) -> None:
     """item_phrases: rank_exact ranks as code log-probs + P x (the query . the item's score vector),
     the phrase part of that dot product being the critique's phrase weights on the item's phrases;
@@ -405,18 +424,7 @@ def test_item_phrases_join_every_score_and_survive_a_save_and_load(tmp_path) -> 
     (the item words a buffer, the phrase table rebuilt from it) give the same table and ranking."""
     from moe_rec.data.vocab import CRITIQUE
 
-    table = _table(9)
-    vocab = table.vocabulary()
-    text = 20
-    start = vocab.size
-    torch.manual_seed(9)
-    cfg = build_config(
-        "tiny", vocab_size=start + text, num_domains=3, num_user_buckets=16,
-        code_token_ranges=code_token_ranges(vocab), text_token_range=[start, start + text],
-        item_loss="items", item_embedding=True, num_items=len(table), item_words=True, item_word_slots=3,
-        item_phrases=True, item_phrase_rank=4,
-    )  # fmt: skip
-    model = MoERecForItemPrediction(cfg).eval()
+    table, vocab, start, model = _critique_model(9, item_phrases=True, item_phrase_rank=4)
     model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
     words = torch.zeros(len(table), 4, 3, dtype=torch.long)  # [PAD]
     words[:, 0, 0] = start + torch.arange(len(table)) % 5  # brand: one of 5 subwords
@@ -426,7 +434,7 @@ def test_item_phrases_join_every_score_and_survive_a_save_and_load(tmp_path) -> 
     with torch.no_grad():
         model.item_embed.weight.normal_(0, 0.3)
         model.phrase_weight.bias.fill_(3.0)
-    vocab_t = dataclasses.replace(vocab, text_size=text)
+    vocab_t = dataclasses.replace(vocab, text_size=TEXT_SIZE)
     requests = []
     for r in _requests(table, 9, n=6):  # [CRITIQUE] naming item 0's brand, before the asked service
         ids, doms = r["input_ids"], r["domain_ids"]
@@ -466,18 +474,7 @@ def test_item_price_bins_join_every_score_and_survive_a_save_and_load(tmp_path) 
     saved and loaded give the same table and ranking."""
     from moe_rec.data.vocab import CRITIQUE
 
-    table = _table(11)
-    vocab = table.vocabulary()
-    text = 20
-    start = vocab.size
-    torch.manual_seed(11)
-    cfg = build_config(
-        "tiny", vocab_size=start + text, num_domains=3, num_user_buckets=16,
-        code_token_ranges=code_token_ranges(vocab), text_token_range=[start, start + text],
-        item_loss="items", item_embedding=True, num_items=len(table), item_words=True, item_word_slots=3,
-        item_price_bins=5,
-    )  # fmt: skip
-    model = MoERecForItemPrediction(cfg).eval()
+    table, vocab, start, model = _critique_model(11, item_price_bins=5)
     model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
     words = torch.zeros(len(table), 4, 3, dtype=torch.long)  # [PAD]
     words[:, 0, 0] = start + torch.arange(len(table)) % 5
@@ -489,7 +486,7 @@ def test_item_price_bins_join_every_score_and_survive_a_save_and_load(tmp_path) 
         model.item_embed.weight.normal_(0, 0.3)
         model.price_weight.weight.normal_(0, 0.3, generator=g)
         model.price_weight.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0, 0.0, -1.0, 0.0]))
-    vocab_t = dataclasses.replace(vocab, text_size=text)
+    vocab_t = dataclasses.replace(vocab, text_size=TEXT_SIZE)
     requests = []
     for r in _requests(table, 11, n=6):  # [CRITIQUE] two words, before the asked service
         ids, doms = r["input_ids"], r["domain_ids"]
