@@ -491,7 +491,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             kk = self.phrase_k(hidden).view(b, t_len, nf, r)
             weight = weight + torch.einsum("btfr,bsfr->btsf", q, kk) / math.sqrt(r)
         weight = weight * run[..., None].to(weight.dtype)
-        out = hidden.new_zeros(b, t_len, u)
+        parts, order = [], []  # per (length, field) its columns' weights, assembled once below
         for length in lengths.unique().tolist():
             own = index - length + 1  # (B, S) where a match of this length ending at s starts
             covers = later & (start[:, None, :] <= own[..., None])  # (B, S, S'): s' covers it
@@ -500,10 +500,16 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             for f in range(nf):
                 cols = ((field == f) & (lengths == length)).nonzero().flatten()
                 if len(cols):
-                    out[..., cols] = torch.einsum(
-                        "bts,bsu->btu", weight[..., f] * alive, match[..., cols].to(weight.dtype)
+                    parts.append(
+                        torch.einsum(
+                            "bts,bsu->btu", weight[..., f] * alive, match[..., cols].to(weight.dtype)
+                        )
                     )
-        return out
+                    order.append(cols)
+        if not parts:
+            return hidden.new_zeros(b, t_len, u)
+        # one gather back to phrase order: an in-place write per group made the backward copy (B, T, U) each time
+        return torch.cat(parts, dim=-1)[..., torch.argsort(torch.cat(order))]
 
     def _text_runs(self, item_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, T) each position's first token, whether it is a text position, its index, and the
