@@ -95,6 +95,15 @@ def top_items(
     return best_s, best_i
 
 
+def used_width(query: torch.Tensor) -> int:
+    """The columns of ``query`` (B, D) up to its last non-zero one: the item-level model's critique
+    parts come last (:meth:`~MoERecForItemPrediction.item_query`) and are zero in every request
+    without a critique, so a batch of plain requests skips them (a column per catalogue phrase
+    with ``item_phrases``)."""
+    used = (query != 0).any(0).nonzero()
+    return int(used[-1]) + 1 if len(used) else 0
+
+
 def _chunk_scores(
     by_code: torch.Tensor,
     codes: torch.Tensor,
@@ -107,7 +116,8 @@ def _chunk_scores(
     """Scores (n_chunk, B) of items ``codes[start : start + size]`` (see :func:`top_items`)."""
     s = gather_scores(by_code, codes[start : start + size])  # (n_chunk, B)
     if vectors is not None:
-        s += codes.shape[1] * (vectors[start : start + size].float() @ query.float().T)
+        w = used_width(query)  # requests without a critique: the item model's critique parts are 0
+        s += codes.shape[1] * (vectors[start : start + size, :w].float() @ query[:, :w].float().T)
     if adjust is not None:
         index, amount = adjust
         inside = ((index >= start) & (index < start + s.shape[0])).nonzero().flatten()  # requests

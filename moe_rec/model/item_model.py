@@ -464,15 +464,21 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         need = k[None] < lengths[:, None]  # (U, L)
         rev = ids.gather(1, (lengths[:, None] - 1 - k).clamp_min(0))  # (U, L) the phrase backwards
         pos = word.nonzero(as_tuple=True)  # the text positions only
-        eq = (back[pos][:, None, :] == rev[None]) & inside[pos][:, None, :]  # (n, U, L)
-        hit = (eq | ~need[None]).all(-1)  # (n, U): phrase u ends at this text position
-        match = torch.zeros(b, t_len, u, dtype=torch.bool, device=ids.device)
-        match[pos] = hit
+        back, inside = back[pos], inside[pos]  # (n, L)
+        # (text position, phrase) pairs whose last subword is there, then the rest of each pair checked:
+        # a few per position, not (n, U, L) comparisons (U is a few thousand on Amazon Beauty)
+        at, ph = ((back[:, :1] == rev[None, :, 0]) & inside[:, :1]).nonzero(as_tuple=True)
+        hit = ((back[at] == rev[ph]) & inside[at] | ~need[ph]).all(-1)  # phrase ph ends at position at
+        at, ph = at[hit], ph[hit]
         # the longest matches only: a match inside a longer one ending at the same position is dropped;
         # one inside a longer match ending later is dropped from that position on (causal: the critique
         # ending at t has read only up to t)
-        longest = (match * lengths).amax(-1) if u else torch.zeros_like(first)  # (B, T)
-        match = match & ~(longest[..., None] > lengths)
+        longest_at = lengths.new_zeros(len(back)).scatter_reduce(0, at, lengths[ph], "amax")  # (n,)
+        keep = lengths[ph] >= longest_at[at]
+        match = torch.zeros(b, t_len, u, dtype=torch.bool, device=ids.device)
+        match[pos[0][at[keep]], pos[1][at[keep]], ph[keep]] = True
+        longest = torch.zeros_like(first)  # (B, T)
+        longest[pos] = longest_at.to(longest.dtype)
         big = t_len + width + 1
         start = torch.where(longest > 0, index - longest + 1, big)  # (B, T) start of the longest match
         later = index[:, None, :] > index[:, :, None]  # (B, S, S'): s' after s
@@ -485,7 +491,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             kk = self.phrase_k(hidden).view(b, t_len, nf, r)
             weight = weight + torch.einsum("btfr,bsfr->btsf", q, kk) / math.sqrt(r)
         weight = weight * run[..., None].to(weight.dtype)
-        out = hidden.new_zeros(b, t_len, u)
+        parts, order = [], []  # per (length, field) its columns' weights, assembled once below
         for length in lengths.unique().tolist():
             own = index - length + 1  # (B, S) where a match of this length ending at s starts
             covers = later & (start[:, None, :] <= own[..., None])  # (B, S, S'): s' covers it
@@ -494,10 +500,16 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             for f in range(nf):
                 cols = ((field == f) & (lengths == length)).nonzero().flatten()
                 if len(cols):
-                    out[..., cols] = torch.einsum(
-                        "bts,bsu->btu", weight[..., f] * alive, match[..., cols].to(weight.dtype)
+                    parts.append(
+                        torch.einsum(
+                            "bts,bsu->btu", weight[..., f] * alive, match[..., cols].to(weight.dtype)
+                        )
                     )
-        return out
+                    order.append(cols)
+        if not parts:
+            return hidden.new_zeros(b, t_len, u)
+        # one gather back to phrase order: an in-place write per group made the backward copy (B, T, U) each time
+        return torch.cat(parts, dim=-1)[..., torch.argsort(torch.cat(order))]
 
     def _text_runs(self, item_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, T) each position's first token, whether it is a text position, its index, and the
@@ -561,6 +573,26 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         ):  # with item_price_bins: the critique's query over price bins (..., Q)
             parts.append(price.to(query.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def plain_query_width(self) -> int:
+        """Width of the leading part of :meth:`item_query` that a position without a critique fills
+        (the heads' query, with ``item_text_prior`` the text part); the critique parts after it
+        (item words, phrases, price bins) are zero there."""
+        return self.config.hidden_size + (self.config.item_text_dim if self.text_prior is not None else 0)
+
+    def query_scores(self, query: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """(M, C) ``query @ vectors.T`` for queries (M, D') and score vectors (C, D'), the critique
+        parts (past :meth:`plain_query_width`) multiplied only for the rows where they are non-zero:
+        few positions read a critique, and with ``item_phrases`` those parts are the widest (a column
+        per catalogue phrase, a few thousand on Amazon Beauty). The same sum, skipping exact zeros."""
+        w = self.plain_query_width()
+        if query.shape[-1] <= w:
+            return query @ vectors.T
+        scores = query[:, :w] @ vectors[:, :w].T
+        read = (query[:, w:] != 0).any(-1).nonzero().flatten()
+        if len(read):
+            scores = scores.index_add(0, read, query[read, w:] @ vectors[:, w:].T)
+        return scores
 
     def own_item_term(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
         """(...) what each position's own item must lose so that its text prior is 0: its cosine
@@ -834,7 +866,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             codes = self.train_codes[rows]  # (C, P)
             scores = gather_scores(z[pos].permute(1, 2, 0), codes).T  # (M_s, C)
             if q is not None:
-                scores = scores + q[pos] @ vectors[g].T
+                scores = scores + self.query_scores(q[pos], vectors[g])
                 if own is not None:  # the own item among the candidates: no text prior
                     scores = scores + self.own_item_term(q[pos], own[pos])[:, None] * (
                         rows[None] == own[pos][:, None]

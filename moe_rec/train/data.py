@@ -182,6 +182,22 @@ class ShardedTrainData:
         """(N,) tokens of every sample, read from the Arrow column without decoding rows."""
         return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy()
 
+    @staticmethod
+    def item_positions(dataset: datasets.Dataset, vocab: Vocabulary) -> np.ndarray:
+        """(N,) positions of every sample as the item-level model reads it
+        (:func:`moe_rec.data.positions.split_positions`): one per event (its service token and codes),
+        one per other token ([BOS], a text token, [CRITIQUE], ...), read from the Arrow column
+        without decoding rows. Counting events as tokens / tokens-per-item instead would count a text
+        sample's words about ``tokens_per_item`` times too few."""
+        col = dataset.with_format("arrow")["input_ids"]
+        col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+        flat = pc.list_flatten(col).to_numpy()
+        rows = pc.list_parent_indices(col).to_numpy()
+        code = (flat >= vocab.code_offset) & (
+            flat < vocab.text_offset
+        )  # an event's tokens after its service's
+        return pc.list_value_length(col).to_numpy() - np.bincount(rows[code], minlength=len(col))
+
     def plan(self, epoch: int) -> list[np.ndarray]:
         """Every micro batch of ``epoch`` (sample indices, all ranks), in the order they are run."""
         if epoch not in self._plans:

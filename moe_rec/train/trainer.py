@@ -321,7 +321,7 @@ class Trainer:
             self.collator: Collator | ItemCollator = ItemCollator(
                 self.vocab, self.model_config.num_user_buckets
             )
-            lengths = (ShardedTrainData.token_lengths(train_ds) - 1) // self.vocab.tokens_per_item + 1
+            lengths = ShardedTrainData.item_positions(train_ds, self.vocab)
         else:
             self.collator = Collator(self.model_config.num_user_buckets)
         privacy = self.tc.privacy

@@ -25,6 +25,7 @@ from moe_rec.eval.exact import (
     target_ranks,
     top_for_requests,
     top_items,
+    used_width,
 )
 from moe_rec.eval.metrics import target_rank
 from moe_rec.model import MoERecForItemPrediction, build_config
@@ -521,3 +522,19 @@ def test_item_price_bins_join_every_score_and_survive_a_save_and_load(tmp_path) 
     torch.testing.assert_close(loaded.item_table(), vectors)
     again = rank_exact(loaded, ServiceCatalogue(table), requests, k=10)
     assert [a.tolist() for a in again] == [a.tolist() for a in ranked]
+
+
+def test_zero_trailing_query_columns_are_skipped_without_changing_the_ranking() -> None:
+    """used_width: up to the last non-zero column; top_items ranks a batch whose queries end in
+    zeros (requests without a critique) as with the whole vectors."""
+    g = torch.Generator().manual_seed(12)
+    log_probs = torch.log_softmax(torch.randn(3, 4, 16, generator=g), -1)
+    codes = torch.randint(16, (200, 4), generator=g)
+    query, vectors = torch.randn(3, 9, generator=g), torch.randn(200, 9, generator=g)
+    query[:, 5:] = 0.0
+    query[1, 3] = 0.0
+    assert used_width(query) == 5 and used_width(torch.zeros(2, 4)) == 0
+    reference = reference_scores(log_probs, codes) + 4 * (query.double() @ vectors.double().T)
+    scores, ranked = top_items(log_probs, codes, 20, query=query, vectors=vectors, chunk_items=64)
+    torch.testing.assert_close(scores.double(), reference.gather(1, ranked), atol=1e-4, rtol=0)
+    assert torch.equal(ranked, reference.topk(20, dim=1).indices)

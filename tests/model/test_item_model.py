@@ -933,3 +933,30 @@ def test_critique_relative_scale_multiplies_the_price_and_previous_terms() -> No
     for one, three in zip(*terms, strict=True):
         assert float(one.abs().sum()) > 0
         torch.testing.assert_close(three, 3 * one)
+
+
+def test_query_scores_skip_only_the_zero_critique_parts() -> None:
+    """query_scores: the same scores and gradients as ``query @ vectors.T`` when some rows read no
+    critique (their parts past plain_query_width are zero) and others do; those zero parts get no
+    gradient (in the model they are products with a zero mask, so nothing upstream would)."""
+    words = _phrase_words([[[1, 2], [5], [9]], [[3, 2], [5], [9]], [[1, 4], [7], [10]]])
+    model = _phrase_model(45, words, item_price_bins=4)
+    width = model.item_table().shape[1]
+    plain = model.plain_query_width()
+    assert plain == model.config.hidden_size < width
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(6, width, generator=g)
+    query[[0, 2, 3], plain:] = 0.0  # positions without a critique
+    vectors = torch.randn(5, width, generator=g)
+    grads = []
+    for scores_of in (model.query_scores, lambda q, v: q @ v.T):
+        q, v = query.clone().requires_grad_(), vectors.clone().requires_grad_()
+        scores = scores_of(q, v)
+        (scores * torch.arange(scores.numel()).view_as(scores)).sum().backward()
+        grads.append((scores.detach(), q.grad, v.grad))
+    (fast_scores, fast_q, fast_v), (scores, q_grad, v_grad) = grads
+    torch.testing.assert_close(fast_scores, scores)
+    torch.testing.assert_close(fast_v, v_grad)
+    assert not fast_q[[0, 2, 3], plain:].any()
+    q_grad[[0, 2, 3], plain:] = 0.0
+    torch.testing.assert_close(fast_q, q_grad)

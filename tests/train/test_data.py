@@ -143,3 +143,26 @@ def test_cli_reports_a_config_error(run_dir: Path, capsys: pytest.CaptureFixture
 
     assert main(["--config", "configs/experiments/demo.yaml", f"run_dir={run_dir}", "train.lr=fast"]) == 2
     assert "train.lr: expected float" in capsys.readouterr().err
+
+
+def test_item_positions_count_each_event_once_and_each_text_token_once() -> None:
+    """item_positions: as many positions as split_positions makes of each sample (events, [BOS],
+    [CRITIQUE] and text tokens), for plain windows, critique samples and requests."""
+    from moe_rec.data.positions import split_positions
+    from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, Vocabulary
+
+    vocab = Vocabulary(services=("a", "b"), levels=3, codebook_size=8, dedup_size=4, text_size=20)
+    t0 = vocab.text_offset
+    a, b = vocab.item_tokens("a", [1, 2, 3, 0]), vocab.item_tokens("b", [4, 5, 6, 1])
+    samples = [
+        [BOS, *a, *b, *a],
+        [BOS, *a, CRITIQUE, t0 + 3, t0 + 4, t0 + 5, *b],
+        [BOS, *b, *a, EXPLAIN, t0, t0 + 19, EOS],
+        [BOS, *a, CRITIQUE, t0 + 1, vocab.service_token("b")],  # a request: the asked service closes it
+    ]
+    ds = datasets.Dataset.from_dict({"input_ids": samples})
+    expect = [len(split_positions(ids, [0] * len(ids), vocab).tokens) for ids in samples]
+    assert expect == [4, 7, 7, 4]
+    got = ShardedTrainData.item_positions(ds, vocab)
+    # a request's trailing service token is no position but one token: counted as one more
+    assert got.tolist() == [4, 7, 7, 5]
