@@ -452,7 +452,13 @@ def stage_eval_critiques(
     requests = datasets.Dataset.from_parquet(str(split_dir / "*.parquet")).to_list()
     facts = item_facts(store.load_table(cfg.data_dir, store.ITEMS_DIR), table, cfg.critiques)
     metrics = evaluate_critiques(
-        model, table, requests, facts, batch_size=cfg.eval.batch_size, exclude_seen=cfg.eval.exclude_seen
+        model,
+        table,
+        requests,
+        facts,
+        batch_size=cfg.eval.batch_size,
+        exclude_seen=cfg.eval.exclude_seen,
+        depth=cfg.eval.filter_depth,
     )
     report = {"model": name, "split": CRITIQUE_SPLITS[cfg.eval.split], "metrics": metrics}
     _write_report(cfg.eval_dir / f"critiques-{cfg.eval.split}-{name}.json", report)

@@ -64,6 +64,14 @@ def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain
         gains.append(1.0 / math.log2(top.index(r["target_item"]) + 2) if r["target_item"] in top else 0.0)
     assert metrics["all/plain/ndcg@10"] == pytest.approx(sum(gains) / len(gains), abs=1e-9)
 
+    # a filter only 10 deep reorders the top 10 alone: the same items as without the critique
+    assert (
+        main(["eval", *args, "eval.filter_depth=10", "--checkpoint", "latest", "--critiques", "--json"]) == 0
+    )
+    shallow = json.loads(capsys.readouterr().out)["metrics"]
+    assert shallow["all/filter/recall@10"] == pytest.approx(metrics["all/plain/recall@10"], abs=1e-12)
+    assert shallow["all/critique/ndcg@10"] == pytest.approx(metrics["all/critique/ndcg@10"], abs=1e-12)
+
 
 @pytest.mark.slow  # the run fixture
 def test_the_bundle_reads_critiques_and_writes_narratives(critique_run: tuple[Path, list[str]]) -> None:

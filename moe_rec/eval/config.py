@@ -14,6 +14,7 @@ class EvalConfig:
     batch_size: int = 128  # requests per beam search (similar history lengths batched together)
     exclude_seen: bool = False  # drop items already in the request's history of that service
     max_samples: int = 0  # evaluate the first N requests only (0: all)
+    filter_depth: int = 200  # critique eval: the rule filter reorders this many items of the plain ranking
 
     def __post_init__(self) -> None:
         if self.split not in ("valid", "test"):
@@ -24,3 +25,5 @@ class EvalConfig:
             )
         if self.batch_size < 1 or self.max_samples < 0:
             raise ValueError("batch_size >= 1 and max_samples >= 0 are required")
+        if self.filter_depth < 10:  # the critique evaluation scores the top 10 (eval.critiques.KS)
+            raise ValueError(f"filter_depth={self.filter_depth} < 10: the rule filter must reach the top 10")

@@ -10,6 +10,8 @@ target). Reported, overall, per critique type and for seen / held-out wording fa
   critique asks moved first (order kept otherwise). What it asks is read from the critique's own
   record (its types and clauses, and the target's brand, leaf category and the previous item's
   price), a perfect parser of the text, so the baseline is as strong as a rule-based reading can be;
+  it reorders the top ``eval.filter_depth`` items (200 by default; set it deeper for a large
+  catalogue, where 200 items hold few that satisfy the critique);
 * **satisfaction**: the share of the top 10 that satisfies each asked type (``brand``: the
   target's brand; ``category``: the target's leaf category; ``price``: cheaper / pricier than
   the previous item, as the clause says), with and without the critique.
@@ -36,7 +38,6 @@ from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact
 from moe_rec.model.item_model import MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 
-DEPTH = 200  # how deep the rule filter reorders the ranking without the critique
 KS = (10,)
 ASKED = ("brand", "category", "price")  # the types whose satisfaction is measured
 
@@ -125,11 +126,14 @@ def evaluate_critiques(
     *,
     batch_size: int = 64,
     exclude_seen: bool = False,
+    depth: int = 200,
 ) -> dict[str, float]:
     """Metrics of ``requests`` (critique requests) with and without the critique, the rule filter
     and satisfaction (module docstring): keys ``{scope}/{model}/{metric}``, scope ``all``, a type,
     ``seen`` or ``held_out``; model ``critique``, ``plain``, ``filter``; metric ``recall@10``,
-    ``ndcg@10``, ``satisfied_<type>``; ``{scope}/count`` requests."""
+    ``ndcg@10``, ``satisfied_<type>``; ``{scope}/count`` requests. ``depth``: items of each ranking
+    kept, so the rule filter reorders the top ``depth`` of the ranking without the critique (deeper
+    is a stronger filter: more items that satisfy the critique reach its front)."""
     catalogue = ServiceCatalogue(table, next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -143,7 +147,7 @@ def evaluate_critiques(
         for name, rows in (("critique", requests), ("plain", plain)):
             for i in range(0, len(rows), batch_size):
                 chunk = rows[i : i + batch_size]
-                ranked[name] += rank_exact(model, catalogue, chunk, DEPTH, exclude_seen, vectors).tolist()
+                ranked[name] += rank_exact(model, catalogue, chunk, depth, exclude_seen, vectors).tolist()
     model.train(was_training)
     services = [r["service"] for r in requests]
     targets = table.rows(services, [r["target_item"] for r in requests]).tolist()

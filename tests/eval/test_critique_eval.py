@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from moe_rec.eval.critiques import ItemFacts, _gains, asks, rule_filter, satisfied
 
 FACTS = ItemFacts(
@@ -39,3 +41,11 @@ def test_satisfied_and_the_rule_filter_keep_order_within_each_part() -> None:
 def test_gains_are_recall_and_ndcg_of_one_target() -> None:
     assert _gains([5, 7, 9], 7, 10) == (1.0, 1.0 / math.log2(3))
     assert _gains([5, 7, 9], 9, 2) == (0.0, 0.0)
+
+
+def test_a_filter_shallower_than_the_top_k_is_a_config_error() -> None:
+    from moe_rec.eval.config import EvalConfig
+
+    assert EvalConfig(filter_depth=10).filter_depth == 10
+    with pytest.raises(ValueError, match="filter_depth=9"):
+        EvalConfig(filter_depth=9)
