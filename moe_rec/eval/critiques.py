@@ -126,7 +126,7 @@ def evaluate_critiques(
     *,
     batch_size: int = 64,
     exclude_seen: bool = False,
-    depth: int = 200,
+    depth: int,
 ) -> dict[str, float]:
     """Metrics of ``requests`` (critique requests) with and without the critique, the rule filter
     and satisfaction (module docstring): keys ``{scope}/{model}/{metric}``, scope ``all``, a type,

@@ -79,6 +79,7 @@ def top_items(
     """
     b, n = log_probs.shape[0], codes.shape[0]
     by_code = _by_code(log_probs)
+    query, vectors = _trimmed(query, vectors)
     best_s = log_probs.new_full((b, 0), -math.inf)
     best_i = torch.zeros((b, 0), dtype=torch.long, device=log_probs.device)
     for start in range(0, n, chunk_items):
@@ -104,6 +105,17 @@ def used_width(query: torch.Tensor) -> int:
     return int(used[-1]) + 1 if len(used) else 0
 
 
+def _trimmed(
+    query: torch.Tensor | None, vectors: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``query`` and ``vectors`` cut to :func:`used_width` columns, once per call rather than per
+    chunk of items (no query: both unchanged)."""
+    if query is None or vectors is None:
+        return query, vectors
+    w = used_width(query)
+    return query[:, :w], vectors[:, :w]
+
+
 def _chunk_scores(
     by_code: torch.Tensor,
     codes: torch.Tensor,
@@ -116,8 +128,7 @@ def _chunk_scores(
     """Scores (n_chunk, B) of items ``codes[start : start + size]`` (see :func:`top_items`)."""
     s = gather_scores(by_code, codes[start : start + size])  # (n_chunk, B)
     if vectors is not None:
-        w = used_width(query)  # requests without a critique: the item model's critique parts are 0
-        s += codes.shape[1] * (vectors[start : start + size, :w].float() @ query[:, :w].float().T)
+        s += codes.shape[1] * (vectors[start : start + size].float() @ query.float().T)
     if adjust is not None:
         index, amount = adjust
         inside = ((index >= start) & (index < start + s.shape[0])).nonzero().flatten()  # requests
@@ -147,6 +158,7 @@ def target_ranks(
     """
     b, n = log_probs.shape[0], codes.shape[0]
     by_code = _by_code(log_probs)
+    query, vectors = _trimmed(query, vectors)
     target = target.to(log_probs.device)
     requests = torch.arange(b, device=log_probs.device)
     chunks = list(range(0, n, chunk_items))
