@@ -12,9 +12,9 @@ Decoder. :class:`~moe_rec.model.modeling.MoERecModel` unchanged: Gemma-style blo
 
 Heads (RPG, KDD 2025). At position t the query is ``h_t`` plus the embedding of the service asked
 next (the next event's in training, the request's at serving time), so the prediction knows which
-catalogue it ranks. Each code position p has its own projection ``W_p``; its logits are the cosine
-similarity of ``W_p q`` with the embedding rows of p's codes (tied to the input), divided by a
-temperature. An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability
+catalogue it ranks. Each code position p has its own projection ``W_p`` (with ``service_heads``
+plus a per-service change ``Delta_p^s``, zero at the start); its logits are the cosine similarity
+of ``W_p q`` with the embedding rows of p's codes (tied to the input), divided by a temperature. An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability
 of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
 ``item_embedding`` an item also has a vector of its own, added to its input positions, whose dot
 product with the query (times P) joins its score. With ``item_words`` a position that ends a
@@ -227,6 +227,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.num_codes = len(config.code_token_ranges)  # P
         d = config.hidden_size
         self.code_proj = nn.Linear(d, self.num_codes * d, bias=False)  # W_p for every p, stacked
+        self.service_proj: nn.Parameter | None = None
+        if config.service_heads:  # Delta_p^s for every service slot s: service s's heads use W_p + Delta_p^s
+            self.service_proj = nn.Parameter(torch.zeros(config.num_domains, self.num_codes * d, d))
         # item_loss='items': every item's codes (N, P) and service token (N,), set_train_catalogue
         self.register_buffer("train_codes", None, persistent=False)
         self.register_buffer("train_services", None, persistent=False)
@@ -271,6 +274,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.post_init()
         if self.item_embed is not None:
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
+        if self.service_proj is not None:  # every service starts from the shared heads
+            nn.init.zeros_(self.service_proj)
         if self.field_query is not None:
             nn.init.zeros_(self.field_query.weight)  # no field query until training gives it one
         if self.previous_weight is not None:  # no such term until training gives it one
@@ -650,6 +655,20 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         """(B, T, D) what the heads read: the decoder output plus the asked service's embedding."""
         return hidden + self.model.embed_tokens(query_services)
 
+    def head_projection(self, query: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
+        """(B, T, P x D) ``W_p q`` for every code position p, stacked; with ``service_heads`` plus
+        ``Delta_p^s q``, s the asked service (its slot: the service token minus the special tokens).
+        One matrix product per asked service, so the cost is one projection whatever the services."""
+        out = self.code_proj(query)
+        if self.service_proj is None:
+            return out
+        slot = (query_services - len(SPECIAL_TOKENS)).clamp(0, self.config.num_domains - 1)  # (B, T)
+        delta = torch.zeros_like(out)
+        for s in slot.unique().tolist():
+            at = slot == s
+            delta[at] = query[at] @ self.service_proj[s].T
+        return out + delta
+
     def code_logits(self, hidden: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
         """Logits of every code position for the next item.
 
@@ -662,7 +681,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         """
         b, t, d = hidden.shape
         query = self.query(hidden, query_services)  # (B, T, D)
-        q = F.normalize(self.code_proj(query).view(b, t, self.num_codes, d), dim=-1)  # (B, T, P, D)
+        q = F.normalize(self.head_projection(query, query_services).view(b, t, self.num_codes, d), dim=-1)
         rows, valid = self.code_layout(hidden.device)
         codes = F.normalize(self.model.embed_tokens(rows), dim=-1)  # (P, K_max, D)
         logits = torch.einsum("btpd,pkd->btpk", q, codes) / self.config.item_head_temperature

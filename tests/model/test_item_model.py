@@ -960,3 +960,47 @@ def test_query_scores_skip_only_the_zero_critique_parts() -> None:
     assert not fast_q[[0, 2, 3], plain:].any()
     q_grad[[0, 2, 3], plain:] = 0.0
     torch.testing.assert_close(fast_q, q_grad)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_service_heads_match_a_plain_loop_over_positions(seed: int) -> None:
+    """service_heads: each position's code logits are the cosine of ``(W_p + Delta_p^s) q`` with the
+    code rows / T, s its asked service, against a float64 loop; training moves only the asked
+    services' Delta."""
+    model = _model(seed, service_heads=True)
+    assert not model.service_proj.any()  # every service starts from the shared heads
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        model.service_proj.normal_(0.0, 0.05, generator=g)
+    rows = [_sample(_random_events(g, n), f"u{n}", ask=ask) for n, ask in ((2, "a"), (5, "c"), (0, "b"))]
+    batch = item_batch(rows, VOCAB, 16, left_pad=True)
+    hidden, _, _ = model.model(
+        None, batch["domain_ids"], user_ids=batch["user_ids"], attention_mask=batch["attention_mask"],
+        inputs_embeds=model.embed_positions(batch["item_tokens"]),
+    )  # fmt: skip
+    asked = batch["query_services"]  # (B, T): each row's asked service at every position
+    logits = model.code_logits(hidden, asked)  # (B, T, P, K)
+    d, p_len = model.config.hidden_size, model.num_codes
+    code_rows, valid = model.code_layout(hidden.device)
+    codes = model.model.embed_tokens.weight.double()[code_rows]  # (P, K, D)
+    w = model.code_proj.weight.double().view(p_len, d, d)
+    for b in range(hidden.shape[0]):
+        for t in range(hidden.shape[1]):
+            if not batch["attention_mask"][b, t]:
+                continue
+            s = int(asked[b, t]) - VOCAB.service_offset  # the service's slot
+            q = hidden[b, t].double() + model.model.embed_tokens.weight[asked[b, t]].double()
+            delta = model.service_proj[s].double().view(p_len, d, d)
+            for p in range(p_len):
+                proj = (w[p] + delta[p]) @ q
+                want = torch.nn.functional.cosine_similarity(proj[None], codes[p], dim=-1)
+                want = want / model.config.item_head_temperature
+                got = logits[b, t, p].double()
+                torch.testing.assert_close(got[valid[p]], want[valid[p]], atol=1e-4, rtol=1e-4)
+    # only the services asked get a gradient: no position asks for "b" after its first event here
+    one = item_batch([_sample([("a", [1, 2, 3, 0]), ("c", [4, 5, 6, 1])], "u")], VOCAB, 16)
+    model.train()(**one).loss.backward()
+    grad = model.service_proj.grad.flatten(1).abs().sum(-1)  # per service slot
+    assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0
+    with pytest.raises(ValueError, match="service_heads needs the item-level model"):
+        build_config("tiny", service_heads=True)
