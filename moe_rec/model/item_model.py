@@ -43,7 +43,7 @@ from torch import nn
 
 from moe_rec.data.item_words import WORD_FIELDS
 from moe_rec.data.sequences import IGNORE_INDEX
-from moe_rec.data.vocab import EOS, SPECIAL_TOKENS
+from moe_rec.data.vocab import CRITIQUE, EOS, SPECIAL_TOKENS
 from moe_rec.model.cache import KVCache
 from moe_rec.model.config import MoERecConfig
 from moe_rec.model.modeling import CACHE_FIELD, MoERecModel, MoERecOutput, MoERecPreTrainedModel, router_stats
@@ -99,7 +99,7 @@ def reference_price_query(
     """:meth:`MoERecForItemPrediction.critique_price` for one sequence as a plain loop (for tests).
 
     Args:
-        tokens: (T,) unused beyond their count; is_word: (T,) whether a position is a text position.
+        tokens: (T,) unused beyond their count; is_word: (T,) whether a position is a critique word.
         rows: (T,) each position's catalogue row (-1: none); services: (T,) its first token;
         query_services: (T,) the service each position asks for; bins: (N,) each item's price bin.
         coef: (T, Q + 4) the decoder's weights per position (absolute bins, then the relations).
@@ -167,7 +167,7 @@ def reference_phrase_query(
     """:meth:`MoERecForItemPrediction.critique_phrases` for one sequence as a plain loop (for tests).
 
     Args:
-        tokens: (T,) each position's first token; is_word: (T,) whether it is a text position.
+        tokens: (T,) each position's first token; is_word: (T,) whether it is a critique word.
         phrases: per phrase its field f and its subwords.
         lin: (T, NP) per position the field weights ``c_f(h_s)``; q, k: (T, NP, r) the bilinear parts.
 
@@ -517,12 +517,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         return torch.cat(parts, dim=-1)[..., torch.argsort(torch.cat(order))]
 
     def _text_runs(self, item_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(B, T) each position's first token, whether it is a text position, its index, and the
-        last non-text position <= t."""
+        """(B, T) each position's first token, whether it is a critique word, its index, and the last
+        position <= t that is no critique word. A critique word is a text position in a run of them
+        right after ``[CRITIQUE]``: a narrative's words (after ``[EXPLAIN]``) are text positions but
+        no critique, and no item is ranked inside a narrative, so the critique terms skip them."""
         start, stop = self.config.text_token_range
         first = item_tokens[..., 0]  # (B, T): a text position holds one token
-        word = (first >= start) & (first < stop)
+        text = (first >= start) & (first < stop)
         index = torch.arange(first.shape[1], device=first.device).expand_as(first)
+        text_break = torch.where(text, -1, index).cummax(dim=1).values  # the last non-text position <= t
+        opener = first.gather(1, text_break.clamp_min(0))  # the token that opened t's run of text
+        word = text & (text_break >= 0) & (opener == CRITIQUE)
         last_break = torch.where(word, -1, index).cummax(dim=1).values
         return first, word, index, last_break
 

@@ -705,7 +705,8 @@ def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int) -> No
         second = torch.randint(6, (3,), generator=g).tolist()
         ids = [BOS, *TEXT_VOCAB.item_tokens("b", [1, 2, 3, 0]), CRITIQUE, *[t0 + w for w in critique]]
         ids += [*TEXT_VOCAB.item_tokens("b", [4, 5, 6, 1]), CRITIQUE, *[t0 + w for w in second]]
-        ids.append(TEXT_VOCAB.service_token("b"))
+        ids += [*TEXT_VOCAB.item_tokens("b", [4, 5, 6, 2]), EXPLAIN, *[t0 + w for w in critique], EOS]
+        ids.append(TEXT_VOCAB.service_token("b"))  # a narrative repeats the critique: no critique there
         rows.append({"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)})
     batch = item_batch(rows, TEXT_VOCAB, 64)
     tokens = batch["item_tokens"]
@@ -717,7 +718,11 @@ def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int) -> No
     matched = 0
     for b in range(tokens.shape[0]):
         first = tokens[b, :, 0].tolist()
-        is_word = [TEXT_VOCAB.text_offset <= x < TEXT_VOCAB.size for x in first]
+        is_word, opener = [], None  # a critique word: a subword in a run opened by [CRITIQUE]
+        for x in first:
+            text = TEXT_VOCAB.text_offset <= x < TEXT_VOCAB.size
+            opener = opener if text else x
+            is_word.append(text and opener == CRITIQUE)
         with torch.no_grad():
             lin = model.phrase_weight(hidden[b])
             q = model.phrase_q(hidden[b]).view(len(first), nf, -1)
@@ -730,7 +735,8 @@ def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int) -> No
 
 def test_critique_field_query_adds_the_decoder_query_at_critique_words_only() -> None:
     """critique_field_query: at a critique word t the words part gains W_f h_t per field (zero at
-    the start: the model scores as without it), and nothing at other positions."""
+    the start: the model scores as without it), and nothing at other positions (the narrative's
+    words are text but no critique)."""
     model, _, _ = _words_model(34, critique_field_query=True)
     batch = item_batch([_text_sample()], TEXT_VOCAB, 16)
     tokens = batch["item_tokens"]
@@ -743,7 +749,11 @@ def test_critique_field_query_adds_the_decoder_query_at_critique_words_only() ->
         model.field_query.weight.normal_(0, 0.2)
         extra = model.field_query(hidden)  # (B, T, F x D)
     after = model.critique_words(tokens, hidden).detach()
-    text = (tokens[..., 0] >= TEXT_VOCAB.text_offset) & (tokens[..., 0] < TEXT_VOCAB.size)
+    text = torch.zeros(tokens.shape[:2], dtype=torch.bool)
+    text[0, 3:5] = True  # _text_sample's two critique words (7-8 are the narrative's)
+    assert (
+        (tokens[0, 3:5, 0] >= TEXT_VOCAB.text_offset) & (tokens[0, 7:9, 0] >= TEXT_VOCAB.text_offset)
+    ).all()
     torch.testing.assert_close(after[text], (before + extra)[text].detach())
     torch.testing.assert_close(after[~text], before[~text].detach())
     assert float(after[~text].abs().sum()) == 0
