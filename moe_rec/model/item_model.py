@@ -18,8 +18,8 @@ of ``W_p q`` with the embedding rows of p's codes (tied to the input), divided b
 of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
 ``item_embedding`` an item also has a vector of its own, added to its input positions, whose dot
 product with the query (times P) joins its score. With ``item_words`` a position that ends a
-critique (a run of text positions) scores each item's words (brand, leaf category, price band,
-title, as subwords of the critiques' tokenizer) against the critique's own words:
+critique (a run of text positions opened by ``[CRITIQUE]``) scores each item's words (brand, leaf
+category, price band, title, as subwords of the critiques' tokenizer) against the critique's words:
 ``sum_f sum_s a_f(h_s) cos(e_s, words_f)``, s the critique's positions, ``e_s`` their input
 embeddings, ``words_f`` the mean input embedding of the item's field-f subwords and ``a_f(h_s)``
 a weight the decoder gives each word in its context (so "not a fan of Revlon" can count against
@@ -171,7 +171,7 @@ def reference_phrase_query(
         phrases: per phrase its field f and its subwords.
         lin: (T, NP) per position the field weights ``c_f(h_s)``; q, k: (T, NP, r) the bilinear parts.
 
-    Returns (T, U): at a text position t, sum over the phrases matched in the run of text positions
+    Returns (T, U): at a critique word t, sum over the phrases matched in the run of critique words
     ending at t (the longest matches only: a match inside a longer match of any phrase is dropped)
     of ``c_f(h_s) + q_f(h_t) . k_f(h_s) / sqrt(r)``, s the match's last position; zero elsewhere.
     """
@@ -453,7 +453,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
 
     def critique_phrases(self, item_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, U) per position and catalogue phrase (:meth:`phrases`) the weight the critique
-        ending there gives the phrase: over its matches in the run of text positions s <= t (the whole
+        ending there gives the phrase: over its matches in the run of critique words s <= t (the whole
         phrase, contiguous, inside the run; a match inside a longer match dropped), ``c_f(h_s) +
         q_f(h_t) . k_f(h_s) / sqrt(r)`` with s the match's last position and f the phrase's field;
         zero where t is no text position. Dotted with an item's phrase membership it gives the
@@ -533,13 +533,13 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
 
     @staticmethod
     def _run_matrix(word: torch.Tensor, index: torch.Tensor, last_break: torch.Tensor) -> torch.Tensor:
-        """(B, T, S): s is a word of the critique (run of text positions) ending at t."""
+        """(B, T, S): s is a word of the critique (run of its words) ending at t."""
         run = (index[:, None, :] > last_break[:, :, None]) & (index[:, None, :] <= index[:, :, None])
         return run & word[:, :, None]
 
     def critique_words(self, item_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, F x D) per position and field ``sum_s a_f(h_s) e_s`` over the critique that ends
-        there: the run of text positions s <= t (its words; zero where t is no text position), ``e_s``
+        there: the run of critique words s <= t (zero where t is no critique word), ``e_s``
         the unit input embedding of s's token, ``a_f`` :attr:`word_weight` of the decoder output
         ``hidden`` (B, T, D) at s. Dotted with an item's unit field vectors it gives the item's
         ``item_words`` term (:meth:`score_vectors`)."""
