@@ -14,8 +14,8 @@ Heads (RPG, KDD 2025). At position t the query is ``h_t`` plus the embedding of 
 next (the next event's in training, the request's at serving time), so the prediction knows which
 catalogue it ranks. Each code position p has its own projection ``W_p`` (with ``service_heads``
 plus a per-service change ``Delta_p^s``, zero at the start); its logits are the cosine similarity
-of ``W_p q`` with the embedding rows of p's codes (tied to the input), divided by a temperature. An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability
-of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
+of ``W_p q`` with the embedding rows of p's codes (tied to the input), divided by a temperature.
+An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
 ``item_embedding`` an item also has a vector of its own, added to its input positions, whose dot
 product with the query (times P) joins its score. With ``item_words`` a position that ends a
 critique (a run of text positions opened by ``[CRITIQUE]``) scores each item's words (brand, leaf
@@ -456,7 +456,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         ending there gives the phrase: over its matches in the run of critique words s <= t (the whole
         phrase, contiguous, inside the run; a match inside a longer match dropped), ``c_f(h_s) +
         q_f(h_t) . k_f(h_s) / sqrt(r)`` with s the match's last position and f the phrase's field;
-        zero where t is no text position. Dotted with an item's phrase membership it gives the
+        zero where t is no critique word. Dotted with an item's phrase membership it gives the
         item's ``item_phrases`` term; :func:`reference_phrase_query` is the plain version."""
         ids, field, lengths, _ = self.phrases()
         b, t_len = item_tokens.shape[:2]
