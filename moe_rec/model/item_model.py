@@ -15,7 +15,8 @@ next (the next event's in training, the request's at serving time), so the predi
 catalogue it ranks. Each code position p has its own projection ``W_p`` (with ``service_heads``
 plus a per-service change ``Delta_p^s``, zero at the start); its logits are the cosine similarity
 of ``W_p q`` with the embedding rows of p's codes (tied to the input), divided by a temperature.
-An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability of its ID under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
+An item's score is ``sum_p log softmax(logits_p)[code_p(item)]``: the log-probability of its ID
+under independent per-code predictions (:mod:`moe_rec.eval.exact` ranks with it); with
 ``item_embedding`` an item also has a vector of its own, added to its input positions, whose dot
 product with the query (times P) joins its score. With ``item_words`` a position that ends a
 critique (a run of text positions opened by ``[CRITIQUE]``) scores each item's words (brand, leaf
