@@ -73,6 +73,9 @@ class MoERecConfig(PretrainedConfig):
         item_embedding: bool = False,  # item_loss=items: + a per-item vector (zero at start; cold items
         # keep zero) added to the item's input positions and dotted with the query for its score
         num_items: int = 0,  # rows of that per-item table: the SID table's items (set from it)
+        item_loss_balance: str = "positions",  # item_loss=items: positions: every scored position counts
+        # once (a service weighs by its share of the positions); services: each service asked in a step
+        # counts once (the mean of its positions' losses), however few positions it has
         item_negatives: int = 0,  # item_loss=items: > 0 samples this many items per service (uniformly) per
         # step instead of normalising over the whole catalogue (a sampled softmax; 0: every item)
         item_text: bool = False,  # item_embedding: + a learned projection of the item's (frozen) text
@@ -152,6 +155,7 @@ class MoERecConfig(PretrainedConfig):
         self.item_head_temperature = item_head_temperature
         self.service_heads = service_heads
         self.item_loss = item_loss
+        self.item_loss_balance = item_loss_balance
         self.item_negatives = item_negatives
         self.item_embedding = item_embedding
         self.num_items = num_items
@@ -218,6 +222,12 @@ class MoERecConfig(PretrainedConfig):
                 )
             if self.item_loss not in ("codes", "items"):
                 raise ValueError(f"item_loss {self.item_loss!r} not in ('codes', 'items')")
+            if self.item_loss_balance not in ("positions", "services"):
+                raise ValueError(
+                    f"item_loss_balance {self.item_loss_balance!r} not in ('positions', 'services')"
+                )
+            if self.item_loss_balance == "services" and self.item_loss != "items":
+                raise ValueError("item_loss_balance='services' needs item_loss='items'")
             if self.item_embedding and (self.item_loss != "items" or self.num_items < 1):
                 raise ValueError(
                     "item_embedding needs item_loss='items' and num_items >= 1 (the catalogue's size)"

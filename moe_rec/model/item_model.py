@@ -31,7 +31,8 @@ Loss (``item_loss``). ``codes``: cross-entropy of every code of the next event, 
 that has one, averaged over codes and positions. ``items``: one softmax over every item of the next
 event's service (the catalogue is handed over once, :meth:`set_train_catalogue`), an item's logit
 being the mean of its codes' logits; the per-code normalisers and the 1/P are the same for every
-item, so this trains exactly the ranking the test scores. Plus the routers' auxiliary losses either way.
+item, so this trains exactly the ranking the test scores; with ``item_loss_balance='services'`` each
+asked service's mean loss counts once, not each position. Plus the routers' auxiliary losses.
 """
 
 from __future__ import annotations
@@ -854,6 +855,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             weights: (B, T) each position's weight (:meth:`_position_weights`); None: all 1. The sum
                 of weighted losses is divided by the number of scored positions either way, so the
                 other positions' gradients do not change.
+
+        With ``item_loss_balance='services'`` the result is instead the mean over the asked services
+        of each service's (weighted) loss sum divided by its number of scored positions.
         """
         if self.train_codes is None:
             raise ValueError(
@@ -887,6 +891,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             vectors = self.score_vectors(torch.cat([rows for _, rows in groups])).float()
             vectors = vectors.split([len(rows) for _, rows in groups])
         total = z.new_zeros(())
+        by_service = self.config.item_loss_balance == "services"
         for g, (pos, rows) in enumerate(groups):
             codes = self.train_codes[rows]  # (C, P)
             scores = gather_scores(z[pos].permute(1, 2, 0), codes).T  # (M_s, C)
@@ -900,5 +905,6 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
                 scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)
             loss = torch.logsumexp(scores, dim=1) - target_score[pos]  # (M_s,)
-            total = total + (loss if weight is None else loss * weight[pos]).sum()
-        return total / len(asked)
+            loss = (loss if weight is None else loss * weight[pos]).sum()
+            total = total + (loss / len(pos) if by_service else loss)
+        return total / (len(groups) if by_service else len(asked))

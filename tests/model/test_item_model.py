@@ -152,21 +152,24 @@ def test_dense_twin_is_item_level_too() -> None:
     assert out.aux_loss is None and math.isfinite(out.loss.item())
 
 
-def test_item_softmax_loss_is_the_cross_entropy_over_the_target_services_items() -> None:
-    """item_loss='items': a float64 loop over every scored position and every item of its service."""
-    model = _model(8, "token", item_loss="items")
+@pytest.mark.parametrize("balance", ["positions", "services"])
+def test_item_softmax_loss_is_the_cross_entropy_over_the_target_services_items(balance: str) -> None:
+    """item_loss='items': a float64 loop over every scored position and every item of its service;
+    the mean over positions, or with item_loss_balance='services' the mean of each service's mean."""
+    model = _model(8, "token", item_loss="items", item_loss_balance=balance)
     g = torch.Generator().manual_seed(9)
     catalogue = _catalogue(g)
     model.set_train_catalogue(
         torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
     )
     rows = [
-        _sample([catalogue[i] for i in picks], f"u{j}") for j, picks in enumerate([[0, 5, 9], [11, 2], [7]])
+        _sample([catalogue[i] for i in picks], f"u{j}")
+        for j, picks in enumerate([[0, 5, 9, 1], [11, 2], [7]])
     ]
     batch = item_batch(rows, VOCAB, 16)
     batch.pop("user_ids")
     out = model(**batch)
-    total, count = 0.0, 0
+    by_service: dict[int, list[float]] = {}  # each position's loss, by the service it asks for
     for row in rows:
         one = item_batch([row], VOCAB, 16)
         one.pop("user_ids")
@@ -179,12 +182,18 @@ def test_item_softmax_loss_is_the_cross_entropy_over_the_target_services_items()
             logits = [sum(float(z[t, p, c]) for p, c in enumerate(codes)) / 4 for s, codes in catalogue
                       if VOCAB.service_token(s) == service]  # fmt: skip
             target = sum(float(z[t, p, c]) for p, c in enumerate(nxt)) / 4  # the mean of the P = 4 codes
-            total += math.log(sum(math.exp(x) for x in logits)) - target
-            count += 1
-    assert count == 6
-    assert out.lm_loss.item() == pytest.approx(total / count, rel=1e-5)  # fp32 against float64 sums
+            by_service.setdefault(service, []).append(math.log(sum(math.exp(x) for x in logits)) - target)
+    losses = [x for xs in by_service.values() for x in xs]
+    assert sorted(len(xs) for xs in by_service.values()) == [2, 2, 3]  # unequal: the modes differ
+    if balance == "positions":
+        want = sum(losses) / len(losses)
+    else:
+        want = sum(sum(xs) / len(xs) for xs in by_service.values()) / len(by_service)
+    assert out.lm_loss.item() == pytest.approx(want, rel=1e-5)  # fp32 against float64 sums
     with pytest.raises(ValueError, match="set_train_catalogue"):
         MoERecForItemPrediction(model.config)(**batch)
+    with pytest.raises(ValueError, match="item_loss_balance 'service' not in"):
+        _model(8, item_loss="items", item_loss_balance="service")
 
 
 def test_sampled_item_softmax_covers_the_whole_service_when_it_draws_every_item() -> None:
