@@ -70,12 +70,12 @@ class MoERecConfig(PretrainedConfig):
         # codes: cross-entropy of each code of the next item (RPG); items: one softmax over every item
         # of the next item's service, an item's logit the mean of its codes' logits (ranks as at test)
         item_loss: str = "codes",
-        item_embedding: bool = False,  # item_loss=items: + a per-item vector (zero at start; cold items
-        # keep zero) added to the item's input positions and dotted with the query for its score
-        num_items: int = 0,  # rows of that per-item table: the SID table's items (set from it)
         item_loss_balance: str = "positions",  # item_loss=items: positions: every scored position counts
         # once (a service weighs by its share of the positions); services: each service asked in a step
         # counts once (the mean of its positions' losses), however few positions it has
+        item_embedding: bool = False,  # item_loss=items: + a per-item vector (zero at start; cold items
+        # keep zero) added to the item's input positions and dotted with the query for its score
+        num_items: int = 0,  # rows of that per-item table: the SID table's items (set from it)
         item_negatives: int = 0,  # item_loss=items: > 0 samples this many items per service (uniformly) per
         # step instead of normalising over the whole catalogue (a sampled softmax; 0: every item)
         item_text: bool = False,  # item_embedding: + a learned projection of the item's (frozen) text

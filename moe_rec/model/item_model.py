@@ -905,6 +905,6 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
                 scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)
             loss = torch.logsumexp(scores, dim=1) - target_score[pos]  # (M_s,)
-            loss = (loss if weight is None else loss * weight[pos]).sum()
-            total = total + (loss / len(pos) if by_service else loss)
+            summed = (loss if weight is None else loss * weight[pos]).sum()
+            total = total + (summed / len(pos) if by_service else summed)
         return total / (len(groups) if by_service else len(asked))
