@@ -146,6 +146,7 @@ def item_batch(
     batch (see the module docstring). An event is a label unless a row's token ``labels`` (one per
     input token) leave its codes out (-100), as a critique sample does for its history. Requests
     are usually left-padded, so the last column is every request's query position."""
+    rows = list(rows)  # a datasets.Dataset decodes a row on every index: once here, not per field
     parts = [split_positions(r["input_ids"], r["domain_ids"], vocab) for r in rows]
     b, t, s = len(rows), max(p.tokens.shape[0] for p in parts), vocab.tokens_per_item
     starts = np.asarray([r[0] for r in code_token_ranges(vocab)], dtype=np.int64)  # (P,)

@@ -83,6 +83,8 @@ class MoERecConfig(PretrainedConfig):
         item_text_dim: int = 0,  # width of those text embeddings (set from the SID stage's encoder)
         item_text_prior: bool = False,  # item_text: + w x cos(text of the position's own item, text of
         # the candidate), w learned (0 for the own item itself: "more like the last item, not it again")
+        item_text_prior_by_service: bool = False,  # item_text_prior: one w per asked service (services
+        # whose text differs, titles against keywords, may want different weights) instead of one
         text_token_range: list[int] | None = None,  # item-level model with text: the subword tokens'
         # [start, stop); a text head (tied to those rows and [EOS]) writes narratives
         text_loss_weight: float = 1.0,  # the narrative loss's weight beside the item loss
@@ -162,6 +164,7 @@ class MoERecConfig(PretrainedConfig):
         self.item_text = item_text
         self.item_text_dim = item_text_dim
         self.item_text_prior = item_text_prior
+        self.item_text_prior_by_service = item_text_prior_by_service
         self.item_vector_dropout = item_vector_dropout
         self.item_words = item_words
         self.item_word_slots = item_word_slots
@@ -238,6 +241,8 @@ class MoERecConfig(PretrainedConfig):
                 )
             if self.item_text_prior and not self.item_text:
                 raise ValueError("item_text_prior needs item_text (the text embeddings it compares)")
+            if self.item_text_prior_by_service and not self.item_text_prior:
+                raise ValueError("item_text_prior_by_service needs item_text_prior")
             if self.item_negatives < 0:
                 raise ValueError(f"item_negatives must be >= 0, got {self.item_negatives}")
             r = self.text_token_range

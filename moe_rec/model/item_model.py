@@ -202,6 +202,18 @@ def reference_phrase_query(
     return out
 
 
+def same_codes(targets: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """(M, N) True where target m's full ID (M, P) equals item n's (N, P): ``(targets[:, None] ==
+    codes[None]).all(-1)`` without its (M, N, P) comparison, which took 14 % of a joint training
+    step. Only the pairs that agree on the first code (about one in K) are compared on the rest."""
+    first = targets[:, None, 0] == codes[None, :, 0]  # (M, N)
+    m, n = first.nonzero(as_tuple=True)
+    same = (targets[m, 1:] == codes[n, 1:]).all(-1)
+    out = torch.zeros_like(first)
+    out[m[same], n[same]] = True
+    return out
+
+
 def gather_scores(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Scores (N, M) of N items for M queries: ``sum_p by_code[p, codes[:, p]]``.
 
@@ -246,7 +258,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             self.text_proj = nn.Linear(config.item_text_dim, d, bias=False)
         self.text_prior: nn.Parameter | None = None
         if config.item_text_prior:  # the weight of the last item's text similarity, in mean-code-logit units
-            self.text_prior = nn.Parameter(torch.full((1,), TEXT_PRIOR_INIT))  # (1,): DeepSpeed takes no 0-d
+            n = config.num_domains if config.item_text_prior_by_service else 1  # (1,): DeepSpeed takes no 0-d
+            self.text_prior = nn.Parameter(torch.full((n,), TEXT_PRIOR_INIT))
         self.word_weight: nn.Linear | None = None
         if config.item_words:  # each item's subwords per field (saved with the weights, as item_text)
             shape = (config.num_items, len(WORD_FIELDS), config.item_word_slots)
@@ -563,6 +576,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
     def item_query(
         self,
         query: torch.Tensor,
+        query_services: torch.Tensor,
         own_rows: torch.Tensor | None,
         words: torch.Tensor | None = None,
         phrases: torch.Tensor | None = None,
@@ -571,11 +585,15 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         """(..., D') the query of the per-item term: the heads' query (..., D); with
         ``item_text_prior`` the weighted unit text embedding of each position's own item
         (``own_rows``, -1: none), so that ``item_query . score_vectors`` adds ``w x cos(own item,
-        candidate)``; with ``item_words`` the critique's weighted words (:meth:`critique_words`,
+        candidate)`` (with ``item_text_prior_by_service`` ``w`` of the asked service,
+        ``query_services`` (...)); with ``item_words`` the critique's weighted words (:meth:`critique_words`,
         (..., F x D)) that meet the candidate's field vectors."""
         parts = [query]
         if self.text_prior is not None:
-            parts.append(self.text_prior * self._unit_text(own_rows).to(query.dtype))
+            w = self.text_prior
+            if self.config.item_text_prior_by_service:
+                w = self.text_prior[self.service_slots(query_services)][..., None]  # (..., 1)
+            parts.append(w * self._unit_text(own_rows).to(query.dtype))
         if self.word_weight is not None:
             parts.append(words.to(query.dtype))
         if self.phrase_weight is not None:  # with item_phrases: the critique's phrase weights (..., U)
@@ -662,6 +680,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         """(B, T, D) what the heads read: the decoder output plus the asked service's embedding."""
         return hidden + self.model.embed_tokens(query_services)
 
+    def service_slots(self, query_services: torch.Tensor) -> torch.Tensor:
+        """(...) each asked service token's slot: its id past the special tokens, in [0, num_domains)."""
+        return (query_services - len(SPECIAL_TOKENS)).clamp(0, self.config.num_domains - 1)
+
     def head_projection(self, query: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
         """(B, T, P x D) ``W_p q`` for every code position p, stacked; with ``service_heads`` plus
         ``Delta_p^s q``, s the asked service (its slot: the service token minus the special tokens).
@@ -669,7 +691,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         out = self.code_proj(query)
         if self.service_proj is None:
             return out
-        slot = (query_services - len(SPECIAL_TOKENS)).clamp(0, self.config.num_domains - 1)  # (B, T)
+        slot = self.service_slots(query_services)  # (B, T)
         delta = torch.zeros_like(out)
         for s in slot.unique().tolist():
             at = slot == s
@@ -791,7 +813,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
             query = self.query(hidden, query_services)  # (B, T', D)
-            out.hidden_states = self.item_query(query, own_rows, words, phrases, price)
+            out.hidden_states = self.item_query(query, query_services, own_rows, words, phrases, price)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
@@ -902,7 +924,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                         rows[None] == own[pos][:, None]
                     )
             if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
-                copy = (codes[None] == tgt[pos][:, None]).all(-1)  # (M_s, C)
+                copy = same_codes(tgt[pos], codes)  # (M_s, C)
                 scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)
             loss = torch.logsumexp(scores, dim=1) - target_score[pos]  # (M_s,)
             summed = (loss if weight is None else loss * weight[pos]).sum()

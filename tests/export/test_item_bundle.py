@@ -16,6 +16,7 @@ from moe_rec.eval.evaluate import evaluate_model
 from moe_rec.eval.exact import ServiceCatalogue, rank_exact
 from moe_rec.export import export_checkpoint, load_bundle
 from moe_rec.model import MoERecForItemPrediction
+from moe_rec.model.item_model import TEXT_PRIOR_INIT
 from moe_rec.serve import Recommender
 from moe_rec.serve.config import ServeConfig
 from moe_rec.sid.table import SIDTable
@@ -83,9 +84,9 @@ def test_bundle_reproduces_the_checkpoint_and_serves_its_ranking(
         assert all(a.score >= b.score for a, b in zip(everything, everything[1:]))
 
 
-@pytest.mark.parametrize(("text", "prior"), [(False, False), (True, False), (True, True)],
-                         ids=["vector", "vector+text", "vector+text+prior"])  # fmt: skip
-def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool, prior: bool) -> None:
+@pytest.mark.parametrize(("text", "prior"), [(False, False), (True, False), (True, True), (True, "by_service")],
+                         ids=["vector", "vector+text", "vector+text+prior", "vector+text+prior-by-service"])  # fmt: skip
+def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool, prior: bool | str) -> None:
     """The per-item term through ZeRO-3 (its item-key buffers, and with item_text the catalogue's
     text embeddings, included): the exported bundle reproduces the engine's logits and query, and
     serving ranks as exact scoring of the checkpoint."""
@@ -100,7 +101,8 @@ def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool, pr
     args = ("model.kind=item", "model.overrides.item_loss=items", "model.overrides.item_embedding=true",
             "model.overrides.item_negatives=4", f"train.deepspeed={tmp_path / 'zero3.json'}",
             *(["model.overrides.item_text=true"] if text else []),
-            *(["model.overrides.item_text_prior=true"] if prior else []))  # fmt: skip
+            *(["model.overrides.item_text_prior=true"] if prior else []),
+            *(["model.overrides.item_text_prior_by_service=true"] if prior == "by_service" else []))  # fmt: skip
     summary = train(tiny_config(run, *args))
     checkpoint = load_model(run / "checkpoints", "latest")
     # validation under ZeRO-3 (the per-item vectors gathered from their shards) equals the checkpoint's
@@ -122,6 +124,10 @@ def test_item_embedding_trains_exports_and_serves(tmp_path: Path, text: bool, pr
     out = export_checkpoint(run / "checkpoints", tmp_path / "bundle", tag="latest")
     bundle = load_bundle(out)
     assert torch.equal(bundle.model.item_keys, checkpoint.item_keys)
+    if prior == "by_service":  # one trained weight per service travels with the bundle
+        assert bundle.model.text_prior.shape == (checkpoint.config.num_domains,)
+        assert torch.equal(bundle.model.text_prior, checkpoint.text_prior)
+        assert not torch.equal(checkpoint.text_prior, torch.full_like(checkpoint.text_prior, TEXT_PRIOR_INIT))
     with torch.no_grad():  # no labels: the loss needs the training catalogue, serving does not
         probe = bundle.model(**{k: v for k, v in summary["probe"]["batch"].items() if k != "labels"})
     torch.testing.assert_close(probe.logits[:2], summary["probe"]["logits"], rtol=1e-5, atol=1e-5)  # as above

@@ -223,21 +223,27 @@ def _logit(z: torch.Tensor, q: torch.Tensor, vec: torch.Tensor, row: int | None,
     return sum(float(z[p, c]) for p, c in enumerate(codes)) / len(codes) + term
 
 
-@pytest.mark.parametrize(("text", "prior"), [(False, False), (True, False), (True, True)],
-                         ids=["vector", "vector+text", "vector+text+prior"])  # fmt: skip
-def test_item_embedding_keys_rows_and_loss(text: bool, prior: bool) -> None:
+@pytest.mark.parametrize(("text", "prior", "by_service"),
+                         [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+                         ids=["vector", "vector+text", "vector+text+prior", "vector+text+prior-by-service"])  # fmt: skip
+def test_item_embedding_keys_rows_and_loss(text: bool, prior: bool, by_service: bool) -> None:
     """item_embedding: each catalogue item found by its (service, codes) key, a cold item and [BOS]
     by none; the loss adds ``query . vector`` to the mean code logit (a float64 loop again); with
     item_text the vector is the learned one plus the projected text embedding; with
     item_text_prior also ``w x cos`` of the position's own item's text and the candidate's, 0 for
-    the own item itself."""
+    the own item itself; with item_text_prior_by_service ``w`` is the asked service's, and only the
+    weights of services asked after an own item with text get a gradient."""
     g = torch.Generator().manual_seed(11)
     catalogue = _catalogue(g)
     model = _model(
         12, "token", item_loss="items", item_embedding=True, num_items=len(catalogue),
         item_text=text, item_text_dim=6 if text else 0, item_text_prior=prior,
+        item_text_prior_by_service=by_service,
     )  # fmt: skip
     assert model.item_embed.weight.abs().sum() == 0  # no item term before training
+    if by_service:
+        with torch.no_grad():
+            model.text_prior.copy_(torch.tensor([3.0, -2.0, 7.0]))  # a, b, c: each its own weight
     if text:
         model.set_item_text(torch.randn(len(catalogue), 6, generator=g))
     model.set_train_catalogue(
@@ -261,26 +267,33 @@ def test_item_embedding_keys_rows_and_loss(text: bool, prior: bool) -> None:
     torch.testing.assert_close(model.item_table()[:, :d].double(), vec)
     own = [-1, 2, -1, 9]  # each position's own catalogue row ([BOS], catalogue[2], cold, catalogue[9])
 
-    def text_prior(t: int, row: int | None) -> float:
+    def text_prior(t: int, row: int | None, asked: str) -> float:
         if not prior or own[t] < 0 or row is None or row == own[t]:
             return 0.0
         a, b = model.item_text[own[t]].double(), model.item_text[row].double()
-        return float(model.text_prior) * float(a @ b / (a.norm() * b.norm()))
+        w = model.text_prior[VOCAB.service_index(asked)] if by_service else model.text_prior[0]
+        return float(w) * float(a @ b / (a.norm() * b.norm()))
 
     total = 0.0
     for t, nxt in ((0, catalogue[2]), (1, cold), (2, catalogue[9])):
         service = VOCAB.service_token(nxt[0])
 
         others = [
-            _logit(z[t], q[t], vec, i, c) + text_prior(t, i)
+            _logit(z[t], q[t], vec, i, c) + text_prior(t, i, nxt[0])
             for i, (s, c) in enumerate(catalogue)
             if VOCAB.service_token(s) == service
         ]
         row = catalogue.index(nxt) if nxt in catalogue else None
-        target = _logit(z[t], q[t], vec, row, nxt[1]) + text_prior(t, row)
+        target = _logit(z[t], q[t], vec, row, nxt[1]) + text_prior(t, row, nxt[0])
         # a cold target has no vector and is not in the normaliser (training targets always are)
         total += math.log(sum(math.exp(x) for x in others)) - target
     assert out.lm_loss.item() == pytest.approx(total / 3, rel=1e-5)  # fp32 against float64 sums
+    if by_service:  # only position 1 has an own item with text (catalogue[2]); it asks for "a"
+        with torch.no_grad():  # large learned vectors make the own item take all of the softmax
+            model.item_embed.weight.zero_()
+        model(**one).lm_loss.backward()
+        grad = model.text_prior.grad.abs()
+        assert grad[0] > 0 and grad[1] == 0 and grad[2] == 0
 
 
 def test_items_kept_out_of_training_are_no_negatives_and_keep_a_zero_vector() -> None:
@@ -1023,3 +1036,36 @@ def test_service_heads_match_a_plain_loop_over_positions(seed: int) -> None:
     assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0
     with pytest.raises(ValueError, match="service_heads needs the item-level model"):
         build_config("tiny", service_heads=True)
+
+
+def test_text_prior_by_service_needs_the_prior_and_keeps_one_weight_per_service() -> None:
+    """item_text_prior_by_service: one weight per service slot, each starting where the shared one
+    does; without item_text_prior the config names what is missing."""
+    shared = _model(0, item_loss="items", item_embedding=True, num_items=4, item_text=True,
+                    item_text_dim=6, item_text_prior=True)  # fmt: skip
+    own = _model(0, item_loss="items", item_embedding=True, num_items=4, item_text=True,
+                 item_text_dim=6, item_text_prior=True, item_text_prior_by_service=True)  # fmt: skip
+    assert own.text_prior.shape == (3,) and shared.text_prior.shape == (1,)
+    torch.testing.assert_close(own.text_prior, shared.text_prior.expand(3))
+    with pytest.raises(ValueError, match="item_text_prior_by_service needs item_text_prior"):
+        _model(0, item_loss="items", item_embedding=True, num_items=4, item_text=True, item_text_dim=6,
+               item_text_prior_by_service=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("seed", "m", "n", "p", "k"), [(0, 7, 50, 4, 3), (1, 64, 300, 16, 8), (2, 1, 9, 1, 2)]
+)
+def test_same_codes_equals_the_full_comparison(seed: int, m: int, n: int, p: int, k: int) -> None:
+    """same_codes (first code, then the rest of the matching pairs) against the (M, N, P) comparison
+    on random IDs from a small alphabet, so many pairs share a first code and some whole IDs, with
+    copies of catalogue rows among the targets."""
+    from moe_rec.model.item_model import same_codes
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    codes = torch.randint(k, (n, p), generator=g)
+    targets = torch.randint(k, (m, p), generator=g)
+    targets[: m // 2] = codes[torch.randint(n, (m // 2,), generator=g)]  # some targets are catalogue items
+    want = (targets[:, None] == codes[None]).all(-1)
+    got = same_codes(targets, codes)
+    assert got.dtype == torch.bool and torch.equal(got, want)
+    assert bool(want[: m // 2].any(-1).all())  # the copied targets were found
