@@ -1,7 +1,7 @@
-"""tools/run_benchmark.py. Slow: end to end on tiny synthetic data, the dense twin x two seeds, run
-as two commands (one seed each), each trained in its own process with W&B offline, evaluated on
-test; the second command's summary covers both, its mean ± std equal the per-run reports; a rerun
-resumes without retraining; --summary-only rewrites the same table. (MoE variants train the same
+"""tools/run_benchmark.py. Slow: end to end on tiny synthetic data, the dense twin, SASRec and
+popularity x two seeds, run as two commands (one seed each), each trained in its own process with
+W&B offline, evaluated on test; the second command's summary covers both, its mean ± std equal the
+per-run reports; a rerun resumes without retraining; --summary-only rewrites the same table. (MoE variants train the same
 way through the same command; tests/test_cli.py trains one.) Fast: the summary of hand-written
 reports against a plain loop, bad input to --summary-only, and the step logs a resumed run appends."""
 
@@ -30,8 +30,9 @@ def _bench(root: Path, cache: Path, *seeds: str) -> subprocess.CompletedProcess:
     overrides = [o for o in TINY if not o.startswith("train.wandb")]
     cmd = [
         sys.executable, str(TOOL), *overrides, "train.wandb.mode=offline",
-        f"sid.encoder.cache_dir={cache}", "--config", "configs/experiments/demo.yaml", "--root", str(root),
-        "--variants", "dense", "--seeds", *seeds,
+        f"sid.encoder.cache_dir={cache}", "sasrec.epochs=2", "sasrec.eval_every=1", "sasrec.hidden=16",
+        "--config", "configs/experiments/demo.yaml", "--root", str(root),
+        "--variants", "dense", "sasrec", "popularity", "--seeds", *seeds,
     ]  # fmt: skip
     rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
@@ -60,8 +61,21 @@ def test_matrix_trains_every_variant_and_summarises_the_seeds(tmp_path: Path) ->
             assert cell["values"] == values
             assert cell["mean"] == pytest.approx(sum(values) / 2)
             assert cell["std"] == pytest.approx(statistics.stdev(values), nan_ok=True)
+    for baseline in ("sasrec", "popularity"):  # evaluated by `moe-rec eval --baseline`, beside the model
+        reports = [json.loads((tmp_path / "bench" / "joint" / f"{baseline}-seed{s}" / "eval" / "test-best.json")
+                              .read_text()) for s in (0, 1)]  # fmt: skip
+        assert [rep["model"] for rep in reports] == [baseline] * 2
+        cell = summary["joint"][baseline]["services"]["overall"]["ndcg@10"]
+        assert cell["values"] == [rep["metrics"]["test/ndcg@10"] for rep in reports]
+    sasrec = tmp_path / "bench" / "joint" / "sasrec-seed1" / "logs" / "eval.log"
+    assert "sasrec.seed=1" in sasrec.read_text()  # the run's seed reaches the baseline
     table = (tmp_path / "bench" / "summary.md").read_text()
     assert "| joint | dense | overall | 0 1 |" in table
+    assert (
+        table.index("| joint | dense |")
+        < table.index("| joint | sasrec |")
+        < table.index("| joint | popularity |")
+    )
 
     log = runs[0] / "logs" / "train.log"
     assert log.read_text().count("==> ") == 1  # one command, its header line, then its output

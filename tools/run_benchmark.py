@@ -4,9 +4,12 @@ chosen on validation, mean ± std over seeds, per service.
 A *scope* is what one model is trained on: ``joint`` (every service of the config at once) or one
 service alone (``per_service`` expands to one scope per service). A *variant* is the FFN: ``dense``
 (the all-dense twin with the same active parameters per token) or an MoE routed by ``token``,
-``domain`` or ``domain_user``. Every scope prepares its data, semantic IDs and sequences once; each
+``domain`` or ``domain_user``; or a baseline on the scope's data: ``sasrec`` (one SASRec per
+service, the config's ``sasrec`` section, ``sasrec.seed`` the run's seed) or ``popularity`` (no
+seed: one run is enough). Every scope prepares its data, semantic IDs and sequences once; each
 (variant, seed) run links to them, trains (best checkpoint by ``train.best_metric`` on validation)
-and evaluates that checkpoint on the test split with constrained beam search.
+and evaluates that checkpoint on the test split (exact scoring for the item-level model,
+constrained beam search for the token-level one).
 
 Every step runs as its own ``moe-rec`` process and is skipped when its output exists, so an
 interrupted matrix resumes where it stopped, and parts of one matrix can run as separate commands
@@ -21,6 +24,14 @@ interrupted matrix resumes where it stopped, and parts of one matrix can run as 
         --scopes per_service --variants domain_user
     # the table of every finished run so far, while others are still training
     python tools/run_benchmark.py --root runs/bench --summary-only
+    # the item-level table of docs/RESULTS.md: the joint recipe and its dense twin, one model per
+    # service (their own recipe), our tuned SASRec and popularity, 3 seeds, in one root
+    python tools/run_benchmark.py --config configs/experiments/amazon2014_joint.yaml --root runs/bench-item \
+        --variants domain_user dense sasrec
+    python tools/run_benchmark.py --config configs/experiments/amazon2014_joint.yaml --root runs/bench-item \
+        --variants popularity --seeds 0
+    python tools/run_benchmark.py --config configs/experiments/amazon2014_prior.yaml --root runs/bench-item \
+        --scopes per_service --variants domain_user
     # small CPU run on synthetic data
     python tools/run_benchmark.py train.max_steps=300 --config configs/experiments/demo.yaml \\
         --root runs/bench-demo --seeds 0 1 2
@@ -47,6 +58,7 @@ VARIANTS = {
     "domain": ["model.router_mode=domain"],
     "domain_user": ["model.router_mode=domain_user"],
 }
+BASELINES = ("sasrec", "popularity")  # evaluated with `moe-rec eval --baseline`, nothing trained here
 DEFAULT_SCOPES, DEFAULT_SEEDS = ["joint"], [0, 1, 2]
 SHARED = ("data", "sids", "sequences")  # built once per scope, linked into each run
 COLUMNS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20")
@@ -88,15 +100,23 @@ def prepare_scope(config: str, scope_dir: Path, overrides: list[str]) -> None:
 def run_one(
     config: str, scope_dir: Path, variant: str, seed: int, overrides: list[str], launch: str | None
 ) -> None:
-    """Train one (variant, seed) on a prepared scope, evaluate its best checkpoint on test."""
+    """Train one (variant, seed) on a prepared scope, evaluate its best checkpoint on test; a
+    baseline variant is trained (SASRec) and evaluated by ``moe-rec eval --baseline``."""
     run_dir = scope_dir / f"{variant}-seed{seed}"
     report = run_dir / "eval" / "test-best.json"
-    if not report.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in SHARED:
-            link = run_dir / name
-            if not link.exists():
-                link.symlink_to(Path("..") / name)
+    if report.exists():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in SHARED:
+        link = run_dir / name
+        if not link.exists():
+            link.symlink_to(Path("..") / name)
+    if variant in BASELINES:
+        args = [f"run_dir={run_dir}", f"sasrec.seed={seed}", *overrides]
+        cmd = _moe_rec("eval", "--config", config, "--baseline", variant, *args)
+        _run(cmd, run_dir / "logs" / "eval.log")
+        (run_dir / "eval" / f"test-{variant}.json").replace(report)
+    else:
         args = [f"run_dir={run_dir}", *VARIANTS[variant], f"train.seed={seed}", *overrides]
         if launch:
             train_cmd = [*shlex.split(launch), config, *args]
@@ -116,13 +136,13 @@ def finished_runs(root: Path) -> dict[tuple[str, str], dict[int, dict]]:
     found: dict[tuple[str, str], dict[int, dict]] = {}
     for report in root.glob("*/*-seed*/eval/test-best.json"):
         variant, _, seed = report.parents[1].name.rpartition("-seed")
-        if variant in VARIANTS and seed.isdigit():
+        if variant in (*VARIANTS, *BASELINES) and seed.isdigit():
             try:
                 metrics = json.loads(report.read_text())["metrics"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 sys.exit(f"{report}: not an eval report ({e!r}); rerun that run's eval or remove the file")
             found.setdefault((report.parents[2].name, variant), {})[int(seed)] = metrics
-    order = list(VARIANTS)
+    order = [*VARIANTS, *BASELINES]
     keys = sorted(found, key=lambda k: (k[0] != "joint", k[0], order.index(k[1])))
     return {k: dict(sorted(found[k].items())) for k in keys}
 
@@ -158,7 +178,9 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--config", help="experiment YAML (data, SIDs, model, training)")
     parser.add_argument("--root", required=True, type=Path, help="directory for every scope and run")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
+    parser.add_argument(
+        "--variants", nargs="+", choices=[*VARIANTS, *BASELINES], help="default: the models, no baseline"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, help=f"default: {' '.join(map(str, DEFAULT_SEEDS))}")
     parser.add_argument(
         "--scopes",
