@@ -26,11 +26,11 @@ interrupted matrix resumes where it stopped, and parts of one matrix can run as 
     python tools/run_benchmark.py --root runs/bench --summary-only
     # the item-level table of docs/RESULTS.md: the joint recipe and its dense twin, one model per
     # service (their own recipe), our tuned SASRec and popularity, 3 seeds, in one root
-    python tools/run_benchmark.py --config configs/experiments/amazon2014_joint.yaml --root runs/bench-item \
+    python tools/run_benchmark.py --config configs/experiments/amazon2014_joint.yaml --root runs/bench-item \\
         --variants domain_user dense sasrec
-    python tools/run_benchmark.py --config configs/experiments/amazon2014_joint.yaml --root runs/bench-item \
+    python tools/run_benchmark.py --config configs/experiments/amazon2014_joint.yaml --root runs/bench-item \\
         --variants popularity --seeds 0
-    python tools/run_benchmark.py --config configs/experiments/amazon2014_prior.yaml --root runs/bench-item \
+    python tools/run_benchmark.py --config configs/experiments/amazon2014_prior.yaml --root runs/bench-item \\
         --scopes per_service --variants domain_user
     # small CPU run on synthetic data
     python tools/run_benchmark.py train.max_steps=300 --config configs/experiments/demo.yaml \\
