@@ -1,9 +1,10 @@
 """tools/run_benchmark.py. Slow: end to end on tiny synthetic data, the dense twin, SASRec and
 popularity x two seeds, run as two commands (one seed each), each trained in its own process with
 W&B offline, evaluated on test; the second command's summary covers both, its mean ± std equal the
-per-run reports; a rerun resumes without retraining; --summary-only rewrites the same table. (MoE variants train the same
-way through the same command; tests/test_cli.py trains one.) Fast: the summary of hand-written
-reports against a plain loop, bad input to --summary-only, and the step logs a resumed run appends."""
+per-run reports; a rerun resumes without retraining; --summary-only rewrites the same table. (MoE
+variants train the same way through the same command; tests/test_cli.py trains one.) Fast: the
+summary of hand-written reports against a plain loop, bad input to --summary-only, and the step
+logs a resumed run appends."""
 
 from __future__ import annotations
 

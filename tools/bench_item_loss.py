@@ -8,9 +8,8 @@ front of its service's drawn candidates, and drops a drawn copy of the target. F
   first code, then the pairs that agree (about one in K) on the rest;
 * **plain** (the baseline) — ``(targets[:, None] == codes[None]).all(-1)``, an (M, C, P) comparison.
 
-Both must give the same mask (checked); it prints the median time of each over the iterations, the
-time of the rest of the loss's forward for scale (the score gather over the codes, the same shapes),
-and plain / ours.
+Both must give the same mask (checked); it prints the median time of each over the iterations, that
+of the score gather over the same shapes for scale, and plain / ours.
 
     OMP_NUM_THREADS=1 python tools/bench_item_loss.py                       # the joint recipe's shapes
     OMP_NUM_THREADS=1 python tools/bench_item_loss.py --positions 700 --candidates 1900 --codes 16
@@ -19,24 +18,11 @@ and plain / ours.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from bench_paths import timed  # tools/ is on the path of a script run from it
 
 from moe_rec.model.item_model import gather_scores, same_codes
-
-
-def median_seconds(fn: Callable[[], object], iters: int) -> float:
-    """Median wall time of ``fn`` over ``iters`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -65,8 +51,8 @@ def main() -> None:
     if not torch.equal(plain(), ours()):
         raise SystemExit("same_codes and the plain comparison disagree")
     by_code = torch.randn(p, k, m, generator=g)
-    t_plain, t_ours = median_seconds(plain, args.iters), median_seconds(ours, args.iters)
-    t_gather = median_seconds(lambda: gather_scores(by_code, codes), args.iters)
+    t_plain, t_ours = timed(plain, args.iters), timed(ours, args.iters)
+    t_gather = timed(lambda: gather_scores(by_code, codes), args.iters)
     print(f"M={m} positions x C={c} candidates, P={p} codes of K={k}; {torch.get_num_threads()} thread(s)")
     print(f"plain (M, C, P) comparison   {t_plain * 1e3:8.2f} ms")
     print(f"ours (same_codes)            {t_ours * 1e3:8.2f} ms")

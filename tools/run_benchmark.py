@@ -112,7 +112,7 @@ def run_one(
         if not link.exists():
             link.symlink_to(Path("..") / name)
     if variant in BASELINES:
-        args = [f"run_dir={run_dir}", f"sasrec.seed={seed}", *overrides]
+        args = [f"run_dir={run_dir}", *([f"sasrec.seed={seed}"] if variant == "sasrec" else []), *overrides]
         cmd = _moe_rec("eval", "--config", config, "--baseline", variant, *args)
         _run(cmd, run_dir / "logs" / "eval.log")
         (run_dir / "eval" / f"test-{variant}.json").replace(report)
