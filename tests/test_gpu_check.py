@@ -1,7 +1,7 @@
 """tools/gpu_check.sh on a machine without a GPU. Slow: the whole dry pass (every step at tiny sizes
 on the CPU) exits 0, prints one table with a row per step and writes it under $OUT. Fast: without
---dry-run and without CUDA it turns into the dry pass by itself, and a spent budget skips steps
-instead of running them."""
+--dry-run and without CUDA it turns into the dry pass by itself, and a spent budget or --skip
+skips steps instead of running them."""
 
 from __future__ import annotations
 
@@ -57,12 +57,14 @@ def test_the_dry_pass_runs_every_step_and_prints_the_table(tmp_path: Path) -> No
 
 
 def test_without_cuda_it_is_a_dry_pass_and_a_spent_budget_skips_steps(tmp_path: Path) -> None:
+    """``--skip`` names steps left out; the spent budget skips the rest."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    done = _check(tmp_path, "--budget", "0")
+    done = _check(tmp_path, "--budget", "0", "--skip", "bench_moe,bench_topk")
     assert "no CUDA device" in done.stderr and done.stdout.startswith("# gpu_check: dry pass")
     rows = _rows(done.stdout)
     assert tuple(rows) == STEPS
     assert {status for status, _, _ in rows.values()} == {"SKIP"}
     assert rows["setup"][2] == "no time left in the 0s budget"
+    assert [s for s in STEPS if rows[s][2] == "left out (--skip)"] == ["bench_moe", "bench_topk"]
     assert done.returncode == 0  # a skipped step is no failure

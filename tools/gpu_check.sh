@@ -7,6 +7,7 @@
 #   bash tools/gpu_check.sh --wheels DIR   # packages to install when missing (default: shared/wheels)
 #   bash tools/gpu_check.sh --budget 540   # seconds for all steps together (default 540; dry 300)
 #   bash tools/gpu_check.sh --work DIR     # scratch space, wiped first (default ${TMPDIR:-/tmp}/moe_rec_gpu_check)
+#   bash tools/gpu_check.sh --skip bench_moe,bench_decode   # steps left out (SKIP rows): a rerun of what failed
 #   PYTHON=/path/to/python bash tools/gpu_check.sh ...   # default: .venv/bin/python, else python3
 #
 # Steps, in this order. Each has its own time limit, cut to what is left of the budget; a step that
@@ -20,7 +21,7 @@
 #                with MegaBlocks rows when it imports
 #   train_data   synthetic data (moe-rec data prepare), random semantic IDs (tools/random_sids.py: the
 #                text encoder's model is too big to travel), moe-rec sequences build
-#   train        moe-rec train: model.size=small, token-level, bf16, ZeRO-2, 60 steps on one GPU;
+#   train        moe-rec train: model.size=small, item-level, bf16, ZeRO-2, 60 steps on one GPU;
 #                tokens/s, TFLOP/s and MFU as the trainer logs them (checkpoints/metrics.jsonl)
 #   bench_decode tools/bench_decode.py as in docs/decoding.md (small, bf16, batches 1 and 256)
 #   bench_topk   tools/bench_exact_topk.py at 10k / 100k / 1M items (docs/decoding.md)
@@ -51,13 +52,14 @@ set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-dry=0 budget="" wheels="$root/shared/wheels" work="${TMPDIR:-/tmp}/moe_rec_gpu_check"
+dry=0 budget="" skip_steps="" wheels="$root/shared/wheels" work="${TMPDIR:-/tmp}/moe_rec_gpu_check"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
     --wheels) wheels="$2"; shift ;;
     --budget) budget="$2"; shift ;;
     --work) work="$2"; shift ;;
+    --skip) skip_steps="$2"; shift ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -89,11 +91,12 @@ failed=0
 # --- running a step -------------------------------------------------------------------------------
 
 # step NAME LIMIT CMD...: run CMD with its output in $logs/NAME.log, at most LIMIT seconds and never
-# past the budget. Sets $rc (124: timed out) and $took; returns CMD's status.
+# past the budget. Sets $rc (124: timed out, 125: no time left, 126: left out by --skip) and $took; returns CMD's status.
 step() {
   local name="$1" limit="$2"; shift 2
   local left=$((deadline - SECONDS))
   took=0 rc=0
+  if [[ ",$skip_steps," == *",$name,"* ]]; then rc=126; echo "left out (--skip)" >"$logs/$name.log"; return "$rc"; fi
   if [ "$left" -lt 15 ]; then rc=125; echo "no time left in the ${budget}s budget" >"$logs/$name.log"; return "$rc"; fi
   [ "$limit" -le "$left" ] || limit="$left"
   echo "== $name (at most ${limit}s): $*" >&2
@@ -112,6 +115,7 @@ row() {
       0) status=PASS ;;
       124) status=TIMEOUT; result="stopped after ${took}s; $result" ;;
       125) status=SKIP; result="no time left in the ${budget}s budget" ;;
+      126) status=SKIP; result="left out (--skip)" ;;
       *) status=FAIL; result="exit $rc; $result" ;;
     esac
   fi
@@ -243,12 +247,13 @@ else
     bench_topk=90 bench_serve=120 launcher=120)
 fi
 limit() { local kv; for kv in "${limits[@]}"; do [ "${kv%%=*}" != "$1" ] || echo "${kv#*=}"; done; }
-# The token-level model on the demo's synthetic services: 3 levels of 256 random codes, a training
-# window every 10 events; bf16 on a GPU; validation (on a few requests) and a checkpoint at the end.
-# No critiques: they are text for the item-level model.
+# The item-level model (the default) on the demo's synthetic services: 16 random codes of 256 a
+# item, every event a label; bf16 on a GPU; exact validation over every item of the asked service
+# (on a few requests) and a checkpoint at the end. Random codes have no item text, so no text
+# vector, no text prior and no critiques (text samples).
 config=configs/experiments/demo.yaml
-run_args=(run_dir="$run" model.kind=token sid.levels=3 sid.codebook_size=256 sid.max_dedup=64
-  sequences.train_stride=10 critiques.enabled=false "${data_args[@]}")
+run_args=(run_dir="$run" sid.levels=16 sid.codebook_size=256 model.overrides.item_text=false
+  model.overrides.item_text_prior=false critiques.enabled=false "${data_args[@]}")
 fit_args=("${run_args[@]}" train.precision=auto train.eval_every=0 train.save_every=100000
   train.wandb.mode=disabled "${train_args[@]}")
 export PYTHON wheels site work dry config

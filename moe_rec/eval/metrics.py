@@ -59,6 +59,17 @@ def target_rank(ranked: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (distinct_rank * hit).sum(dim=1)  # (B,)
 
 
+def all_reduce_(t: torch.Tensor) -> None:
+    """Sum ``t`` over ranks in place, as ``dist.all_reduce`` does, wherever ``t`` lives: NCCL
+    reduces GPU tensors only, so there a CPU tensor's sum goes through this rank's GPU."""
+    if t.device.type != "cuda" and dist.get_backend() == dist.Backend.NCCL:
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu)
+        t.copy_(on_gpu)
+    else:
+        dist.all_reduce(t)
+
+
 class RankingMetrics:
     """Accumulates Recall@K and NDCG@K sums and request counts per service.
 
@@ -143,13 +154,8 @@ class RankingMetrics:
         if self._reduced:
             raise RuntimeError("RankingMetrics.reduce() was already called")
         self._reduced = True
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        sums = self.sums
-        if dist.get_backend() == dist.Backend.NCCL:  # NCCL reduces device tensors only
-            sums = sums.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        self.sums = sums.cpu()
+        if dist.is_available() and dist.is_initialized():
+            all_reduce_(self.sums)
 
     def compute(self) -> dict[str, float]:
         """Means from the accumulated sums.

@@ -313,11 +313,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         services = service_tokens.long().to(device)
         # the service each row is a candidate of; -1: no service's (kept out of training)
         self.train_services = services if trained is None else services.masked_fill(~trained.to(device), -1)
-        self._rows_of = {
-            int(s): (self.train_services == s).nonzero().flatten()
-            for s in self.train_services.unique()
-            if s >= 0
-        }
+        self._rows_of: dict[int, torch.Tensor] = {}  # per service token, by _service_rows
         if self.item_embed is not None:
             if len(codes) != self.config.num_items:
                 raise ValueError(f"{len(codes)} items for an item table of {self.config.num_items}")
@@ -327,6 +323,15 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 raise ValueError("two catalogue items share a (service, codes) key; their IDs must differ")
             self.item_keys.copy_(keys[order])
             self.item_key_rows.copy_(order)
+
+    def _service_rows(self, service: int) -> torch.Tensor:
+        """(N_s,) the rows of every trained item of service token ``service``, on the buffers'
+        device: kept per service, made again once the model has moved (DeepSpeed moves it to the
+        GPU after :meth:`set_train_catalogue`)."""
+        rows = self._rows_of.get(service)
+        if rows is None or rows.device != self.train_services.device:
+            rows = self._rows_of[service] = (self.train_services == service).nonzero().flatten()
+        return rows
 
     def item_rows(self, codes: torch.Tensor, services: torch.Tensor) -> torch.Tensor:
         """Catalogue rows (...) of items given by codes (..., P) and service tokens (...); -1 where
@@ -903,7 +908,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 target_score = target_score + self.own_item_term(q, own) * (target_rows == own)
         groups = []  # per asked service: its positions and its candidate items
         for service in asked.unique().tolist():  # each service's positions against its own items only
-            rows = self._rows_of[service]  # (N_s,) every trained item of the service
+            rows = self._service_rows(service)  # (N_s,) every trained item of the service
             if self.config.item_negatives:  # that many draws, each drawn item once
                 rows = rows[
                     torch.randint(len(rows), (self.config.item_negatives,), device=rows.device)

@@ -31,7 +31,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from copy import deepcopy
-from importlib.metadata import version
 from logging.config import dictConfig
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 
+import moe_rec
 from moe_rec.serve.config import ServeConfig
 from moe_rec.serve.metrics import ServeMetrics
 from moe_rec.serve.recommender import Recommender
@@ -299,8 +299,8 @@ def create_app(recommender: Recommender) -> FastAPI:
 
     app = FastAPIOffline(
         title="moe-rec",
-        summary="Generative multi-service recommendations by constrained beam search over semantic IDs.",
-        version=version("moe-rec"),
+        summary="Multi-service recommendations from a generative model over semantic IDs.",
+        version=moe_rec.__version__,  # also when run from a source tree, not installed
         lifespan=lifespan,
     )
 

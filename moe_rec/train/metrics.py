@@ -33,7 +33,7 @@ from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.evaluate import by_length, rank_requests
-from moe_rec.eval.metrics import DEFAULT_KS, MACRO, RankingMetrics
+from moe_rec.eval.metrics import DEFAULT_KS, MACRO, RankingMetrics, all_reduce_
 from moe_rec.model import MoERecConfig
 from moe_rec.sid.table import SIDTable
 from moe_rec.sid.trie import SIDTrie
@@ -88,7 +88,7 @@ def evaluate(
             n_hit, n_codes = hits[j].sum().item(), scored[j].sum().item()
             counts[row["service"]] += weight * torch.tensor([1.0, float(n_hit == n_codes), n_hit, n_codes])
     engine.train()
-    dist.all_reduce(counts)
+    all_reduce_(counts)
     out: dict[str, float] = {}
     for name, c in [("", counts.sum(0)), *((f"{s}/", counts[i]) for i, s in enumerate(vocab.services))]:
         if c[0] > 0:

@@ -39,7 +39,7 @@ from moe_rec.data.positions import code_token_ranges
 from moe_rec.data.schema import DataError
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.eval.exact import ServiceCatalogue, evaluate_exact
-from moe_rec.eval.metrics import MACRO
+from moe_rec.eval.metrics import MACRO, all_reduce_
 from moe_rec.model import MoERecConfig, build_config, model_class, parameter_report
 from moe_rec.sid.build import table_text_embeddings
 from moe_rec.sid.table import META_FILE, SIDTable
@@ -241,7 +241,7 @@ class StepStats:
         """Summed over ranks, every field in one float64 ``all_reduce``; the losses and the entropy
         then divided by ``micro_batches`` (those of every rank) into means."""
         packed = torch.tensor(dataclasses.astuple(self), dtype=torch.float64)
-        dist.all_reduce(packed)
+        all_reduce_(packed)
         total = StepStats(*packed.tolist())
         return dataclasses.replace(
             total, **{name: getattr(total, name) / micro_batches for name in self.MEANS}
@@ -700,9 +700,8 @@ class Trainer:
             log["train/text_loss"] = mean.text_loss / mean.text_batches
         spent = {}
         if self.privacy is not None:  # epsilon so far, and the users' gradient norms before clipping
-            norms = self.user_norms.to(self.device)  # NCCL reduces GPU tensors only
-            dist.all_reduce(norms)
-            total, clipped, users = norms.tolist()
+            all_reduce_(self.user_norms)
+            total, clipped, users = self.user_norms.tolist()
             spent = self.privacy.log_values()
             log.update(spent, **{"privacy/user_grad_norm": total / max(users, 1),
                                  "privacy/clipped_share": clipped / max(users, 1)})  # fmt: skip
@@ -725,7 +724,7 @@ class Trainer:
         tc = self.tc
         evaluating = (tc.eval_every and self.step % tc.eval_every == 0) or self.step == self.total_steps
         if evaluating:
-            dist.all_reduce(self.expert_load)
+            all_reduce_(self.expert_load)
             self.logger.log_expert_load(self.expert_load, self.vocab.services, self.step)
             self.expert_load.zero_()
             metrics = self.validate()

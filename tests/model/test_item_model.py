@@ -196,6 +196,34 @@ def test_item_softmax_loss_is_the_cross_entropy_over_the_target_services_items(b
         _model(8, item_loss="items", item_loss_balance="service")
 
 
+@pytest.mark.gpu
+def test_item_softmax_trains_on_the_gpu_after_the_catalogue_was_set_on_the_cpu(cuda: torch.device) -> None:
+    """The trainer sets the catalogue on the CPU and DeepSpeed then moves the model to the GPU:
+    there the loss and its gradients equal the CPU's (every item of a service in the softmax, so
+    no random draw differs)."""
+    g = torch.Generator().manual_seed(21)
+    catalogue = _catalogue(g)
+    model = _model(13, "token", item_loss="items", item_embedding=True, num_items=len(catalogue))
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    )
+    with torch.no_grad():
+        model.item_embed.weight.normal_(0, 0.5)
+    rows = [_sample(_random_events(g, n), f"u{n}") for n in (5, 2, 7)]
+    batch = item_batch(rows, VOCAB, 16)
+    batch.pop("user_ids")
+    losses, grads = [], []
+    for device in (torch.device("cpu"), cuda):
+        model.zero_grad()
+        model.to(device)
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).lm_loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(model.item_embed.weight.grad.cpu())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
 def test_sampled_item_softmax_covers_the_whole_service_when_it_draws_every_item() -> None:
     """With far more draws than items every item of the service is drawn: the sampled loss equals the
     full softmax; with few draws it is smaller (fewer terms in the normaliser), never larger."""

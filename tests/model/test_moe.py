@@ -278,13 +278,6 @@ def test_megablocks_missing_says_how_to_install() -> None:
         _layer(d=8, f=8, e=4, k=2, backend="megablocks")
 
 
-@pytest.fixture
-def cuda() -> torch.device:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    return torch.device("cuda")
-
-
 def _gpu_parity(backend: str, cuda: torch.device, seed: int, masked: bool) -> None:
     """``backend`` in bf16 on the GPU against the fp32 loop reference on the same values."""
     kwargs = dict(d=256, f=512, e=8, k=2, mode="domain_user", shared=1)
