@@ -1263,8 +1263,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with KEY=VALUE overrides also after a command's options
+    (``moe-rec eval --config C --checkpoint best --critiques eval.filter_depth=200``), in order."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(late) < len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     datasets.disable_progress_bars()  # our own progress bars cover the long steps
     datasets.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

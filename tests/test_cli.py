@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from moe_rec.cli import main
+from moe_rec.cli import main, parse
 from moe_rec.data.vocab import Vocabulary
 from moe_rec.experiment import ExperimentConfig
 from moe_rec.sid.table import SIDTable
@@ -758,3 +758,12 @@ def test_cold_start_benchmark_through_the_cli(run_dir: Path, tmp_path: Path) -> 
     cold_ndcg, warm_ndcg = _text_neighbour_ndcg10(copy, cold)
     assert reports["text"]["test/cold/ndcg@10"] == pytest.approx(cold_ndcg, abs=1e-9)
     assert reports["text"]["test/warm/ndcg@10"] == pytest.approx(warm_ndcg, abs=1e-9)
+
+
+def test_overrides_may_follow_a_commands_options() -> None:
+    """KEY=VALUE after the options joins the overrides in order; an unknown option is refused."""
+    args = parse(["eval", "--config", "c.yaml", "a.b=1", "--checkpoint", "best", "--critiques", "c.d=x=y"])
+    assert args.overrides == ["a.b=1", "c.d=x=y"] and args.checkpoint == "best" and args.critiques
+    assert parse(["eval", "a.b=1"]).overrides == ["a.b=1"]
+    with pytest.raises(SystemExit):
+        parse(["eval", "--checkpoint", "best", "--nope=1"])
