@@ -57,14 +57,16 @@ def test_the_dry_pass_runs_every_step_and_prints_the_table(tmp_path: Path) -> No
 
 
 def test_without_cuda_it_is_a_dry_pass_and_a_spent_budget_skips_steps(tmp_path: Path) -> None:
-    """``--skip`` names steps left out; the spent budget skips the rest."""
+    """``--skip`` names steps left out (an unknown name is refused); the spent budget skips the rest."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    done = _check(tmp_path, "--budget", "0", "--skip", "bench_moe,bench_topk")
+    done = _check(tmp_path, "--budget", "0", "--skip", "megablocks,bench_moe,bench_topk")
     assert "no CUDA device" in done.stderr and done.stdout.startswith("# gpu_check: dry pass")
     rows = _rows(done.stdout)
     assert tuple(rows) == STEPS
     assert {status for status, _, _ in rows.values()} == {"SKIP"}
     assert rows["setup"][2] == "no time left in the 0s budget"
-    assert [s for s in STEPS if rows[s][2] == "left out (--skip)"] == ["bench_moe", "bench_topk"]
+    assert [s for s in STEPS if rows[s][2] == "left out (--skip)"] == ["megablocks", "bench_moe", "bench_topk"]
     assert done.returncode == 0  # a skipped step is no failure
+    typo = _check(tmp_path, "--skip", "bench_top")
+    assert typo.returncode == 2 and "--skip bench_top: no such step" in typo.stderr

@@ -65,6 +65,11 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+all_steps=",setup,megablocks,pytest_gpu,bench_moe,train_data,train,bench_decode,bench_topk,bench_serve,launcher,"
+for name in ${skip_steps//,/ }; do
+  [[ "$all_steps" == *",$name,"* ]] || { echo "gpu_check: --skip $name: no such step (steps: $(echo ${all_steps//,/ }))" >&2; exit 2; }
+done
+left_out() { [[ ",$skip_steps," == *",$1,"* ]]; }  # left_out NAME: named by --skip
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$root/.venv/bin/python" ]; then PYTHON="$root/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -91,12 +96,13 @@ failed=0
 # --- running a step -------------------------------------------------------------------------------
 
 # step NAME LIMIT CMD...: run CMD with its output in $logs/NAME.log, at most LIMIT seconds and never
-# past the budget. Sets $rc (124: timed out, 125: no time left, 126: left out by --skip) and $took; returns CMD's status.
+# past the budget. Sets $rc (124: timed out, 125: no time left, 126: left out by --skip) and $took;
+# returns CMD's status.
 step() {
   local name="$1" limit="$2"; shift 2
   local left=$((deadline - SECONDS))
   took=0 rc=0
-  if [[ ",$skip_steps," == *",$name,"* ]]; then rc=126; echo "left out (--skip)" >"$logs/$name.log"; return "$rc"; fi
+  if left_out "$name"; then rc=126; echo "left out (--skip)" >"$logs/$name.log"; return "$rc"; fi
   if [ "$left" -lt 15 ]; then rc=125; echo "no time left in the ${budget}s budget" >"$logs/$name.log"; return "$rc"; fi
   [ "$limit" -le "$left" ] || limit="$left"
   echo "== $name (at most ${limit}s): $*" >&2
@@ -247,7 +253,7 @@ else
     bench_topk=90 bench_serve=120 launcher=120)
 fi
 limit() { local kv; for kv in "${limits[@]}"; do [ "${kv%%=*}" != "$1" ] || echo "${kv#*=}"; done; }
-# The item-level model (the default) on the demo's synthetic services: 16 random codes of 256 a
+# The item-level model (the default) on the demo's synthetic services: 16 random codes of 256 an
 # item, every event a label; bf16 on a GPU; exact validation over every item of the asked service
 # (on a few requests) and a checkpoint at the end. Random codes have no item text, so no text
 # vector, no text prior and no critiques (text samples).
@@ -266,7 +272,9 @@ step setup "$(limit setup)" bash -c check_setup
 installed=$(sed -n 's/^missing: //p' "$logs/setup.log")
 row setup "$(last_line setup)${installed:+; installed $installed from $wheels}"
 
-if "$PYTHON" -c "import megablocks" 2>/dev/null; then
+if left_out megablocks; then
+  skip megablocks "left out (--skip)"
+elif "$PYTHON" -c "import megablocks" 2>/dev/null; then
   rc=0 took=0; row megablocks "already importable"
 elif ! ls "$wheels"/megablocks* >/dev/null 2>&1; then
   skip megablocks "not installed and no megablocks files in $wheels: bench_moe runs without its rows"
