@@ -146,6 +146,9 @@ class TrainConfig:
     micro_batch_tokens: int = 0  # > 0: train on length-grouped micro batches of at most this many
     # padded tokens (positions, for model.kind=item) instead (samples of similar length together)
     grad_accum: int = 1  # micro batches per optimizer step
+    batch_by_service: bool = False  # every optimizer step's micro batches from one service's samples (a
+    # sample's service: most of its events'), so each step's gradient is one service's, as in a model
+    # per service; the steps of all services shuffled together
     lr: float = 1e-3  # peak learning rate (after warmup)
     min_lr: float = 1e-4  # cosine floor
     warmup_steps: int = 20  # linear warmup, in optimizer steps
@@ -201,12 +204,13 @@ class TrainConfig:
             for name, off, why in (
                 ("grad_accum", 1, "a step's batch is its sample of users (train.privacy.expected_users)"),
                 ("micro_batch_tokens", 0, "a sampled user's windows are one batch"),
+                ("batch_by_service", False, "a step's batch is its sample of users"),
                 ("clip", 0.0, "each user's gradient is clipped to train.privacy.max_grad_norm; clipping "
                  "the noisy sum again would distort the noise"),
             ):  # fmt: skip
                 if getattr(self, name) != off:
                     raise ConfigError(
-                        f"train.{name}={getattr(self, name)} with train.privacy.enabled: set train.{name}={off:g} "
+                        f"train.{name}={getattr(self, name)} with train.privacy.enabled: set train.{name}={off} "
                         f"({why}); configs/train/private.yaml does"
                     )
 

@@ -123,6 +123,25 @@ def length_grouped_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def service_steps(
+    batches: Sequence[Sequence[np.ndarray]], per_step: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Micro batches of several services ordered so that each run of ``per_step`` (an optimizer
+    step over all ranks) comes from one service: ``batches[s]`` are service ``s``'s micro batches.
+
+    Each service's batches are cut into steps of ``per_step``, the steps of all services shuffled
+    together; what is left of each service (fewer than ``per_step``) goes last, so only the epoch's
+    last step or few mix services (and the incomplete last one is dropped, as always).
+    """
+    steps: list[Sequence[np.ndarray]] = []
+    rest: list[np.ndarray] = []
+    for own in batches:
+        whole = len(own) - len(own) % per_step
+        steps += [own[i : i + per_step] for i in range(0, whole, per_step)]
+        rest += list(own[whole:])
+    return [batch for i in rng.permutation(len(steps)) for batch in steps[i]] + rest
+
+
 class ShardedTrainData:
     """This rank's micro batches, step by step, epoch after epoch.
 
@@ -136,6 +155,8 @@ class ShardedTrainData:
         collator: rows -> tensors.
         positions_per_sample: (N,) the length each sample pads to in a batch, for length grouping;
             default: its token count (the item-level model passes its event count + 1).
+        sample_services: (N,) each sample's service (:meth:`main_services`): given, every optimizer
+            step's micro batches (all ranks) hold one service's samples (:func:`service_steps`).
     """
 
     def __init__(
@@ -150,6 +171,7 @@ class ShardedTrainData:
         collator: Collator | ItemCollator,
         micro_batch_tokens: int = 0,
         positions_per_sample: np.ndarray | None = None,
+        sample_services: np.ndarray | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -163,6 +185,7 @@ class ShardedTrainData:
         self.collator = collator
         self.batches_per_step = world_size * grad_accum
         self.lengths = self.token_lengths(dataset) if positions_per_sample is None else positions_per_sample
+        self.sample_services = sample_services
         self._plans: dict[int, list[np.ndarray]] = {}
         self.steps_per_epoch = len(self.plan(0)) // self.batches_per_step
         if self.steps_per_epoch == 0:
@@ -198,16 +221,41 @@ class ShardedTrainData:
         )  # an event's tokens after its service's
         return pc.list_value_length(col).to_numpy() - np.bincount(rows[code], minlength=len(col))
 
+    @staticmethod
+    def main_services(dataset: datasets.Dataset) -> np.ndarray:
+        """(N,) the service most of each sample's tokens belong to (its ``domain_ids``; ties go to
+        the lower index), read from the Arrow column without decoding rows."""
+        col = dataset.with_format("arrow")["domain_ids"]
+        col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+        flat = pc.list_flatten(col).to_numpy().astype(np.int64)
+        rows = pc.list_parent_indices(col).to_numpy()
+        width = int(flat.max(initial=0)) + 1
+        counts = np.bincount(rows * width + flat, minlength=len(col) * width).reshape(len(col), width)
+        return counts.argmax(axis=1)
+
+    def _batches(self, samples: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """``samples`` (indices) in micro batches: length-grouped, or shuffled in fixed-size batches
+        (the last incomplete one dropped)."""
+        if self.micro_batch_tokens:
+            return [
+                samples[b]
+                for b in length_grouped_batches(self.lengths[samples], self.micro_batch_tokens, rng)
+            ]
+        order = samples[rng.permutation(len(samples))]
+        whole = len(order) - len(order) % self.micro_batch_size
+        return list(order[:whole].reshape(-1, self.micro_batch_size))
+
     def plan(self, epoch: int) -> list[np.ndarray]:
         """Every micro batch of ``epoch`` (sample indices, all ranks), in the order they are run."""
         if epoch not in self._plans:
             rng = np.random.default_rng(self.seed + epoch)
-            if self.micro_batch_tokens:
-                plan = length_grouped_batches(self.lengths, self.micro_batch_tokens, rng)
+            every = np.arange(len(self.lengths))
+            if self.sample_services is None:
+                plan = self._batches(every, rng)
             else:
-                order = rng.permutation(len(self.dataset))
-                whole = len(order) - len(order) % self.micro_batch_size
-                plan = list(order[:whole].reshape(-1, self.micro_batch_size))
+                by_service = [self._batches(every[self.sample_services == s], rng)
+                              for s in np.unique(self.sample_services)]  # fmt: skip
+                plan = service_steps(by_service, self.batches_per_step, rng)
             self._plans = {epoch: plan}  # one epoch at a time is all a stream needs
         return self._plans[epoch]
 

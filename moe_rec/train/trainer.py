@@ -349,6 +349,9 @@ class Trainer:
                 seed=self.tc.seed,
                 collator=self.collator,
                 positions_per_sample=lengths,
+                sample_services=ShardedTrainData.main_services(train_ds)
+                if self.tc.batch_by_service
+                else None,
             )
         self.tc = self.tc.in_steps(self.data.steps_per_epoch)  # save_every / eval_every in epochs -> steps
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch

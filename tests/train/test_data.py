@@ -14,7 +14,14 @@ from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
 from moe_rec.data.vocab import PAD
 from moe_rec.train import train
-from moe_rec.train.data import Collator, DataPosition, ShardedTrainData, length_grouped_batches, load_split
+from moe_rec.train.data import (
+    Collator,
+    DataPosition,
+    ShardedTrainData,
+    length_grouped_batches,
+    load_split,
+    service_steps,
+)
 from tests.train.conftest import tiny_config
 
 
@@ -82,6 +89,50 @@ def test_length_grouped_batches_fit_the_budget_and_waste_little(budget: int) -> 
     order = np.random.default_rng(seed).permutation(3000)
     random_padded = sum(len(c) * lengths[c].max() for c in np.array_split(order, range(size, 3000, size)))
     assert lengths.sum() / sum(padded) > 0.9 > lengths.sum() / random_padded, seed
+
+
+def test_service_steps_by_hand() -> None:
+    a = [np.array([0]), np.array([1]), np.array([2]), np.array([3]), np.array([4])]
+    b = [np.array([10, 11]), np.array([12])]
+    plan = service_steps([a, b], per_step=2, rng=np.random.default_rng(0))
+    steps = [np.concatenate(plan[i : i + 2]).tolist() for i in range(0, 6, 2)]
+    assert sorted(steps) == [[0, 1], [2, 3], [10, 11, 12]]  # whole steps, one service each
+    assert [x.tolist() for x in plan[6:]] == [[4]]  # a's leftover last, the incomplete step
+    assert sorted(np.concatenate(plan).tolist()) == [0, 1, 2, 3, 4, 10, 11, 12]
+
+
+@pytest.mark.parametrize("tokens", [0, 120])
+def test_batch_by_service_gives_every_step_one_service_on_every_rank(tokens: int) -> None:
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    ds = _varied_lengths(600, seed)
+    services = np.random.default_rng(seed).choice(3, size=600, p=[0.5, 0.3, 0.2])
+    shards = [ShardedTrainData(ds, micro_batch_size=4, micro_batch_tokens=tokens, grad_accum=2, rank=r,
+                               world_size=2, seed=0, collator=_row_indices, sample_services=services)
+              for r in range(2)]  # fmt: skip
+    steps = shards[0].steps_per_epoch
+    per_step = [[i for s in shards for mb in s.micro_batches(1, st) for i in mb] for st in range(steps)]
+    mixed = [st for st, rows in enumerate(per_step) if len(set(services[rows])) > 1]
+    assert len(mixed) <= 2 and all(st >= steps - 2 for st in mixed), (seed, mixed)  # leftovers, at the end
+    assert len({int(services[rows[0]]) for rows in per_step}) == 3  # every service gets steps
+    seen = [i for rows in per_step for i in rows]
+    assert len(seen) == len(set(seen))
+    plan = shards[0].plan(1)
+    dropped = np.concatenate([[], *plan[steps * 4 :]]).astype(int).tolist()
+    assert len(plan) - steps * 4 < 4
+    if tokens:  # every sample in some micro batch; fixed-size batches drop each service's remainder
+        assert sorted(seen + dropped) == list(range(600))
+    else:
+        assert len(seen + dropped) == sum(n - n % 4 for n in np.bincount(services))
+    # the same steps as without services would be, shuffled: a step is as long as one of them
+    assert steps == len(plan) // 4
+
+
+def test_main_services_is_each_samples_most_common_service() -> None:
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
+    domains = [rng.integers(0, 4, size=int(rng.integers(1, 30))).tolist() for _ in range(200)]
+    ds = datasets.Dataset.from_dict({"domain_ids": domains})
+    expect = [max(range(4), key=lambda s, d=d: (d.count(s), -s)) for d in domains]  # ties: lower index
+    assert ShardedTrainData.main_services(ds).tolist() == expect
 
 
 @pytest.mark.parametrize("tokens", [0, 60])

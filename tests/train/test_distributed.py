@@ -50,14 +50,15 @@ def _worker(rank: int, port: int, out: Path, scenario: str) -> None:
                 ds = f"train.deepspeed=configs/deepspeed/zero{stage}.json"
                 cfg = tiny_config(out / f"zero{stage}", ds, "train.save_every=2", "train.eval_every=4")
                 results[stage] = train(cfg)
-        elif scenario == "item":  # the item-level model, ZeRO-3, length-grouped, stopped and resumed
+        elif scenario == "item":  # the item-level model, ZeRO-3, length-grouped steps of one service each,
+            # stopped and resumed
             # with the item softmax and per-item vectors, every parameter partitioned (even the tiny
             # item table), so validation must gather the per-item vectors from their shards
             zero3 = json.loads(Path("configs/deepspeed/zero3.json").read_text())
             zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
             (out / f"zero3-{rank}.json").write_text(json.dumps(zero3))
             args = ("model.kind=item", f"train.deepspeed={out / f'zero3-{rank}.json'}", "train.micro_batch_tokens=12",
-                    "train.eval_every=4", "train.max_eval_samples=0", "model.overrides.item_loss=items",
+                    "train.batch_by_service=true", "train.eval_every=4", "train.max_eval_samples=0", "model.overrides.item_loss=items",
                     "model.overrides.item_embedding=true", "model.overrides.item_negatives=4")  # fmt: skip
             results["full"] = train(tiny_config(out / "full", *args))
             results["first"] = train(tiny_config(out / "split", *args, "train.stop_at=3"))

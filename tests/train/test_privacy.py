@@ -401,6 +401,7 @@ def test_a_plain_run_and_bundle_carry_no_privacy_record(
      (("train.grad_accum=1", "train.privacy.enabled=true", "train.privacy.noise_multiplier=1"),
       r"train.clip=1.0 with train.privacy.enabled: set train.clip=0"),
      ((*PRIVATE, "train.privacy.noise_multiplier=1", "train.micro_batch_tokens=64"), r"train.micro_batch_tokens=64 .*set train.micro_batch_tokens=0"),
+     ((*PRIVATE, "train.privacy.noise_multiplier=1", "train.batch_by_service=true"), r"train.batch_by_service=True .*set train.batch_by_service=False"),
      (PRIVATE, r"set exactly one of noise_multiplier \(sigma\) and target_epsilon"),
      ((*PRIVATE, "train.privacy.noise_multiplier=1", "train.privacy.target_epsilon=3"), "set exactly one of"),
      ((*PRIVATE, "train.privacy.noise_multiplier=1", "train.privacy.delta=1"), r"delta must be in \[0, 1\)"),
