@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from datasets.table import InMemoryTable
 
-from moe_rec.data.positions import item_batch
+from moe_rec.data.positions import columnar_item_batch, item_batch
 from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
 from moe_rec.data.vocab import PAD, Vocabulary
@@ -95,7 +95,11 @@ class ItemCollator:
         self.vocab = vocab
         self.num_user_buckets = num_user_buckets
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[dict[str, Any]] | datasets.Dataset) -> dict[str, torch.Tensor]:
+        if isinstance(rows, datasets.Dataset):  # from its columns, unless a sample holds text
+            batch = columnar_item_batch(rows.with_format("arrow")[:], self.vocab, self.num_user_buckets)
+            if batch is not None:
+                return batch
         return item_batch(rows, self.vocab, self.num_user_buckets)
 
 

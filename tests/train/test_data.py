@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from moe_rec.config import ConfigError
+from moe_rec.data.positions import columnar_item_batch, item_batch
 from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
-from moe_rec.data.vocab import PAD
+from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, PAD, Vocabulary
 from moe_rec.train import train
 from moe_rec.train.data import (
     Collator,
     DataPosition,
+    ItemCollator,
     ShardedTrainData,
     length_grouped_batches,
     load_split,
@@ -200,7 +202,6 @@ def test_item_positions_count_each_event_once_and_each_text_token_once() -> None
     """item_positions: as many positions as split_positions makes of each sample (events, [BOS],
     [CRITIQUE] and text tokens), for plain windows, critique samples and requests."""
     from moe_rec.data.positions import split_positions
-    from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, Vocabulary
 
     vocab = Vocabulary(services=("a", "b"), levels=3, codebook_size=8, dedup_size=4, text_size=20)
     t0 = vocab.text_offset
@@ -217,3 +218,62 @@ def test_item_positions_count_each_event_once_and_each_text_token_once() -> None
     got = ShardedTrainData.item_positions(ds, vocab)
     # a request's trailing service token is no position but one token: counted as one more
     assert got.tolist() == [4, 7, 7, 5]
+
+
+def _event_rows(rng: np.random.Generator, vocab: Vocabulary, n: int) -> list[dict]:
+    """``n`` training samples of 0-12 whole events of random services, each event labelled or
+    not (as a critique sample's history is not), token labels as the sequences stage writes them."""
+    rows = []
+    for r in range(n):
+        ids, doms, labels = [1], [int(rng.integers(len(vocab.services)))], [IGNORE_INDEX]
+        for _ in range(int(rng.integers(0, 13))):
+            service = vocab.services[int(rng.integers(len(vocab.services)))]
+            codes = [
+                *rng.integers(vocab.codebook_size, size=vocab.levels).tolist(),
+                int(rng.integers(vocab.dedup_size)),
+            ]
+            toks = vocab.item_tokens(service, codes)
+            ids += toks
+            doms += [vocab.service_index(service)] * len(toks)
+            labels += [IGNORE_INDEX] + (toks[1:] if rng.random() < 0.7 else [IGNORE_INDEX] * (len(toks) - 1))
+        rows.append({"user": f"u{r}", "input_ids": ids, "domain_ids": doms, "labels": labels})
+    return rows
+
+
+@pytest.mark.parametrize("text_size", [0, 50])
+def test_columnar_item_batch_equals_the_row_by_row_batch(text_size: int) -> None:
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    vocab = Vocabulary(
+        services=("a", "b", "c"), levels=4, codebook_size=16, dedup_size=3, text_size=text_size
+    )
+    for size in (1, 7, 40):
+        rows = _event_rows(rng, vocab, size)
+        ds = datasets.Dataset.from_list(rows)
+        picked = ds.select(rng.permutation(size).tolist())  # a selection, as a micro batch is
+        fast = columnar_item_batch(picked.with_format("arrow")[:], vocab, 32)
+        slow = item_batch(list(picked), vocab, 32)
+        assert fast is not None and fast.keys() == slow.keys(), seed
+        for key in slow:
+            assert fast[key].dtype == slow[key].dtype and torch.equal(fast[key], slow[key]), (seed, key)
+        assert torch.equal(ItemCollator(vocab, 32)(picked)["labels"], slow["labels"])
+
+
+def test_columnar_item_batch_leaves_text_and_requests_to_the_row_by_row_batch() -> None:
+    vocab = Vocabulary(services=("a", "b"), levels=2, codebook_size=8, dedup_size=2, text_size=20)
+    rows = _event_rows(np.random.default_rng(0), vocab, 4)
+    critique = dict(rows[0])
+    critique["input_ids"] = [*rows[0]["input_ids"], CRITIQUE, vocab.text_offset + 3]
+    critique["domain_ids"] = [*rows[0]["domain_ids"], 0, 0]
+    critique["labels"] = [*rows[0]["labels"], IGNORE_INDEX, IGNORE_INDEX]
+    request = {k: v for k, v in rows[1].items() if k != "labels"}
+    request["input_ids"] = [*request["input_ids"], vocab.service_token("b")]
+    request["domain_ids"] = [*request["domain_ids"], 1]
+    mixed = [critique, *rows[1:]]
+    ds = datasets.Dataset.from_list(mixed)
+    assert columnar_item_batch(ds.with_format("arrow")[:], vocab, 8) is None
+    got, want = ItemCollator(vocab, 8)(ds), item_batch(mixed, vocab, 8)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert (
+        columnar_item_batch(datasets.Dataset.from_list([request]).with_format("arrow")[:], vocab, 8) is None
+    )
