@@ -67,6 +67,8 @@ class MoERecConfig(PretrainedConfig):
         item_head_temperature: float = 0.07,  # cosine-similarity code logits are divided by this
         service_heads: bool = False,  # + per service a learned change of the code heads' projections
         # (zero at the start: every service starts from the shared heads, weight decay pulls it back)
+        service_codes: bool = False,  # + per service a learned change of every code's embedding, in its
+        # events' input and in the heads' code rows (zero at the start, as service_heads)
         # codes: cross-entropy of each code of the next item (RPG); items: one softmax over every item
         # of the next item's service, an item's logit the mean of its codes' logits (ranks as at test)
         item_loss: str = "codes",
@@ -156,6 +158,7 @@ class MoERecConfig(PretrainedConfig):
         self.code_token_ranges = [list(map(int, r)) for r in code_token_ranges] if code_token_ranges else None
         self.item_head_temperature = item_head_temperature
         self.service_heads = service_heads
+        self.service_codes = service_codes
         self.item_loss = item_loss
         self.item_loss_balance = item_loss_balance
         self.item_negatives = item_negatives
@@ -213,8 +216,9 @@ class MoERecConfig(PretrainedConfig):
                 f"domain_expert_groups={g} must split num_experts={self.num_experts} into equal groups "
                 f"of at least num_experts_per_tok={self.num_experts_per_tok} experts (or be 0)"
             )
-        if self.service_heads and self.code_token_ranges is None:
-            raise ValueError("service_heads needs the item-level model (model.kind: item)")
+        for name in ("service_heads", "service_codes"):
+            if getattr(self, name) and self.code_token_ranges is None:
+                raise ValueError(f"{name} needs the item-level model (model.kind: item)")
         if self.code_token_ranges is not None:
             bad = [
                 r for r in self.code_token_ranges if len(r) != 2 or not 0 <= r[0] < r[1] <= self.vocab_size

@@ -244,6 +244,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.service_proj: nn.Parameter | None = None
         if config.service_heads:  # Delta_p^s for every service slot s: service s's heads use W_p + Delta_p^s
             self.service_proj = nn.Parameter(torch.zeros(config.num_domains, self.num_codes * d, d))
+        self.service_code_embed: nn.Parameter | None = None
+        if config.service_codes:  # E^s for every service slot s: its code rows are E + E^s
+            first, stop = config.code_token_ranges[0][0], max(r[1] for r in config.code_token_ranges)
+            self.service_code_embed = nn.Parameter(torch.zeros(config.num_domains, stop - first, d))
         # item_loss='items': every item's codes (N, P) and service token (N,), set_train_catalogue
         self.register_buffer("train_codes", None, persistent=False)
         self.register_buffer("train_services", None, persistent=False)
@@ -291,6 +295,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             nn.init.zeros_(self.item_embed.weight)  # no item term until training gives it one
         if self.service_proj is not None:  # every service starts from the shared heads
             nn.init.zeros_(self.service_proj)
+        if self.service_code_embed is not None:  # and from the shared code rows
+            nn.init.zeros_(self.service_code_embed)
         if self.field_query is not None:
             nn.init.zeros_(self.field_query.weight)  # no field query until training gives it one
         if self.previous_weight is not None:  # no such term until training gives it one
@@ -661,11 +667,27 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         valid = offsets < sizes  # (P, K_max)
         return torch.where(valid, starts + offsets, starts), valid
 
+    def service_code_rows(self, slot: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., D) the change ``E^s`` of code ``tokens`` (ids) for service slots ``slot`` (same
+        shape), zero where a token is not a code (with ``service_codes``)."""
+        first = self.config.code_token_ranges[0][0]
+        n = self.service_code_embed.shape[1]
+        index = tokens - first
+        code = (index >= 0) & (index < n)
+        return self.service_code_embed[slot, index.clamp(0, n - 1)] * code[..., None].to(
+            self.service_code_embed.dtype
+        )
+
     def embed_positions(self, item_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, S) bags of tokens -> (B, T, D): mean of the non-pad tokens' embeddings x sqrt(D)."""
+        """(B, T, S) bags of tokens -> (B, T, D): mean of the non-pad tokens' embeddings x sqrt(D);
+        with ``service_codes`` an event's codes are its service's rows."""
         emb = self.model.embed_tokens(item_tokens)  # (B, T, S, D); [PAD] rows are zero
         count = (item_tokens != self.config.pad_token_id).sum(-1, keepdim=True).clamp_min(1)  # (B, T, 1)
-        x = emb.sum(2) / count.to(emb.dtype)
+        x = emb.sum(2)
+        if self.service_code_embed is not None:  # a text position's first token is no service: no code
+            slot = self.service_slots(item_tokens[..., :1]).expand_as(item_tokens[..., 1:])
+            x = x + self.service_code_rows(slot, item_tokens[..., 1:]).to(x.dtype).sum(2)
+        x = x / count.to(emb.dtype)
         if self.item_embed is not None:  # + the item's own vector where it is a catalogue item
             rows = self.position_rows(item_tokens)  # (B, T)
             x = x + self.item_vectors(rows)
@@ -717,9 +739,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         query = self.query(hidden, query_services)  # (B, T, D)
         q = F.normalize(self.head_projection(query, query_services).view(b, t, self.num_codes, d), dim=-1)
         rows, valid = self.code_layout(hidden.device)
-        codes = F.normalize(self.model.embed_tokens(rows), dim=-1)  # (P, K_max, D)
-        logits = torch.einsum("btpd,pkd->btpk", q, codes) / self.config.item_head_temperature
-        return logits.masked_fill(~valid, float("-inf"))
+        shared = self.model.embed_tokens(rows)  # (P, K_max, D)
+        if self.service_code_embed is None:
+            logits = torch.einsum("btpd,pkd->btpk", q, F.normalize(shared, dim=-1))
+        else:  # each asked service's own code rows: one product per service, as head_projection
+            slot = self.service_slots(query_services)  # (B, T)
+            logits = q.new_zeros(b, t, self.num_codes, rows.shape[1])
+            for s in slot.unique().tolist():
+                at = slot == s
+                own = shared + self.service_code_rows(torch.full_like(rows, s), rows).to(shared.dtype)
+                logits[at] = torch.einsum("npd,pkd->npk", q[at], F.normalize(own, dim=-1))
+        return (logits / self.config.item_head_temperature).masked_fill(~valid, float("-inf"))
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., V + 1) the next text token's logits from decoder outputs (..., D): a dot product

@@ -287,6 +287,8 @@ class MoERecPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:  # [PAD] adds nothing (its row gets no gradient either)
+                init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, MoEFeedForward):  # stacked expert weights
             init.normal_(module.w_gate_up, mean=0.0, std=std)
             init.normal_(module.w_down, mean=0.0, std=std)

@@ -1066,6 +1066,75 @@ def test_service_heads_match_a_plain_loop_over_positions(seed: int) -> None:
         build_config("tiny", service_heads=True)
 
 
+def test_pad_adds_nothing_to_a_position_and_gets_no_gradient() -> None:
+    """A position is the mean of its real tokens' rows x sqrt(D) ([BOS] alone: its own row), and
+    training never moves [PAD]'s row (zero from the start)."""
+    model = _model(int(torch.randint(1000, (1,))))
+    batch = item_batch([_sample([("a", [1, 2, 3, 0]), ("c", [4, 5, 6, 1])], "u")], VOCAB, 16)
+    x = model.embed_positions(batch["item_tokens"])
+    torch.testing.assert_close(
+        x[0, 0], model.model.embed_tokens.weight[BOS] * math.sqrt(model.config.hidden_size)
+    )
+    model.train()(**batch).loss.backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert not grad[PAD].any() and grad[BOS].any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_service_codes_match_a_plain_loop_over_tokens_and_positions(seed: int) -> None:
+    """service_codes: an event's input is the mean of its tokens' rows with its codes' rows taken as
+    ``E + E^s`` (s its service), and each position's code logits are the cosine with the asked
+    service's ``E + E^s`` rows, against float64 loops; training moves only the services in the batch."""
+    model = _model(seed, service_codes=True)
+    assert not model.service_code_embed.any()  # every service starts from the shared code rows
+    g = torch.Generator().manual_seed(200 + seed)
+    with torch.no_grad():
+        model.service_code_embed.normal_(0.0, 0.05, generator=g)
+    rows = [_sample(_random_events(g, n), f"u{n}", ask=ask) for n, ask in ((2, "a"), (5, "c"), (0, "b"))]
+    batch = item_batch(rows, VOCAB, 16, left_pad=True)
+    tokens = batch["item_tokens"]
+    table = model.model.embed_tokens.weight.double()
+    first_code = VOCAB.code_offset
+    x = model.embed_positions(tokens).double()
+    for b in range(tokens.shape[0]):
+        for t in range(tokens.shape[1]):
+            ids = [int(i) for i in tokens[b, t] if i != PAD]
+            if not ids:
+                continue
+            s = ids[0] - VOCAB.service_offset  # an event's service slot (BOS: none, no codes follow)
+            vec = sum(table[i] + (model.service_code_embed[s, i - first_code].double() if i >= first_code else 0)
+                      for i in ids)  # fmt: skip
+            torch.testing.assert_close(x[b, t], vec / len(ids) * math.sqrt(model.config.hidden_size))
+    hidden, _, _ = model.model(
+        None, batch["domain_ids"], user_ids=batch["user_ids"], attention_mask=batch["attention_mask"],
+        inputs_embeds=model.embed_positions(tokens),
+    )  # fmt: skip
+    asked = batch["query_services"]
+    logits = model.code_logits(hidden, asked)  # (B, T, P, K)
+    d, p_len = model.config.hidden_size, model.num_codes
+    code_rows, valid = model.code_layout(hidden.device)
+    w = model.code_proj.weight.double().view(p_len, d, d)
+    for b in range(hidden.shape[0]):
+        for t in range(hidden.shape[1]):
+            if not batch["attention_mask"][b, t]:
+                continue
+            s = int(asked[b, t]) - VOCAB.service_offset
+            q = hidden[b, t].double() + table[asked[b, t]]
+            for p in range(p_len):
+                ids = code_rows[p][valid[p]]
+                codes = table[ids] + model.service_code_embed[s, ids - first_code].double()
+                want = torch.nn.functional.cosine_similarity((w[p] @ q)[None], codes, dim=-1)
+                want = want / model.config.item_head_temperature
+                torch.testing.assert_close(logits[b, t, p][valid[p]].double(), want, atol=1e-4, rtol=1e-4)
+    # only the services in the batch get a gradient: "b" is neither an event nor asked here
+    one = item_batch([_sample([("a", [1, 2, 3, 0]), ("c", [4, 5, 6, 1])], "u")], VOCAB, 16)
+    model.train()(**one).loss.backward()
+    grad = model.service_code_embed.grad.flatten(1).abs().sum(-1)  # per service slot
+    assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0
+    with pytest.raises(ValueError, match="service_codes needs the item-level model"):
+        build_config("tiny", service_codes=True)
+
+
 def test_text_prior_by_service_needs_the_prior_and_keeps_one_weight_per_service() -> None:
     """item_text_prior_by_service: one weight per service slot, each starting where the shared one
     does; without item_text_prior the config names what is missing."""

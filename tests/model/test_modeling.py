@@ -260,3 +260,12 @@ def test_generate_beam_search_with_profile_cache_runs() -> None:
         )  # fmt: skip
     assert out.shape == (6, 8)
     assert torch.equal(out[:, :5], ids.repeat_interleave(3, dim=0))
+
+
+def test_pad_embedding_starts_at_zero() -> None:
+    """[PAD]'s row starts at zero (the normal init would give it a random vector); the item-level
+    model, whose positions are bags of tokens with [PAD] filling, also keeps it there
+    (tests/model/test_item_model.py)."""
+    model = _model(seed=int(torch.randint(1000, (1,))))
+    assert not model.model.embed_tokens.weight[model.config.pad_token_id].any()
+    assert model.model.embed_tokens.weight[model.config.pad_token_id + 1].any()
