@@ -83,6 +83,8 @@ class MoERecConfig(PretrainedConfig):
         item_text: bool = False,  # item_embedding: + a learned projection of the item's (frozen) text
         # embedding in its per-item vector, so an item unseen in training still has one
         item_text_dim: int = 0,  # width of those text embeddings (set from the SID stage's encoder)
+        service_text: bool = False,  # item_text: + per service a learned change of that projection (zero at
+        # the start), for services whose texts differ (titles against keywords)
         item_text_prior: bool = False,  # item_text: + w x cos(text of the position's own item, text of
         # the candidate), w learned (0 for the own item itself: "more like the last item, not it again")
         item_text_prior_by_service: bool = False,  # item_text_prior: one w per asked service (services
@@ -166,6 +168,7 @@ class MoERecConfig(PretrainedConfig):
         self.num_items = num_items
         self.item_text = item_text
         self.item_text_dim = item_text_dim
+        self.service_text = service_text
         self.item_text_prior = item_text_prior
         self.item_text_prior_by_service = item_text_prior_by_service
         self.item_vector_dropout = item_vector_dropout
@@ -243,6 +246,8 @@ class MoERecConfig(PretrainedConfig):
                 raise ValueError(
                     "item_text needs item_embedding and item_text_dim >= 1 (the text embeddings' width)"
                 )
+            if self.service_text and not self.item_text:
+                raise ValueError("service_text needs item_text (the projection it changes per service)")
             if self.item_text_prior and not self.item_text:
                 raise ValueError("item_text_prior needs item_text (the text embeddings it compares)")
             if self.item_text_prior_by_service and not self.item_text_prior:

@@ -260,6 +260,11 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if config.item_text:  # frozen text embeddings (saved with the weights: a bundle needs them)
             self.register_buffer("item_text", torch.zeros(config.num_items, config.item_text_dim))
             self.text_proj = nn.Linear(config.item_text_dim, d, bias=False)
+        self.service_text_proj: nn.Parameter | None = None
+        if config.service_text:  # Delta^s: service s's items project their text with W + Delta^s
+            self.service_text_proj = nn.Parameter(torch.zeros(config.num_domains, d, config.item_text_dim))
+            # each catalogue row's service slot (saved with the weights, as the keys: serving needs it)
+            self.register_buffer("item_service_slot", torch.zeros(config.num_items, dtype=torch.long))
         self.text_prior: nn.Parameter | None = None
         if config.item_text_prior:  # the weight of the last item's text similarity, in mean-code-logit units
             n = config.num_domains if config.item_text_prior_by_service else 1  # (1,): DeepSpeed takes no 0-d
@@ -297,6 +302,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             nn.init.zeros_(self.service_proj)
         if self.service_code_embed is not None:  # and from the shared code rows
             nn.init.zeros_(self.service_code_embed)
+        if self.service_text_proj is not None:  # and from the shared text projection
+            nn.init.zeros_(self.service_text_proj)
         if self.field_query is not None:
             nn.init.zeros_(self.field_query.weight)  # no field query until training gives it one
         if self.previous_weight is not None:  # no such term until training gives it one
@@ -329,6 +336,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 raise ValueError("two catalogue items share a (service, codes) key; their IDs must differ")
             self.item_keys.copy_(keys[order])
             self.item_key_rows.copy_(order)
+        if self.service_text_proj is not None:
+            self.item_service_slot.copy_(self.service_slots(services))
 
     def _service_rows(self, service: int) -> torch.Tensor:
         """(N_s,) the rows of every trained item of service token ``service``, on the buffers'
@@ -448,7 +457,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         ):  # item_vector_dropout: these items' learned vectors left out
             vec = vec * self._kept_vectors[safe][..., None].to(vec.dtype)
         if self.text_proj is not None:
-            vec = vec + self.text_proj(self.item_text[safe].to(vec.dtype))
+            text = self.item_text[safe].to(vec.dtype)
+            vec = vec + self.text_proj(text)
+            if self.service_text_proj is not None:  # every service's change, then each row's own
+                every = torch.einsum("...e,sde->...sd", text, self.service_text_proj.to(vec.dtype))
+                own = self.item_service_slot[safe][..., None, None].expand(*safe.shape, 1, vec.shape[-1])
+                vec = vec + every.gather(-2, own).squeeze(-2)
         return vec * (rows >= 0)[..., None].to(vec.dtype)
 
     def score_vectors(self, rows: torch.Tensor) -> torch.Tensor:

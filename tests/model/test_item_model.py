@@ -251,24 +251,33 @@ def _logit(z: torch.Tensor, q: torch.Tensor, vec: torch.Tensor, row: int | None,
     return sum(float(z[p, c]) for p, c in enumerate(codes)) / len(codes) + term
 
 
-@pytest.mark.parametrize(("text", "prior", "by_service"),
-                         [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
-                         ids=["vector", "vector+text", "vector+text+prior", "vector+text+prior-by-service"])  # fmt: skip
-def test_item_embedding_keys_rows_and_loss(text: bool, prior: bool, by_service: bool) -> None:
+@pytest.mark.parametrize(("text", "prior", "by_service", "service_text"),
+                         [(False, False, False, False), (True, False, False, False), (True, True, False, False),
+                          (True, True, True, False), (True, True, False, True)],
+                         ids=["vector", "vector+text", "vector+text+prior", "vector+text+prior-by-service",
+                              "vector+text-by-service+prior"])  # fmt: skip
+def test_item_embedding_keys_rows_and_loss(
+    text: bool, prior: bool, by_service: bool, service_text: bool
+) -> None:
     """item_embedding: each catalogue item found by its (service, codes) key, a cold item and [BOS]
     by none; the loss adds ``query . vector`` to the mean code logit (a float64 loop again); with
     item_text the vector is the learned one plus the projected text embedding; with
     item_text_prior also ``w x cos`` of the position's own item's text and the candidate's, 0 for
     the own item itself; with item_text_prior_by_service ``w`` is the asked service's, and only the
-    weights of services asked after an own item with text get a gradient."""
+    weights of services asked after an own item with text get a gradient; with service_text each
+    item's text is projected with ``W + Delta^s``, s its service."""
     g = torch.Generator().manual_seed(11)
     catalogue = _catalogue(g)
     model = _model(
         12, "token", item_loss="items", item_embedding=True, num_items=len(catalogue),
         item_text=text, item_text_dim=6 if text else 0, item_text_prior=prior,
-        item_text_prior_by_service=by_service,
+        item_text_prior_by_service=by_service, service_text=service_text,
     )  # fmt: skip
     assert model.item_embed.weight.abs().sum() == 0  # no item term before training
+    if service_text:
+        assert not model.service_text_proj.any()  # every service starts from the shared projection
+        with torch.no_grad():
+            model.service_text_proj.normal_(0.0, 0.3, generator=g)
     if by_service:
         with torch.no_grad():
             model.text_prior.copy_(torch.tensor([3.0, -2.0, 7.0]))  # a, b, c: each its own weight
@@ -292,6 +301,10 @@ def test_item_embedding_keys_rows_and_loss(text: bool, prior: bool, by_service: 
     vec = model.item_embed.weight.detach().double()
     if text:
         vec = vec + model.item_text.double() @ model.text_proj.weight.detach().double().T
+    if service_text:
+        for r, (service, _) in enumerate(catalogue):
+            delta = model.service_text_proj[VOCAB.service_index(service)].detach().double()
+            vec[r] += delta @ model.item_text[r].double()
     torch.testing.assert_close(model.item_table()[:, :d].double(), vec)
     own = [-1, 2, -1, 9]  # each position's own catalogue row ([BOS], catalogue[2], cold, catalogue[9])
 
@@ -1133,6 +1146,9 @@ def test_service_codes_match_a_plain_loop_over_tokens_and_positions(seed: int) -
     assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0
     with pytest.raises(ValueError, match="service_codes needs the item-level model"):
         build_config("tiny", service_codes=True)
+    with pytest.raises(ValueError, match="service_text needs item_text"):
+        build_config("tiny", code_token_ranges=code_token_ranges(VOCAB), item_loss="items", item_embedding=True,
+                     num_items=4, service_text=True)  # fmt: skip
 
 
 def test_text_prior_by_service_needs_the_prior_and_keeps_one_weight_per_service() -> None:
