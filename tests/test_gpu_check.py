@@ -66,7 +66,11 @@ def test_without_cuda_it_is_a_dry_pass_and_a_spent_budget_skips_steps(tmp_path: 
     assert tuple(rows) == STEPS
     assert {status for status, _, _ in rows.values()} == {"SKIP"}
     assert rows["setup"][2] == "no time left in the 0s budget"
-    assert [s for s in STEPS if rows[s][2] == "left out (--skip)"] == ["megablocks", "bench_moe", "bench_topk"]
+    assert [s for s in STEPS if rows[s][2] == "left out (--skip)"] == [
+        "megablocks",
+        "bench_moe",
+        "bench_topk",
+    ]
     assert done.returncode == 0  # a skipped step is no failure
     typo = _check(tmp_path, "--skip", "bench_top")
     assert typo.returncode == 2 and "--skip bench_top: no such step" in typo.stderr

@@ -201,7 +201,7 @@ def columnar_item_batch(
 ) -> dict[str, torch.Tensor] | None:
     """:func:`item_batch` of training samples (right-padded) read from Arrow columns (``input_ids``,
     ``domain_ids``, ``labels`` of one token each, ``user``) with array operations instead of a row
-    at a time: decoding rows into Python lists and walking them costs about 15 times as much, and on
+    at a time: decoding rows into Python lists and walking them costs about 10 times as much, and on
     a GPU it, not the model, sets the pace of a step.
 
     Returns ``None`` when a sample is anything but ``[BOS]`` + whole events with token labels (a
