@@ -190,10 +190,15 @@ def item_batch(
     return batch
 
 
-def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as (values of all rows, (B,) each row's length)."""
-    col = table.column(name)
-    return pc.list_flatten(col).to_numpy().astype(np.int64), pc.list_value_length(col).to_numpy()
+def flat_list_column(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A list column of integers without decoding rows: (every row's values in one int64 array,
+    the row of each value, (B,) each row's length)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col  # row indices across chunks
+    return (
+        pc.list_flatten(col).to_numpy().astype(np.int64),
+        pc.list_parent_indices(col).to_numpy(),
+        pc.list_value_length(col).to_numpy(),
+    )
 
 
 def columnar_item_batch(
@@ -210,9 +215,9 @@ def columnar_item_batch(
     """
     if "labels" not in table.column_names:
         return None
-    ids, lengths = _flat(table, "input_ids")
-    domains, _ = _flat(table, "domain_ids")
-    stored, label_lengths = _flat(table, "labels")
+    ids, _, lengths = flat_list_column(table.column("input_ids"))
+    domains, _, _ = flat_list_column(table.column("domain_ids"))
+    stored, _, label_lengths = flat_list_column(table.column("labels"))
     s = vocab.tokens_per_item
     first = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # (B,) where each sample starts
     is_first = np.zeros(len(ids), dtype=bool)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from datasets.table import InMemoryTable
 
-from moe_rec.data.positions import columnar_item_batch, item_batch
+from moe_rec.data.positions import columnar_item_batch, flat_list_column, item_batch
 from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
 from moe_rec.data.vocab import PAD, Vocabulary
@@ -216,26 +216,19 @@ class ShardedTrainData:
         one per other token ([BOS], a text token, [CRITIQUE], ...), read from the Arrow column
         without decoding rows. Counting events as tokens / tokens-per-item instead would count a text
         sample's words about ``tokens_per_item`` times too few."""
-        col = dataset.with_format("arrow")["input_ids"]
-        col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
-        flat = pc.list_flatten(col).to_numpy()
-        rows = pc.list_parent_indices(col).to_numpy()
+        flat, rows, lengths = flat_list_column(dataset.with_format("arrow")["input_ids"])
         code = (flat >= vocab.code_offset) & (
             flat < vocab.text_offset
         )  # an event's tokens after its service's
-        return pc.list_value_length(col).to_numpy() - np.bincount(rows[code], minlength=len(col))
+        return lengths - np.bincount(rows[code], minlength=len(lengths))
 
     @staticmethod
     def main_services(dataset: datasets.Dataset) -> np.ndarray:
         """(N,) the service most of each sample's tokens belong to (its ``domain_ids``; ties go to
         the lower index), read from the Arrow column without decoding rows."""
-        col = dataset.with_format("arrow")["domain_ids"]
-        col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
-        flat = pc.list_flatten(col).to_numpy().astype(np.int64)
-        rows = pc.list_parent_indices(col).to_numpy()
-        width = int(flat.max(initial=0)) + 1
-        counts = np.bincount(rows * width + flat, minlength=len(col) * width).reshape(len(col), width)
-        return counts.argmax(axis=1)
+        flat, rows, lengths = flat_list_column(dataset.with_format("arrow")["domain_ids"])
+        n, width = len(lengths), int(flat.max(initial=0)) + 1
+        return np.bincount(rows * width + flat, minlength=n * width).reshape(n, width).argmax(axis=1)
 
     def _batches(self, samples: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
         """``samples`` (indices) in micro batches: length-grouped, or shuffled in fixed-size batches

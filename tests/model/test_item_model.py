@@ -1035,6 +1035,23 @@ def test_query_scores_skip_only_the_zero_critique_parts() -> None:
     torch.testing.assert_close(fast_q, q_grad)
 
 
+def _decoder_outputs(model: MoERecForItemPrediction, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, D) the decoder's outputs for an item batch (what the heads read)."""
+    hidden, _, _ = model.model(
+        None, batch["domain_ids"], user_ids=batch["user_ids"], attention_mask=batch["attention_mask"],
+        inputs_embeds=model.embed_positions(batch["item_tokens"]),
+    )  # fmt: skip
+    return hidden
+
+
+def _gradient_by_service(model: MoERecForItemPrediction, per_service: torch.nn.Parameter) -> torch.Tensor:
+    """(num_domains,) how much one training step on a sample of services "a" then "c" moves each
+    service slot's part of ``per_service`` ((num_domains, ...))."""
+    one = item_batch([_sample([("a", [1, 2, 3, 0]), ("c", [4, 5, 6, 1])], "u")], VOCAB, 16)
+    model.train()(**one).loss.backward()
+    return per_service.grad.flatten(1).abs().sum(-1)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_service_heads_match_a_plain_loop_over_positions(seed: int) -> None:
     """service_heads: each position's code logits are the cosine of ``(W_p + Delta_p^s) q`` with the
@@ -1047,10 +1064,7 @@ def test_service_heads_match_a_plain_loop_over_positions(seed: int) -> None:
         model.service_proj.normal_(0.0, 0.05, generator=g)
     rows = [_sample(_random_events(g, n), f"u{n}", ask=ask) for n, ask in ((2, "a"), (5, "c"), (0, "b"))]
     batch = item_batch(rows, VOCAB, 16, left_pad=True)
-    hidden, _, _ = model.model(
-        None, batch["domain_ids"], user_ids=batch["user_ids"], attention_mask=batch["attention_mask"],
-        inputs_embeds=model.embed_positions(batch["item_tokens"]),
-    )  # fmt: skip
+    hidden = _decoder_outputs(model, batch)
     asked = batch["query_services"]  # (B, T): each row's asked service at every position
     logits = model.code_logits(hidden, asked)  # (B, T, P, K)
     d, p_len = model.config.hidden_size, model.num_codes
@@ -1071,9 +1085,7 @@ def test_service_heads_match_a_plain_loop_over_positions(seed: int) -> None:
                 got = logits[b, t, p].double()
                 torch.testing.assert_close(got[valid[p]], want[valid[p]], atol=1e-4, rtol=1e-4)
     # only the services asked get a gradient: no position asks for "b" after its first event here
-    one = item_batch([_sample([("a", [1, 2, 3, 0]), ("c", [4, 5, 6, 1])], "u")], VOCAB, 16)
-    model.train()(**one).loss.backward()
-    grad = model.service_proj.grad.flatten(1).abs().sum(-1)  # per service slot
+    grad = _gradient_by_service(model, model.service_proj)
     assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0
     with pytest.raises(ValueError, match="service_heads needs the item-level model"):
         build_config("tiny", service_heads=True)
@@ -1118,10 +1130,7 @@ def test_service_codes_match_a_plain_loop_over_tokens_and_positions(seed: int) -
             vec = sum(table[i] + (model.service_code_embed[s, i - first_code].double() if i >= first_code else 0)
                       for i in ids)  # fmt: skip
             torch.testing.assert_close(x[b, t], vec / len(ids) * math.sqrt(model.config.hidden_size))
-    hidden, _, _ = model.model(
-        None, batch["domain_ids"], user_ids=batch["user_ids"], attention_mask=batch["attention_mask"],
-        inputs_embeds=model.embed_positions(tokens),
-    )  # fmt: skip
+    hidden = _decoder_outputs(model, batch)
     asked = batch["query_services"]
     logits = model.code_logits(hidden, asked)  # (B, T, P, K)
     d, p_len = model.config.hidden_size, model.num_codes
@@ -1140,9 +1149,7 @@ def test_service_codes_match_a_plain_loop_over_tokens_and_positions(seed: int) -
                 want = want / model.config.item_head_temperature
                 torch.testing.assert_close(logits[b, t, p][valid[p]].double(), want, atol=1e-4, rtol=1e-4)
     # only the services in the batch get a gradient: "b" is neither an event nor asked here
-    one = item_batch([_sample([("a", [1, 2, 3, 0]), ("c", [4, 5, 6, 1])], "u")], VOCAB, 16)
-    model.train()(**one).loss.backward()
-    grad = model.service_code_embed.grad.flatten(1).abs().sum(-1)  # per service slot
+    grad = _gradient_by_service(model, model.service_code_embed)
     assert grad[0] > 0 and grad[2] > 0 and grad[1] == 0
     with pytest.raises(ValueError, match="service_codes needs the item-level model"):
         build_config("tiny", service_codes=True)
