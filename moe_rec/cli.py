@@ -528,7 +528,9 @@ def stage_eval_narratives(
     subwords = write_narratives(model, prompts, users, vocab)  # KV-cached greedy
     texts = [tokenizer.decode(ids) for ids in subwords]
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
-    item_vectors = table_text_embeddings(items, table, cfg.sid, cfg.embedding_cache)
+    item_vectors = table_text_embeddings(
+        items, table, cfg.sid, cfg.embedding_cache, None if bundle else cfg.sid_dir
+    )
     encoder = TextEncoder.from_config(cfg.sid.encoder, cfg.embedding_cache)
     service_rows = {s: (table.service_index == i).nonzero().flatten() for i, s in enumerate(table.services)}
     candidates = [service_rows[r["service"]] for r in rows]  # each narrative ranks its service's items

@@ -16,6 +16,7 @@ import random
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,13 @@ TOOL = ROOT / "tools" / "run_benchmark.py"
 COLUMNS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 
-def _bench(root: Path, cache: Path, *seeds: str) -> subprocess.CompletedProcess:
+def _bench(root: Path, cache: Path, *seeds: str, jobs: int = 1) -> subprocess.CompletedProcess:
     overrides = [o for o in TINY if not o.startswith("train.wandb")]
     cmd = [
         sys.executable, str(TOOL), *overrides, "train.wandb.mode=offline",
         f"sid.encoder.cache_dir={cache}", "sasrec.epochs=2", "sasrec.eval_every=1", "sasrec.hidden=16",
         "--config", "configs/experiments/demo.yaml", "--root", str(root),
-        "--variants", "dense", "sasrec", "popularity", "--seeds", *seeds,
+        "--variants", "dense", "sasrec", "popularity", "--seeds", *seeds, "--jobs", str(jobs),
     ]  # fmt: skip
     rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
@@ -43,8 +44,11 @@ def _bench(root: Path, cache: Path, *seeds: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_matrix_trains_every_variant_and_summarises_the_seeds(tmp_path: Path) -> None:
-    for seed in ("0", "1"):  # two commands: the second summary covers the first one's run too
-        done = _bench(tmp_path / "bench", tmp_path / "cache", seed)
+    for seed, jobs in (
+        ("0", 3),
+        ("1", 1),
+    ):  # two commands: the second summary covers the first one's runs too
+        done = _bench(tmp_path / "bench", tmp_path / "cache", seed, jobs=jobs)  # the first: 3 runs at once
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
     for variant in ("dense",):
@@ -170,7 +174,58 @@ def test_a_rerun_step_appends_to_its_log_and_a_failure_names_it(tmp_path: Path) 
         bench._run([sys.executable, "-c", f"print('{word} part')"], log)
     text = log.read_text()
     assert text.count("==> ") == 2 and text.index("first part") < text.index("second part")
-    with pytest.raises(SystemExit, match="exit 3") as failed:
+    with pytest.raises(bench.StepFailed, match="exit 3") as failed:
         bench._run([sys.executable, "-c", "print('third part'); raise SystemExit(3)"], log)
     assert str(log) in str(failed.value) and "third part" in str(failed.value)
     assert "first part" in log.read_text()
+
+
+def test_a_step_past_the_time_limit_is_stopped_and_none_starts_after_it(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("run_benchmark", TOOL)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    log, marker = tmp_path / "logs" / "train.log", tmp_path / "finished"
+    slow = [
+        sys.executable,
+        "-c",
+        f"import pathlib, time; print('started', flush=True); time.sleep(60); pathlib.Path({str(marker)!r}).touch()",
+    ]
+    t0 = time.monotonic()
+    with pytest.raises(bench.OutOfTime):
+        bench._run(slow, log, deadline=t0 + 3)
+    assert time.monotonic() - t0 < 30  # stopped at the limit, not after the step's 60 s
+    assert not marker.exists()
+    text = log.read_text()
+    assert "started" in text and text.rstrip().endswith("stopped at the time limit")
+    with pytest.raises(bench.OutOfTime):  # past the limit: not even started
+        bench._run([sys.executable, "-c", "print('late')"], log, deadline=time.monotonic() - 1)
+    assert "late" not in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("stamped", "expected"),
+    [
+        ({"data", "sids", "sequences"}, []),
+        ({"data", "sids"}, ["sequences build"]),  # a scope brought without its sequences
+        ({"data", "sequences"}, ["sids build", "sequences build"]),  # new IDs: new sequences
+        (set(), ["data prepare", "sids build", "sequences build"]),
+    ],
+)
+def test_preparation_resumes_at_the_first_unfinished_step(
+    tmp_path: Path, stamped: set, expected: list
+) -> None:
+    spec = importlib.util.spec_from_file_location("run_benchmark", TOOL)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for out in stamped:
+        (tmp_path / out).mkdir()
+        (tmp_path / out / bench.STAMP_FILE).write_text("{}")
+    (tmp_path / "sids" / "half-written").parent.mkdir(
+        exist_ok=True
+    )  # a directory without a stamp: unfinished
+    ran: list[str] = []
+    bench._run = lambda cmd, log, deadline: ran.append(
+        " ".join(cmd[cmd.index("--config") - 2 : cmd.index("--config")])
+    )
+    bench.prepare_scope("configs/experiments/demo.yaml", tmp_path, [])
+    assert ran == expected

@@ -39,7 +39,7 @@
 # ignores shared/wheels (6-7 MB):
 #
 #   pins=$(.venv/bin/python -m pip freeze | grep -iE '^(pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|hjson|datasets|dill|multiprocess|fastapi|starlette|uvicorn|fastapi[-_]offline|opentelemetry[-_]api)==')
-#   pip download --no-deps --no-binary :all: -d shared/wheels "deepspeed==$(.venv/bin/python -c 'import deepspeed; print(deepspeed.__version__)')"
+#   pip download --no-deps --no-binary :all: -d shared/wheels "deepspeed==$(.venv/bin/python -c 'from importlib.metadata import version; print(version("deepspeed"))')"
 #   pip download --no-deps --only-binary :all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d shared/wheels $pins
 #
@@ -135,32 +135,8 @@ skip() { rc=0; took=0; row "$1" "$2" SKIP; }
 
 # --- the steps ------------------------------------------------------------------------------------
 
-install_missing() {  # what the steps import but this python lacks, from the wheels folder
-  local missing
-  missing=$("$PYTHON" - <<'EOF'
-import importlib.util
-mods = ["deepspeed", "datasets", "fastapi", "uvicorn", "fastapi_offline", "transformers", "pyarrow",
-        "yaml", "rich", "safetensors", "prometheus_client", "pytest", "numpy"]
-print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
-EOF
-)
-  if [ -z "$missing" ]; then echo "nothing to install"; return 0; fi
-  echo "missing: $missing"
-  local files=()
-  for f in "$wheels"/*.whl "$wheels"/*.tar.gz; do
-    case "$(basename "$f")" in megablocks*|stanford[-_]stk*|grouped[-_]gemm*) continue ;; esac
-    [ -e "$f" ] && files+=("$f")
-  done
-  if [ ${#files[@]} -eq 0 ]; then
-    echo "no wheels in $wheels to install them from (see the header of tools/gpu_check.sh)"; return 1
-  fi
-  DS_BUILD_OPS=0 "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-    --target "$site" "${files[@]}" 2>&1 | grep -v "is ignored" || true
-  echo "installed from $wheels: ${files[*]##*/}"
-}
-
 check_setup() {  # versions, device, imports, files, CLI
-  install_missing || return 1
+  PYTHON="$PYTHON" bash "$root/tools/gpu_wheels.sh" "$wheels" "$site" || return 1
   "$PYTHON" - <<'EOF' || return 1
 import contextlib, importlib, io, platform, sys
 from pathlib import Path
@@ -262,8 +238,8 @@ run_args=(run_dir="$run" sid.levels=16 sid.codebook_size=256 model.overrides.ite
   model.overrides.item_text_prior=false critiques.enabled=false "${data_args[@]}")
 fit_args=("${run_args[@]}" train.precision=auto train.eval_every=0 train.save_every=100000
   train.wandb.mode=disabled "${train_args[@]}")
-export PYTHON wheels site work dry config
-export -f install_missing check_setup install_megablocks
+export PYTHON root wheels site work dry config
+export -f check_setup install_megablocks
 
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 echo "gpu_check: $mode, budget ${budget}s, python $PYTHON, work $work" >&2

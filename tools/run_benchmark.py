@@ -13,8 +13,12 @@ constrained beam search for the token-level one).
 
 Every step runs as its own ``moe-rec`` process and is skipped when its output exists, so an
 interrupted matrix resumes where it stopped, and parts of one matrix can run as separate commands
-(one per core, or one a day). ``summary.md`` and ``summary.json`` cover every finished run under
-``--root``, not only this command's; ``--summary-only`` rewrites them and starts nothing. Examples::
+(one per core, or one a day) or as one command with ``--jobs N`` (N runs at once once the scopes
+are prepared: several small runs sharing one GPU, say). ``--time-limit`` starts nothing after it
+and stops the steps still running (a training resumes from its last checkpoint on the next call);
+the command names what did not finish and exits 1 only when a step failed. ``summary.md`` and
+``summary.json`` cover every finished run under ``--root``, not only this command's;
+``--summary-only`` rewrites them and starts nothing. Examples::
 
     # the published benchmark, ablation on the joint model, 3 seeds (a GPU node: --launch)
     python tools/run_benchmark.py --config configs/experiments/amazon2014.yaml --root runs/bench \\
@@ -32,6 +36,9 @@ interrupted matrix resumes where it stopped, and parts of one matrix can run as 
         --variants popularity --seeds 0
     python tools/run_benchmark.py --config configs/experiments/amazon2014_prior.yaml --root runs/bench-item \\
         --scopes per_service --variants domain_user
+    # the same tables on one GPU machine, fp32 as on the CPU, 12 runs at once, stopped after 9 minutes
+    python tools/run_benchmark.py --config configs/experiments/amazon2014_joint.yaml --root runs/bench-item \\
+        --variants domain_user dense sasrec --jobs 12 --time-limit 540 train.precision=fp32
     # small CPU run on synthetic data
     python tools/run_benchmark.py train.max_steps=300 --config configs/experiments/demo.yaml \\
         --root runs/bench-demo --seeds 0 1 2
@@ -47,10 +54,12 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from moe_rec.config import load_config
 from moe_rec.experiment import ExperimentConfig
+from moe_rec.stages import STAMP_FILE
 
 VARIANTS = {
     "dense": ["model.dense=true"],
@@ -68,9 +77,20 @@ def _moe_rec(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from moe_rec.cli import main; sys.exit(main())", *args]
 
 
-def _run(cmd: list[str], log: Path) -> None:
+class StepFailed(Exception):
+    """A step exited non-zero (the message names its log and ends with the log's last lines)."""
+
+
+class OutOfTime(Exception):
+    """The ``--time-limit`` passed before or during a step; a stopped training resumes on the next call."""
+
+
+def _run(cmd: list[str], log: Path, deadline: float = math.inf) -> None:
     """Run one step; its output is appended to ``log`` (a resumed run keeps the log of the part
-    before), after a line naming the command; a failure stops the matrix and names the log."""
+    before), after a line naming the command. A step still running at ``deadline`` (a
+    ``time.monotonic()`` value) is stopped: SIGTERM, then SIGKILL after 30 s."""
+    if time.monotonic() >= deadline:
+        raise OutOfTime
     log.parent.mkdir(parents=True, exist_ok=True)
     line = shlex.join(cmd)
     print(f"  $ {line}", flush=True)
@@ -78,27 +98,58 @@ def _run(cmd: list[str], log: Path) -> None:
     with open(log, "a") as f:
         f.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} $ {line}\n")
         f.flush()
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout=None if math.isinf(deadline) else max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            f.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} stopped at the time limit\n")
+            raise OutOfTime from None
+        except BaseException:  # Ctrl-C or another run's failure: leave no orphan behind
+            proc.kill()
+            proc.wait()
+            raise
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        sys.exit(f"step failed (exit {code}); log {log}:\n{tail}")
+        raise StepFailed(f"step failed (exit {code}); log {log}:\n{tail}")
     print(f"    done in {time.perf_counter() - t0:.0f}s", flush=True)
 
 
-def prepare_scope(config: str, scope_dir: Path, overrides: list[str]) -> None:
-    """data prepare -> sids build -> sequences build into ``scope_dir`` (skipped when done). The
-    matrix compares models on the plain task: critiques stay off unless an override turns them on
-    (then they are built after the data)."""
-    if (scope_dir / "sequences" / "vocab.json").exists():
-        return
+def prepare_scope(config: str, scope_dir: Path, overrides: list[str], deadline: float = math.inf) -> None:
+    """data prepare -> sids build -> sequences build into ``scope_dir``. A step whose output holds
+    its stage stamp (written last, so only by a finished step) is skipped until one step runs:
+    every step after that runs too. So a stopped preparation resumes at its step, and a scope
+    brought elsewhere without its sequences (the largest part) builds only them. The matrix
+    compares models on the plain task: critiques stay off unless an override turns them on (then
+    they are built after the data)."""
     base = ["--config", config, f"run_dir={scope_dir}", "critiques.enabled=false", *overrides]
-    critiques = [["critiques", "build"]] if "critiques.enabled=true" in overrides else []
-    for step in (["data", "prepare"], *critiques, ["sids", "build"], ["sequences", "build"]):
-        _run(_moe_rec(*step, *base), scope_dir / "logs" / f"{'_'.join(step)}.log")
+    critiques = [(["critiques", "build"], "critiques")] if "critiques.enabled=true" in overrides else []
+    steps = [
+        (["data", "prepare"], "data"),
+        *critiques,
+        (["sids", "build"], "sids"),
+        (["sequences", "build"], "sequences"),
+    ]
+    rerun = False
+    for step, out in steps:
+        rerun = rerun or not (scope_dir / out / STAMP_FILE).exists()
+        if rerun:
+            _run(_moe_rec(*step, *base), scope_dir / "logs" / f"{'_'.join(step)}.log", deadline)
 
 
 def run_one(
-    config: str, scope_dir: Path, variant: str, seed: int, overrides: list[str], launch: str | None
+    config: str,
+    scope_dir: Path,
+    variant: str,
+    seed: int,
+    overrides: list[str],
+    launch: str | None,
+    deadline: float = math.inf,
 ) -> None:
     """Train one (variant, seed) on a prepared scope, evaluate its best checkpoint on test; a
     baseline variant is trained (SASRec) and evaluated by ``moe-rec eval --baseline``."""
@@ -114,7 +165,7 @@ def run_one(
     if variant in BASELINES:
         args = [f"run_dir={run_dir}", *([f"sasrec.seed={seed}"] if variant == "sasrec" else []), *overrides]
         cmd = _moe_rec("eval", "--config", config, "--baseline", variant, *args)
-        _run(cmd, run_dir / "logs" / "eval.log")
+        _run(cmd, run_dir / "logs" / "eval.log", deadline)
         (run_dir / "eval" / f"test-{variant}.json").replace(report)
     else:
         args = [f"run_dir={run_dir}", *VARIANTS[variant], f"train.seed={seed}", *overrides]
@@ -122,9 +173,11 @@ def run_one(
             train_cmd = [*shlex.split(launch), config, *args]
         else:
             train_cmd = [sys.executable, "-m", "moe_rec.train", "--config", config, *args]
-        _run(train_cmd, run_dir / "logs" / "train.log")
+        _run(train_cmd, run_dir / "logs" / "train.log", deadline)
         _run(
-            _moe_rec("eval", "--config", config, "--checkpoint", "best", *args), run_dir / "logs" / "eval.log"
+            _moe_rec("eval", "--config", config, "--checkpoint", "best", *args),
+            run_dir / "logs" / "eval.log",
+            deadline,
         )
         tag = (run_dir / "checkpoints" / "best").read_text().strip()
         (run_dir / "eval" / f"test-{tag}.json").replace(report)
@@ -191,6 +244,15 @@ def main() -> None:
         "--launch", help='training launcher taking CONFIG then overrides, e.g. "launch/cpu.sh 2"'
     )
     parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once once every scope is prepared (default 1)"
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start nothing after this long and stop the steps still running (they resume on the next call)",
+    )
+    parser.add_argument(
         "--summary-only", action="store_true", help="rewrite the summary of the finished runs; start nothing"
     )
     parser.add_argument(
@@ -201,7 +263,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.summary_only:
-        given = [f"--{k}" for k in ("config", "variants", "seeds", "scopes", "launch") if getattr(args, k)]
+        given = [
+            f"--{k}"
+            for k in ("config", "variants", "seeds", "scopes", "launch", "time_limit")
+            if getattr(args, k)
+        ]
         if given or args.overrides:
             parser.error(
                 f"--summary-only starts nothing and takes only --root, not {' '.join([*given, *args.overrides])}"
@@ -224,16 +290,44 @@ def main() -> None:
         else:
             scopes.append(scope)
 
-    for scope in scopes:
-        scope_dir = args.root / scope
-        only = [] if scope == "joint" else [f"data.services=[{scope}]"]
-        print(f"[{scope}] prepare -> {scope_dir}", flush=True)
-        prepare_scope(args.config, scope_dir, [*args.overrides, *only])
-        for variant in args.variants:
-            for seed in args.seeds:
-                print(f"[{scope}] {variant} seed {seed}", flush=True)
-                run_one(args.config, scope_dir, variant, seed, [*args.overrides, *only], args.launch)
-    write_summary(args.root)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, not {args.jobs}")
+    deadline = math.inf if args.time_limit is None else time.monotonic() + args.time_limit
+    runs = []
+    try:
+        for scope in scopes:
+            scope_dir = args.root / scope
+            only = [] if scope == "joint" else [f"data.services=[{scope}]"]
+            print(f"[{scope}] prepare -> {scope_dir}", flush=True)
+            prepare_scope(args.config, scope_dir, [*args.overrides, *only], deadline)
+            runs += [(scope, scope_dir, variant, seed, [*args.overrides, *only]) for variant in args.variants
+                     for seed in args.seeds]  # fmt: skip
+    except (StepFailed, OutOfTime) as e:
+        sys.exit(
+            str(e) or f"stopped at the time limit ({args.time_limit:.0f}s) while preparing; rerun to resume"
+        )
+
+    def one(run: tuple) -> str | None:  # None when finished, else why not
+        scope, scope_dir, variant, seed, overrides = run
+        print(f"[{scope}] {variant} seed {seed}", flush=True)
+        try:
+            run_one(args.config, scope_dir, variant, seed, overrides, args.launch, deadline)
+        except OutOfTime:
+            return "stopped at the time limit (rerun to resume)"
+        except StepFailed as e:
+            print(f"[{scope}] {variant} seed {seed}: {e}", flush=True)
+            return str(e).split(":", 1)[0] + f" ({scope_dir / f'{variant}-seed{seed}' / 'logs'})"
+        return None
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        outcomes = list(pool.map(one, runs))
+    unfinished = [(run, why) for run, why in zip(runs, outcomes) if why]
+    if any(finished_runs(args.root)):
+        write_summary(args.root)
+    for (scope, _, variant, seed, _), why in unfinished:
+        print(f"not finished: [{scope}] {variant} seed {seed}: {why}", flush=True)
+    if any(why.startswith("step failed") for _, why in unfinished):
+        sys.exit(1)
 
 
 def write_summary(root: Path) -> None:

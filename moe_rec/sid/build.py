@@ -5,6 +5,8 @@
     sid_table.parquet, sid_table.json   the SID table (see moe_rec.sid.table)
     sid_trie.safetensors                the tensor trie for constrained decoding
     quantizer.safetensors               the fitted quantiser (encodes new items later)
+    item_text.safetensors               each table row's text embedding, half precision: the item
+                                        model's text input, so training needs no encoder
     sid_config.yaml                     the SIDConfig used
     stats.json                          items, unique IDs, collisions, codebook use, coherence, seconds,
                                         the encoder stack's versions and a digest of the codes
@@ -33,7 +35,7 @@ from moe_rec.console import console
 from moe_rec.data.schema import DataError
 from moe_rec.sid.config import SIDConfig
 from moe_rec.sid.embed import TextEncoder
-from moe_rec.sid.io import write_json
+from moe_rec.sid.io import load_tensors, save_tensors, write_json
 from moe_rec.sid.item_text import item_texts
 from moe_rec.sid.quantizer import QUANTIZER_FILE, fit_quantizer
 from moe_rec.sid.stats import (
@@ -48,6 +50,7 @@ from moe_rec.sid.trie import TRIE_FILE
 
 STATS_FILE = "stats.json"
 CONFIG_FILE = "sid_config.yaml"
+TEXT_FILE = "item_text.safetensors"
 
 
 def item_embeddings(
@@ -70,9 +73,9 @@ def item_embeddings(
     return encoder.encode(texts), encoder, len(without_text)
 
 
-def table_text_embeddings(items: pa.Table, table: SIDTable, cfg: SIDConfig, cache_dir: Path) -> torch.Tensor:
-    """(N, D) the text embedding of each SID-table row's item (the item model's ``item_text``)."""
-    vectors, _, _ = item_embeddings(items, cfg, cache_dir)
+def _in_table_order(items: pa.Table, table: SIDTable, vectors: torch.Tensor) -> torch.Tensor:
+    """(N, D) ``vectors`` (one per ``items`` row) in the SID table's row order, rounded to half
+    precision and back: the one form of the item model's text input, read or encoded."""
     rows = table.rows(items.column("service").to_pylist(), items.column("item_id").to_pylist())
     if len(rows) != len(table) or len(set(rows.tolist())) != len(table):
         raise DataError(
@@ -80,8 +83,28 @@ def table_text_embeddings(items: pa.Table, table: SIDTable, cfg: SIDConfig, cach
             "SIDs were built for other data; rebuild them (moe-rec sids build) on this run's data"
         )
     out = torch.empty(len(table), vectors.shape[1], dtype=torch.float32)
-    out[torch.from_numpy(rows)] = vectors.float()
+    out[torch.from_numpy(rows)] = vectors.half().float()
     return out
+
+
+def table_text_embeddings(
+    items: pa.Table, table: SIDTable, cfg: SIDConfig, cache_dir: Path, sid_dir: Path | None = None
+) -> torch.Tensor:
+    """(N, D) float32 the text embedding of each SID-table row's item (the item model's
+    ``item_text``), half-precision values: from ``sid_dir``'s ``item_text.safetensors`` when the SID
+    stage wrote one (no encoder needed: a GPU node without the model trains), else encoded (cached)."""
+    path = None if sid_dir is None else Path(sid_dir) / TEXT_FILE
+    if path is not None and path.exists():
+        tensors, _ = load_tensors(path, "the SID stage's item text embeddings")
+        vectors = tensors["item_text"]
+        if len(vectors) != len(table):
+            raise DataError(
+                f"{path} holds {len(vectors):,} items but the SID table {len(table):,}: it belongs to "
+                "other SIDs; rebuild them (moe-rec sids build)"
+            )
+        return vectors.float()
+    vectors, _, _ = item_embeddings(items, cfg, cache_dir)
+    return _in_table_order(items, table, vectors)
 
 
 def build_sids(
@@ -138,6 +161,8 @@ def build_sids(
     else:
         (out_dir / TRIE_FILE).unlink(missing_ok=True)
     quantizer.save(out_dir / QUANTIZER_FILE)
+    text = _in_table_order(items, table, embeddings).half()
+    save_tensors(out_dir / TEXT_FILE, {"item_text": text}, {"encoder": encoder.fingerprint})
     dump_config(cfg, out_dir / CONFIG_FILE)
 
     usage = codebook_usage(codes, cfg.codebook_size)

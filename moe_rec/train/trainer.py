@@ -299,12 +299,14 @@ class Trainer:
             )
         train_ds = load_split(cfg.sequences_dir, "train")
         valid_ds = load_split(cfg.sequences_dir, "valid")
-        self.item_text = None  # (N, D_text) with item_text: the SID stage's embeddings (cached), by table row
+        self.item_text = None  # (N, D_text) with item_text: the SID stage's embeddings, by table row
         if cfg.model.kind == "item" and cfg.model.overrides.get(
             "item_text"
         ):  # the token model has no item term
             items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
-            self.item_text = table_text_embeddings(items, self.sids, cfg.sid, cfg.embedding_cache)
+            self.item_text = table_text_embeddings(
+                items, self.sids, cfg.sid, cfg.embedding_cache, cfg.sid_dir
+            )
         text_dim = self.item_text.shape[1] if self.item_text is not None else 0
         self.item_words = None  # (N, F, L) with item_words: each item's subwords per field, by table row
         if cfg.model.kind == "item" and cfg.model.overrides.get("item_words"):

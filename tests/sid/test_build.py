@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from moe_rec.data.schema import ITEM_SCHEMA, DataError
-from moe_rec.sid.build import STATS_FILE, build_sids, table_text_embeddings
+from moe_rec.sid.build import STATS_FILE, TEXT_FILE, build_sids, table_text_embeddings
 from moe_rec.sid.config import SIDConfig
+from moe_rec.sid.embed import TextEncoder
+from moe_rec.sid.item_text import item_texts
 from moe_rec.sid.quantizer import load_quantizer
 from moe_rec.sid.table import SIDTable
 from moe_rec.sid.trie import TRIE_FILE, SIDTrie
@@ -93,3 +95,33 @@ def test_text_embeddings_follow_table_rows_and_refuse_other_data(tmp_path) -> No
     market = items.filter(pc.equal(items.column("service"), "market"))
     with pytest.raises(DataError, match="32 items but the SID table 48"):
         table_text_embeddings(market, table, cfg, tmp_path / "cache")
+
+
+def test_training_reads_the_stage_text_embeddings_without_an_encoder(tmp_path) -> None:
+    """build_sids stores each table row's text vector (half precision); read back with an encoder
+    that cannot load (a GPU node without the model package) they equal the encoded vectors rounded
+    to half precision, row for row; a file of other SIDs is refused by name."""
+    items = catalogue()
+    cfg = SIDConfig(levels=2, codebook_size=4, max_dedup=32)
+    build_sids(items, cfg, tmp_path / "sid", cache_dir=tmp_path / "cache")
+    table = SIDTable.load(tmp_path / "sid")
+    encoded = table_text_embeddings(items, table, cfg, tmp_path / "cache")  # no sid_dir: the encoder
+    raw = TextEncoder.from_config(cfg.encoder, tmp_path / "cache").encode(item_texts(items))
+    rows = table.rows(items.column("service").to_pylist(), items.column("item_id").to_pylist())
+    expected = torch.empty_like(encoded)
+    for i, row in enumerate(rows.tolist()):  # a plain loop over the catalogue's rows
+        expected[row] = raw[i].to(torch.float16).to(torch.float32)
+    assert torch.equal(encoded, expected)
+
+    offline = SIDConfig(
+        levels=2, codebook_size=4, max_dedup=32, encoder={"model": str(tmp_path / "no-model")}
+    )
+    read = table_text_embeddings(items, table, offline, tmp_path / "empty-cache", tmp_path / "sid")
+    assert read.dtype == torch.float32 and torch.equal(read, expected)
+    assert not (tmp_path / "empty-cache").exists()  # nothing encoded
+
+    other = tmp_path / "other"
+    build_sids(items.slice(0, 40), cfg, other, cache_dir=tmp_path / "cache")
+    (tmp_path / "sid" / TEXT_FILE).write_bytes((other / TEXT_FILE).read_bytes())
+    with pytest.raises(DataError, match="holds 40 items but the SID table 48"):
+        table_text_embeddings(items, table, offline, tmp_path / "cache", tmp_path / "sid")
