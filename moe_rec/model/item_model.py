@@ -214,7 +214,7 @@ def same_codes(targets: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gather_scores(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def gather_scores_reference(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Scores (N, M) of N items for M queries: ``sum_p by_code[p, codes[:, p]]``.
 
     Args:
@@ -226,6 +226,34 @@ def gather_scores(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     for p in range(1, codes.shape[1]):
         scores += torch.index_select(by_code[p], 0, codes[:, p])
     return scores
+
+
+class _GatherScores(torch.autograd.Function):
+    """:func:`gather_scores_reference` with a backward that adds each code position's rows of the
+    gradient into one zero (P, K, M) tensor. Autograd of the loop zeroes the whole input once per
+    code position (the backward of ``by_code[p]``): P full passes where one suffices."""
+
+    @staticmethod
+    def forward(ctx, by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(codes)
+        ctx.by_code_shape = by_code.shape
+        return gather_scores_reference(by_code, codes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (codes,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.by_code_shape)  # (P, K, M)
+        for p in range(codes.shape[1]):
+            out[p].index_add_(0, codes[:, p], grad)
+        return out, None
+
+
+def gather_scores(by_code: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_scores_reference` (same arguments and result), with a cheaper backward when
+    ``by_code`` needs a gradient (the training loss); parity: tests/model/test_item_model.py."""
+    if by_code.requires_grad and torch.is_grad_enabled():
+        return _GatherScores.apply(by_code, codes)
+    return gather_scores_reference(by_code, codes)
 
 
 class MoERecForItemPrediction(MoERecPreTrainedModel):
@@ -739,6 +767,22 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             delta[at] = query[at] @ self.service_proj[s].T
         return out + delta
 
+    def code_queries(self, hidden: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
+        """(B, T, P, D) each code position's unit query: the heads' projection of :meth:`query`."""
+        b, t, d = hidden.shape
+        query = self.query(hidden, query_services)  # (B, T, D)
+        return F.normalize(self.head_projection(query, query_services).view(b, t, self.num_codes, d), dim=-1)
+
+    def code_keys(self, slot: int | None = None) -> torch.Tensor:
+        """(P, K_max, D) the unit code embeddings the heads compare with; with ``service_codes`` those
+        of service slot ``slot`` (its own change added). Rows past a short code range repeat its
+        first code (:meth:`code_layout`)."""
+        rows, _ = self.code_layout(self.model.embed_tokens.weight.device)
+        keys = self.model.embed_tokens(rows)  # (P, K_max, D)
+        if slot is not None and self.service_code_embed is not None:
+            keys = keys + self.service_code_rows(torch.full_like(rows, slot), rows).to(keys.dtype)
+        return F.normalize(keys, dim=-1)
+
     def code_logits(self, hidden: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
         """Logits of every code position for the next item.
 
@@ -749,20 +793,16 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         Returns:
             (B, T, P, K_max) cosine logits / temperature; ``-inf`` past a code position's range.
         """
-        b, t, d = hidden.shape
-        query = self.query(hidden, query_services)  # (B, T, D)
-        q = F.normalize(self.head_projection(query, query_services).view(b, t, self.num_codes, d), dim=-1)
-        rows, valid = self.code_layout(hidden.device)
-        shared = self.model.embed_tokens(rows)  # (P, K_max, D)
+        q = self.code_queries(hidden, query_services)  # (B, T, P, D)
+        _, valid = self.code_layout(hidden.device)
         if self.service_code_embed is None:
-            logits = torch.einsum("btpd,pkd->btpk", q, F.normalize(shared, dim=-1))
+            logits = torch.einsum("btpd,pkd->btpk", q, self.code_keys())
         else:  # each asked service's own code rows: one product per service, as head_projection
             slot = self.service_slots(query_services)  # (B, T)
-            logits = q.new_zeros(b, t, self.num_codes, rows.shape[1])
+            logits = q.new_zeros(*q.shape[:3], valid.shape[1])
             for s in slot.unique().tolist():
                 at = slot == s
-                own = shared + self.service_code_rows(torch.full_like(rows, s), rows).to(shared.dtype)
-                logits[at] = torch.einsum("npd,pkd->npk", q[at], F.normalize(own, dim=-1))
+                logits[at] = torch.einsum("npd,pkd->npk", q[at], self.code_keys(s))
         return (logits / self.config.item_head_temperature).masked_fill(~valid, float("-inf"))
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -858,7 +898,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             words = words[:, -logits_to_keep:] if words is not None else None
             phrases = phrases[:, -logits_to_keep:] if phrases is not None else None
             price = price[:, -logits_to_keep:] if price is not None else None
-        logits = self.code_logits(hidden, query_services)  # (B, T', P, K)
+        # training on the item loss needs only the scored positions' code scores (below), not the
+        # (B, T, P, K) logits: they are made everywhere else (evaluation, the probe, the codes loss)
+        items_loss = labels is not None and self.config.item_loss == "items" and self.training
+        logits = None if items_loss else self.code_logits(hidden, query_services)  # (B, T', P, K)
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
             query = self.query(hidden, query_services)  # (B, T', D)
@@ -868,12 +911,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
             target = labels[:, 1:]  # (B, T-1, P): the next event's codes
             if not bool((target[..., 0] != IGNORE_INDEX).any()):  # no event to predict (text only)
-                out.lm_loss = logits.sum() * 0.0
+                out.lm_loss = self.code_logits(hidden, query_services).sum() * 0.0  # the heads in the graph
             elif self.config.item_loss == "items":
                 query = out.hidden_states[:, :-1] if self.item_embed is not None else None
                 own = own_rows[:, :-1] if own_rows is not None else None
                 out.lm_loss = self._item_softmax_loss(
-                    logits[:, :-1], target, query_services[:, :-1], query, own,
+                    hidden[:, :-1], target, query_services[:, :-1], query, own,
                     self._position_weights(item_tokens[:, :-1, 0]),
                 )  # fmt: skip
             else:
@@ -904,7 +947,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
 
     def _item_softmax_loss(
         self,
-        logits: torch.Tensor,
+        hidden: torch.Tensor,
         target: torch.Tensor,
         services: torch.Tensor,
         query: torch.Tensor | None,
@@ -917,8 +960,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         copy of the target left out), so a step costs (positions x samples) instead of (positions x
         catalogue). Positions are grouped by asked service: each scores its own service's items only.
 
+        Each service's code scores are one (P, K, M_s) product of its unit code embeddings, scaled
+        by 1 / (temperature x P), with its positions' unit queries: the mean of an item's code
+        logits (:meth:`code_logits`) without making the (B, T, P, K) logits of every position.
+
         Args:
-            logits: (B, T, P, K) code logits; target: (B, T, P) next codes (-100: no target);
+            hidden: (B, T, D) decoder outputs; target: (B, T, P) next codes (-100: no target);
             services: (B, T) the target's service token.
             query: (B, T, D') with ``item_embedding``: an item's logit also gets ``query .
                 score_vector`` (:meth:`item_query`, :meth:`score_vectors`).
@@ -935,21 +982,21 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 "item_loss='items' needs the catalogue: call set_train_catalogue(codes, services)"
             )
         scored = target[..., 0] != IGNORE_INDEX  # (B, T)
-        z = logits[scored].float()  # (M, P, K)
-        # slots past a short code range are never an item's code; / P: an item's logit is the mean of
-        # its code logits (the sum of P cosines / T would span +-P/T and saturate the softmax)
-        z = z.masked_fill(torch.isinf(z), 0.0) / z.shape[1]
-        tgt = target[scored]  # (M, P)
-        target_score = z.gather(-1, tgt[..., None]).squeeze(-1).sum(-1)  # (M,)
         asked = services[scored]  # (M,)
+        queries = self.code_queries(hidden[scored][None], asked[None])[0].float()  # (M, P, D)
+        # an item's logit is the mean of its code logits (the sum of P cosines / T would span +-P/T
+        # and saturate the softmax)
+        scale = 1.0 / (self.config.item_head_temperature * self.num_codes)
+        tgt = target[scored]  # (M, P)
         q = query[scored].float() if query is not None else None  # (M, D)
         own = own_rows[scored] if own_rows is not None else None  # (M,)
         weight = weights[scored] if weights is not None else None  # (M,)
+        target_extra = None  # (M,) the target's per-item term, beside its code scores
         if q is not None:
             target_rows = self.item_rows(tgt, asked)  # (M,)
-            target_score = target_score + (q * self.score_vectors(target_rows).float()).sum(-1)
+            target_extra = (q * self.score_vectors(target_rows).float()).sum(-1)
             if own is not None:  # a repeat of the own item gets no text prior
-                target_score = target_score + self.own_item_term(q, own) * (target_rows == own)
+                target_extra = target_extra + self.own_item_term(q, own) * (target_rows == own)
         groups = []  # per asked service: its positions and its candidate items
         for service in asked.unique().tolist():  # each service's positions against its own items only
             rows = self._service_rows(service)  # (N_s,) every trained item of the service
@@ -957,15 +1004,21 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 rows = rows[
                     torch.randint(len(rows), (self.config.item_negatives,), device=rows.device)
                 ].unique()
-            groups.append(((asked == service).nonzero().flatten(), rows))
+            groups.append((service, (asked == service).nonzero().flatten(), rows))
         if q is not None:  # one lookup for every group (under ZeRO-3 each call gathers, on every rank)
-            vectors = self.score_vectors(torch.cat([rows for _, rows in groups])).float()
-            vectors = vectors.split([len(rows) for _, rows in groups])
-        total = z.new_zeros(())
+            vectors = self.score_vectors(torch.cat([rows for _, _, rows in groups])).float()
+            vectors = vectors.split([len(rows) for _, _, rows in groups])
+        total = queries.new_zeros(())
         by_service = self.config.item_loss_balance == "services"
-        for g, (pos, rows) in enumerate(groups):
+        for g, (service, pos, rows) in enumerate(groups):
+            slot = int(self.service_slots(torch.tensor(service)))
+            keys = self.code_keys(slot).float() * scale  # (P, K, D)
+            by_code = torch.bmm(keys, queries[pos].permute(1, 2, 0))  # (P, K, M_s)
+            target_score = by_code.gather(1, tgt[pos].T[:, None, :]).squeeze(1).sum(0)  # (M_s,)
+            if target_extra is not None:
+                target_score = target_score + target_extra[pos]
             codes = self.train_codes[rows]  # (C, P)
-            scores = gather_scores(z[pos].permute(1, 2, 0), codes).T  # (M_s, C)
+            scores = gather_scores(by_code, codes).T  # (M_s, C)
             if q is not None:
                 scores = scores + self.query_scores(q[pos], vectors[g])
                 if own is not None:  # the own item among the candidates: no text prior
@@ -974,8 +1027,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                     )
             if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
                 copy = same_codes(tgt[pos], codes)  # (M_s, C)
-                scores = torch.cat([target_score[pos, None], scores.masked_fill(copy, float("-inf"))], dim=1)
-            loss = torch.logsumexp(scores, dim=1) - target_score[pos]  # (M_s,)
+                scores = torch.cat([target_score[:, None], scores.masked_fill(copy, float("-inf"))], dim=1)
+            loss = torch.logsumexp(scores, dim=1) - target_score  # (M_s,)
             summed = (loss if weight is None else loss * weight[pos]).sum()
             total = total + (summed / len(pos) if by_service else summed)
         return total / (len(groups) if by_service else len(asked))

@@ -1189,3 +1189,74 @@ def test_same_codes_equals_the_full_comparison(seed: int, m: int, n: int, p: int
     got = same_codes(targets, codes)
     assert got.dtype == torch.bool and torch.equal(got, want)
     assert bool(want[: m // 2].any(-1).all())  # the copied targets were found
+
+
+@pytest.mark.parametrize(("p", "k", "m", "n"), [(1, 2, 1, 1), (4, 8, 5, 30), (17, 256, 40, 300)])
+def test_gather_scores_backward_equals_autograd_of_the_plain_loop(p: int, k: int, m: int, n: int) -> None:
+    """gather_scores' own backward (one zero tensor, index-added per code position) against autograd
+    through gather_scores_reference, float64, fresh random inputs with repeated codes."""
+    from moe_rec.model.item_model import gather_scores, gather_scores_reference
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    codes = torch.randint(k, (n, p), generator=g)
+    upstream = torch.randn(n, m, generator=g, dtype=torch.float64)
+    by_code = torch.randn(p, k, m, generator=g, dtype=torch.float64, requires_grad=True)
+    fast = gather_scores(by_code, codes)
+    (grad_fast,) = torch.autograd.grad((fast * upstream).sum(), by_code)
+    plain = gather_scores_reference(by_code, codes)
+    (grad_plain,) = torch.autograd.grad((plain * upstream).sum(), by_code)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+    torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-12, atol=1e-12)
+    assert grad_fast.abs().sum() > 0
+
+
+@pytest.mark.parametrize("service_codes", [False, True])
+def test_training_loss_and_gradients_equal_a_plain_loop_over_the_logits(service_codes: bool) -> None:
+    """In training the item loss reads only the scored positions' code scores, never the (B, T, P,
+    K) logits (``out.logits`` is None); its loss and every parameter's gradient equal those of a
+    plain loop over positions and catalogue items on the logits that evaluation makes (float64,
+    the tiny config has no dropout), with and without each service's own code rows."""
+    fields = {"service_codes": True} if service_codes else {}
+    model = _model(21, item_loss="items", **fields)
+    if service_codes:
+        with torch.no_grad():
+            model.service_code_embed.normal_(0, 0.3)  # zero-initialised: give each service its own rows
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    catalogue = _catalogue(g)
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    )
+    picks = [torch.randint(len(catalogue), (n,), generator=g).tolist() for n in (4, 2, 3)]
+    rows = [_sample([catalogue[i] for i in pick], f"u{j}") for j, pick in enumerate(picks)]
+    batch = item_batch(rows, VOCAB, 16)
+
+    model.train()
+    out = model(**batch)
+    assert out.logits is None
+    params = [q for q in model.parameters() if q.requires_grad]
+    fast = torch.autograd.grad(out.lm_loss, params, allow_unused=True)
+
+    model.eval()
+    z = model(**batch).logits.double()  # (B, T, P, K), -inf past a short code range
+    losses = []
+    for b in range(z.shape[0]):
+        tokens, labels = batch["item_tokens"][b], batch["labels"][b]
+        for t in range(tokens.shape[0] - 1):
+            if labels[t + 1, 0] == IGNORE_INDEX:
+                continue
+            service = int(tokens[t + 1, 0])
+            items = [c for s, c in catalogue if VOCAB.service_token(s) == service]
+            scores = torch.stack(
+                [sum(z[b, t, p, c] for p, c in enumerate(codes)) / len(codes) for codes in items]
+            )
+            target = sum(z[b, t, p, c] for p, c in enumerate(labels[t + 1].tolist())) / z.shape[2]
+            losses.append(torch.logsumexp(scores, 0) - target)
+    want = torch.stack(losses).mean()
+    plain = torch.autograd.grad(want, params, allow_unused=True)
+    assert out.lm_loss.item() == pytest.approx(want.item(), rel=1e-5)
+    for a, b in zip(fast, plain, strict=True):
+        if a is None or b is None:
+            assert (a is None or not a.any()) and (b is None or not b.any())
+            continue
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+    assert sum(1 for a in fast if a is not None and a.abs().sum() > 0) > 5
