@@ -900,8 +900,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             price = price[:, -logits_to_keep:] if price is not None else None
         # training on the item loss needs only the scored positions' code scores (below), not the
         # (B, T, P, K) logits: they are made everywhere else (evaluation, the probe, the codes loss)
-        items_loss = labels is not None and self.config.item_loss == "items" and self.training
-        logits = None if items_loss else self.code_logits(hidden, query_services)  # (B, T', P, K)
+        skip_logits = labels is not None and self.config.item_loss == "items" and self.training
+        logits = None if skip_logits else self.code_logits(hidden, query_services)  # (B, T', P, K)
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
             query = self.query(hidden, query_services)  # (B, T', D)
