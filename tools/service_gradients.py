@@ -1,0 +1,143 @@
+"""Do the services of a joint model pull its shared weights the same way? Per-service gradients
+at a checkpoint, and their cosine similarity per part of the model.
+
+The joint item-level model trails one model per service (docs/RESULTS.md). One suspect is
+conflict: each service's gradient on the shared weights pointing against another's, so that a
+joint step serves none of them fully (what gradient surgery, e.g. PCGrad, projects away). This
+loads a run's checkpoint (``best`` by default) into the run's trainer, takes ``--batches`` training
+micro batches, and for each service computes the gradient of the loss over that service's
+positions alone (the labels of the others' events ignored; no dropout), summed over the batches.
+It prints, per part (routers, attention, experts, embeddings, code heads, item term; the rest), each
+service's gradient norm and the cosine of every pair of services: near 1, the services agree;
+near 0, they pull apart; below 0, against each other. The control beside them: each service's
+cosine with itself, its gradient on the even batches against the odd ones (what sampling alone
+leaves of one service's own agreement).
+
+    OMP_NUM_THREADS=1 python tools/service_gradients.py --config configs/experiments/amazon2014_joint.yaml \\
+        run_dir=runs/joint-item --batches 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+from collections.abc import Iterable
+
+import torch
+
+from moe_rec.config import load_config
+from moe_rec.data.sequences import IGNORE_INDEX
+from moe_rec.experiment import ExperimentConfig
+from moe_rec.train import checkpoint as ckpt
+from moe_rec.train.trainer import Trainer
+
+PARTS = (  # (name, pattern on the parameter name): the first match names a parameter's part
+    ("routers", r"\.router\."),
+    ("attention", r"\.self_attn\."),
+    ("experts (FFN)", r"\.mlp\."),
+    ("embeddings (codes, services)", r"^model\.embed_tokens\."),
+    ("code heads", r"^(code_proj|service_proj|service_code_embed)"),
+    ("item term and text", r"^(item_embed|text_proj|service_text_proj|text_prior)"),
+)  # the rest (the norms): "other"
+
+
+def part_of(name: str) -> str:
+    return next((part for part, pattern in PARTS if re.search(pattern, name)), "other")
+
+
+def only_service(batch: dict[str, torch.Tensor], service_token: int) -> dict[str, torch.Tensor]:
+    """``batch`` with the labels of every event not of ``service_token`` ignored: the loss (a mean
+    over scored positions) is then that service's loss alone."""
+    labels = batch["labels"].clone()  # (B, T, P)
+    labels[batch["item_tokens"][..., 0] != service_token] = IGNORE_INDEX
+    return {**batch, "labels": labels}
+
+
+def service_gradients(
+    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], services: dict[str, int]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{service: {parameter name: gradient summed over ``batches``}} of the loss over that service's
+    positions alone (a batch without any of them adds nothing); ``services``: name -> token id."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    out = {s: {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()} for s in services}
+    for batch in batches:
+        for name, token in services.items():
+            one = only_service(batch, token)
+            if not bool((one["labels"][:, 1:, 0] != IGNORE_INDEX).any()):
+                continue
+            grads = torch.autograd.grad(model(**one).lm_loss, list(params.values()), allow_unused=True)
+            for (n, _), g in zip(params.items(), grads, strict=True):
+                if g is not None:
+                    out[name][n] += g.double()
+    return out
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    return float(a @ b) / (na * nb) if na and nb else float("nan")
+
+
+def part_cosines(
+    even: dict[str, dict[str, torch.Tensor]], odd: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, dict]:
+    """{part: {"norm": {service: |g|}, "cosine": {"a/b": cos(g_a, g_b)}, "self": {service:
+    cos(g_even, g_odd)}}} over each part's parameters flattened together (float64); ``even`` and
+    ``odd``: :func:`service_gradients` of two halves of the batches, g their sum."""
+    services = list(even)
+    names = list(even[services[0]])
+    out: dict[str, dict] = {}
+    for part in dict.fromkeys(part_of(n) for n in names):
+        half = [{s: torch.cat([g[s][n].flatten() for n in names if part_of(n) == part]) for s in services}
+                for g in (even, odd)]  # fmt: skip
+        flat = {s: half[0][s] + half[1][s] for s in services}
+        out[part] = {
+            "norm": {s: float(v.norm()) for s, v in flat.items()},
+            "cosine": {f"{a}/{b}": cosine(flat[a], flat[b]) for a, b in itertools.combinations(services, 2)},
+            "self": {s: cosine(half[0][s], half[1][s]) for s in services},
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", required=True, help="the run's experiment YAML; run_dir=... among the overrides"
+    )
+    parser.add_argument("--checkpoint", default="best", help="a tag (step_00000665) or best / latest")
+    parser.add_argument("--batches", type=int, default=8, help="training micro batches to sum over")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    cfg = load_config(ExperimentConfig, args.config, ["train.wandb.mode=disabled", *args.overrides])
+    trainer = Trainer(cfg)
+    tag = args.checkpoint
+    if tag in ("best", "latest"):
+        pointer = cfg.checkpoint_dir / tag
+        if not pointer.exists():
+            raise SystemExit(f"{pointer} not found: train the run first, or name a checkpoint tag")
+        tag = pointer.read_text().strip()
+    ckpt.verify(cfg.checkpoint_dir, tag, trainer.world_size)
+    trainer.engine.load_checkpoint(str(cfg.checkpoint_dir), tag=tag, load_optimizer_states=False,
+                                   load_lr_scheduler_states=False)  # fmt: skip
+    model = trainer.engine.module.eval()  # no dropout: the gradients of the weights as they are
+    stream = trainer.data(trainer.position)
+    batches = [mb for _, micro in itertools.islice(stream, args.batches) for mb in micro][: args.batches]
+    services = {s: trainer.vocab.service_token(s) for s in trainer.sids.services}
+    report = part_cosines(
+        service_gradients(model, batches[0::2], services), service_gradients(model, batches[1::2], services)
+    )
+    if args.json:
+        print(json.dumps({"checkpoint": tag, "batches": len(batches), "parts": report}))
+        return
+    print(f"{cfg.run_dir} {tag}: per-service gradients over {len(batches)} training micro batches")
+    for part, r in report.items():
+        norms = "  ".join(f"|g_{s}| {v:.3g}" for s, v in r["norm"].items())
+        cos = "  ".join(f"cos {pair} {v:+.3f}" for pair, v in r["cosine"].items())
+        own = "  ".join(f"{s} even/odd {v:+.3f}" for s, v in r["self"].items())
+        print(f"{part:<30} {norms}\n{'':<30} {cos}\n{'':<30} {own}")
+
+
+if __name__ == "__main__":
+    main()
