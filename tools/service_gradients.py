@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.batches < 2:
+        parser.error(f"--batches must be at least 2 (the even and the odd half), not {args.batches}")
     cfg = load_config(ExperimentConfig, args.config, ["train.wandb.mode=disabled", *args.overrides])
     trainer = Trainer(cfg)
     tag = args.checkpoint
@@ -118,7 +120,13 @@ def main() -> None:
         if not pointer.exists():
             raise SystemExit(f"{pointer} not found: train the run first, or name a checkpoint tag")
         tag = pointer.read_text().strip()
-    ckpt.verify(cfg.checkpoint_dir, tag, trainer.world_size)
+    if not (cfg.checkpoint_dir / tag).is_dir():
+        found = sorted(d.name for d in cfg.checkpoint_dir.glob("step_*"))
+        raise SystemExit(f"error: {cfg.checkpoint_dir / tag} not found (checkpoints there: {found})")
+    try:
+        ckpt.verify(cfg.checkpoint_dir, tag, trainer.world_size)
+    except ckpt.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     trainer.engine.load_checkpoint(str(cfg.checkpoint_dir), tag=tag, load_optimizer_states=False,
                                    load_lr_scheduler_states=False)  # fmt: skip
     model = trainer.engine.module.eval()  # no dropout: the gradients of the weights as they are
