@@ -36,9 +36,9 @@ the command names what did not finish and exits 1 only when a step failed. ``sum
         --variants popularity --seeds 0
     python tools/run_benchmark.py --config configs/experiments/amazon2014_prior.yaml --root runs/bench-item \\
         --scopes per_service --variants domain_user
-    # the same tables on one GPU machine, fp32 as on the CPU, 12 runs at once, stopped after 9 minutes
+    # the same tables on one GPU machine, fp32 as on the CPU, all 9 runs at once, stopped after 9 minutes
     python tools/run_benchmark.py --config configs/experiments/amazon2014_joint.yaml --root runs/bench-item \\
-        --variants domain_user dense sasrec --jobs 12 --time-limit 540 train.precision=fp32
+        --variants domain_user dense sasrec --jobs 9 --time-limit 540 train.precision=fp32
     # small CPU run on synthetic data
     python tools/run_benchmark.py train.max_steps=300 --config configs/experiments/demo.yaml \\
         --root runs/bench-demo --seeds 0 1 2
@@ -307,26 +307,27 @@ def main() -> None:
             str(e) or f"stopped at the time limit ({args.time_limit:.0f}s) while preparing; rerun to resume"
         )
 
-    def one(run: tuple) -> str | None:  # None when finished, else why not
+    def one(run: tuple) -> Exception | None:  # None when finished, else what stopped it
         scope, scope_dir, variant, seed, overrides = run
         print(f"[{scope}] {variant} seed {seed}", flush=True)
         try:
             run_one(args.config, scope_dir, variant, seed, overrides, args.launch, deadline)
-        except OutOfTime:
-            return "stopped at the time limit (rerun to resume)"
-        except StepFailed as e:
-            print(f"[{scope}] {variant} seed {seed}: {e}", flush=True)
-            return str(e).split(":", 1)[0] + f" ({scope_dir / f'{variant}-seed{seed}' / 'logs'})"
+        except (OutOfTime, StepFailed) as e:
+            return e
         return None
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         outcomes = list(pool.map(one, runs))
-    unfinished = [(run, why) for run, why in zip(runs, outcomes) if why]
     if any(finished_runs(args.root)):
         write_summary(args.root)
-    for (scope, _, variant, seed, _), why in unfinished:
-        print(f"not finished: [{scope}] {variant} seed {seed}: {why}", flush=True)
-    if any(why.startswith("step failed") for _, why in unfinished):
+    for (scope, _, variant, seed, _), stopped in zip(runs, outcomes, strict=True):
+        if isinstance(stopped, OutOfTime):
+            print(
+                f"not finished: [{scope}] {variant} seed {seed}: stopped at the time limit (rerun to resume)"
+            )
+        elif isinstance(stopped, StepFailed):
+            print(f"not finished: [{scope}] {variant} seed {seed}: {stopped}", flush=True)
+    if any(isinstance(stopped, StepFailed) for stopped in outcomes):
         sys.exit(1)
 
 

@@ -1010,9 +1010,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             vectors = vectors.split([len(rows) for _, _, rows in groups])
         total = queries.new_zeros(())
         by_service = self.config.item_loss_balance == "services"
+        shared = self.code_keys().float() * scale if self.service_code_embed is None else None  # (P, K, D)
         for g, (service, pos, rows) in enumerate(groups):
-            slot = int(self.service_slots(torch.tensor(service)))
-            keys = self.code_keys(slot).float() * scale  # (P, K, D)
+            if shared is None:  # each service's own code rows
+                keys = self.code_keys(int(self.service_slots(torch.tensor(service)))).float() * scale
+            else:
+                keys = shared
             by_code = torch.bmm(keys, queries[pos].permute(1, 2, 0))  # (P, K, M_s)
             target_score = by_code.gather(1, tgt[pos].T[:, None, :]).squeeze(1).sum(0)  # (M_s,)
             if target_extra is not None:
