@@ -1,5 +1,6 @@
 """tools/service_gradients.py on a tiny item-level model: the per-service gradients recombine into
-the whole batch's gradient, and the cosines per part equal a float64 computation by hand."""
+the whole batch's gradient (and their losses into the batch's loss), and the cosines per part equal
+a float64 computation by hand."""
 
 from __future__ import annotations
 
@@ -43,22 +44,28 @@ def test_service_gradients_recombine_into_the_batch_gradient_and_cosines_match_b
     params = dict(model.named_parameters())
 
     # the loss is a mean over scored positions, so the services' gradients, each weighted by its
-    # share of the batch's scored positions, add up to the whole batch's gradient
+    # share of the batch's scored positions, add up to the whole batch's gradient, and their loss
+    # sums over all the positions give the batch's loss
     for batch in batches:
         per = tool.service_gradients(model, [batch], services)
         scored = batch["labels"][:, 1:, 0] != IGNORE_INDEX
         next_service = batch["item_tokens"][:, 1:, 0]
-        share = {s: float((scored & (next_service == t)).sum() / scored.sum()) for s, t in services.items()}
-        assert all(0 < v < 1 for v in share.values())
-        whole = torch.autograd.grad(model(**batch).lm_loss, list(params.values()), allow_unused=True)
+        counts = {s: int((scored & (next_service == t)).sum()) for s, t in services.items()}
+        assert per.positions == counts and all(counts.values())
+        share = {s: n / int(scored.sum()) for s, n in counts.items()}
+        batch_loss = model(**batch).lm_loss
+        assert math.isclose(
+            sum(per.loss_sums.values()) / sum(counts.values()), float(batch_loss), rel_tol=1e-5
+        )
+        whole = torch.autograd.grad(batch_loss, list(params.values()), allow_unused=True)
         for (name, _), grad in zip(params.items(), whole, strict=True):
             if grad is None:
                 continue
-            together = sum(share[s] * per[s][name] for s in services)
+            together = sum(share[s] * per.grads[s][name] for s in services)
             torch.testing.assert_close(together, grad.double(), rtol=1e-4, atol=1e-6, msg=name)
 
-    even = tool.service_gradients(model, batches[:1], services)
-    odd = tool.service_gradients(model, batches[1:], services)
+    even = tool.service_gradients(model, batches[:1], services).grads
+    odd = tool.service_gradients(model, batches[1:], services).grads
     report = tool.part_cosines(even, odd)
     assert set(report) >= {"attention", "experts (FFN)", "code heads", "embeddings (codes, services)"}
     for part, r in report.items():

@@ -7,11 +7,13 @@ joint step serves none of them fully (what gradient surgery, e.g. PCGrad, projec
 loads a run's checkpoint (``best`` by default) into the run's trainer, takes ``--batches`` training
 micro batches, and for each service computes the gradient of the loss over that service's
 positions alone (the labels of the others' events ignored; no dropout), summed over the batches.
-It prints, per part (routers, attention, experts, embeddings, code heads, item term; the rest), each
-service's gradient norm and the cosine of every pair of services: near 1, the services agree;
-near 0, they pull apart; below 0, against each other. The control beside them: each service's
-cosine with itself, its gradient on the even batches against the odd ones (what sampling alone
-leaves of one service's own agreement).
+It prints each service's loss on those batches (how well the weights fit that service's training
+data: a one-service run's checkpoint gives the same number for one model per service), then, per
+part (routers, attention, experts, embeddings, code heads, item term; the rest), each service's
+gradient norm and the cosine of every pair of services: near 1, the services agree; near 0, they
+pull apart; below 0, against each other. The control beside them: each service's cosine with
+itself, its gradient on the even batches against the odd ones (what sampling alone leaves of one
+service's own agreement).
 
     OMP_NUM_THREADS=1 python tools/service_gradients.py --config configs/experiments/amazon2014_joint.yaml \\
         run_dir=runs/joint-item --batches 8
@@ -24,6 +26,7 @@ import itertools
 import json
 import re
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -55,22 +58,39 @@ def only_service(batch: dict[str, torch.Tensor], service_token: int) -> dict[str
     return {**batch, "labels": labels}
 
 
+class ServiceGradients(NamedTuple):
+    """:func:`service_gradients`: per service, the gradients and the loss over its positions."""
+
+    grads: dict[str, dict[str, torch.Tensor]]  # {service: {parameter name: gradient summed over batches}}
+    loss_sums: dict[str, float]  # {service: the loss summed over its scored positions}
+    positions: dict[str, int]  # {service: its scored positions}
+
+
 def service_gradients(
     model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], services: dict[str, int]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """{service: {parameter name: gradient summed over ``batches``}} of the loss over that service's
-    positions alone (a batch without any of them adds nothing); ``services``: name -> token id."""
+) -> ServiceGradients:
+    """Per service, the gradient of the loss over that service's positions alone, summed over
+    ``batches`` (a batch without any of them adds nothing), and that loss summed over its
+    positions; ``services``: name -> token id."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    out = {s: {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()} for s in services}
+    out = ServiceGradients(
+        {s: {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()} for s in services},
+        dict.fromkeys(services, 0.0),
+        dict.fromkeys(services, 0),
+    )
     for batch in batches:
         for name, token in services.items():
             one = only_service(batch, token)
-            if not bool((one["labels"][:, 1:, 0] != IGNORE_INDEX).any()):
+            scored = int((one["labels"][:, 1:, 0] != IGNORE_INDEX).sum())
+            if not scored:
                 continue
-            grads = torch.autograd.grad(model(**one).lm_loss, list(params.values()), allow_unused=True)
+            loss = model(**one).lm_loss  # the mean over this service's scored positions
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (n, _), g in zip(params.items(), grads, strict=True):
                 if g is not None:
-                    out[name][n] += g.double()
+                    out.grads[name][n] += g.double()
+            out.loss_sums[name] += float(loss.detach()) * scored
+            out.positions[name] += scored
     return out
 
 
@@ -133,13 +153,23 @@ def main() -> None:
     stream = trainer.data(trainer.position)
     batches = [mb for _, micro in itertools.islice(stream, args.batches) for mb in micro][: args.batches]
     services = {s: trainer.vocab.service_token(s) for s in trainer.sids.services}
-    report = part_cosines(
-        service_gradients(model, batches[0::2], services), service_gradients(model, batches[1::2], services)
+    even, odd = (
+        service_gradients(model, batches[0::2], services),
+        service_gradients(model, batches[1::2], services),
     )
+    report = part_cosines(even.grads, odd.grads)
+    positions = {s: even.positions[s] + odd.positions[s] for s in services}
+    loss = {
+        s: (even.loss_sums[s] + odd.loss_sums[s]) / positions[s] if positions[s] else None for s in services
+    }
     if args.json:
-        print(json.dumps({"checkpoint": tag, "batches": len(batches), "parts": report}))
+        print(json.dumps({"checkpoint": tag, "batches": len(batches), "loss": loss, "positions": positions,
+                          "parts": report}))  # fmt: skip
         return
     print(f"{cfg.run_dir} {tag}: per-service gradients over {len(batches)} training micro batches")
+    print("training loss (no dropout): " + "  ".join(
+        f"{s} {v:.4f} ({positions[s]:,} positions)" if v is not None else f"{s} - (no positions)"
+        for s, v in loss.items()))  # fmt: skip
     for part, r in report.items():
         norms = "  ".join(f"|g_{s}| {v:.3g}" for s, v in r["norm"].items())
         cos = "  ".join(f"cos {pair} {v:+.3f}" for pair, v in r["cosine"].items())

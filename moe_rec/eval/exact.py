@@ -215,8 +215,9 @@ def position_log_probs(
     batch (:func:`moe_rec.data.positions.item_batch`, ``labels`` left out: with none, each position
     asks for the next position's service), or at the last ``logits_to_keep``; the query (B, T', D')
     the per-item term reads (None without ``item_embedding``); and with ``item_text_prior`` the
-    own-item correction: (B, T') table row of each position's item (-1: none) and what its score
-    loses (None otherwise)."""
+    own-item correction: (B, T') table row of the item whose text the prior reads at each position
+    (:meth:`~moe_rec.model.item_model.MoERecForItemPrediction.prior_rows`, -1: none) and what its
+    score loses (None otherwise)."""
     device = next(model.parameters()).device
     if model.config.router_mode != "domain_user":
         batch = {k: v for k, v in batch.items() if k != "user_ids"}
@@ -224,7 +225,11 @@ def position_log_probs(
     query = out.hidden_states
     own = None
     if model.text_prior is not None:
-        rows = model.position_rows(batch["item_tokens"].to(device))[:, -out.logits.shape[1] :]  # (B, T')
+        tokens = batch["item_tokens"].to(device)
+        asked = model.asked_services(
+            tokens, batch["query_services"].to(device) if "query_services" in batch else None
+        )
+        rows = model.prior_rows(tokens, asked)[:, -out.logits.shape[1] :]  # (B, T')
         own = (rows, model.own_item_term(query, rows))
     return torch.log_softmax(out.logits.float(), dim=-1), query, own
 

@@ -8,6 +8,7 @@ active parameters per token (:meth:`MoERecConfig.dense_twin`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -89,6 +90,9 @@ class MoERecConfig(PretrainedConfig):
         # the candidate), w learned (0 for the own item itself: "more like the last item, not it again")
         item_text_prior_by_service: bool = False,  # item_text_prior: one w per asked service (services
         # whose text differs, titles against keywords, may want different weights) instead of one
+        item_text_prior_same_service: bool = True,  # item_text_prior: the "last item" is the last one of
+        # the asked service at or before the position (in a history of several services the position's
+        # own item may be of another); False: the position's own item, whatever its service
         text_token_range: list[int] | None = None,  # item-level model with text: the subword tokens'
         # [start, stop); a text head (tied to those rows and [EOS]) writes narratives
         text_loss_weight: float = 1.0,  # the narrative loss's weight beside the item loss
@@ -171,6 +175,7 @@ class MoERecConfig(PretrainedConfig):
         self.service_text = service_text
         self.item_text_prior = item_text_prior
         self.item_text_prior_by_service = item_text_prior_by_service
+        self.item_text_prior_same_service = item_text_prior_same_service
         self.item_vector_dropout = item_vector_dropout
         self.item_words = item_words
         self.item_word_slots = item_word_slots
@@ -292,6 +297,17 @@ class MoERecConfig(PretrainedConfig):
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        """A saved config (a checkpoint's or a bundle's; every load from a file comes here), with
+        what a config saved before a field existed meant by its absence: a text prior saved without
+        ``item_text_prior_same_service`` read the position's own item (before December 5), so the
+        model scores as it was trained."""
+        d = super()._dict_from_json_file(json_file)
+        if d.get("item_text_prior") and "item_text_prior_same_service" not in d:
+            d["item_text_prior_same_service"] = False
+        return d
 
     def dense_twin(self) -> MoERecConfig:
         """The shared-bottom baseline: every layer dense, FFN width = the MoE layer's active width

@@ -435,9 +435,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
     def previous_rows(self, item_tokens: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
         """(B, T) the catalogue row of the previous item at each position: the last catalogue item of
         the asked service ``query_services`` (B, T) at or before it; -1 where none."""
-        _, _, index, _ = self._text_runs(item_tokens)
         rows = self.position_rows(item_tokens)  # (B, T)
         svc = item_tokens[..., 0]
+        index = torch.arange(svc.shape[1], device=svc.device).expand_as(svc)
         cand = (index[:, None, :] <= index[:, :, None]) & (rows >= 0)[:, None, :]
         cand = cand & (svc[:, None, :] == query_services[:, :, None])  # (B, T, S)
         last = torch.where(cand, index[:, None, :], -1).amax(-1)  # (B, T) the previous item's position
@@ -636,9 +636,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         price: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(..., D') the query of the per-item term: the heads' query (..., D); with
-        ``item_text_prior`` the weighted unit text embedding of each position's own item
-        (``own_rows``, -1: none), so that ``item_query . score_vectors`` adds ``w x cos(own item,
-        candidate)`` (with ``item_text_prior_by_service`` ``w`` of the asked service,
+        ``item_text_prior`` the weighted unit text embedding of the item the prior reads at each
+        position (``own_rows``, :meth:`prior_rows`, -1: none), so that ``item_query . score_vectors``
+        adds ``w x cos(that item, candidate)`` (with ``item_text_prior_by_service`` ``w`` of the asked service,
         ``query_services`` (...)); with ``item_words`` the critique's weighted words (:meth:`critique_words`,
         (..., F x D)) that meet the candidate's field vectors."""
         parts = [query]
@@ -678,10 +678,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         return scores
 
     def own_item_term(self, query: torch.Tensor, own_rows: torch.Tensor) -> torch.Tensor:
-        """(...) what each position's own item must lose so that its text prior is 0: its cosine
-        with itself is 1, so it got ``w``, which the text part of the query (:meth:`item_query`)
-        dotted with its unit text gives back (read from the query, not the weight: outside a forward
-        pass ZeRO-3 may hold no copy of it)."""
+        """(...) what the item the prior reads at each position (``own_rows``, :meth:`prior_rows`)
+        must lose so that its own text prior is 0: its cosine with itself is 1, so it got ``w``,
+        which the text part of the query (:meth:`item_query`) dotted with its unit text gives back
+        (read from the query, not the weight: outside a forward pass ZeRO-3 may hold no copy of it)."""
         d = self.config.hidden_size
         text = query[..., d : d + self.config.item_text_dim].float()  # the text prior's part
         return -(text * self._unit_text(own_rows)).sum(-1)
@@ -742,8 +742,34 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         rows, _ = self.code_layout(item_tokens.device)
         codes = (item_tokens[..., 1:] - rows[:, 0]).clamp_min(0)  # (B, T, P) code indices
         first = item_tokens[..., 0]
-        event = (first >= len(SPECIAL_TOKENS)) & (first < rows[0, 0])  # a service token: an event
-        return torch.where(event, self.item_rows(codes, first), -1)
+        return torch.where(self.is_service(first), self.item_rows(codes, first), -1)
+
+    def is_service(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(...) whether each token is a service token (an event's first token, or an asked service)."""
+        first_code = self.code_layout(tokens.device)[0][0, 0]
+        return (tokens >= len(SPECIAL_TOKENS)) & (tokens < first_code)
+
+    def prior_rows(self, item_tokens: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
+        """(B, T) the catalogue row whose text the text prior compares each candidate with: at a
+        position holding a catalogue item that asks for a service (``query_services`` (B, T)), the
+        last item of that service at or before it (the position's own item when it is of that
+        service; -1 when the history holds none); the position's own item where it asks for none
+        (text follows), -1 where it holds none. With ``item_text_prior_same_service`` off, the
+        position's own item whatever its service."""
+        rows = self.position_rows(item_tokens)
+        if not self.config.item_text_prior_same_service:
+            return rows
+        same = self.previous_rows(item_tokens, query_services)
+        return torch.where((rows >= 0) & self.is_service(query_services), same, rows)
+
+    @staticmethod
+    def asked_services(item_tokens: torch.Tensor, query_services: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) the service token each position asks for: ``query_services`` when given, else the
+        next position's service token (the last position repeats its own)."""
+        if query_services is not None:
+            return query_services
+        service = item_tokens[..., 0]
+        return torch.cat([service[:, 1:], service[:, -1:]], dim=1)
 
     def query(self, hidden: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
         """(B, T, D) what the heads read: the decoder output plus the asked service's embedding."""
@@ -872,9 +898,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self._kept_vectors = None  # one draw per forward: an item is left out as input and as candidate
         if self.training and p and self.item_embed is not None:
             self._kept_vectors = torch.rand(self.config.num_items, device=item_tokens.device) >= p
-        if query_services is None:
-            service = item_tokens[..., 0]  # (B, T)
-            query_services = torch.cat([service[:, 1:], service[:, -1:]], dim=1)
+        query_services = self.asked_services(item_tokens, query_services)  # (B, T)
         hidden, _, auxes = self.model(
             None,
             domain_ids,
@@ -882,7 +906,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             attention_mask=attention_mask,
             inputs_embeds=self.embed_positions(item_tokens),
         )
-        own_rows = self.position_rows(item_tokens) if self.text_prior is not None else None  # (B, T)
+        own_rows = self.prior_rows(item_tokens, query_services) if self.text_prior is not None else None
         words = self.critique_words(item_tokens, hidden) if self.word_weight is not None else None
         phrases = self.critique_phrases(item_tokens, hidden) if self.phrase_weight is not None else None
         if self.previous_weight is not None:
@@ -969,7 +993,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             services: (B, T) the target's service token.
             query: (B, T, D') with ``item_embedding``: an item's logit also gets ``query .
                 score_vector`` (:meth:`item_query`, :meth:`score_vectors`).
-            own_rows: (B, T) with ``item_text_prior``: each position's own item, whose text prior is 0.
+            own_rows: (B, T) with ``item_text_prior``: the item the prior reads at each position
+                (:meth:`prior_rows`), whose own text prior is 0.
             weights: (B, T) each position's weight (:meth:`_position_weights`); None: all 1. The sum
                 of weighted losses is divided by the number of scored positions either way, so the
                 other positions' gradients do not change.

@@ -3,6 +3,7 @@ per-code cross-entropy computed by hand, padding invariance, and the service-con
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -251,27 +252,31 @@ def _logit(z: torch.Tensor, q: torch.Tensor, vec: torch.Tensor, row: int | None,
     return sum(float(z[p, c]) for p, c in enumerate(codes)) / len(codes) + term
 
 
-@pytest.mark.parametrize(("text", "prior", "by_service", "service_text"),
-                         [(False, False, False, False), (True, False, False, False), (True, True, False, False),
-                          (True, True, True, False), (True, True, False, True)],
+@pytest.mark.parametrize(("text", "prior", "by_service", "service_text", "same_service"),
+                         [(False, False, False, False, True), (True, False, False, False, True),
+                          (True, True, False, False, True), (True, True, True, False, True),
+                          (True, True, True, False, False), (True, True, False, True, True)],
                          ids=["vector", "vector+text", "vector+text+prior", "vector+text+prior-by-service",
-                              "vector+text-by-service+prior"])  # fmt: skip
+                              "vector+text+prior-by-service-own-item", "vector+text-by-service+prior"])  # fmt: skip
 def test_item_embedding_keys_rows_and_loss(
-    text: bool, prior: bool, by_service: bool, service_text: bool
+    text: bool, prior: bool, by_service: bool, service_text: bool, same_service: bool
 ) -> None:
     """item_embedding: each catalogue item found by its (service, codes) key, a cold item and [BOS]
     by none; the loss adds ``query . vector`` to the mean code logit (a float64 loop again); with
     item_text the vector is the learned one plus the projected text embedding; with
-    item_text_prior also ``w x cos`` of the position's own item's text and the candidate's, 0 for
-    the own item itself; with item_text_prior_by_service ``w`` is the asked service's, and only the
-    weights of services asked after an own item with text get a gradient; with service_text each
-    item's text is projected with ``W + Delta^s``, s its service."""
+    item_text_prior also ``w x cos`` of the prior's item's text and the candidate's, 0 for that
+    item itself: at a position holding a catalogue item, the last item of the asked service at or
+    before it (with item_text_prior_same_service off, the position's own item); with
+    item_text_prior_by_service ``w`` is the asked service's, and only the weights of services asked
+    where the prior reads an item get a gradient; with service_text each item's text is projected
+    with ``W + Delta^s``, s its service."""
     g = torch.Generator().manual_seed(11)
     catalogue = _catalogue(g)
     model = _model(
         12, "token", item_loss="items", item_embedding=True, num_items=len(catalogue),
         item_text=text, item_text_dim=6 if text else 0, item_text_prior=prior,
         item_text_prior_by_service=by_service, service_text=service_text,
+        item_text_prior_same_service=same_service,
     )  # fmt: skip
     assert model.item_embed.weight.abs().sum() == 0  # no item term before training
     if service_text:
@@ -288,12 +293,32 @@ def test_item_embedding_keys_rows_and_loss(
     )
     with torch.no_grad():
         model.item_embed.weight.normal_(0, 0.5)
-    # the cold item is of catalogue[2]'s service, so position 1 (own item catalogue[2]) ranks its own item
+    # services a, c, a, b: position 1 (catalogue[2], of a) asks for c, which no earlier item is of;
+    # position 2 (catalogue[9], of c) asks for a, whose last item is catalogue[2], the cold target's
+    # candidate too; position 3 (the cold item) asks for b
     cold = ("a", [7, 7, 7, 3]) if ("a", [7, 7, 7, 3]) not in catalogue else ("a", [6, 6, 6, 3])
-    row = _sample([catalogue[2], cold, catalogue[9]], "u")
-    one = item_batch([row], VOCAB, 16)
+    events = [catalogue[2], catalogue[9], cold, catalogue[5]]
+    one = item_batch([_sample(events, "u")], VOCAB, 16)
     one.pop("user_ids")
-    assert model.position_rows(one["item_tokens"])[0].tolist() == [-1, 2, -1, 9]
+    position_rows = [-1, 2, 9, -1, 5]  # [BOS], then each event's catalogue row (the cold item has none)
+    assert model.position_rows(one["item_tokens"])[0].tolist() == position_rows
+    asked = [s for s, _ in events]  # position t asks for event t's service
+
+    def prior_row(t: int) -> int:  # the plain reading of prior_rows
+        if position_rows[t] < 0 or not same_service:
+            return position_rows[t]
+        earlier = [
+            position_rows[u]
+            for u in range(1, t + 1)
+            if position_rows[u] >= 0 and events[u - 1][0] == asked[t]
+        ]
+        return earlier[-1] if earlier else -1
+
+    own = [prior_row(t) for t in range(len(events))]
+    assert own == ([-1, -1, 2, -1] if same_service else [-1, 2, 9, -1])
+    if prior:
+        queried = torch.tensor([[VOCAB.service_token(s) for s in asked] + [VOCAB.service_token(asked[-1])]])
+        assert model.prior_rows(one["item_tokens"], queried)[0, :-1].tolist() == own
     out = model(**one)
     z = out.logits[0].detach().double()
     d = model.config.hidden_size
@@ -306,7 +331,6 @@ def test_item_embedding_keys_rows_and_loss(
             delta = model.service_text_proj[VOCAB.service_index(service)].detach().double()
             vec[r] += delta @ model.item_text[r].double()
     torch.testing.assert_close(model.item_table()[:, :d].double(), vec)
-    own = [-1, 2, -1, 9]  # each position's own catalogue row ([BOS], catalogue[2], cold, catalogue[9])
 
     def text_prior(t: int, row: int | None, asked: str) -> float:
         if not prior or own[t] < 0 or row is None or row == own[t]:
@@ -316,7 +340,7 @@ def test_item_embedding_keys_rows_and_loss(
         return float(w) * float(a @ b / (a.norm() * b.norm()))
 
     total = 0.0
-    for t, nxt in ((0, catalogue[2]), (1, cold), (2, catalogue[9])):
+    for t, nxt in enumerate(events):
         service = VOCAB.service_token(nxt[0])
 
         others = [
@@ -328,13 +352,14 @@ def test_item_embedding_keys_rows_and_loss(
         target = _logit(z[t], q[t], vec, row, nxt[1]) + text_prior(t, row, nxt[0])
         # a cold target has no vector and is not in the normaliser (training targets always are)
         total += math.log(sum(math.exp(x) for x in others)) - target
-    assert out.lm_loss.item() == pytest.approx(total / 3, rel=1e-5)  # fp32 against float64 sums
-    if by_service:  # only position 1 has an own item with text (catalogue[2]); it asks for "a"
+    assert out.lm_loss.item() == pytest.approx(total / len(events), rel=1e-5)  # fp32 against float64 sums
+    if by_service:  # the prior reads an item where position 2 asks for a (same service) or where
+        # position 1 asks for c, then position 2 for a (its own item, whatever the service)
         with torch.no_grad():  # large learned vectors make the own item take all of the softmax
             model.item_embed.weight.zero_()
         model(**one).lm_loss.backward()
-        grad = model.text_prior.grad.abs()
-        assert grad[0] > 0 and grad[1] == 0 and grad[2] == 0
+        read = [bool(model.text_prior.grad[VOCAB.service_index(s)].abs() > 0) for s in VOCAB.services]
+        assert read == ([True, False, False] if same_service else [True, False, True])
 
 
 def test_items_kept_out_of_training_are_no_negatives_and_keep_a_zero_vector() -> None:
@@ -1260,3 +1285,22 @@ def test_training_loss_and_gradients_equal_a_plain_loop_over_the_logits(service_
             continue
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-6)
     assert sum(1 for a in fast if a is not None and a.abs().sum() > 0) > 5
+
+
+def test_a_saved_config_without_the_same_service_prior_reads_its_own_item(tmp_path) -> None:
+    """A config saved before ``item_text_prior_same_service`` existed loads with it off (the model
+    scores as it was trained); one saved with it, or a new one, keeps the value."""
+    from moe_rec.model.config import MoERecConfig
+
+    model = _model(5, item_loss="items", item_embedding=True, num_items=12, item_text=True,
+                   item_text_dim=6, item_text_prior=True)  # fmt: skip
+    assert model.config.item_text_prior_same_service  # the default
+    model.config.save_pretrained(tmp_path / "new")
+    assert MoERecConfig.from_pretrained(tmp_path / "new").item_text_prior_same_service
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())
+    del saved["item_text_prior_same_service"]
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    assert not MoERecConfig.from_json_file(tmp_path / "old.json").item_text_prior_same_service
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    assert not MoERecConfig.from_pretrained(tmp_path / "old").item_text_prior_same_service
