@@ -266,6 +266,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 "the item-level model needs config.code_token_ranges (one [start, stop) per code)"
             )
         self.model = MoERecModel(config)
+        self._negatives_seed: int | None = None  # draw_negatives_from: None draws afresh each forward
         self.num_codes = len(config.code_token_ranges)  # P
         d = config.hidden_size
         self.code_proj = nn.Linear(d, self.num_codes * d, bias=False)  # W_p for every p, stacked
@@ -969,6 +970,23 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         steered = (first >= start) & (first < stop)
         return 1.0 + (w - 1.0) * steered.float()
 
+    def draw_negatives_from(self, seed: int | None) -> None:
+        """Until called again, every forward draws its ``item_negatives`` of each service from a
+        generator seeded by ``seed`` and the service, so forwards between two calls score the same
+        items: the trainer calls it once per optimizer step (``train.negatives_per_step``), so a
+        step's micro batches share one draw as one large batch would. None: a fresh draw each forward."""
+        self._negatives_seed = seed
+
+    def _draw_negatives(self, rows: torch.Tensor, service: int) -> torch.Tensor:
+        """(<= item_negatives,) distinct items of ``rows`` (one service's), drawn uniformly."""
+        generator = None
+        if self._negatives_seed is not None:
+            generator = torch.Generator(device=rows.device).manual_seed(self._negatives_seed * 4099 + service)
+        draws = torch.randint(
+            len(rows), (self.config.item_negatives,), device=rows.device, generator=generator
+        )
+        return rows[draws].unique()
+
     def _item_softmax_loss(
         self,
         hidden: torch.Tensor,
@@ -1026,9 +1044,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         for service in asked.unique().tolist():  # each service's positions against its own items only
             rows = self._service_rows(service)  # (N_s,) every trained item of the service
             if self.config.item_negatives:  # that many draws, each drawn item once
-                rows = rows[
-                    torch.randint(len(rows), (self.config.item_negatives,), device=rows.device)
-                ].unique()
+                rows = self._draw_negatives(rows, service)
             groups.append((service, (asked == service).nonzero().flatten(), rows))
         if q is not None:  # one lookup for every group (under ZeRO-3 each call gathers, on every rank)
             vectors = self.score_vectors(torch.cat([rows for _, _, rows in groups])).float()

@@ -149,6 +149,8 @@ class TrainConfig:
     batch_by_service: bool = False  # every optimizer step's micro batches from one service's samples (a
     # sample's service: most of its events'), so each step's gradient is one service's, as in a model
     # per service; the steps of all services shuffled together
+    negatives_per_step: bool = False  # item-level models with item_negatives: a step's micro batches
+    # share one draw of negatives per service (as one large batch would), instead of one draw each
     lr: float = 1e-3  # peak learning rate (after warmup)
     min_lr: float = 1e-4  # cosine floor
     warmup_steps: int = 20  # linear warmup, in optimizer steps

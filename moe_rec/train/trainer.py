@@ -313,6 +313,13 @@ class Trainer:
             self.item_words = _item_words(cfg, self.sids, self.vocab)
         word_slots = self.item_words.shape[2] if self.item_words is not None else 0
         self.model_config = model_config(cfg.model, self.vocab, len(self.sids), text_dim, word_slots)
+        if self.tc.negatives_per_step and not (
+            cfg.model.kind == "item" and getattr(self.model_config, "item_negatives", 0)
+        ):
+            raise ConfigError(
+                "train.negatives_per_step needs an item-level model with sampled negatives "
+                "(model.kind: item, model.overrides.item_negatives > 0)"
+            )
 
         self.rank, self.world_size, self.device = init_distributed()
         import deepspeed
@@ -627,6 +634,8 @@ class Trainer:
             return self.private_step(stream)
         position, micro = next(stream)
         stats = StepStats()
+        if self.tc.negatives_per_step:  # the same seed on every rank: one draw for the global batch
+            self.engine.module.draw_negatives_from(self.tc.seed * 1_000_003 + self.step)
         for mb in micro:
             out = self.engine(**{k: v.to(self.device) for k, v in mb.items()})
             self.engine.backward(out.loss)

@@ -1304,3 +1304,35 @@ def test_a_saved_config_without_the_same_service_prior_reads_its_own_item(tmp_pa
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
     assert not MoERecConfig.from_pretrained(tmp_path / "old").item_text_prior_same_service
+
+
+def test_negatives_drawn_from_a_seed_are_the_same_in_every_forward_until_it_changes() -> None:
+    """draw_negatives_from(seed): every forward scores the same sampled items of each service (the
+    same training loss twice; a step's micro batches share one draw); another seed draws others;
+    None draws afresh each forward."""
+    g = torch.Generator().manual_seed(18)
+    catalogue = _catalogue(g)
+    model = _model(19, "token", item_loss="items", item_negatives=2).train()
+    model.set_train_catalogue(
+        torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
+    )
+    rows = model._service_rows(VOCAB.service_token("b"))  # 4 items: 2 draws give 1 or 2 of them
+
+    def draws(n: int) -> set[tuple[int, ...]]:
+        return {tuple(model._draw_negatives(rows, VOCAB.service_token("b")).tolist()) for _ in range(n)}
+
+    model.draw_negatives_from(7)
+    first = draws(20)
+    assert len(first) == 1
+    others: set[tuple[int, ...]] = set()
+    for seed in range(8, 40):
+        model.draw_negatives_from(seed)
+        others |= draws(1)
+    assert others - first  # other seeds draw other items
+    model.draw_negatives_from(None)
+    assert len(draws(40)) > 1
+    batch = item_batch([_sample([catalogue[i] for i in (0, 5, 9, 3)], "u")], VOCAB, 16)
+    batch.pop("user_ids")
+    model.eval()  # no dropout: the loss differs only by the drawn items
+    model.draw_negatives_from(3)
+    assert model(**batch).lm_loss.item() == model(**batch).lm_loss.item()

@@ -211,3 +211,19 @@ def test_item_overrides_leave_a_token_level_run_alone(run_dir: Path) -> None:
 
     summary = train(tiny_config(run_dir, "model.overrides.item_text=true", "train.max_steps=2"))
     assert summary["step"] == 2
+
+
+def test_negatives_per_step_needs_an_item_model_with_sampled_negatives(run_dir: Path) -> None:
+    """train.negatives_per_step on a token-level run, or an item-level one without sampled negatives,
+    is refused by name; with them a run trains."""
+    from moe_rec.train import train
+
+    with pytest.raises(ConfigError, match=r"train.negatives_per_step needs an item-level model"):
+        Trainer(tiny_config(run_dir, "train.negatives_per_step=true"))
+    with pytest.raises(ConfigError, match=r"model.overrides.item_negatives > 0"):
+        Trainer(tiny_config(run_dir, "model.kind=item", "model.overrides.item_loss=items",
+                            "train.negatives_per_step=true"))  # fmt: skip
+    summary = train(tiny_config(run_dir, "model.kind=item", "model.overrides.item_loss=items",
+                                "model.overrides.item_negatives=3", "train.negatives_per_step=true",
+                                "train.grad_accum=2", "train.max_steps=2"))  # fmt: skip
+    assert summary["step"] == 2
