@@ -3,7 +3,6 @@ services, the target's training events and the user's history, against a hand co
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,14 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "compare_predictions.py"
+from tests.tools import TOOLS, load_tool
 
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("compare_predictions", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TOOL = TOOLS / "compare_predictions.py"
 
 
 def _events(tmp_path: Path) -> Path:
@@ -52,7 +46,7 @@ def _predictions(path: Path, ranked: dict[tuple[str, str], list[str]]) -> Path:
 
 
 def test_groups_hold_the_mean_ndcg_of_their_requests(tmp_path: Path) -> None:
-    tool = _tool()
+    tool = load_tool("compare_predictions")
     a = _predictions(tmp_path / "a.jsonl", {("u1", "beauty"): ["q", "x"], ("u2", "beauty"): ["x"],
                                             ("u2", "toys"): ["t", "q", "r"]})  # fmt: skip
     b = _predictions(tmp_path / "b.jsonl", {("u1", "beauty"): ["x"], ("u2", "beauty"): ["q", "r", "x"]})

@@ -3,17 +3,15 @@ against a plain loop over hand-written shares."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("expert_load", ROOT / "tools" / "expert_load.py")
-expert_load = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(expert_load)
+from tests.tools import load_tool
+
+expert_load = load_tool("expert_load")
 
 
 def _shares(rng: random.Random, layers: int, services: int, experts: int) -> list:

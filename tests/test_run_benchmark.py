@@ -8,7 +8,6 @@ logs a resumed run appends."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -22,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import TINY
+from tests.tools import TOOLS, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "run_benchmark.py"
+TOOL = TOOLS / "run_benchmark.py"
 COLUMNS = [f"{m}@{k}" for k in (5, 10, 20) for m in ("recall", "ndcg")]
 
 
@@ -166,9 +166,7 @@ def test_summary_only_rejects_bad_input_with_the_reason(tmp_path: Path) -> None:
 
 
 def test_a_rerun_step_appends_to_its_log_and_a_failure_names_it(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("run_benchmark", TOOL)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("run_benchmark")
     log = tmp_path / "logs" / "train.log"
     for word in ("first", "second"):
         bench._run([sys.executable, "-c", f"print('{word} part')"], log)
@@ -181,9 +179,7 @@ def test_a_rerun_step_appends_to_its_log_and_a_failure_names_it(tmp_path: Path) 
 
 
 def test_a_step_past_the_time_limit_is_stopped_and_none_starts_after_it(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("run_benchmark", TOOL)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("run_benchmark")
     log, marker = tmp_path / "logs" / "train.log", tmp_path / "finished"
     slow = [
         sys.executable,
@@ -214,9 +210,7 @@ def test_a_step_past_the_time_limit_is_stopped_and_none_starts_after_it(tmp_path
 def test_preparation_resumes_at_the_first_unfinished_step(
     tmp_path: Path, stamped: set, expected: list
 ) -> None:
-    spec = importlib.util.spec_from_file_location("run_benchmark", TOOL)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("run_benchmark")
     for out in stamped:
         (tmp_path / out).mkdir()
         (tmp_path / out / bench.STAMP_FILE).write_text("{}")

@@ -4,28 +4,18 @@ a float64 computation by hand."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
 from moe_rec.data.positions import item_batch
 from moe_rec.data.sequences import IGNORE_INDEX
 from tests.model.test_item_model import VOCAB, _catalogue, _model, _sample
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "service_gradients.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("service_gradients", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tools import load_tool
 
 
 def test_service_gradients_recombine_into_the_batch_gradient_and_cosines_match_by_hand() -> None:
-    tool = _tool()
+    tool = load_tool("service_gradients")
     model = _model(31, item_loss="items")  # the full softmax: no sampled negatives, deterministic
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     catalogue = _catalogue(g)

@@ -3,15 +3,11 @@ plain loop over random catalogues."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("sid_sharing", ROOT / "tools" / "sid_sharing.py")
-sid_sharing = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sid_sharing)
+from tests.tools import load_tool
+
+sid_sharing = load_tool("sid_sharing")
 
 
 def test_sharing_by_hand() -> None:

@@ -433,10 +433,13 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         out = coef[..., :num_bins] + (rel * coef[..., None, num_bins:]).sum(-1)
         return out * (word[..., None].to(out.dtype) * self.config.critique_relative_scale)
 
-    def previous_rows(self, item_tokens: torch.Tensor, query_services: torch.Tensor) -> torch.Tensor:
+    def previous_rows(
+        self, item_tokens: torch.Tensor, query_services: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T) the catalogue row of the previous item at each position: the last catalogue item of
-        the asked service ``query_services`` (B, T) at or before it; -1 where none."""
-        rows = self.position_rows(item_tokens)  # (B, T)
+        the asked service ``query_services`` (B, T) at or before it; -1 where none. ``rows``: the
+        positions' own rows (:meth:`position_rows`) when the caller has them."""
+        rows = self.position_rows(item_tokens) if rows is None else rows  # (B, T)
         svc = item_tokens[..., 0]
         index = torch.arange(svc.shape[1], device=svc.device).expand_as(svc)
         cand = (index[:, None, :] <= index[:, :, None]) & (rows >= 0)[:, None, :]
@@ -760,7 +763,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         rows = self.position_rows(item_tokens)
         if not self.config.item_text_prior_same_service:
             return rows
-        same = self.previous_rows(item_tokens, query_services)
+        same = self.previous_rows(item_tokens, query_services, rows)
         return torch.where((rows >= 0) & self.is_service(query_services), same, rows)
 
     @staticmethod
