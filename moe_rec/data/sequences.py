@@ -7,14 +7,20 @@ starts with ``[BOS]``. Each token also carries the index of its event's service 
 Cross-service order. A user's events from all services form one history. When every event of
 the user has a timestamp they are ordered by time; when a source gives only order (Amazon 2014)
 they are interleaved by progress through each service's history (event i of n sits at
-``(i + 1) / n``), which keeps each service's order exact and spreads the services evenly.
+``(i + 1) / n``), which keeps each service's order exact and spreads the services evenly. With
+``order: asked_last`` (only for histories without timestamps, where any cross-service order is
+made up) a sample is written for one service instead: the other services' events first (in the
+order above), then that service's own, so its events sit together and nearest the prediction as
+in a one-service model, and the history cap keeps the service's own latest events first; a
+training window then labels only its service's events (each event is labelled in one window).
 
 Samples:
 
 * **train** — the unified history of ``train``-split events; a window of at most ``max_events``
   events ends every ``train_stride`` events counted back from the latest; ``labels`` hold the
   item-code tokens of every event in the window (-100 elsewhere: service tokens are given, not
-  predicted).
+  predicted). With ``order: asked_last``, per service of the user: its events' windows, each
+  after the other services' events, labelling its service's events only.
 * With ``cold_items`` (the cold-start benchmark, :mod:`moe_rec.data.cold_start`) the training
   history leaves out the events of that share of items.
 * With ``holdout_users`` (:mod:`moe_rec.data.holdout`) that share of users has no training window;
@@ -34,7 +40,7 @@ import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
 import pyarrow as pa
@@ -56,6 +62,9 @@ from moe_rec.data.schema import EVENT_SCHEMA, DataError
 from moe_rec.data.vocab import BOS, Vocabulary
 
 IGNORE_INDEX = -100
+T = TypeVar("T")
+
+ORDERS = ("interleave", "asked_last")
 
 _TOKENS = datasets.Sequence(datasets.Value("int32"))
 _COMMON = {
@@ -98,8 +107,13 @@ class SequenceConfig:
     holdout_users: float = 0.0  # share of users never trained on (the membership-inference audit)
     canaries: CanaryConfig = field(default_factory=CanaryConfig)  # planted patterns (the exposure audit)
     text: TextSampleConfig = field(default_factory=TextSampleConfig)  # critique and narrative samples
+    # interleave: by time, else by progress; asked_last (untimed histories only): the other
+    # services' events first, the sample's own service's last (module docstring)
+    order: str = "interleave"
 
     def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"sequences.order must be one of {list(ORDERS)}, got {self.order!r}")
         if self.max_events < 1 or self.train_stride < 1 or self.min_train_events < 1:
             raise ValueError("max_events, train_stride and min_train_events must be >= 1")
         if not 0.0 <= self.cold_items < 1.0:
@@ -163,6 +177,14 @@ def unified_order(events: Sequence[Event], services: Sequence[str]) -> list[Even
     )
 
 
+def asked_last(items: Sequence[T], services: Sequence[str], asked: str) -> list[T]:
+    """``items`` (one per event, ``services`` theirs) with the ``asked`` service's moved after the
+    others', each part in its given order (``sequences.order: asked_last``)."""
+    return [x for x, s in zip(items, services) if s != asked] + [
+        x for x, s in zip(items, services) if s == asked
+    ]
+
+
 def prompt(
     vocab: Vocabulary, items: Sequence[tuple[str, Sequence[int]]], service: str
 ) -> dict[str, list[int]]:
@@ -204,14 +226,18 @@ class SequenceBuilder:
             )
         return codes
 
-    def encode(self, events: Sequence[Event], label_items: bool) -> dict[str, list[int]]:
-        """``[BOS]`` + the events' tokens, with ``domain_ids`` and (if asked) item-code ``labels``."""
+    def encode(
+        self, events: Sequence[Event], label_items: bool, labelled: str | None = None
+    ) -> dict[str, list[int]]:
+        """``[BOS]`` + the events' tokens, with ``domain_ids`` and (if asked) item-code ``labels``:
+        of every event, or with ``labelled`` of that service's events only."""
         input_ids, domain_ids, labels = [BOS], [], [IGNORE_INDEX]
         for e in events:
             tokens = self.vocab.item_tokens(e.service, self.event_codes(e))
             input_ids += tokens
             domain_ids += [self.vocab.service_index(e.service)] * len(tokens)
-            labels += [IGNORE_INDEX] + (tokens[1:] if label_items else [IGNORE_INDEX] * (len(tokens) - 1))
+            label = label_items and labelled in (None, e.service)
+            labels += [IGNORE_INDEX] + (tokens[1:] if label else [IGNORE_INDEX] * (len(tokens) - 1))
         domain_ids.insert(0, domain_ids[0] if domain_ids else 0)
         out = {"input_ids": input_ids, "domain_ids": domain_ids}
         if label_items:
@@ -233,21 +259,48 @@ class SequenceBuilder:
         """Sliding windows over ``events``' unified ``train`` history, latest first, whoever the user."""
         history = [
             e
-            for e in unified_order(events, self.vocab.services)
+            for e in self.ordered(user, events)
             if e.split == "train" and not is_cold(e.service, e.item_id, self.cfg.cold_items)
         ]
-        n, cfg = len(history), self.cfg
-        for end in range(n, 0, -cfg.train_stride):
-            window = history[max(0, end - cfg.max_events) : end]
+        if self.cfg.order == "interleave":
+            yield from self._windows(user, [], history, labelled=None)
+            return
+        for service in dict.fromkeys(e.service for e in history):  # each service's own windows
+            own = [e for e in history if e.service == service]
+            others = [e for e in history if e.service != service]
+            yield from self._windows(user, others, own, labelled=service)
+
+    def _windows(
+        self, user: str, context: list[Event], history: list[Event], labelled: str | None
+    ) -> Iterator[dict[str, Any]]:
+        """A window ends every ``train_stride`` events of ``history`` counted back from its latest,
+        each the last ``max_events`` of ``context`` + ``history`` up to there."""
+        cfg = self.cfg
+        for end in range(len(history), 0, -cfg.train_stride):
+            window = (context + history[:end])[-cfg.max_events :]
             if len(window) < cfg.min_train_events:
                 break
-            yield {"user": user, "service": window[-1].service, **self.encode(window, label_items=True)}
+            yield {
+                "user": user,
+                "service": window[-1].service,
+                **self.encode(window, label_items=True, labelled=labelled),
+            }
+
+    def ordered(self, user: str, events: Sequence[Event]) -> list[Event]:
+        """The user's events in :func:`unified_order`; refused for timed ones with ``asked_last``
+        (their order is real: a made-up one would throw it away)."""
+        if self.cfg.order == "asked_last" and events and all(e.timestamp is not None for e in events):
+            raise DataError(
+                f"user {user!r}: sequences.order=asked_last is for histories without timestamps, and "
+                "this one has them; use sequences.order=interleave (time order)"
+            )
+        return unified_order(events, self.vocab.services)
 
     def eval_samples(self, user: str, events: Sequence[Event], split: str) -> Iterator[dict[str, Any]]:
         """One leave-one-out sample per held-out event of ``split`` (``valid`` or ``test``)."""
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-        ordered = unified_order(events, self.vocab.services)
+        ordered = self.ordered(user, events)
         for target in (e for e in ordered if e.split == split):
             context = [
                 e
@@ -258,7 +311,10 @@ class SequenceBuilder:
                     and e.split == "train"
                     and (target.timestamp is None or e.timestamp is None or e.timestamp < target.timestamp)
                 )
-            ][-self.cfg.max_events :]
+            ]
+            if self.cfg.order == "asked_last":
+                context = asked_last(context, [e.service for e in context], target.service)
+            context = context[-self.cfg.max_events :]
             yield {
                 "user": user,
                 "service": target.service,

@@ -47,7 +47,6 @@ from moe_rec.data.sequences import (
     SequenceBuilder,
     TextSampleConfig,
     iter_users,
-    unified_order,
 )
 from moe_rec.data.text_tokenizer import TextTokenizer, train_tokenizer
 from moe_rec.data.vocab import CRITIQUE, EOS, EXPLAIN, Vocabulary
@@ -92,15 +91,22 @@ class TextSampleBuilder:
         return [self.builder.vocab.text_offset + i for i in ids]
 
     def _train_prefix(self, ordered: list[Event], target: Event) -> list[Event]:
-        """The training events before ``target`` in the unified history, the most recent
+        """The training events before ``target`` in the unified history (with ``order:
+        asked_last``: every other service's, then the target service's before it), the most recent
         ``max_events - 1`` (the target takes the last slot)."""
-        before, cold = [], self.builder.cfg.cold_items
-        for e in ordered:
-            if e.service == target.service and e.position == target.position:
-                break
-            if e.split == "train" and not is_cold(e.service, e.item_id, cold):
-                before.append(e)
-        return before[-(self.builder.cfg.max_events - 1) :] if self.builder.cfg.max_events > 1 else []
+        cfg = self.builder.cfg
+
+        def kept(e: Event) -> bool:
+            return e.split == "train" and not is_cold(e.service, e.item_id, cfg.cold_items)
+
+        if cfg.order == "asked_last":
+            own = [
+                e for e in ordered if kept(e) and e.service == target.service and e.position < target.position
+            ]
+            before = [e for e in ordered if kept(e) and e.service != target.service] + own
+        else:
+            before = [e for e in ordered[: ordered.index(target)] if kept(e)]
+        return before[-(cfg.max_events - 1) :] if cfg.max_events > 1 else []
 
     def _sample(
         self, user: str, service: str, history: Sequence[Event], tail: list[tuple[list[int], bool]]
@@ -131,7 +137,7 @@ class TextSampleBuilder:
         windows leave them out)."""
         if is_held_out(user, self.builder.cfg.holdout_users):
             return
-        ordered = unified_order(events, self.builder.vocab.services)
+        ordered = self.builder.ordered(user, events)
         by_key = {(e.service, e.position): e for e in ordered}
         explained = {(r["service"], r["position"]): r["text"] for r in narratives if r["split"] == "train"}
         picks = (

@@ -18,7 +18,8 @@ Every request is decoded with the same beam width ``max_k`` whatever its ``k`` (
 the items of one answer: for a token-level bundle the summed log-probabilities of the item's full
 semantic ID (the beam score); for an item-level one that sum plus the model's per-item term and
 text prior where it has them (so not a log-probability, and it may be positive). Histories longer than
-``max_history`` events keep the most recent ``max_history`` (training's ``sequences.max_events``);
+``max_history`` events keep the most recent ``max_history`` (training's ``sequences.max_events``),
+after moving the asked service's items last when training did (``sequences.order: asked_last``);
 ``exclude_seen`` removes every item of the whole given history in the requested service.
 
 Beam search masks seen items only at the last code, so when the history covers much of a service the
@@ -47,7 +48,7 @@ import pyarrow.compute as pc
 import torch
 
 from moe_rec.data.positions import item_batch, left_pad
-from moe_rec.data.sequences import prompt, user_bucket
+from moe_rec.data.sequences import asked_last, prompt, user_bucket
 from moe_rec.data.vocab import CRITIQUE
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.exact import ServiceCatalogue, request_log_probs, top_for_requests
@@ -127,7 +128,9 @@ class Recommender:
         self.item_vectors = bundle.model.item_table() if self.item_level else None
         self.services: list[str] = list(self.vocab.services)
         cfg = bundle.model.config
-        max_events = ((bundle.manifest.get("config") or {}).get("sequences") or {}).get("max_events")
+        sequences = (bundle.manifest.get("config") or {}).get("sequences") or {}
+        max_events = sequences.get("max_events")
+        self.order: str = sequences.get("order", "interleave")  # training's cross-service order
         # token-level positions: [BOS] + items + the service token + the L codes fed back while
         # decoding; item-level: [BOS] + one per item
         fits = (
@@ -205,7 +208,10 @@ class Recommender:
             raise RequestError("k", f"must be an integer in [1, {self.config.max_k}], got {request.k!r}")
         services, rows = self._rows(request)
         codes = self.table.codes[rows]  # (n, L+1)
-        recent = list(zip(services, codes.tolist()))[-self.max_history :]
+        recent = list(zip(services, codes.tolist()))
+        if self.order == "asked_last":  # as training wrote its samples: the asked service's items last
+            recent = asked_last(recent, services, service)
+        recent = recent[-self.max_history :]
         # the history's distinct items of the asked service: never returned
         seen = sorted({r for s, r in zip(services, rows) if s == service}) if request.exclude_seen else []
         for field, asked in (("critique", request.critique is not None), ("explain", request.explain)):

@@ -106,6 +106,48 @@ def test_history_cap_keeps_most_recent() -> None:
     assert ["a1"] in strided
 
 
+def _untimed(split: str, **cfg) -> dict[tuple[str, str], list[dict]]:
+    """Samples of user u alone (no timestamps) with ``order: asked_last``."""
+    builder = SequenceBuilder(VOCAB, CODES, SequenceConfig(order="asked_last", **cfg))
+    out: dict[tuple[str, str], list[dict]] = {}
+    for s in build_samples(_table([r for r in ROWS if r[0] == "u"]), builder, split):
+        out.setdefault((s["user"], s["service"]), []).append(s)
+    return out
+
+
+def _labelled(sample: dict) -> list[str]:
+    """The items of a training window whose codes are labels."""
+    n = VOCAB.tokens_per_item
+    return [item for k, item in enumerate(_items(sample)) if sample["labels"][1 + k * n + 1] != IGNORE_INDEX]
+
+
+def test_asked_last_writes_each_service_after_the_others_and_labels_it_alone() -> None:
+    train = _untimed("train", train_stride=50)
+    # u's train events: a1 a2 (a), b1 (b); one window per service, each event labelled once
+    assert [_items(s) for s in train[("u", "a")]] == [["b1", "a1", "a2"]]
+    assert [_items(s) for s in train[("u", "b")]] == [["a1", "a2", "b1"]]
+    assert [_labelled(s) for s in train[("u", "a")]] == [["a1", "a2"]]
+    assert [_labelled(s) for s in train[("u", "b")]] == [["b1"]]
+    # a window ends at every own event with stride 1
+    assert [_items(s) for s in _untimed("train")[("u", "a")]] == [["b1", "a1", "a2"], ["b1", "a1"]]
+    # the eval context: the other services' train events, then the service's own history
+    assert _items(_untimed("test")[("u", "a")][0]) == ["b1", "a1", "a2", "a3"]
+    assert _items(_untimed("test")[("u", "b")][0]) == ["a1", "a2", "b1", "b2"]
+    assert _items(_untimed("valid")[("u", "b")][0]) == ["a1", "a2", "b1"]
+    # the cap keeps the service's own latest events first (interleaved: a2 a3 / a2 b2)
+    assert _items(_untimed("test", max_events=2)[("u", "a")][0]) == ["a2", "a3"]
+    assert _items(_untimed("test", max_events=2)[("u", "b")][0]) == ["b1", "b2"]
+    assert [_items(s) for s in _untimed("train", max_events=2)[("u", "b")]] == [["a2", "b1"]]
+
+
+def test_asked_last_refuses_timed_histories_and_unknown_orders() -> None:
+    builder = SequenceBuilder(VOCAB, CODES, SequenceConfig(order="asked_last"))
+    with pytest.raises(DataError, match="user 'v'.*asked_last is for histories without timestamps"):
+        list(build_samples(_table(ROWS), builder, "test"))
+    with pytest.raises(ValueError, match="sequences.order must be one of"):
+        SequenceConfig(order="blocked")
+
+
 def test_unknown_item_is_a_clear_error() -> None:
     builder = SequenceBuilder(VOCAB, {}, SequenceConfig())
     with pytest.raises(DataError, match="a/a1 has no semantic ID"):

@@ -15,10 +15,10 @@ EVENTS = [Event("a", f"i{k}", None, k, split) for k, split in enumerate(["train"
 EVENTS.append(Event("b", "j0", None, 0, "train"))
 
 
-def _builders(**text: int) -> tuple[SequenceBuilder, TextSampleBuilder]:
+def _builders(order: str = "interleave", **text: int) -> tuple[SequenceBuilder, TextSampleBuilder]:
     tokenizer = train_tokenizer(TEXTS, 300)
     vocab = Vocabulary(services=("a", "b"), levels=2, codebook_size=4, dedup_size=2, text_size=tokenizer.size)
-    cfg = SequenceConfig(max_events=50, text=TextSampleConfig(**text))
+    cfg = SequenceConfig(max_events=50, text=TextSampleConfig(**text), order=order)
     plain = SequenceBuilder(vocab, CODES, cfg)
     return plain, TextSampleBuilder(plain, tokenizer, cfg.text)
 
@@ -50,6 +50,17 @@ def test_critique_sample_labels_only_its_target() -> None:
     ]  # [BOS], history, [CRITIQUE], words: then the target
     assert (batch["text_labels"] == IGNORE_INDEX).all()  # a critique is read, not written
     assert text.counts["critique_samples"] == 1
+
+
+def test_asked_last_puts_the_other_services_before_a_critique_samples_history() -> None:
+    plain, text = _builders("asked_last", critiques_per_user=1)
+    vocab = plain.vocab
+    (sample,) = text.train_samples("u", EVENTS, [_row(3, "train")], [])
+    expected = [BOS]
+    for e in [EVENTS[6], *EVENTS[:3]]:  # b's j0 (by progress after i3), then a's i0 i1 i2
+        expected += vocab.item_tokens(e.service, CODES[(e.service, e.item_id)])
+    assert sample["input_ids"][: len(expected)] == expected
+    assert sample["input_ids"][len(expected)] == CRITIQUE
 
 
 def test_narrative_sample_writes_its_words_and_eos() -> None:

@@ -64,10 +64,10 @@ def tiny_model(vocab: Vocabulary, seed: int = 0) -> MoERecForCausalLM:
     return model
 
 
-def make_bundle(out: Path, dtype: str = "float32") -> Path:
+def make_bundle(out: Path, dtype: str = "float32", order: str = "interleave") -> Path:
     table = tiny_table()
     vocab = table.vocabulary()
-    config = {"sequences": {"max_events": 20}}
+    config = {"sequences": {"max_events": 20, "order": order}}
     return export_model(
         tiny_model(vocab), table, vocab, tiny_catalogue(table), out, dtype=dtype, config=config
     )

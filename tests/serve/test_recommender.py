@@ -135,6 +135,25 @@ def test_history_forms_and_truncation(rec: Recommender) -> None:
     assert rec.recommend(long[-rec.max_history - 1 :], "delivery", exclude_seen=False) == truncated
 
 
+def test_a_bundle_trained_asked_last_moves_the_asked_service_last_before_the_cap(
+    rec: Recommender, tmp_path: Path
+) -> None:
+    with Recommender.from_bundle(
+        make_bundle(tmp_path / "b", order="asked_last"), ServeConfig(device="cpu")
+    ) as last:
+        for service in ("market", "grocery"):
+            moved = [e for e in HISTORY if e[0] != service] + [e for e in HISTORY if e[0] == service]
+            assert moved != HISTORY
+            assert last.recommend(HISTORY, service) == rec.recommend(moved, service)
+        # 30 grocery items after the history: the cap keeps the asked market's items, not the latest
+        long = HISTORY + [("grocery", f"grocery-{i}") for i in range(30)]
+        market = [e for e in long if e[0] == "market"]
+        kept = [e for e in long if e[0] != "market"][-(last.max_history - len(market)) :] + market
+        assert last.recommend(long, "market", exclude_seen=False) == rec.recommend(
+            kept, "market", exclude_seen=False
+        )
+
+
 def test_concurrent_callers_get_the_one_at_a_time_answers_in_fewer_batches(tiny_bundle: Path) -> None:
     requests = [
         (
