@@ -436,7 +436,8 @@ def stage_eval_critiques(
 ) -> dict:
     """The critique requests of ``cfg.eval.split`` ranked with and without their critique, beside
     the rule filter (:mod:`moe_rec.eval.critiques`); writes and returns the report
-    (``<run_dir>/eval/critiques-<split>-<model>.json``)."""
+    (``<run_dir>/eval/critiques-<split>-<model>-filter<eval.filter_depth>.json``: the filter's depth
+    changes only its column, so runs at two depths keep both files)."""
     from moe_rec.data import store
     from moe_rec.data.text_samples import CRITIQUE_SPLITS
     from moe_rec.eval.critiques import evaluate_critiques, item_facts
@@ -460,8 +461,14 @@ def stage_eval_critiques(
         exclude_seen=cfg.eval.exclude_seen,
         depth=cfg.eval.filter_depth,
     )
-    report = {"model": name, "split": CRITIQUE_SPLITS[cfg.eval.split], "metrics": metrics}
-    _write_report(cfg.eval_dir / f"critiques-{cfg.eval.split}-{name}.json", report)
+    depth = cfg.eval.filter_depth
+    report = {
+        "model": name,
+        "split": CRITIQUE_SPLITS[cfg.eval.split],
+        "filter_depth": depth,
+        "metrics": metrics,
+    }
+    _write_report(cfg.eval_dir / f"critiques-{cfg.eval.split}-{name}-filter{depth}.json", report)
     return report
 
 

@@ -69,7 +69,12 @@ def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain
     assert (
         main(["eval", *args, "eval.filter_depth=10", "--checkpoint", "latest", "--critiques", "--json"]) == 0
     )
-    shallow = json.loads(capsys.readouterr().out)["metrics"]
+    shallow_report = json.loads(capsys.readouterr().out)
+    assert shallow_report["filter_depth"] == 10 and report["filter_depth"] != 10
+    reports = sorted(p.name for p in (run / "eval").glob("critiques-test-*.json"))  # one per depth
+    names = (f"critiques-test-{r['model']}-filter{r['filter_depth']}.json" for r in (report, shallow_report))
+    assert reports == sorted(names)
+    shallow = shallow_report["metrics"]
     assert shallow["all/filter/recall@10"] == pytest.approx(metrics["all/plain/recall@10"], abs=1e-12)
     assert shallow["all/critique/ndcg@10"] == pytest.approx(metrics["all/critique/ndcg@10"], abs=1e-12)
 
