@@ -12,7 +12,8 @@ they are interleaved by progress through each service's history (event i of n si
 made up) a sample is written for one service instead: the other services' events first (in the
 order above), then that service's own, so its events sit together and nearest the prediction as
 in a one-service model, and the history cap keeps the service's own latest events first; a
-training window then labels only its service's events (each event is labelled in one window).
+training window then labels only its service's events (an event is a label only in its
+service's windows).
 
 Samples:
 
