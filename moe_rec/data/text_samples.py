@@ -46,6 +46,7 @@ from moe_rec.data.sequences import (
     Event,
     SequenceBuilder,
     TextSampleConfig,
+    asked_last,
     iter_users,
 )
 from moe_rec.data.text_tokenizer import TextTokenizer, train_tokenizer
@@ -95,17 +96,15 @@ class TextSampleBuilder:
         asked_last``: every other service's, then the target service's before it), the most recent
         ``max_events - 1`` (the target takes the last slot)."""
         cfg = self.builder.cfg
-
-        def kept(e: Event) -> bool:
-            return e.split == "train" and not is_cold(e.service, e.item_id, cfg.cold_items)
-
-        if cfg.order == "asked_last":
-            own = [
-                e for e in ordered if kept(e) and e.service == target.service and e.position < target.position
-            ]
-            before = [e for e in ordered if kept(e) and e.service != target.service] + own
+        if cfg.order == "asked_last":  # every other service's events, then the target service's before it
+            candidates = [e for e in ordered if e.service != target.service or e.position < target.position]
         else:
-            before = [e for e in ordered[: ordered.index(target)] if kept(e)]
+            candidates = ordered[: ordered.index(target)]
+        before = [
+            e for e in candidates if e.split == "train" and not is_cold(e.service, e.item_id, cfg.cold_items)
+        ]
+        if cfg.order == "asked_last":
+            before = asked_last(before, [e.service for e in before], target.service)
         return before[-(cfg.max_events - 1) :] if cfg.max_events > 1 else []
 
     def _sample(
