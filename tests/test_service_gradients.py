@@ -25,6 +25,10 @@ def test_service_gradients_recombine_into_the_batch_gradient_and_cosines_match_b
     batches = []
     for k in range(2):
         picks = [torch.randint(len(catalogue), (n,), generator=g).tolist() for n in (5, 3, 4)]
+        # the first sequence's scored positions (all but its first item) hold every service once
+        per_service = len(catalogue) // len(VOCAB.services)
+        order = torch.randperm(len(VOCAB.services), generator=g).tolist()
+        picks[0][1:4] = [s * per_service + int(torch.randint(per_service, (1,), generator=g)) for s in order]
         batches.append(
             item_batch(
                 [_sample([catalogue[i] for i in p], f"u{k}{j}") for j, p in enumerate(picks)], VOCAB, 16
