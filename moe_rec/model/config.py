@@ -124,6 +124,9 @@ class MoERecConfig(PretrainedConfig):
         critique_loss_weight: float = 1.0,  # item_loss=items with text tokens: the item loss of a position
         # that reads a critique (its token is a critique's last word) counts this many times (the other
         # positions unchanged): a critique sample has one such position, a plain window dozens of others
+        distill_weight: float = 1.0,  # item_loss=items, in a batch with teacher targets
+        # (moe_rec.train.distill): the item loss plus this times the KL from the teacher's distribution
+        # over its top K items to the model's over the same K, at each position the teacher scored
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -187,6 +190,7 @@ class MoERecConfig(PretrainedConfig):
         self.critique_previous = critique_previous
         self.critique_relative_scale = critique_relative_scale
         self.critique_loss_weight = critique_loss_weight
+        self.distill_weight = distill_weight
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight
         super().__init__(
@@ -290,6 +294,8 @@ class MoERecConfig(PretrainedConfig):
                     f"critique_loss_weight {self.critique_loss_weight} needs a value > 0, item_loss='items' "
                     "and text_token_range (sequences with critiques)"
                 )
+            if self.distill_weight < 0:
+                raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
             if self.item_head_temperature <= 0:
                 raise ValueError(f"item_head_temperature must be > 0, got {self.item_head_temperature}")
         if self.num_attention_heads % self.num_key_value_heads:

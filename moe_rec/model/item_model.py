@@ -878,6 +878,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         query_services: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         text_labels: torch.LongTensor | None = None,
+        teacher_rows: torch.LongTensor | None = None,
+        teacher_log_probs: torch.Tensor | None = None,
         **kwargs,
     ) -> MoERecOutput:
         """Args:
@@ -893,6 +895,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         text_labels: (B, T) with ``text_token_range``: each narrative position's own text class
             (:func:`moe_rec.data.positions.text_labels`), -100 elsewhere; position t is trained
             to write the text of position t + 1.
+        teacher_rows, teacher_log_probs: (B, T, K) with ``item_loss='items'``: a teacher's top K
+            items for each position's own event (catalogue rows, -1: none) and its log-probabilities
+            over them (:mod:`moe_rec.train.distill`); the item loss then adds ``distill_weight`` x
+            the KL from the teacher's distribution to the model's over the same K items.
 
         Returns:
             ``logits`` (B, T', P, K_max) and, with ``labels``, ``loss`` = ``lm_loss`` + ``aux_loss``,
@@ -943,9 +949,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             elif self.config.item_loss == "items":
                 query = out.hidden_states[:, :-1] if self.item_embed is not None else None
                 own = own_rows[:, :-1] if own_rows is not None else None
+                teacher = None
+                if teacher_rows is not None and teacher_log_probs is not None:
+                    teacher = (teacher_rows[:, 1:], teacher_log_probs[:, 1:])
                 out.lm_loss = self._item_softmax_loss(
                     hidden[:, :-1], target, query_services[:, :-1], query, own,
-                    self._position_weights(item_tokens[:, :-1, 0]),
+                    self._position_weights(item_tokens[:, :-1, 0]), teacher,
                 )  # fmt: skip
             else:
                 out.lm_loss = F.cross_entropy(
@@ -998,6 +1007,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         query: torch.Tensor | None,
         own_rows: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
+        teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Mean over scored positions of ``logsumexp_i s_i - s_target`` over the items i of the
         target's service, ``s_i`` the mean of item i's code logits; with ``item_negatives`` over
@@ -1019,6 +1029,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             weights: (B, T) each position's weight (:meth:`_position_weights`); None: all 1. The sum
                 of weighted losses is divided by the number of scored positions either way, so the
                 other positions' gradients do not change.
+            teacher: (B, T, K) catalogue rows (-1: none) and log-probabilities of a teacher's top K
+                items at each position: each scored position adds ``distill_weight`` x
+                ``sum_k p_k (log p_k - log q_k)``, ``q`` the softmax of this model's logits over
+                the same K items (:meth:`_distill_terms`), to its loss.
 
         With ``item_loss_balance='services'`` the result is instead the mean over the asked services
         of each service's (weighted) loss sum divided by its number of scored positions.
@@ -1037,6 +1051,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         q = query[scored].float() if query is not None else None  # (M, D)
         own = own_rows[scored] if own_rows is not None else None  # (M,)
         weight = weights[scored] if weights is not None else None  # (M,)
+        taught = None  # (M, K) the teacher's rows and log-probabilities at the scored positions
+        if teacher is not None and self.config.distill_weight:
+            taught = (teacher[0][scored], teacher[1][scored].float())
         target_extra = None  # (M,) the target's per-item term, beside its code scores
         if q is not None:
             target_rows = self.item_rows(tgt, asked)  # (M,)
@@ -1049,9 +1066,14 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if self.config.item_negatives:  # that many draws, each drawn item once
                 rows = self._draw_negatives(rows, service)
             groups.append((service, (asked == service).nonzero().flatten(), rows))
+        taught_vectors = None  # (M, K, D') the teacher's items' score vectors
         if q is not None:  # one lookup for every group (under ZeRO-3 each call gathers, on every rank)
-            vectors = self.score_vectors(torch.cat([rows for _, _, rows in groups])).float()
-            vectors = vectors.split([len(rows) for _, _, rows in groups])
+            wanted = [rows for _, _, rows in groups]
+            if taught is not None:
+                wanted.append(taught[0].clamp_min(0).flatten())
+            vectors = self.score_vectors(torch.cat(wanted)).float().split([len(rows) for rows in wanted])
+            if taught is not None:
+                taught_vectors = vectors[-1].view(*taught[0].shape, -1)
         total = queries.new_zeros(())
         by_service = self.config.item_loss_balance == "services"
         shared = self.code_keys().float() * scale if self.service_code_embed is None else None  # (P, K, D)
@@ -1076,6 +1098,40 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 copy = same_codes(tgt[pos], codes)  # (M_s, C)
                 scores = torch.cat([target_score[:, None], scores.masked_fill(copy, float("-inf"))], dim=1)
             loss = torch.logsumexp(scores, dim=1) - target_score  # (M_s,)
+            if taught is not None:
+                loss = loss + self.config.distill_weight * self._distill_terms(
+                    by_code, taught[0][pos], taught[1][pos],
+                    q[pos] if q is not None else None,
+                    taught_vectors[pos] if taught_vectors is not None else None,
+                    own[pos] if own is not None else None,
+                )  # fmt: skip
             summed = (loss if weight is None else loss * weight[pos]).sum()
             total = total + (summed / len(pos) if by_service else summed)
         return total / (len(groups) if by_service else len(asked))
+
+    def _distill_terms(
+        self,
+        by_code: torch.Tensor,
+        rows: torch.Tensor,
+        teacher_log_probs: torch.Tensor,
+        query: torch.Tensor | None,
+        vectors: torch.Tensor | None,
+        own: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(M_s,) ``KL(p || q)`` at each of one service's positions: ``p`` the teacher's
+        distribution over its K items (``rows`` (M_s, K), -1: none, ``teacher_log_probs`` (M_s, K)),
+        ``q`` the softmax of this model's logits over the same items, scored as
+        :meth:`_item_softmax_loss` scores its candidates (``by_code`` (P, K_codes, M_s) the scaled
+        code scores, ``query`` (M_s, D') and ``vectors`` (M_s, K, D') the per-item term, ``own``
+        (M_s,) the prior's own item). A position with no teacher row adds 0."""
+        known = rows >= 0  # (M_s, K)
+        codes = self.train_codes[rows.clamp_min(0)]  # (M_s, K, P)
+        logits = by_code.permute(2, 0, 1).gather(2, codes.transpose(1, 2)).sum(1)  # (M_s, K)
+        if query is not None and vectors is not None:
+            logits = logits + torch.einsum("md,mkd->mk", query, vectors)
+            if own is not None:  # the own item among them: no text prior
+                logits = logits + self.own_item_term(query, own)[:, None] * (rows == own[:, None])
+        # finite fills: a position with no row at all must give 0 and a finite gradient, not NaN
+        log_q = torch.log_softmax(logits.masked_fill(~known, -1e9), dim=1)
+        teacher = teacher_log_probs.masked_fill(~known, 0.0)
+        return torch.where(known, teacher.exp() * (teacher - log_q), 0.0).sum(1)

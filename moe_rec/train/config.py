@@ -151,6 +151,9 @@ class TrainConfig:
     # per service; the steps of all services shuffled together
     negatives_per_step: bool = False  # item-level models with item_negatives: a step's micro batches
     # share one draw of negatives per service (as one large batch would), instead of one draw each
+    teacher_targets: Path | None = None  # item-level models with item_loss=items: a teacher-targets file
+    # (tools/teacher_targets.py: one model per service's top K at every training position); the loss
+    # adds model.overrides.distill_weight x KL(teacher || model) over them (moe_rec.train.distill)
     lr: float = 1e-3  # peak learning rate (after warmup)
     min_lr: float = 1e-4  # cosine floor
     warmup_steps: int = 20  # linear warmup, in optimizer steps
@@ -207,6 +210,7 @@ class TrainConfig:
                 ("grad_accum", 1, "a step's batch is its sample of users (train.privacy.expected_users)"),
                 ("micro_batch_tokens", 0, "a sampled user's windows are one batch"),
                 ("batch_by_service", False, "a step's batch is its sample of users"),
+                ("teacher_targets", None, "a teacher's targets are read from every user's windows, unclipped"),
                 ("clip", 0.0, "each user's gradient is clipped to train.privacy.max_grad_norm; clipping "
                  "the noisy sum again would distort the noise"),
             ):  # fmt: skip

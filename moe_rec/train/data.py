@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -31,6 +31,9 @@ from moe_rec.data.positions import columnar_item_batch, flat_list_column, item_b
 from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
 from moe_rec.data.vocab import PAD, Vocabulary
+
+if TYPE_CHECKING:
+    from moe_rec.train.distill import TeacherTargets
 
 
 def load_split(sequences_dir: Path, split: str) -> datasets.Dataset:
@@ -190,6 +193,7 @@ class ShardedTrainData:
         self.batches_per_step = world_size * grad_accum
         self.lengths = self.token_lengths(dataset) if positions_per_sample is None else positions_per_sample
         self.sample_services = sample_services
+        self.targets: TeacherTargets | None = None  # set by the trainer with train.teacher_targets
         self._plans: dict[int, list[np.ndarray]] = {}
         self.steps_per_epoch = len(self.plan(0)) // self.batches_per_step
         if self.steps_per_epoch == 0:
@@ -261,7 +265,11 @@ class ShardedTrainData:
         micro batch ``m`` of rank ``r`` is the plan's ``step * world_size * grad_accum + m * world_size + r``."""
         first = step * self.batches_per_step + self.rank
         mine = self.plan(epoch)[first : first + self.batches_per_step : self.world_size]
-        return [self.collator(self.dataset.select(idx.tolist())) for idx in mine]
+        batches = [self.collator(self.dataset.select(idx.tolist())) for idx in mine]
+        if self.targets is not None:  # each sample's teacher targets at its scored positions
+            for idx, batch in zip(mine, batches, strict=True):
+                batch.update(self.targets.place(idx.tolist(), batch["labels"]))
+        return batches
 
     def __call__(self, start: DataPosition) -> Iterator[tuple[DataPosition, list[dict[str, torch.Tensor]]]]:
         """Endless ``(position after this step, micro batches)`` from ``start`` on."""

@@ -46,6 +46,7 @@ from moe_rec.sid.table import META_FILE, SIDTable
 from moe_rec.train import checkpoint as ckpt
 from moe_rec.train.config import ModelSection, TrainConfig, TrainInputs
 from moe_rec.train.data import Collator, DataPosition, ItemCollator, ShardedTrainData, load_split
+from moe_rec.train.distill import TeacherTargets
 from moe_rec.train.extensions import check_build_locks, skip_shm_op
 from moe_rec.train.metrics import (
     CRITIQUE_SCOPES,
@@ -107,6 +108,25 @@ def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary) -> torch.Te
         items, keys, tokenizer, vocab.text_offset,
         num_bands=cfg.critiques.price_bands, min_band_items=cfg.critiques.min_band_items,
     )  # fmt: skip
+
+
+def _teacher_targets(path: Path, config: MoERecConfig, samples: int, items: int) -> TeacherTargets:
+    """train.teacher_targets loaded and checked against the run: an item-level model trained on
+    the items loss, a file made for this train split (as many samples) and this catalogue."""
+    if getattr(config, "item_loss", None) != "items":
+        raise ConfigError(
+            "train.teacher_targets needs an item-level model with model.overrides.item_loss=items "
+            "(the KL is taken over items)"
+        )
+    targets = TeacherTargets.load(path)
+    if len(targets) != samples:
+        raise DataError(
+            f"{path}: teacher targets for {len(targets)} train samples, the train split has {samples}; "
+            "make them again (tools/teacher_targets.py) for these sequences"
+        )
+    if len(targets.rows) and int(targets.rows.max()) >= items:
+        raise DataError(f"{path}: teacher targets name catalogue rows past the SID table's {items} items")
+    return targets
 
 
 def _item_price_bins(cfg: TrainInputs, sids: SIDTable, num_bins: int) -> torch.Tensor:
@@ -361,6 +381,10 @@ class Trainer:
                 sample_services=ShardedTrainData.main_services(train_ds)
                 if self.tc.batch_by_service
                 else None,
+            )
+        if self.tc.teacher_targets is not None:
+            self.data.targets = _teacher_targets(
+                self.tc.teacher_targets, self.model_config, len(train_ds), len(self.sids)
             )
         self.tc = self.tc.in_steps(self.data.steps_per_epoch)  # save_every / eval_every in epochs -> steps
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.data.steps_per_epoch
