@@ -1066,14 +1066,15 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if self.config.item_negatives:  # that many draws, each drawn item once
                 rows = self._draw_negatives(rows, service)
             groups.append((service, (asked == service).nonzero().flatten(), rows))
-        taught_vectors = None  # (M, K, D') the teacher's items' score vectors
+        taught_vectors = None  # (U, D') score vectors of the teacher's items, (M, K) each one's index
         if q is not None:  # one lookup for every group (under ZeRO-3 each call gathers, on every rank)
             wanted = [rows for _, _, rows in groups]
-            if taught is not None:
-                wanted.append(taught[0].clamp_min(0).flatten())
+            if taught is not None:  # the teachers' top items repeat across positions: each once
+                unique, where = taught[0].clamp_min(0).unique(return_inverse=True)
+                wanted.append(unique)
             vectors = self.score_vectors(torch.cat(wanted)).float().split([len(rows) for rows in wanted])
             if taught is not None:
-                taught_vectors = vectors[-1].view(*taught[0].shape, -1)
+                taught_vectors = (vectors[-1], where)
         total = queries.new_zeros(())
         by_service = self.config.item_loss_balance == "services"
         shared = self.code_keys().float() * scale if self.service_code_embed is None else None  # (P, K, D)
@@ -1102,7 +1103,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 loss = loss + self.config.distill_weight * self._distill_terms(
                     by_code, taught[0][pos], taught[1][pos],
                     q[pos] if q is not None else None,
-                    taught_vectors[pos] if taught_vectors is not None else None,
+                    (taught_vectors[0], taught_vectors[1][pos]) if taught_vectors is not None else None,
                     own[pos] if own is not None else None,
                 )  # fmt: skip
             summed = (loss if weight is None else loss * weight[pos]).sum()
@@ -1115,20 +1116,31 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         rows: torch.Tensor,
         teacher_log_probs: torch.Tensor,
         query: torch.Tensor | None,
-        vectors: torch.Tensor | None,
+        vectors: tuple[torch.Tensor, torch.Tensor] | None,
         own: torch.Tensor | None,
     ) -> torch.Tensor:
         """(M_s,) ``KL(p || q)`` at each of one service's positions: ``p`` the teacher's
         distribution over its K items (``rows`` (M_s, K), -1: none, ``teacher_log_probs`` (M_s, K)),
         ``q`` the softmax of this model's logits over the same items, scored as
         :meth:`_item_softmax_loss` scores its candidates (``by_code`` (P, K_codes, M_s) the scaled
-        code scores, ``query`` (M_s, D') and ``vectors`` (M_s, K, D') the per-item term, ``own``
-        (M_s,) the prior's own item). A position with no teacher row adds 0."""
+        code scores, ``query`` (M_s, D') and ``vectors`` the per-item term: (U, D') score vectors
+        and (M_s, K) each item's index among them; ``own`` (M_s,) the prior's own item). A position
+        with no teacher row adds 0."""
         known = rows >= 0  # (M_s, K)
         codes = self.train_codes[rows.clamp_min(0)]  # (M_s, K, P)
         logits = by_code.permute(2, 0, 1).gather(2, codes.transpose(1, 2)).sum(1)  # (M_s, K)
         if query is not None and vectors is not None:
-            logits = logits + torch.einsum("md,mkd->mk", query, vectors)
+            table, index = vectors
+            d = self.config.hidden_size
+            # past the learned part (D) a model without critique parts has only its items' unit
+            # texts, which no gradient moves: read them detached, so the backward pass makes no
+            # (M_s, K, D') gradient (most of a step's time otherwise)
+            critique = any(p is not None for p in (self.word_weight, self.phrase_weight, self.price_weight))
+            if critique or table.shape[-1] == d:
+                logits = logits + torch.einsum("md,mkd->mk", query, table[index])
+            else:
+                logits = logits + torch.einsum("md,mkd->mk", query[:, :d], table[:, :d][index])
+                logits = logits + torch.einsum("md,mkd->mk", query[:, d:], table[:, d:].detach()[index])
             if own is not None:  # the own item among them: no text prior
                 logits = logits + self.own_item_term(query, own)[:, None] * (rows == own[:, None])
         # finite fills: a position with no row at all must give 0 and a finite gradient, not NaN
