@@ -138,12 +138,17 @@ def _row_map(joint: SIDTable, teacher: SIDTable, service: str) -> torch.Tensor:
 
 
 def _joint_rows(joint: SIDTable, teacher: SIDTable, service: str) -> torch.Tensor:
-    """(N_teacher,) each teacher row's row in the joint table; raises DataError when the joint
-    catalogue lacks one of the teacher's items."""
+    """(N_teacher,) each teacher row of ``service`` its row in the joint table, -1 for the rows of
+    the teacher's other services (a joint model can teach too); raises DataError when the joint
+    catalogue lacks one of the teacher's items of ``service``."""
+    mapping = torch.full((len(teacher),), -1, dtype=torch.long)
+    mine = (teacher.service_index == teacher.services.index(service)).nonzero().flatten()
     try:
-        return torch.from_numpy(joint.rows(service, teacher.item_ids.tolist()).astype(np.int64))
+        rows = joint.rows(service, teacher.item_ids[mine.numpy()].tolist())
     except Exception as e:
         raise DataError(f"the joint SID table lacks items of the {service} teacher: {e}") from None
+    mapping[mine] = torch.from_numpy(rows.astype(np.int64))
+    return mapping
 
 
 def teacher_targets(

@@ -134,18 +134,20 @@ def test_targets_are_placed_at_each_samples_scored_positions_saved_and_checked(t
         TeacherTargets.load(tmp_path / "bad.pt")
 
 
-def _teacher(service: str, item_ids: list[str], seed: int) -> Teacher:
-    """A one-service teacher whose codes differ from the joint table's (its own SID table)."""
-    vocab = Vocabulary(services=(service,), levels=2, codebook_size=4, dedup_size=4)
+def _teacher(service: str, item_ids: list[str], seed: int, other: str | None = None) -> Teacher:
+    """A teacher whose codes differ from the joint table's (its own SID table): of ``service``
+    alone, or also of ``other`` with items of ids the joint table does not hold (a joint teacher)."""
+    services = [service] * len(item_ids) + ([other] * 3 if other else [])
+    item_ids = item_ids + ([f"x{n}" for n in range(3)] if other else [])
+    vocab = Vocabulary(services=tuple(dict.fromkeys(services)), levels=2, codebook_size=4, dedup_size=4)
     codes = torch.tensor([[i % 4, (i // 4) % 4, 0] for i in range(len(item_ids))])
-    table = SIDTable(services=[service] * len(item_ids), item_ids=item_ids, codes=codes,
-                     codebook_size=4, max_dedup=4)  # fmt: skip
+    table = SIDTable(services=services, item_ids=item_ids, codes=codes, codebook_size=4, max_dedup=4)
     torch.manual_seed(seed)
-    cfg = build_config("tiny", vocab_size=vocab.size, num_domains=1, num_user_buckets=16,
+    cfg = build_config("tiny", vocab_size=vocab.size, num_domains=len(vocab.services), num_user_buckets=16,
                        code_token_ranges=code_token_ranges(vocab), item_loss="items", item_embedding=True,
                        num_items=len(item_ids))  # fmt: skip
     model = model_class(cfg)(cfg)
-    model.set_train_catalogue(codes, torch.full((len(item_ids),), vocab.service_token(service)))
+    model.set_train_catalogue(codes, torch.tensor([vocab.service_token(s) for s in services]))
     with torch.no_grad():
         model.item_embed.weight.normal_(0, 0.5)
     return Teacher(model.eval(), table)
@@ -156,15 +158,15 @@ def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(
     """For every scored event of joint windows that mix services, the targets are the top k that
     the event's service's teacher gives a request holding that service's earlier events of the
     window (left-padded, asked service last: the evaluation path), mapped to joint rows, with the
-    log-softmax of those scores / P; a service without a teacher gets rows -1."""
+    log-softmax of those scores / P; a teacher of several services (b's also holds items of c that
+    the joint table lacks) ranks its own service's items; a service without a teacher gets rows -1."""
     g = torch.Generator().manual_seed(seed)
     catalogue = _catalogue(g)
     joint = SIDTable(services=[s for s, _ in catalogue], item_ids=[f"{s}{n % 4}" for n, (s, _) in enumerate(catalogue)],
                      codes=torch.tensor([c for _, c in catalogue]), codebook_size=8, max_dedup=4)  # fmt: skip
     assert joint.vocabulary() == VOCAB
-    teachers = {
-        s: _teacher(s, [f"{s}{n}" for n in (3, 1, 0, 2)], seed % 997 + j) for j, s in enumerate(("a", "b"))
-    }
+    teachers = {s: _teacher(s, [f"{s}{n}" for n in (3, 1, 0, 2)], seed % 997 + j, other)
+                for j, (s, other) in enumerate((("a", None), ("b", "c")))}  # fmt: skip
     samples = []
     for j, n in enumerate((6, 2, 5)):
         row = _sample([catalogue[int(i)] for i in torch.randint(len(catalogue), (n,), generator=g)], f"u{j}")
@@ -192,7 +194,8 @@ def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(
                         [lo for lo, _ in code_token_ranges(VOCAB)]))[0])]  # fmt: skip
                     ids += vocab.item_tokens(service, teacher.table.codes_for(service, [item])[0].tolist())
             ids.append(vocab.service_token(service))
-            request = {"user": row["user"], "input_ids": ids, "domain_ids": [0] * len(ids)}
+            domain = vocab.service_index(service)
+            request = {"user": row["user"], "input_ids": ids, "domain_ids": [domain] * len(ids)}
             batch = item_batch([request], vocab, teacher.model.config.num_user_buckets, left_pad=True)
             log_probs, query, own = request_log_probs(teacher.model, batch)
             top, scores = top_for_requests(log_probs, [service], ServiceCatalogue(teacher.table), k,
