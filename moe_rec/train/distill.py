@@ -183,6 +183,14 @@ def teacher_targets(
     chunks = range(0, len(samples), batch_size)
     for start in track(chunks, "teacher targets"):
         chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
+        texts = [
+            start + i for i, r in enumerate(chunk) if max(r["input_ids"], default=0) >= vocab.text_offset
+        ]
+        if texts:  # a critique or narrative sample: its words are no teacher's input
+            raise DataError(
+                f"train sample {texts[0]} holds text tokens (critiques or narratives); teacher targets "
+                "are made for item histories only: build the sequences without critiques.enabled"
+            )
         batch = item_batch(chunk, vocab, 1)  # its user ids are not read: the teachers hash their own
         # per service: (sample, its events of the service: positions, joint rows), in order
         requests: dict[str, list[tuple[int, list[int], list[int]]]] = {s: [] for s in teachers}

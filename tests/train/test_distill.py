@@ -204,6 +204,9 @@ def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(
             assert got_rows == want_rows
             torch.testing.assert_close(got_lp, torch.log_softmax(scores[0] / 3, 0), atol=2e-3, rtol=1e-3)
     assert entry == len(targets.rows)
+    texts = dict(samples[1], input_ids=samples[1]["input_ids"] + [VOCAB.text_offset])
+    with pytest.raises(DataError, match="train sample 1 holds text tokens"):
+        teacher_targets([samples[0], texts], joint, teachers, k)
 
 
 def test_a_run_trains_on_targets_made_by_the_tool_and_refuses_foreign_ones(
