@@ -122,31 +122,16 @@ def _events(tokens: torch.Tensor, vocab: Vocabulary) -> tuple[torch.Tensor, torc
     return where, first[where] - vocab.service_offset
 
 
-def _row_map(joint: SIDTable, teacher: SIDTable, service: str) -> torch.Tensor:
-    """(N_joint,) each joint row's row in ``teacher``'s table, -1 for other services' rows; raises
-    DataError when the teacher lacks an item of its service (trained on another catalogue)."""
-    mapping = torch.full((len(joint),), -1, dtype=torch.long)
-    mine = (joint.service_index == joint.services.index(service)).nonzero().flatten()
-    ids = joint.item_ids[mine.numpy()]
+def _row_map(source: SIDTable, target: SIDTable, service: str, names: tuple[str, str]) -> torch.Tensor:
+    """(N_source,) each ``source`` row of ``service`` its row in ``target`` (by item id), -1 for
+    the rows of other services (a joint model can teach too). Raises DataError naming
+    ``names`` (the two tables) when ``target`` lacks one of them: made from another catalogue."""
+    mapping = torch.full((len(source),), -1, dtype=torch.long)
+    mine = (source.service_index == source.services.index(service)).nonzero().flatten()
     try:
-        mapping[mine] = torch.from_numpy(teacher.rows(service, ids.tolist()).astype(np.int64))
+        rows = target.rows(service, source.item_ids[mine.numpy()].tolist())
     except Exception as e:
-        raise DataError(
-            f"the {service} teacher's SID table lacks items of the joint catalogue: {e}"
-        ) from None
-    return mapping
-
-
-def _joint_rows(joint: SIDTable, teacher: SIDTable, service: str) -> torch.Tensor:
-    """(N_teacher,) each teacher row of ``service`` its row in the joint table, -1 for the rows of
-    the teacher's other services (a joint model can teach too); raises DataError when the joint
-    catalogue lacks one of the teacher's items of ``service``."""
-    mapping = torch.full((len(teacher),), -1, dtype=torch.long)
-    mine = (teacher.service_index == teacher.services.index(service)).nonzero().flatten()
-    try:
-        rows = joint.rows(service, teacher.item_ids[mine.numpy()].tolist())
-    except Exception as e:
-        raise DataError(f"the joint SID table lacks items of the {service} teacher: {e}") from None
+        raise DataError(f"the {names[1]} SID table lacks {service} items of the {names[0]}'s: {e}") from None
     mapping[mine] = torch.from_numpy(rows.astype(np.int64))
     return mapping
 
@@ -173,8 +158,8 @@ def teacher_targets(
         )
     vocab = table.vocabulary()
     starts = torch.tensor([s for s, _ in code_token_ranges(vocab)])
-    maps = {s: _row_map(table, t.table, s) for s, t in teachers.items()}
-    back = {s: _joint_rows(table, t.table, s) for s, t in teachers.items()}  # teacher row -> joint row
+    maps = {s: _row_map(table, t.table, s, ("joint", f"{s} teacher's")) for s, t in teachers.items()}
+    back = {s: _row_map(t.table, table, s, (f"{s} teacher", "joint")) for s, t in teachers.items()}
     catalogues = {s: ServiceCatalogue(t.table) for s, t in teachers.items()}
     vectors = {s: t.model.item_table() for s, t in teachers.items()}
     counts: list[int] = []
@@ -261,7 +246,7 @@ def _teach(
         rows.append({"user": chunk[i]["user"], "input_ids": ids, "domain_ids": [domain] * len(ids)})
     batch = item_batch(rows, vocab, teacher.model.config.num_user_buckets)
     log_probs, query, own_term = position_log_probs(teacher.model, batch)  # (B, T, P, K), ...
-    # teacher position j (j events read) predicts the service's event j + 1
+    # teacher position j, after j of the service's events, predicts the next one (index j)
     picks = [(b, j) for b, (_, mine, _) in enumerate(asked) for j in range(len(mine))]
     b_idx = torch.tensor([b for b, _ in picks])
     j_idx = torch.tensor([j for _, j in picks])
