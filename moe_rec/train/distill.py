@@ -10,7 +10,8 @@ joint model's loss then adds ``distill_weight`` x ``KL(teacher || model)`` over 
 (:meth:`~moe_rec.model.item_model.MoERecForItemPrediction._item_softmax_loss`). Targets are made
 once, offline, for every sample of the train split (:func:`teacher_targets`), saved beside the run
 (:meth:`TeacherTargets.save`) and placed into each micro batch by the sample's index
-(:meth:`TeacherTargets.place`), so a step costs one gather more, not three teachers' forwards.
+(:meth:`TeacherTargets.place`): a step pays a KL over K items per position, not three teachers'
+forwards (docs/training.md has the measured cost).
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ def teacher_targets(
     back = {s: _row_map(t.table, table, s, (f"{s} teacher", "joint")) for s, t in teachers.items()}
     catalogues = {s: ServiceCatalogue(t.table) for s, t in teachers.items()}
     vectors = {s: t.model.item_table() for s, t in teachers.items()}
+    untaught = (torch.full((k,), -1, dtype=torch.long), torch.zeros(k))  # an event no teacher scored
     counts: list[int] = []
     rows_out: list[torch.Tensor] = []
     lp_out: list[torch.Tensor] = []
@@ -200,23 +202,15 @@ def teacher_targets(
         for i, scored in enumerate(entries):
             counts.append(len(scored))
             for position in scored.tolist():
-                top = found.get((i, position))
-                if top is None:
-                    rows_out.append(torch.full((1, k), -1, dtype=torch.int32))
-                    lp_out.append(torch.zeros((1, k), dtype=torch.float16))
-                else:
-                    rows_out.append(top[0][None].int())
-                    lp_out.append(top[1][None].half())
+                top_rows, top_lp = found.get((i, position), untaught)
+                rows_out.append(top_rows)
+                lp_out.append(top_lp)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     meta = {"k": k, "samples": len(samples), "events": int(offsets[-1]), "services": sorted(teachers)}
-    empty = (torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, k), dtype=torch.float16))
-    return TeacherTargets(
-        offsets,
-        torch.cat(rows_out) if rows_out else empty[0],
-        torch.cat(lp_out) if lp_out else empty[1],
-        meta,
-    )
+    rows = torch.stack(rows_out).int() if rows_out else torch.zeros((0, k), dtype=torch.int32)
+    log_probs = torch.stack(lp_out).half() if lp_out else torch.zeros((0, k), dtype=torch.float16)
+    return TeacherTargets(offsets, rows, log_probs, meta)
 
 
 def _teach(
