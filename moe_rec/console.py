@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -53,9 +55,58 @@ def plain(text: str) -> str:
     return re.sub(r"``([^`]+)``", r"\1", text)
 
 
-def progress() -> Progress:
-    """A progress display with count, elapsed time and ETA (quiet when stderr is not a terminal)."""
-    return Progress(
+LOG_EVERY = 60.0  # seconds between the plain progress lines of a log file
+
+
+class _Progress(Progress):
+    """rich's progress display; where stderr is no terminal (a ``nohup`` log), one plain line per
+    task at most every ``log_every`` seconds instead (count, elapsed, eta), and a last one when a
+    task that logged ends, so a long background step is not silent for its whole run."""
+
+    def __init__(self, *columns: Any, log_every: float, **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self._log_every = log_every
+        self._last: dict[TaskID, float] = {}  # task -> when its last line was written
+        self._ended: set[TaskID] = set()  # tasks whose last line is written
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id: TaskID) -> None:
+        if not self.disable or task_id in self._ended:
+            return
+        task = self._tasks[task_id]
+        last = self._last.get(task_id)
+        now = time.monotonic()
+        due = now - (last if last is not None else task.start_time or now) >= self._log_every
+        if not (due or (task.finished and last is not None)):
+            return
+        self._last[task_id] = now
+        if task.finished:
+            self._ended.add(task_id)
+        share = f" ({100 * task.completed / task.total:.0f} %)" if task.total else ""
+        total = f"/{task.total:g}" if task.total is not None else ""
+        remaining = task.time_remaining
+        eta = f", eta {_clock(remaining)}" if remaining is not None and not task.finished else ""
+        console.print(f"{task.description}: {task.completed:g}{total}{share}, {_clock(task.elapsed or 0.0)} "
+                      f"elapsed{eta}", markup=False, highlight=False)  # fmt: skip
+
+
+def _clock(seconds: float) -> str:
+    """``seconds`` as h:mm:ss."""
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def progress(log_every: float = LOG_EVERY) -> Progress:
+    """A progress display with count, elapsed time and ETA; where stderr is not a terminal, a plain
+    line every ``log_every`` seconds instead (see :class:`_Progress`)."""
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -65,6 +116,7 @@ def progress() -> Progress:
         console=console,
         transient=False,
         disable=not console.is_terminal,
+        log_every=log_every,
     )
 
 

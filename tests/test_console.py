@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moe_rec.console import plain, print_json
+from moe_rec.console import plain, print_json, progress, track
 
 
 def test_print_json_writes_one_strict_document(capsys: pytest.CaptureFixture) -> None:
@@ -24,3 +24,22 @@ def test_print_json_writes_one_strict_document(capsys: pytest.CaptureFixture) ->
 def test_plain_drops_rest_markup() -> None:
     text = "The ``moe-rec`` CLI raises :class:`~moe_rec.errors.MoeRecError` via :func:`main` (``key=value``)."
     assert plain(text) == "The moe-rec CLI raises moe_rec.errors.MoeRecError via main (key=value)."
+
+
+def test_progress_writes_plain_lines_where_stderr_is_no_terminal(capsys: pytest.CaptureFixture) -> None:
+    """Under pytest stderr is captured, as in a nohup log: with no wait between lines every step
+    writes its count and the end writes the last one; with a long wait nothing is written."""
+    with progress(log_every=0.0) as bar:
+        task = bar.add_task("reading", total=3)
+        for _ in range(3):
+            bar.advance(task)
+        bar.advance(task)  # past the end: no second last line
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "reading: 1/3 (33 %)",
+        "reading: 2/3 (67 %)",
+        "reading: 3/3 (100 %)",
+    ]
+    assert "eta" not in lines[-1] and lines[-1].endswith("elapsed")  # an eta only while it runs
+    assert list(track(range(4), "quiet")) == [0, 1, 2, 3]
+    assert capsys.readouterr().err == ""

@@ -7,7 +7,9 @@ position of the joint train split (moe_rec.train.distill); train the joint model
         --top-k 32 --out runs/joint/teachers.pt
 
 A teacher is a run directory of one service (its ``checkpoints/`` and ``sids/``), trained on the
-same events; its ``best`` checkpoint is read unless ``service=RUN_DIR@TAG`` names another.
+same events; its ``best`` checkpoint is read unless ``service=RUN_DIR@TAG`` names another. Name a
+service more than once (e.g. its runs of two seeds) and its teachers are an ensemble: their
+probabilities over the service's items are averaged before the top K.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the joint run's experiment YAML")
     parser.add_argument("--teacher", action="append", required=True, metavar="SERVICE=RUN_DIR[@TAG]",
-                        help="one service's teacher run (repeat per service)")  # fmt: skip
+                        help="one service's teacher run (repeat per service; a service named twice: an ensemble)")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=32, help="items kept per position (default 32)")
     parser.add_argument("--batch-size", type=int, default=64, help="train samples per teacher batch")
     parser.add_argument(
@@ -65,14 +67,17 @@ def main() -> None:
         parser.error(f"--top-k must be at least 1, not {args.top_k}")
     try:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
-        teachers = dict(load_teacher(spec) for spec in args.teacher)
+        teachers: dict[str, list[Teacher]] = {}
+        for spec in args.teacher:
+            service, teacher = load_teacher(spec)
+            teachers.setdefault(service, []).append(teacher)
         table = SIDTable.load(cfg.sid_dir)
         samples = load_split(cfg.sequences_dir, "train")
         with torch.no_grad():
             targets = teacher_targets(samples, table, teachers, args.top_k, batch_size=args.batch_size)
     except (ConfigError, DataError) as e:
         raise SystemExit(f"error: {e}") from None
-    targets.meta["teachers"] = {s: spec for s, spec in zip(teachers, args.teacher, strict=True)}
+    targets.meta["teachers"] = {s: [t for t in args.teacher if t.partition("=")[0] == s] for s in teachers}
     targets.save(args.out)
     covered = int((targets.rows[:, 0] >= 0).sum())
     print(f"{args.out}: {len(targets)} train samples, {targets.meta['events']} scored events "

@@ -248,6 +248,24 @@ def request_log_probs(
     )
 
 
+def service_scores(
+    log_probs: torch.Tensor,
+    service: str,
+    catalogue: ServiceCatalogue,
+    query: torch.Tensor | None = None,
+    item_vectors: torch.Tensor | None = None,
+    own: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Exact scores (B, N_s) of every item of ``service`` (columns: ``catalogue.rows[service]``'s
+    order) for requests that all ask for it: what :func:`top_for_requests` ranks, whole, for a
+    caller that needs every item's score (a teacher's softmax over its catalogue)."""
+    codes = catalogue.codes[service]
+    vectors = item_vectors[catalogue.rows[service]] if item_vectors is not None else None
+    adjust = (catalogue.local_of(own[0], service).to(codes.device), own[1]) if own is not None else None
+    query, vectors = _trimmed(query, vectors)
+    return _chunk_scores(_by_code(log_probs), codes, 0, len(codes), query, vectors, adjust).T
+
+
 def top_for_requests(
     log_probs: torch.Tensor,
     services: Sequence[str],

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from moe_rec.data.positions import code_token_ranges, item_batch
 from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.data.vocab import BOS, Vocabulary
-from moe_rec.eval.exact import ServiceCatalogue, position_log_probs, top_for_requests
+from moe_rec.eval.exact import ServiceCatalogue, position_log_probs, service_scores
 from moe_rec.model import MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 
@@ -140,16 +140,17 @@ def _row_map(source: SIDTable, target: SIDTable, service: str, names: tuple[str,
 def teacher_targets(
     samples: Sequence[Mapping[str, Any]],
     table: SIDTable,
-    teachers: Mapping[str, Teacher],
+    teachers: Mapping[str, Sequence[Teacher]],
     k: int,
     *,
     batch_size: int = 64,
 ) -> TeacherTargets:
-    """Each teacher's top ``k`` at every scored event of ``samples`` (train rows of the joint
-    sequences, written with ``table``'s vocabulary): the teacher of the event's service reads the
+    """The teachers' top ``k`` at every scored event of ``samples`` (train rows of the joint
+    sequences, written with ``table``'s vocabulary): each teacher of the event's service reads the
     sample's events of that service before it, from ``[BOS]``, as its own training windows hold
-    them (each hashes the user into its own buckets). Events of a service without a teacher get
-    rows -1."""
+    them (each hashes the user into its own buckets), and gives a probability to every item of the
+    service; several teachers of one service (e.g. its runs of several seeds) are an ensemble,
+    their probabilities averaged. Events of a service without a teacher get rows -1."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     unknown = sorted(set(teachers) - set(table.services))
@@ -157,12 +158,16 @@ def teacher_targets(
         raise DataError(
             f"teachers for services {unknown} that the joint table lacks; it has {table.services}"
         )
+    empty = sorted(s for s, group in teachers.items() if not group)
+    if empty:
+        raise DataError(f"services {empty} are given no teacher")
     vocab = table.vocabulary()
     starts = torch.tensor([s for s, _ in code_token_ranges(vocab)])
-    maps = {s: _row_map(table, t.table, s, ("joint", f"{s} teacher's")) for s, t in teachers.items()}
-    back = {s: _row_map(t.table, table, s, (f"{s} teacher", "joint")) for s, t in teachers.items()}
-    catalogues = {s: ServiceCatalogue(t.table) for s, t in teachers.items()}
-    vectors = {s: t.model.item_table() for s, t in teachers.items()}
+    joint = ServiceCatalogue(table)
+    scorers = {
+        s: [_Scorer(t, s, table, joint, f"{s} teacher {n + 1}") for n, t in enumerate(group)]
+        for s, group in teachers.items()
+    }
     untaught = (torch.full((k,), -1, dtype=torch.long), torch.zeros(k))  # an event no teacher scored
     counts: list[int] = []
     rows_out: list[torch.Tensor] = []
@@ -196,9 +201,17 @@ def teacher_targets(
                 requests[service].append((i, mine.tolist(), joint_rows.tolist()))
         found: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (sample, position) -> top k
         for service, asked in requests.items():
-            if asked:
-                found.update(_teach(teachers[service], catalogues[service], vectors[service], maps[service],
-                                    back[service], service, asked, chunk, k))  # fmt: skip
+            if not asked:
+                continue
+            lp = torch.stack([scorer(asked, chunk) for scorer in scorers[service]])  # (n_teachers, M, N_s)
+            lp = torch.logsumexp(lp, 0) - math.log(len(lp))  # the ensemble's mean probability
+            best, top = torch.topk(lp, min(k, lp.shape[1]), dim=1)  # (M, k'): best first
+            top_rows = torch.full((len(lp), k), -1, dtype=torch.long)
+            top_lp = torch.zeros((len(lp), k))
+            top_rows[:, : top.shape[1]] = joint.rows[service][top]
+            top_lp[:, : top.shape[1]] = torch.log_softmax(best, dim=1)  # renormalised over the k
+            picks = [(i, position) for i, mine, _ in asked for position in mine]
+            found.update(zip(picks, zip(top_rows, top_lp, strict=True), strict=True))
         for i, scored in enumerate(entries):
             counts.append(len(scored))
             for position in scored.tolist():
@@ -213,49 +226,53 @@ def teacher_targets(
     return TeacherTargets(offsets, rows, log_probs, meta)
 
 
-def _teach(
-    teacher: Teacher,
-    catalogue: ServiceCatalogue,
-    vectors: torch.Tensor | None,
-    to_teacher: torch.Tensor,
-    to_joint: torch.Tensor,
-    service: str,
-    asked: list[tuple[int, list[int], list[int]]],
-    chunk: Sequence[Mapping[str, Any]],
-    k: int,
-) -> Iterator[tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]]:
-    """``((sample, position), (joint rows (k,), log-probabilities (k,)))`` for every event of
-    ``service`` in ``asked`` (sample, its events' positions, their joint rows): the
-    teacher's exact top ``k`` after the events before it."""
-    vocab = teacher.table.vocabulary()
-    rows = []
-    for i, _, joint_rows in asked:
-        own = to_teacher[torch.tensor(joint_rows)]
-        if bool((own < 0).any()):
-            raise DataError(f"a {service} event of a training window is no item of the {service} teacher")
-        ids = [BOS]
-        for r in own.tolist():
-            ids += vocab.item_tokens(service, teacher.table.codes[r].tolist())
-        domain = vocab.service_index(service)
-        rows.append({"user": chunk[i]["user"], "input_ids": ids, "domain_ids": [domain] * len(ids)})
-    batch = item_batch(rows, vocab, teacher.model.config.num_user_buckets)
-    log_probs, query, own_term = position_log_probs(teacher.model, batch)  # (B, T, P, K), ...
-    # teacher position j, after j of the service's events, predicts the next one (index j)
-    picks = [(b, j) for b, (_, mine, _) in enumerate(asked) for j in range(len(mine))]
-    b_idx = torch.tensor([b for b, _ in picks])
-    j_idx = torch.tensor([j for _, j in picks])
-    top, scores = top_for_requests(
-        log_probs[b_idx, j_idx],
-        [service] * len(picks),
-        catalogue,
-        k,
-        query=query[b_idx, j_idx] if query is not None else None,
-        item_vectors=vectors,
-        own=(own_term[0][b_idx, j_idx], own_term[1][b_idx, j_idx]) if own_term is not None else None,
-    )  # (M, k) teacher rows, best first, and their exact scores: P x the training logit + a constant
-    logits = scores / teacher.table.codes.shape[1]
-    lp = torch.log_softmax(logits.masked_fill(top < 0, -math.inf), dim=1)
-    joint = torch.where(top >= 0, to_joint[top.clamp_min(0)], -1)
-    for n, (b, j) in enumerate(picks):
-        i, mine, _ = asked[b]
-        yield (i, mine[j]), (joint[n], lp[n].masked_fill(top[n] < 0, 0.0))
+class _Scorer:
+    """One teacher of ``service``: its log-probabilities over the service's items after the events
+    before each of a batch's events of the service."""
+
+    def __init__(
+        self, teacher: Teacher, service: str, table: SIDTable, joint: ServiceCatalogue, name: str
+    ) -> None:
+        self.teacher, self.service = teacher, service
+        self.to_teacher = _row_map(table, teacher.table, service, ("joint", f"{name}'s"))
+        to_joint = _row_map(teacher.table, table, service, (name, "joint"))
+        self.catalogue = ServiceCatalogue(teacher.table)
+        # (N_s,) each of the teacher's items of the service (its catalogue's order) -> its joint column
+        self.column = joint.local_of(to_joint[self.catalogue.rows[service]], service)
+        self.vectors = teacher.model.item_table()
+
+    def __call__(
+        self, asked: list[tuple[int, list[int], list[int]]], chunk: Sequence[Mapping[str, Any]]
+    ) -> torch.Tensor:
+        """(M, N_s) log-probabilities over the service's items (columns: the joint catalogue's
+        order) for every event in ``asked`` (sample, its events' positions, their joint rows), in
+        order: the teacher's exact scores / P (its training logits), softmaxed over the catalogue."""
+        teacher, service = self.teacher, self.service
+        vocab = teacher.table.vocabulary()
+        rows = []
+        for i, _, joint_rows in asked:
+            own = self.to_teacher[torch.tensor(joint_rows)]
+            if bool((own < 0).any()):
+                raise DataError(f"a {service} event of a training window is no item of the {service} teacher")
+            ids = [BOS]
+            for r in own.tolist():
+                ids += vocab.item_tokens(service, teacher.table.codes[r].tolist())
+            domain = vocab.service_index(service)
+            rows.append({"user": chunk[i]["user"], "input_ids": ids, "domain_ids": [domain] * len(ids)})
+        batch = item_batch(rows, vocab, teacher.model.config.num_user_buckets)
+        log_probs, query, own_term = position_log_probs(teacher.model, batch)  # (B, T, P, K), ...
+        # teacher position j, after j of the service's events, predicts the next one (index j)
+        picks = [(b, j) for b, (_, mine, _) in enumerate(asked) for j in range(len(mine))]
+        b_idx = torch.tensor([b for b, _ in picks])
+        j_idx = torch.tensor([j for _, j in picks])
+        scores = service_scores(
+            log_probs[b_idx, j_idx],
+            service,
+            self.catalogue,
+            query=query[b_idx, j_idx] if query is not None else None,
+            item_vectors=self.vectors,
+            own=(own_term[0][b_idx, j_idx], own_term[1][b_idx, j_idx]) if own_term is not None else None,
+        )  # (M, N_s) the exact score of every item of the service: P x its training logit
+        logits = torch.empty_like(scores)
+        logits[:, self.column] = scores / teacher.table.codes.shape[1]
+        return torch.log_softmax(logits, dim=1)

@@ -22,6 +22,7 @@ from moe_rec.eval.exact import (
     ranks_for_requests,
     reference_scores,
     request_log_probs,
+    service_scores,
     target_ranks,
     top_for_requests,
     top_items,
@@ -211,7 +212,7 @@ def test_the_per_item_term_joins_every_score() -> None:
 def test_per_item_term_and_own_item_correction_match_a_float64_loop() -> None:
     """top_for_requests with the per-item term (query . vector, x P) and the own-item correction
     (P x amount on one table row, and only where that row is of the request's service) ranks as a
-    float64 loop over every item of the service."""
+    float64 loop over every item of the service; service_scores gives that loop's every score."""
     table = _table(7)
     catalogue = ServiceCatalogue(table)
     g = torch.Generator().manual_seed(7)
@@ -236,6 +237,9 @@ def test_per_item_term_and_own_item_correction_match_a_float64_loop() -> None:
         }
         expect = sorted(rows, key=lambda r: -score[r])[:10]
         assert [score[r] for r in ranked[b].tolist()] == pytest.approx([score[r] for r in expect], abs=1e-3)
+        every = service_scores(log_probs[b : b + 1], service, catalogue, query[b : b + 1], vectors,
+                               (own_rows[b : b + 1], amount[b : b + 1]))  # fmt: skip
+        assert every[0].tolist() == pytest.approx([score[r] for r in rows], abs=1e-3)
     assert int(own_rows[0]) not in ranked[0].tolist()  # corrected down and out of the top 10
 
 

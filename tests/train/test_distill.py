@@ -155,18 +155,20 @@ def _teacher(service: str, item_ids: list[str], seed: int, other: str | None = N
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(seed: int) -> None:
-    """For every scored event of joint windows that mix services, the targets are the top k that
-    the event's service's teacher gives a request holding that service's earlier events of the
-    window (left-padded, asked service last: the evaluation path), mapped to joint rows, with the
-    log-softmax of those scores / P; a teacher of several services (b's also holds items of c that
-    the joint table lacks) ranks its own service's items; a service without a teacher gets rows -1."""
+    """For every scored event of joint windows that mix services, the targets are the top k of
+    what the event's service's teachers give a request holding that service's earlier events of
+    the window (left-padded, asked service last: the evaluation path): each teacher's softmax of
+    its exact scores / P over the whole catalogue, averaged over the teachers (a has two, an
+    ensemble), mapped to joint rows, renormalised over the k (a float64 sum here); a teacher of
+    several services (b's also holds items of c that the joint table lacks) ranks its own
+    service's items; a service without a teacher gets rows -1."""
     g = torch.Generator().manual_seed(seed)
     catalogue = _catalogue(g)
     joint = SIDTable(services=[s for s, _ in catalogue], item_ids=[f"{s}{n % 4}" for n, (s, _) in enumerate(catalogue)],
                      codes=torch.tensor([c for _, c in catalogue]), codebook_size=8, max_dedup=4)  # fmt: skip
     assert joint.vocabulary() == VOCAB
-    teachers = {s: _teacher(s, [f"{s}{n}" for n in (3, 1, 0, 2)], seed % 997 + j, other)
-                for j, (s, other) in enumerate((("a", None), ("b", "c")))}  # fmt: skip
+    teachers = {s: [_teacher(s, [f"{s}{n}" for n in order], seed % 997 + j, other) for j, order in enumerate(orders)]
+                for s, other, orders in (("a", None, ((3, 1, 0, 2), (1, 2, 3, 0))), ("b", "c", ((3, 1, 0, 2),)))}  # fmt: skip
     samples = []
     for j, n in enumerate((6, 2, 5)):
         row = _sample([catalogue[int(i)] for i in torch.randint(len(catalogue), (n,), generator=g)], f"u{j}")
@@ -185,24 +187,33 @@ def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(
             if service not in teachers:
                 assert got_rows == [-1] * k
                 continue
-            teacher = teachers[service]
-            vocab = teacher.table.vocabulary()
-            ids = [BOS]
-            for s, tokens in events[:e]:
-                if s == service:
-                    item = joint.item_ids[int(joint.rows_for_codes(s, torch.tensor([tokens[1:]]) - torch.tensor(
-                        [lo for lo, _ in code_token_ranges(VOCAB)]))[0])]  # fmt: skip
-                    ids += vocab.item_tokens(service, teacher.table.codes_for(service, [item])[0].tolist())
-            ids.append(vocab.service_token(service))
-            domain = vocab.service_index(service)
-            request = {"user": row["user"], "input_ids": ids, "domain_ids": [domain] * len(ids)}
-            batch = item_batch([request], vocab, teacher.model.config.num_user_buckets, left_pad=True)
-            log_probs, query, own = request_log_probs(teacher.model, batch)
-            top, scores = top_for_requests(log_probs, [service], ServiceCatalogue(teacher.table), k,
-                                           query=query, item_vectors=teacher.model.item_table(), own=own)  # fmt: skip
-            want_rows = joint.rows(service, teacher.table.item_ids[top[0].numpy()].tolist()).tolist()
-            assert got_rows == want_rows
-            torch.testing.assert_close(got_lp, torch.log_softmax(scores[0] / 3, 0), atol=2e-3, rtol=1e-3)
+            mean: dict[str, float] = {}  # item id -> the teachers' mean probability
+            for teacher in teachers[service]:
+                vocab = teacher.table.vocabulary()
+                ids = [BOS]
+                for s, tokens in events[:e]:
+                    if s == service:
+                        item = joint.item_ids[int(joint.rows_for_codes(s, torch.tensor([tokens[1:]]) - torch.tensor(
+                            [lo for lo, _ in code_token_ranges(VOCAB)]))[0])]  # fmt: skip
+                        ids += vocab.item_tokens(
+                            service, teacher.table.codes_for(service, [item])[0].tolist()
+                        )
+                ids.append(vocab.service_token(service))
+                domain = vocab.service_index(service)
+                request = {"user": row["user"], "input_ids": ids, "domain_ids": [domain] * len(ids)}
+                batch = item_batch([request], vocab, teacher.model.config.num_user_buckets, left_pad=True)
+                log_probs, query, own = request_log_probs(teacher.model, batch)
+                top, scores = top_for_requests(log_probs, [service], ServiceCatalogue(teacher.table), 4,
+                                               query=query, item_vectors=teacher.model.item_table(), own=own)  # fmt: skip
+                z = sum(math.exp(v / 3) for v in scores[0].double().tolist())
+                for r, v in zip(top[0].tolist(), scores[0].double().tolist(), strict=True):
+                    item = str(teacher.table.item_ids[r])
+                    mean[item] = mean.get(item, 0.0) + math.exp(v / 3) / z / len(teachers[service])
+            best = sorted(mean, key=lambda item: -mean[item])[:k]
+            assert got_rows == joint.rows(service, best).tolist()
+            kept = sum(mean[item] for item in best)
+            want = torch.tensor([math.log(mean[item] / kept) for item in best], dtype=torch.float32)
+            torch.testing.assert_close(got_lp, want, atol=2e-3, rtol=1e-3)
     assert entry == len(targets.rows)
     texts = dict(samples[1], input_ids=samples[1]["input_ids"] + [VOCAB.text_offset])
     with pytest.raises(DataError, match="train sample 1 holds text tokens"):
