@@ -61,7 +61,8 @@ LOG_EVERY = 60.0  # seconds between the plain progress lines of a log file
 class _Progress(Progress):
     """rich's progress display; where stderr is no terminal (a ``nohup`` log), one plain line per
     task at most every ``log_every`` seconds instead (count, elapsed, eta), and a last one when a
-    task that logged ends, so a long background step is not silent for its whole run."""
+    task that logged ends, so a long background step is not silent for its whole run; a hidden task
+    (``visible=False``) writes nothing."""
 
     def __init__(self, *columns: Any, log_every: float, **kwargs: Any) -> None:
         super().__init__(*columns, **kwargs)
@@ -78,9 +79,9 @@ class _Progress(Progress):
         self._log(task_id)
 
     def _log(self, task_id: TaskID) -> None:
-        if not self.disable or task_id in self._ended:
-            return
         task = self._tasks[task_id]
+        if not self.disable or not task.visible or task_id in self._ended:
+            return  # a bar shows it, it is hidden (e.g. another rank's), or its last line is written
         last = self._last.get(task_id)
         now = time.monotonic()
         due = now - (last if last is not None else task.start_time or now) >= self._log_every

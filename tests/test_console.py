@@ -28,7 +28,8 @@ def test_plain_drops_rest_markup() -> None:
 
 def test_progress_writes_plain_lines_where_stderr_is_no_terminal(capsys: pytest.CaptureFixture) -> None:
     """Under pytest stderr is captured, as in a nohup log: with no wait between lines every step
-    writes its count and the end writes the last one; with a long wait nothing is written."""
+    writes its count and the end writes the last one; with a long wait, or for a hidden task,
+    nothing is written."""
     with progress(log_every=0.0) as bar:
         task = bar.add_task("reading", total=3)
         for _ in range(3):
@@ -42,4 +43,7 @@ def test_progress_writes_plain_lines_where_stderr_is_no_terminal(capsys: pytest.
     ]
     assert "eta" not in lines[-1] and lines[-1].endswith("elapsed")  # an eta only while it runs
     assert list(track(range(4), "quiet")) == [0, 1, 2, 3]
+    with progress(log_every=0.0) as bar:
+        task = bar.add_task("hidden", total=2, visible=False)
+        bar.advance(task, 2)
     assert capsys.readouterr().err == ""

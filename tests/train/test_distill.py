@@ -223,9 +223,10 @@ def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(
 def test_a_run_trains_on_targets_made_by_the_tool_and_refuses_foreign_ones(
     run_dir: Path, tmp_path: Path
 ) -> None:
-    """tools/teacher_targets.py with the run itself as every service's teacher; the same run trained
-    again on them logs a larger first loss (the KL is added, nothing else changes: full softmax, one
-    seed); targets for fewer samples, or on a token-level run, are refused by name."""
+    """tools/teacher_targets.py with the run itself as every service's teacher (grocery's two
+    checkpoints an ensemble); the same run trained again on them logs a larger first loss (the KL
+    is added, nothing else changes: full softmax, one seed); targets for fewer samples, or on a
+    token-level run, are refused by name."""
     from moe_rec.config import ConfigError
     from moe_rec.train import train
     from moe_rec.train.trainer import Trainer
@@ -237,11 +238,14 @@ def test_a_run_trains_on_targets_made_by_the_tool_and_refuses_foreign_ones(
     out = tmp_path / "teachers.pt"
     cmd = [sys.executable, str(ROOT / "tools/teacher_targets.py"), "--config", str(ROOT / "configs/experiments/demo.yaml"),
            f"run_dir={run_dir}", "--teacher", f"grocery={run_dir}", "--teacher", f"market={run_dir}@latest",
+           "--teacher", f"grocery={run_dir}@latest",
            "--top-k", "4", "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     targets = TeacherTargets.load(out)
     assert (targets.rows[:, 0] >= 0).all() and targets.meta["services"] == ["grocery", "market"]
+    assert targets.meta["teachers"] == {"grocery": [f"grocery={run_dir}", f"grocery={run_dir}@latest"],
+                                        "market": [f"market={run_dir}@latest"]}  # fmt: skip
 
     def first_loss(name: str, *extra: str) -> float:
         student = tmp_path / name
