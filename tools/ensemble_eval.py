@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,13 @@ from moe_rec.console import track
 from moe_rec.data.positions import item_batch
 from moe_rec.data.schema import DataError
 from moe_rec.errors import MoeRecError
-from moe_rec.eval.exact import ServiceCatalogue, request_log_probs, request_vocabulary, service_scores
+from moe_rec.eval.exact import (
+    ServiceCatalogue,
+    mean_probability,
+    request_log_probs,
+    request_vocabulary,
+    service_scores,
+)
 from moe_rec.eval.metrics import RankingMetrics
 from moe_rec.model import MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
@@ -36,19 +41,21 @@ from moe_rec.train.data import load_split
 
 def ensemble_log_probs(
     models: Sequence[MoERecForItemPrediction], table: SIDTable, catalogue: ServiceCatalogue,
-    rows: Sequence[dict[str, Any]], service: str,
+    rows: Sequence[dict[str, Any]], service: str, vectors: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """(B, N_s) log of the models' mean probability of every item of ``service`` (columns:
-    ``catalogue.rows[service]``'s order) for requests ``rows`` that all ask for it."""
+    ``catalogue.rows[service]``'s order) for requests ``rows`` that all ask for it; ``vectors``:
+    each model's :meth:`~MoERecForItemPrediction.item_table` when the caller made them once."""
+    vectors = vectors if vectors is not None else [model.item_table() for model in models]
     per_model = []
-    for model in models:
+    for model, item_vectors in zip(models, vectors, strict=True):
         batch = item_batch(
             rows, request_vocabulary(model, table), model.config.num_user_buckets, left_pad=True
         )
         log_probs, query, own = request_log_probs(model, batch)
-        scores = service_scores(log_probs, service, catalogue, query, model.item_table(), own)
+        scores = service_scores(log_probs, service, catalogue, query, item_vectors, own)
         per_model.append(torch.log_softmax(scores.double() / table.codes.shape[1], dim=1))
-    return torch.logsumexp(torch.stack(per_model), 0) - math.log(len(per_model))
+    return mean_probability(per_model)
 
 
 def evaluate_ensemble(
@@ -67,8 +74,9 @@ def evaluate_ensemble(
         for s, rows in by_service.items()
         for i in range(0, len(rows), batch_size)
     ]
+    vectors = [model.item_table() for model in models]  # the weights stay fixed: once, not per batch
     for service, rows in track(batches, f"ensemble {split}"):
-        lp = ensemble_log_probs(models, table, catalogue, rows, service)
+        lp = ensemble_log_probs(models, table, catalogue, rows, service, vectors)
         top = torch.topk(lp, min(k, lp.shape[1]), dim=1).indices
         ranked = catalogue.rows[service][top]
         target = torch.from_numpy(table.rows([service] * len(rows), [r["target_item"] for r in rows])).long()

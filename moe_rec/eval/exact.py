@@ -266,6 +266,13 @@ def service_scores(
     return _chunk_scores(_by_code(log_probs), codes, 0, len(codes), query, vectors, adjust).T
 
 
+def mean_probability(log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """log of the mean probability of several models' log-probabilities over the same items
+    (each (B, N)): an ensemble averages probabilities, not log-probabilities."""
+    stacked = torch.stack(list(log_probs))
+    return torch.logsumexp(stacked, 0) - math.log(len(stacked))
+
+
 def top_for_requests(
     log_probs: torch.Tensor,
     services: Sequence[str],

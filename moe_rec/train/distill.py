@@ -17,7 +17,6 @@ forwards (docs/training.md has the measured cost).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from moe_rec.data.positions import code_token_ranges, item_batch
 from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.data.vocab import BOS, Vocabulary
-from moe_rec.eval.exact import ServiceCatalogue, position_log_probs, service_scores
+from moe_rec.eval.exact import ServiceCatalogue, mean_probability, position_log_probs, service_scores
 from moe_rec.model import MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 
@@ -203,8 +202,7 @@ def teacher_targets(
         for service, asked in requests.items():
             if not asked:
                 continue
-            lp = torch.stack([scorer(asked, chunk) for scorer in scorers[service]])  # (n_teachers, M, N_s)
-            lp = torch.logsumexp(lp, 0) - math.log(len(lp))  # the ensemble's mean probability
+            lp = mean_probability([scorer(asked, chunk) for scorer in scorers[service]])  # (M, N_s)
             best, top = torch.topk(lp, min(k, lp.shape[1]), dim=1)  # (M, k'): best first
             top_rows = torch.full((len(lp), k), -1, dtype=torch.long)
             top_lp = torch.zeros((len(lp), k))
@@ -240,6 +238,7 @@ class _Scorer:
         # (N_s,) each of the teacher's items of the service (its catalogue's order) -> its joint column
         self.column = joint.local_of(to_joint[self.catalogue.rows[service]], service)
         self.vectors = teacher.model.item_table()
+        self.vocab = teacher.table.vocabulary()
 
     def __call__(
         self, asked: list[tuple[int, list[int], list[int]]], chunk: Sequence[Mapping[str, Any]]
@@ -247,8 +246,7 @@ class _Scorer:
         """(M, N_s) log-probabilities over the service's items (columns: the joint catalogue's
         order) for every event in ``asked`` (sample, its events' positions, their joint rows), in
         order: the teacher's exact scores / P (its training logits), softmaxed over the catalogue."""
-        teacher, service = self.teacher, self.service
-        vocab = teacher.table.vocabulary()
+        teacher, service, vocab = self.teacher, self.service, self.vocab
         rows = []
         for i, _, joint_rows in asked:
             own = self.to_teacher[torch.tensor(joint_rows)]
