@@ -127,6 +127,10 @@ class MoERecConfig(PretrainedConfig):
         distill_weight: float = 1.0,  # item_loss=items, in a batch with teacher targets
         # (moe_rec.train.distill): the item loss plus this times the KL from the teacher's distribution
         # over its top K items to the model's over the same K, at each position the teacher scored
+        distill_over: str = "teacher_items",  # the model's distribution in that KL: "teacher_items" its
+        # softmax over the teacher's K items (their order only), "catalogue" its softmax over the item
+        # loss's candidates (the catalogue, or with item_negatives the drawn items) and the K, read at
+        # the K (also how much of its mass they hold: the KL of "teacher_items" plus -log of that mass)
         **kwargs: Any,
     ) -> None:
         self.vocab_size = vocab_size
@@ -191,6 +195,7 @@ class MoERecConfig(PretrainedConfig):
         self.critique_relative_scale = critique_relative_scale
         self.critique_loss_weight = critique_loss_weight
         self.distill_weight = distill_weight
+        self.distill_over = distill_over
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight
         super().__init__(
@@ -296,6 +301,10 @@ class MoERecConfig(PretrainedConfig):
                 )
             if self.distill_weight < 0:
                 raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+            if self.distill_over not in ("teacher_items", "catalogue"):
+                raise ValueError(
+                    f"distill_over must be 'teacher_items' or 'catalogue', got {self.distill_over!r}"
+                )
             if self.item_head_temperature <= 0:
                 raise ValueError(f"item_head_temperature must be > 0, got {self.item_head_temperature}")
         if self.num_attention_heads % self.num_key_value_heads:

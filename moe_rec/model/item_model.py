@@ -1098,13 +1098,20 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if self.config.item_negatives:  # the target scored once, in front: a drawn copy is dropped
                 copy = same_codes(tgt[pos], codes)  # (M_s, C)
                 scores = torch.cat([target_score[:, None], scores.masked_fill(copy, float("-inf"))], dim=1)
-            loss = torch.logsumexp(scores, dim=1) - target_score  # (M_s,)
+            norm = torch.logsumexp(scores, dim=1)  # (M_s,)
+            loss = norm - target_score
             if taught is not None:
+                outside = None  # (M_s, K) with distill_over='catalogue': a teacher item no candidate above
+                if self.config.distill_over == "catalogue":
+                    outside = ~torch.isin(taught[0][pos], rows)
+                    if self.config.item_negatives:  # the target is a candidate, drawn or not
+                        outside &= taught[0][pos] != self.item_rows(tgt[pos], asked[pos])[:, None]
                 loss = loss + self.config.distill_weight * self._distill_terms(
                     by_code, taught[0][pos], taught[1][pos],
                     q[pos] if q is not None else None,
                     (taught_vectors[0], taught_vectors[1][pos]) if taught_vectors is not None else None,
                     own[pos] if own is not None else None,
+                    (norm, outside) if outside is not None else None,
                 )  # fmt: skip
             summed = (loss if weight is None else loss * weight[pos]).sum()
             total = total + (summed / len(pos) if by_service else summed)
@@ -1118,14 +1125,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         query: torch.Tensor | None,
         vectors: tuple[torch.Tensor, torch.Tensor] | None,
         own: torch.Tensor | None,
+        candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(M_s,) ``KL(p || q)`` at each of one service's positions: ``p`` the teacher's
         distribution over its K items (``rows`` (M_s, K), -1: none, ``teacher_log_probs`` (M_s, K)),
         ``q`` the softmax of this model's logits over the same items, scored as
         :meth:`_item_softmax_loss` scores its candidates (``by_code`` (P, K_codes, M_s) the scaled
         code scores, ``query`` (M_s, D') and ``vectors`` the per-item term: (U, D') score vectors
-        and (M_s, K) each item's index among them; ``own`` (M_s,) the prior's own item). A position
-        with no teacher row adds 0."""
+        and (M_s, K) each item's index among them; ``own`` (M_s,) the prior's own item), or with
+        ``candidates`` (``distill_over='catalogue'``: (M_s,) the log-sum-exp of the item loss's
+        candidates' logits and (M_s, K) which of the K are none of them) its softmax over the
+        candidates and the K, read at the K. A position with no teacher row adds 0."""
         known = rows >= 0  # (M_s, K)
         codes = self.train_codes[rows.clamp_min(0)]  # (M_s, K, P)
         logits = by_code.permute(2, 0, 1).gather(2, codes.transpose(1, 2)).sum(1)  # (M_s, K)
@@ -1144,6 +1154,11 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if own is not None:  # the own item among them: no text prior
                 logits = logits + self.own_item_term(query, own)[:, None] * (rows == own[:, None])
         # finite fills: a position with no row at all must give 0 and a finite gradient, not NaN
-        log_q = torch.log_softmax(logits.masked_fill(~known, -1e9), dim=1)
+        if candidates is None:
+            log_q = torch.log_softmax(logits.masked_fill(~known, -1e9), dim=1)
+        else:
+            norm, outside = candidates
+            extra = torch.logsumexp(logits.masked_fill(~(known & outside), -1e9), dim=1)
+            log_q = logits - torch.logaddexp(norm, extra)[:, None]
         teacher = teacher_log_probs.masked_fill(~known, 0.0)
         return torch.where(known, teacher.exp() * (teacher - log_q), 0.0).sum(1)

@@ -42,20 +42,28 @@ def _item_model(seed: int, n_items: int, **fields: object) -> MoERecForItemPredi
     return model
 
 
+@pytest.mark.parametrize(("over", "negatives"), [("teacher_items", 0), ("catalogue", 0), ("catalogue", 2)])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_the_distill_term_is_the_kl_from_the_teacher_to_the_models_softmax_over_its_items(seed: int) -> None:
+def test_the_distill_term_is_the_kl_from_the_teacher_to_the_models_softmax_over_its_items(
+    seed: int, over: str, negatives: int
+) -> None:
     """lm_loss with teacher targets minus lm_loss without = distill_weight x the mean over scored
-    positions of KL(teacher || softmax of the model's logits over the teacher's items), the logits
-    read off the evaluation path (mean code log-probability + query . vector + the own-item
-    correction) in float64; -1 rows are left out, a position with none adds 0, gradients stay finite."""
+    positions of KL(teacher || the model's softmax over the teacher's items, or with
+    ``distill_over='catalogue'`` over the item loss's candidates (the service's items, or the
+    target and the drawn ones) and the teacher's, read at the teacher's), the logits read off the
+    evaluation path (mean code log-probability + query . vector + the own-item correction) in
+    float64; -1 rows are left out, a position with none adds 0, gradients stay finite."""
     g = torch.Generator().manual_seed(seed)
     catalogue = _catalogue(g)
-    model = _item_model(seed % 1000, len(catalogue), distill_weight=0.7)
+    model = _item_model(
+        seed % 1000, len(catalogue), distill_weight=0.7, distill_over=over, item_negatives=negatives
+    )
+    model.draw_negatives_from(seed)  # both forwards and the reference below draw the same items
     model.set_train_catalogue(
         torch.tensor([c for _, c in catalogue]), torch.tensor([VOCAB.service_token(s) for s, _ in catalogue])
     )
-    rows = [_sample([catalogue[int(i)] for i in torch.randint(len(catalogue), (n,), generator=g)], f"u{j}")
-            for j, n in enumerate((5, 3, 4))]  # fmt: skip
+    events = [torch.randint(len(catalogue), (n,), generator=g).tolist() for n in (5, 3, 4)]  # catalogue rows
+    rows = [_sample([catalogue[r] for r in sample], f"u{j}") for j, sample in enumerate(events)]
     batch = item_batch(rows, VOCAB, 16)
     batch.pop("user_ids")
     k = 5
@@ -68,7 +76,8 @@ def test_the_distill_term_is_the_kl_from_the_teacher_to_the_models_softmax_over_
         if n == 1:
             continue  # a position with no teacher row at all
         mine = (service_of == batch["item_tokens"][i, pos, 0]).nonzero().flatten()
-        pick = mine[torch.randperm(len(mine), generator=g)[: k - 1]]  # one slot left at -1
+        count = 1 + int(torch.randint(len(mine) - 1, (1,), generator=g))  # never the whole service
+        pick = mine[torch.randperm(len(mine), generator=g)[:count]]  # at least one slot left at -1
         teacher_rows[i, pos, : len(pick)] = pick
         teacher_lp[i, pos, : len(pick)] = torch.log_softmax(torch.randn(len(pick), generator=g) * 2, 0)
     plain = model(**batch).lm_loss
@@ -85,14 +94,24 @@ def test_the_distill_term_is_the_kl_from_the_teacher_to_the_models_softmax_over_
             continue
         at = pos - 1  # position pos - 1 predicts the event at pos
         lp = log_probs[i, at].double()
-        logits = []
-        for r in known:
+
+        def logit(r: int, i: int = i, at: int = at, lp: torch.Tensor = lp) -> float:
             x = sum(float(lp[p, c]) for p, c in enumerate(codes[r])) / len(codes[r])
             x += float(query[i, at].double() @ vectors[r])
             if own is not None and int(own[0][i, at]) == r:
                 x += float(own[1][i, at])
-            logits.append(x)
-        norm = math.log(sum(math.exp(x) for x in logits))
+            return x
+
+        logits = [logit(r) for r in known]
+        if over == "catalogue":  # the item loss's candidates and the teacher's items, each once
+            service = int(batch["item_tokens"][i, pos, 0])
+            candidates = set((service_of == service).nonzero().flatten().tolist())
+            if negatives:  # the target (position pos holds event pos - 1) and the drawn items
+                drawn = model._draw_negatives(torch.tensor(sorted(candidates)), service)
+                candidates = {events[i][pos - 1], *drawn.tolist()}
+            norm = math.log(sum(math.exp(logit(r)) for r in candidates | set(known)))
+        else:
+            norm = math.log(sum(math.exp(x) for x in logits))
         for r_index in range(len(known)):
             p_log = float(teacher_lp[i, pos, r_index])
             total += math.exp(p_log) * (p_log - (logits[r_index] - norm))
@@ -102,6 +121,13 @@ def test_the_distill_term_is_the_kl_from_the_teacher_to_the_models_softmax_over_
     model.zero_grad()
     taught.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_an_unknown_distill_over_is_refused_naming_the_choices() -> None:
+    with pytest.raises(
+        ValueError, match="distill_over must be 'teacher_items' or 'catalogue', got 'catalog'"
+    ):
+        _item_model(0, 8, distill_over="catalog")
 
 
 def test_targets_are_placed_at_each_samples_scored_positions_saved_and_checked(tmp_path: Path) -> None:
