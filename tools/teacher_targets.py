@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--teacher", action="append", required=True, metavar="SERVICE=RUN_DIR[@TAG]",
                         help="one service's teacher run (repeat per service; a service named twice: an ensemble)")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=32, help="items kept per position (default 32)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="each teacher's logits divided by this before its softmax (> 1: softer; default 1)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64, help="train samples per teacher batch")
     parser.add_argument(
         "--out", type=Path, required=True, help="the file to write (e.g. RUN_DIR/teachers.pt)"
@@ -65,6 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.top_k < 1:
         parser.error(f"--top-k must be at least 1, not {args.top_k}")
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0, not {args.temperature}")
     try:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
         teachers: dict[str, list[Teacher]] = {}
@@ -74,7 +78,9 @@ def main() -> None:
         table = SIDTable.load(cfg.sid_dir)
         samples = load_split(cfg.sequences_dir, "train")
         with torch.no_grad():
-            targets = teacher_targets(samples, table, teachers, args.top_k, batch_size=args.batch_size)
+            targets = teacher_targets(
+                samples, table, teachers, args.top_k, batch_size=args.batch_size, temperature=args.temperature
+            )
     except (ConfigError, DataError) as e:
         raise SystemExit(f"error: {e}") from None
     targets.meta["teachers"] = {s: [t for t in args.teacher if t.partition("=")[0] == s] for s in teachers}

@@ -143,15 +143,20 @@ def teacher_targets(
     k: int,
     *,
     batch_size: int = 64,
+    temperature: float = 1.0,
 ) -> TeacherTargets:
     """The teachers' top ``k`` at every scored event of ``samples`` (train rows of the joint
     sequences, written with ``table``'s vocabulary): each teacher of the event's service reads the
     sample's events of that service before it, from ``[BOS]``, as its own training windows hold
     them (each hashes the user into its own buckets), and gives a probability to every item of the
     service; several teachers of one service (e.g. its runs of several seeds) are an ensemble,
-    their probabilities averaged. Events of a service without a teacher get rows -1."""
+    their probabilities averaged. ``temperature`` > 1 softens each teacher's softmax (its logits
+    divided by it) before the average, so the top ``k`` hand on more of the teacher's doubt about
+    less-bought items. Events of a service without a teacher get rows -1."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     unknown = sorted(set(teachers) - set(table.services))
     if unknown:
         raise DataError(
@@ -164,7 +169,7 @@ def teacher_targets(
     starts = torch.tensor([s for s, _ in code_token_ranges(vocab)])
     joint = ServiceCatalogue(table)
     scorers = {
-        s: [_Scorer(t, s, table, joint, f"{s} teacher {n + 1}") for n, t in enumerate(group)]
+        s: [_Scorer(t, s, table, joint, f"{s} teacher {n + 1}", temperature) for n, t in enumerate(group)]
         for s, group in teachers.items()
     }
     untaught = (torch.full((k,), -1, dtype=torch.long), torch.zeros(k))  # an event no teacher scored
@@ -218,7 +223,8 @@ def teacher_targets(
                 lp_out.append(top_lp)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    meta = {"k": k, "samples": len(samples), "events": int(offsets[-1]), "services": sorted(teachers)}
+    meta = {"k": k, "samples": len(samples), "events": int(offsets[-1]), "services": sorted(teachers),
+            "temperature": temperature}  # fmt: skip
     rows = torch.stack(rows_out).int() if rows_out else torch.zeros((0, k), dtype=torch.int32)
     log_probs = torch.stack(lp_out).half() if lp_out else torch.zeros((0, k), dtype=torch.float16)
     return TeacherTargets(offsets, rows, log_probs, meta)
@@ -229,9 +235,15 @@ class _Scorer:
     before each of a batch's events of the service."""
 
     def __init__(
-        self, teacher: Teacher, service: str, table: SIDTable, joint: ServiceCatalogue, name: str
+        self,
+        teacher: Teacher,
+        service: str,
+        table: SIDTable,
+        joint: ServiceCatalogue,
+        name: str,
+        temperature: float = 1.0,
     ) -> None:
-        self.teacher, self.service = teacher, service
+        self.teacher, self.service, self.temperature = teacher, service, temperature
         self.to_teacher = _row_map(table, teacher.table, service, ("joint", f"{name}'s"))
         to_joint = _row_map(teacher.table, table, service, (name, "joint"))
         self.catalogue = ServiceCatalogue(teacher.table)
@@ -245,7 +257,8 @@ class _Scorer:
     ) -> torch.Tensor:
         """(M, N_s) log-probabilities over the service's items (columns: the joint catalogue's
         order) for every event in ``asked`` (sample, its events' positions, their joint rows), in
-        order: the teacher's exact scores / P (its training logits), softmaxed over the catalogue."""
+        order: the teacher's exact scores / P (its training logits) / the temperature, softmaxed
+        over the catalogue."""
         teacher, service, vocab = self.teacher, self.service, self.vocab
         rows = []
         for i, _, joint_rows in asked:
@@ -272,5 +285,5 @@ class _Scorer:
             own=(own_term[0][b_idx, j_idx], own_term[1][b_idx, j_idx]) if own_term is not None else None,
         )  # (M, N_s) the exact score of every item of the service: P x its training logit
         logits = torch.empty_like(scores)
-        logits[:, self.column] = scores / teacher.table.codes.shape[1]
+        logits[:, self.column] = scores / (teacher.table.codes.shape[1] * self.temperature)
         return torch.log_softmax(logits, dim=1)

@@ -180,11 +180,14 @@ def _teacher(service: str, item_ids: list[str], seed: int, other: str | None = N
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(seed: int) -> None:
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(
+    seed: int, temperature: float
+) -> None:
     """For every scored event of joint windows that mix services, the targets are the top k of
     what the event's service's teachers give a request holding that service's earlier events of
     the window (left-padded, asked service last: the evaluation path): each teacher's softmax of
-    its exact scores / P over the whole catalogue, averaged over the teachers (a has two, an
+    its exact scores / P / the temperature over the whole catalogue, averaged over the teachers (a has two, an
     ensemble), mapped to joint rows, renormalised over the k (a float64 sum here); a teacher of
     several services (b's also holds items of c that the joint table lacks) ranks its own
     service's items; a service without a teacher gets rows -1."""
@@ -201,7 +204,7 @@ def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(
         row["labels"] = [0]
         samples.append(row)
     k = 3
-    targets = teacher_targets(samples, joint, teachers, k, batch_size=2)
+    targets = teacher_targets(samples, joint, teachers, k, batch_size=2, temperature=temperature)
     assert len(targets) == 3 and targets.meta["events"] == sum(len(s["input_ids"]) // 5 for s in samples)
     entry = 0
     for row in samples:
@@ -231,10 +234,12 @@ def test_builder_matches_each_teachers_ranking_of_the_same_history_as_a_request(
                 log_probs, query, own = request_log_probs(teacher.model, batch)
                 top, scores = top_for_requests(log_probs, [service], ServiceCatalogue(teacher.table), 4,
                                                query=query, item_vectors=teacher.model.item_table(), own=own)  # fmt: skip
-                z = sum(math.exp(v / 3) for v in scores[0].double().tolist())
+                z = sum(math.exp(v / 3 / temperature) for v in scores[0].double().tolist())
                 for r, v in zip(top[0].tolist(), scores[0].double().tolist(), strict=True):
                     item = str(teacher.table.item_ids[r])
-                    mean[item] = mean.get(item, 0.0) + math.exp(v / 3) / z / len(teachers[service])
+                    mean[item] = mean.get(item, 0.0) + math.exp(v / 3 / temperature) / z / len(
+                        teachers[service]
+                    )
             best = sorted(mean, key=lambda item: -mean[item])[:k]
             assert got_rows == joint.rows(service, best).tolist()
             kept = sum(mean[item] for item in best)
