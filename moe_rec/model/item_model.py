@@ -1054,9 +1054,13 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         taught = None  # (M, K) the teacher's rows and log-probabilities at the scored positions
         if teacher is not None and self.config.distill_weight:
             taught = (teacher[0][scored], teacher[1][scored].float())
+        catalogue_kl = taught is not None and self.config.distill_over == "catalogue"
+        target_rows = None  # (M,) the targets' catalogue rows: for the per-item term, and for the
+        # catalogue KL with drawn negatives (a teacher item that is the target is a candidate already)
+        if q is not None or (catalogue_kl and self.config.item_negatives):
+            target_rows = self.item_rows(tgt, asked)
         target_extra = None  # (M,) the target's per-item term, beside its code scores
-        if q is not None:
-            target_rows = self.item_rows(tgt, asked)  # (M,)
+        if q is not None and target_rows is not None:
             target_extra = (q * self.score_vectors(target_rows).float()).sum(-1)
             if own is not None:  # a repeat of the own item gets no text prior
                 target_extra = target_extra + self.own_item_term(q, own) * (target_rows == own)
@@ -1102,10 +1106,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             loss = norm - target_score
             if taught is not None:
                 outside = None  # (M_s, K) with distill_over='catalogue': a teacher item no candidate above
-                if self.config.distill_over == "catalogue":
+                if catalogue_kl:
                     outside = ~torch.isin(taught[0][pos], rows)
-                    if self.config.item_negatives:  # the target is a candidate, drawn or not
-                        outside &= taught[0][pos] != self.item_rows(tgt[pos], asked[pos])[:, None]
+                    if target_rows is not None and self.config.item_negatives:  # the target, drawn or not
+                        outside &= taught[0][pos] != target_rows[pos][:, None]
                 loss = loss + self.config.distill_weight * self._distill_terms(
                     by_code, taught[0][pos], taught[1][pos],
                     q[pos] if q is not None else None,
