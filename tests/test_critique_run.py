@@ -5,6 +5,7 @@ equal the plain evaluation of the same targets (recomputed from ``--save-predict
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -53,6 +54,13 @@ def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain
     assert metrics["all/count"] == len(requests) > 0
     for name in ("critique", "plain", "filter"):
         assert 0.0 <= metrics[f"all/{name}/ndcg@10"] <= metrics[f"all/{name}/recall@10"] <= 1.0
+    families = collections.Counter(r["family"] for r in requests)  # each wording family a scope of its own
+    assert {f: metrics[f"family:{f}/count"] for f in families} == families
+    held = {r["family"] for r in requests if r["held_out"]}
+    assert held, "the test split words half its critiques in held-out families"
+    assert metrics["held_out/critique/ndcg@10"] * metrics["held_out/count"] == pytest.approx(
+        sum(metrics[f"family:{f}/critique/ndcg@10"] * families[f] for f in held), abs=1e-9
+    )
 
     predictions = tmp_path / "plain.jsonl"
     assert main(["eval", *args, "--checkpoint", "latest", "--save-predictions", str(predictions)]) == 0
@@ -187,3 +195,29 @@ def test_price_bins_and_critique_validation_train_export_and_serve(
         history = _history(rec, request)
         steered = rec.recommend(history, request["service"], k=5, critique=request["critique"])
         assert len(steered) == 5
+
+
+@pytest.mark.slow  # the run fixture
+def test_reword_critiques_ranks_as_the_evaluation_and_rewrites_by_family(
+    critique_run: tuple[Path, list[str]], capsys: pytest.CaptureFixture
+) -> None:
+    from tests.tools import load_tool
+
+    run, args = critique_run
+    capsys.readouterr()
+    assert main(["eval", *args, "--checkpoint", "latest", "--critiques", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["metrics"]
+    family = max((k.split("/")[0] for k in report if k.startswith("family:") and k.endswith("/count")),
+                 key=lambda scope: report[f"{scope}/count"]).removeprefix("family:")  # fmt: skip
+    tool = load_tool("reword_critiques")
+    found = tool.main([*args, "--checkpoint", "latest", "--family", family, "--sub", "(?i)^\\W*\\w+\\W*=>"])
+    built, rewritten = found["as built"], found["rewritten"]
+    assert built["all/count"] == report[f"family:{family}/count"]  # re-encoded, ranked as eval ranked it
+    for name in ("critique", "plain", "filter"):
+        assert built[f"all/{name}/ndcg@10"] == pytest.approx(
+            report[f"family:{family}/{name}/ndcg@10"], abs=1e-9
+        )
+    assert rewritten["all/plain/ndcg@10"] == pytest.approx(built["all/plain/ndcg@10"], abs=1e-9)
+    assert "rewritten" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="known: "):
+        tool.main([*args, "--family", "no_such_family"])

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow.parquet as pq
 
 from moe_rec.console import progress
@@ -213,6 +214,35 @@ def without_critique(input_ids: Sequence[int], domain_ids: Sequence[int]) -> tup
         return ids, list(domain_ids)
     start = ids.index(CRITIQUE)
     return ids[:start] + ids[-1:], list(domain_ids[:start]) + list(domain_ids[-1:])
+
+
+def drop_critique_words(
+    row: dict[str, Any], p: float, word_starts: np.ndarray, text_offset: int, rng: np.random.Generator
+) -> dict[str, Any]:
+    """A critique sample (``[CRITIQUE] words target ...``) with each word of its critique left out
+    with probability ``p`` (at least one word kept), so a model leans on every word it reads rather
+    than on one carrier phrase; ``input_ids``, ``domain_ids`` and token ``labels`` shortened alike.
+    A word is a subword ``word_starts`` marks (indexed by tokenizer id, ``vocab id - text_offset``)
+    and the continuation subwords after it. Rows without ``[CRITIQUE]`` are returned as they are."""
+    ids = row["input_ids"]
+    if CRITIQUE not in ids:
+        return row
+    first = ids.index(CRITIQUE) + 1
+    stop = first
+    while stop < len(ids) and text_offset <= ids[stop] < text_offset + len(word_starts):
+        stop += 1
+    span = np.asarray(ids[first:stop]) - text_offset
+    word = np.cumsum(word_starts[span] | (np.arange(len(span)) == 0)) - 1  # each subword's word
+    n_words = int(word[-1]) + 1 if len(span) else 0
+    if n_words < 2:
+        return row
+    dropped = rng.random(n_words) < p
+    if dropped.all():
+        dropped[rng.integers(n_words)] = False
+    keep = np.ones(len(ids), dtype=bool)
+    keep[first:stop] = ~dropped[word]
+    return {**row, **{k: [v for v, kept in zip(row[k], keep, strict=True) if kept]
+                      for k in ("input_ids", "domain_ids", "labels") if k in row}}  # fmt: skip
 
 
 def _by_user(rows: datasets.Dataset, columns: Sequence[str]) -> dict[str, list[dict]]:

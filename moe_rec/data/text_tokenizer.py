@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from moe_rec.data.schema import DataError
@@ -38,6 +39,15 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of subword ids (normalised: lower case)."""
         return self._tok.decode(list(ids)).strip()
+
+    def word_starts(self) -> np.ndarray:
+        """(size,) bool: the subword begins a word, i.e. carries the leading space ("Ġ" in
+        byte-level BPE; text is encoded with a prefix space, so the first word has one too). A word
+        is what whitespace separates, punctuation attached ("argan-oil,")."""
+        starts = np.zeros(self.size, dtype=bool)
+        for piece, i in self._tok.get_vocab().items():
+            starts[i] = piece.startswith("Ġ")
+        return starts
 
     def save(self, directory: Path) -> Path:
         path = Path(directory) / TOKENIZER_FILE

@@ -3,7 +3,7 @@ with and without their critique, against the honest baseline: rank without it, t
 
 For every ``critique_test`` (or ``critique_valid``) request the model ranks the asked service's
 items exactly twice: with the critique, and with it left out (the plain request of the same
-target). Reported, overall, per critique type and for seen / held-out wording families:
+target). Reported, overall, per critique type, for seen / held-out wording families and per family:
 
 * Recall@K / NDCG@K of the target, with and without the critique;
 * the **rule filter** baseline: the ranking without the critique, items that satisfy what the
@@ -130,7 +130,7 @@ def evaluate_critiques(
 ) -> dict[str, float]:
     """Metrics of ``requests`` (critique requests) with and without the critique, the rule filter
     and satisfaction (module docstring): keys ``{scope}/{model}/{metric}``, scope ``all``, a type,
-    ``seen`` or ``held_out``; model ``critique``, ``plain``, ``filter``; metric ``recall@10``,
+    ``seen`` or ``held_out``, or ``family:<name>`` (the wording family); model ``critique``, ``plain``, ``filter``; metric ``recall@10``,
     ``ndcg@10``, ``satisfied_<type>``; ``{scope}/count`` requests. ``depth``: items of each ranking
     kept, so the rule filter reorders the top ``depth`` of the ranking without the critique (deeper
     is a stronger filter: more items that satisfy the critique reach its front)."""
@@ -159,7 +159,7 @@ def evaluate_critiques(
             **{n: ranked[n][j] for n in ranked},
             "filter": rule_filter(ranked["plain"][j], wanted, facts),
         }
-        scopes = ["all", *r["types"], "held_out" if r["held_out"] else "seen"]
+        scopes = ["all", *r["types"], "held_out" if r["held_out"] else "seen", f"family:{r['family']}"]
         for scope in scopes:
             sums[f"{scope}/count"] += 1
             for name, ranking in lists.items():

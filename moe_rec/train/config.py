@@ -154,6 +154,9 @@ class TrainConfig:
     teacher_targets: Path | None = None  # item-level models with item_loss=items: a teacher-targets file
     # (tools/teacher_targets.py: one model per service's top K at every training position); the loss
     # adds model.overrides.distill_weight x KL(teacher || model) over them (moe_rec.train.distill)
+    critique_word_dropout: float = 0.0  # item-level models with critiques: each word of a training
+    # critique sample left out with this probability (at least one kept), drawn anew every epoch, so
+    # the model reads a critique by all its words, not by a carrier phrase it saw (docs/critiques.md)
     lr: float = 1e-3  # peak learning rate (after warmup)
     min_lr: float = 1e-4  # cosine floor
     warmup_steps: int = 20  # linear warmup, in optimizer steps
@@ -203,6 +206,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.critique_word_dropout < 1.0:
+            raise ValueError(f"critique_word_dropout must be in [0, 1), got {self.critique_word_dropout}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.privacy.enabled:  # a private step is one Poisson sample of users, clipped per user
@@ -211,6 +216,7 @@ class TrainConfig:
                 ("micro_batch_tokens", 0, "a sampled user's windows are one batch"),
                 ("batch_by_service", False, "a step's batch is its sample of users"),
                 ("teacher_targets", None, "a teacher's targets are read from every user's windows, unclipped"),
+                ("critique_word_dropout", 0.0, "a private step's windows are sampled per user, not planned"),
                 ("clip", 0.0, "each user's gradient is clipped to train.privacy.max_grad_norm; clipping "
                  "the noisy sum again would distort the noise"),
             ):  # fmt: skip

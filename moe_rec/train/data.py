@@ -30,6 +30,7 @@ from datasets.table import InMemoryTable
 from moe_rec.data.positions import columnar_item_batch, flat_list_column, item_batch
 from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
+from moe_rec.data.text_samples import drop_critique_words
 from moe_rec.data.vocab import PAD, Vocabulary
 
 if TYPE_CHECKING:
@@ -149,6 +150,19 @@ def service_steps(
     return [batch for i in rng.permutation(len(steps)) for batch in steps[i]] + rest
 
 
+@dataclass(frozen=True)
+class CritiqueWordDropout:
+    """Each word of a training critique left out with probability ``p``
+    (:func:`moe_rec.data.text_samples.drop_critique_words`; ``train.critique_word_dropout``)."""
+
+    p: float
+    word_starts: np.ndarray  # (tokenizer size,) bool: the subword begins a word
+    text_offset: int  # the vocabulary id of tokenizer id 0
+
+    def __call__(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        return drop_critique_words(row, self.p, self.word_starts, self.text_offset, rng)
+
+
 class ShardedTrainData:
     """This rank's micro batches, step by step, epoch after epoch.
 
@@ -164,6 +178,8 @@ class ShardedTrainData:
             default: its token count (the item-level model passes its event count + 1).
         sample_services: (N,) each sample's service (:meth:`main_services`): given, every optimizer
             step's micro batches (all ranks) hold one service's samples (:func:`service_steps`).
+        word_dropout: given, applied to every critique sample of a micro batch with a generator
+            seeded by ``(seed, epoch, micro batch)``, so a resumed run drops the same words.
     """
 
     def __init__(
@@ -179,6 +195,7 @@ class ShardedTrainData:
         micro_batch_tokens: int = 0,
         positions_per_sample: np.ndarray | None = None,
         sample_services: np.ndarray | None = None,
+        word_dropout: CritiqueWordDropout | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -193,6 +210,7 @@ class ShardedTrainData:
         self.batches_per_step = world_size * grad_accum
         self.lengths = self.token_lengths(dataset) if positions_per_sample is None else positions_per_sample
         self.sample_services = sample_services
+        self.word_dropout = word_dropout
         self.targets: TeacherTargets | None = None  # set by the trainer with train.teacher_targets
         self._plans: dict[int, list[np.ndarray]] = {}
         self.steps_per_epoch = len(self.plan(0)) // self.batches_per_step
@@ -265,7 +283,13 @@ class ShardedTrainData:
         micro batch ``m`` of rank ``r`` is the plan's ``step * world_size * grad_accum + m * world_size + r``."""
         first = step * self.batches_per_step + self.rank
         mine = self.plan(epoch)[first : first + self.batches_per_step : self.world_size]
-        batches = [self.collator(self.dataset.select(idx.tolist())) for idx in mine]
+        batches = []
+        for m, idx in enumerate(mine):
+            rows: datasets.Dataset | list[dict[str, Any]] = self.dataset.select(idx.tolist())
+            if self.word_dropout is not None:
+                rng = np.random.default_rng((self.seed, epoch, first + m * self.world_size))
+                rows = [self.word_dropout(row, rng) for row in rows]
+            batches.append(self.collator(rows))
         if self.targets is not None:  # each sample's teacher targets at its scored positions
             for idx, batch in zip(mine, batches, strict=True):
                 batch.update(self.targets.place(idx.tolist(), batch["labels"]))

@@ -45,7 +45,14 @@ from moe_rec.sid.build import table_text_embeddings
 from moe_rec.sid.table import META_FILE, SIDTable
 from moe_rec.train import checkpoint as ckpt
 from moe_rec.train.config import ModelSection, TrainConfig, TrainInputs
-from moe_rec.train.data import Collator, DataPosition, ItemCollator, ShardedTrainData, load_split
+from moe_rec.train.data import (
+    Collator,
+    CritiqueWordDropout,
+    DataPosition,
+    ItemCollator,
+    ShardedTrainData,
+    load_split,
+)
 from moe_rec.train.distill import TeacherTargets
 from moe_rec.train.extensions import check_build_locks, skip_shm_op
 from moe_rec.train.metrics import (
@@ -108,6 +115,21 @@ def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary) -> torch.Te
         items, keys, tokenizer, vocab.text_offset,
         num_bands=cfg.critiques.price_bands, min_band_items=cfg.critiques.min_band_items,
     )  # fmt: skip
+
+
+def _word_dropout(cfg: TrainInputs, vocab: Vocabulary) -> CritiqueWordDropout | None:
+    """train.critique_word_dropout over the run's subwords, or None when it is 0."""
+    from moe_rec.data.text_tokenizer import TextTokenizer
+
+    p = cfg.train.critique_word_dropout
+    if not p:
+        return None
+    if cfg.model.kind != "item" or not vocab.text_size:
+        raise ConfigError(
+            "train.critique_word_dropout needs an item-level model (model.kind: item) trained on "
+            "sequences with critiques (critiques.enabled)"
+        )
+    return CritiqueWordDropout(p, TextTokenizer.load(cfg.sequences_dir).word_starts(), vocab.text_offset)
 
 
 def _teacher_targets(path: Path, config: MoERecConfig, samples: int, items: int) -> TeacherTargets:
@@ -381,6 +403,7 @@ class Trainer:
                 sample_services=ShardedTrainData.main_services(train_ds)
                 if self.tc.batch_by_service
                 else None,
+                word_dropout=_word_dropout(cfg, self.vocab),
             )
         if self.tc.teacher_targets is not None:
             self.data.targets = _teacher_targets(

@@ -3,10 +3,13 @@ request against the plain request of the same target, the per-user cap and unmat
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+
 from moe_rec.data.positions import item_batch
 from moe_rec.data.sequences import IGNORE_INDEX, Event, SequenceBuilder, SequenceConfig, TextSampleConfig
-from moe_rec.data.text_samples import TextSampleBuilder, without_critique
-from moe_rec.data.text_tokenizer import train_tokenizer
+from moe_rec.data.text_samples import TextSampleBuilder, drop_critique_words, without_critique
+from moe_rec.data.text_tokenizer import TextTokenizer, train_tokenizer
 from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, Vocabulary
 
 TEXTS = ["anything cheaper?", "a budget pick in lotions", "you like lotions"] * 30
@@ -133,3 +136,57 @@ def test_held_out_users_and_cold_targets_get_no_training_sample() -> None:
     text = TextSampleBuilder(SequenceBuilder(vocab, CODES, cfg), tokenizer, cfg.text)
     assert list(text.train_samples("u", EVENTS, [_row(3, "train")], [])) == []
     assert text.counts["critique_cold_target"] == 1
+
+
+def _whitespace_words(tokenizer: TextTokenizer, text: str) -> list[list[int]]:
+    """The critique's whitespace-separated words, each encoded on its own: the reference the
+    word grouping of ``word_starts`` must match."""
+    return [tokenizer.encode(word) for word in text.split()]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_word_dropout_leaves_out_whole_words_at_its_rate(seed: int) -> None:
+    plain, text = _builders(critiques_per_user=1)
+    vocab, tokenizer = plain.vocab, text.tokenizer
+    critique = "I'd rather have keratinous argan-oil, not lotions!"
+    (sample,) = text.train_samples("u", EVENTS, [_row(3, "train", critique)], [])
+    words = _whitespace_words(tokenizer, critique)
+    assert sum(words, []) == tokenizer.encode(critique) and any(len(w) > 1 for w in words)
+    start = sample["input_ids"].index(CRITIQUE) + 1
+    head, tail = sample["input_ids"][:start], sample["input_ids"][start + len(tokenizer.encode(critique)) :]
+    rng, p, draws = np.random.default_rng(seed), 0.3, 400
+    dropped = np.zeros((draws, len(words)), dtype=bool)
+    for d in range(draws):
+        out = drop_critique_words(sample, p, tokenizer.word_starts(), vocab.text_offset, rng)
+        ids = out["input_ids"]
+        assert ids[:start] == head and ids[len(ids) - len(tail) :] == tail  # only the critique shrinks
+        kept, at = ids[start : len(ids) - len(tail)], 0
+        for j, w in enumerate(words):  # the kept subwords are whole words, in order
+            if [i - vocab.text_offset for i in kept[at : at + len(w)]] == w:
+                at += len(w)
+            else:
+                dropped[d, j] = True
+        assert at == len(kept) > 0
+        for key in ("domain_ids", "labels"):  # every column loses the same positions
+            assert len(out[key]) == len(ids)
+        assert out["labels"][len(ids) - len(tail) :] == sample["labels"][len(sample["labels"]) - len(tail) :]
+    assert np.all(np.abs(dropped.mean(0) - p) < 0.1), dropped.mean(0)
+    # each word is drawn on its own: neighbours part in about 2p(1 - p) = .42 of the draws
+    assert np.all((dropped[:, 1:] != dropped[:, :-1]).mean(0) > 0.25)
+
+
+def test_word_dropout_keeps_a_word_and_leaves_other_rows_alone() -> None:
+    plain, text = _builders(critiques_per_user=1, narratives_per_user=1)
+    offset, starts = plain.vocab.text_offset, text.tokenizer.word_starts()
+    (sample,) = text.train_samples("u", EVENTS, [_row(3, "train", "anything cheaper?")], [])
+    narrative = {"user": "u", "service": "a", "position": 3, "split": "train", "target_item": "i3",
+                 "text": "you like lotions"}  # fmt: skip
+    (explained,) = text.train_samples("u", EVENTS, [], [narrative])
+    rng = np.random.default_rng(0)
+    assert drop_critique_words(explained, 0.9, starts, offset, rng) == explained  # no [CRITIQUE]
+    assert drop_critique_words(sample, 0.0, starts, offset, rng) == sample
+    n = len(text.tokenizer.encode("anything cheaper?"))
+    for _ in range(50):  # p near 1 still keeps one word of the three
+        assert len(sample["input_ids"]) - n < len(
+            drop_critique_words(sample, 0.999, starts, offset, rng)["input_ids"]
+        )

@@ -17,6 +17,7 @@ from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, PAD, Vocabulary
 from moe_rec.train import train
 from moe_rec.train.data import (
     Collator,
+    CritiqueWordDropout,
     DataPosition,
     ItemCollator,
     ShardedTrainData,
@@ -277,3 +278,56 @@ def test_columnar_item_batch_leaves_text_and_requests_to_the_row_by_row_batch() 
     assert (
         columnar_item_batch(datasets.Dataset.from_list([request]).with_format("arrow")[:], vocab, 8) is None
     )
+
+
+def _critique_samples(n: int) -> tuple[datasets.Dataset, Vocabulary, CritiqueWordDropout]:
+    """``n`` critique samples of the text-sample builder (two to six words each), and word dropout
+    at p = .5 over its tokenizer."""
+    from tests.data.test_text_samples import EVENTS, _builders, _row
+
+    plain, text = _builders(critiques_per_user=1)
+    words = "anything cheaper please a budget pick in lotions".split()
+    rows = []
+    for k in range(n):
+        critique = " ".join(words[k % 3 : k % 3 + 2 + k % 5])
+        (sample,) = text.train_samples(f"u{k}", EVENTS, [_row(3, "train", critique)], [])
+        rows.append({**sample, "user": f"u{k}"})
+    dropout = CritiqueWordDropout(0.5, text.tokenizer.word_starts(), plain.vocab.text_offset)
+    return datasets.Dataset.from_list(rows), plain.vocab, dropout
+
+
+def test_word_dropout_in_the_stream_is_seeded_and_keeps_every_label() -> None:
+    ds, vocab, dropout = _critique_samples(24)
+
+    def shard(word_dropout: CritiqueWordDropout | None) -> ShardedTrainData:
+        return ShardedTrainData(ds, micro_batch_size=4, grad_accum=2, rank=0, world_size=1, seed=3,
+                                collator=ItemCollator(vocab, 8), word_dropout=word_dropout)  # fmt: skip
+
+    a, b, plain = shard(dropout), shard(dropout), shard(None)
+    first = next(a(DataPosition(1, 0)))[1]
+    again = next(b(DataPosition(1, 0)))[1]  # a resumed run draws the same words
+    for x, y in zip(first, again, strict=True):
+        for key in x:
+            torch.testing.assert_close(x[key], y[key])
+    undropped = next(plain(DataPosition(1, 0)))[1]
+    fewer = 0
+    for x, y in zip(first, undropped, strict=True):  # same samples, shorter critiques, same targets
+        assert torch.equal(x["user_ids"], y["user_ids"])
+        fewer += int(y["attention_mask"].sum() - x["attention_mask"].sum())
+        torch.testing.assert_close(
+            x["labels"][x["labels"] != IGNORE_INDEX], y["labels"][y["labels"] != IGNORE_INDEX]
+        )
+    assert fewer > 0
+
+
+def test_word_dropout_is_refused_where_it_cannot_work(run_dir: Path) -> None:
+    from moe_rec.train.config import PrivacyConfig, TrainConfig
+
+    with pytest.raises(ValueError, match="critique_word_dropout must be in"):
+        TrainConfig(critique_word_dropout=1.0)
+    with pytest.raises(ConfigError, match="critique_word_dropout"):
+        TrainConfig(
+            critique_word_dropout=0.2, privacy=PrivacyConfig(enabled=True, noise_multiplier=1.0), clip=0.0
+        )
+    with pytest.raises(ConfigError, match="critique_word_dropout needs an item-level model"):
+        train(tiny_config(run_dir, "train.critique_word_dropout=0.2"))
