@@ -130,8 +130,9 @@ def evaluate_critiques(
 ) -> dict[str, float]:
     """Metrics of ``requests`` (critique requests) with and without the critique, the rule filter
     and satisfaction (module docstring): keys ``{scope}/{model}/{metric}``, scope ``all``, a type,
-    ``seen`` or ``held_out``, or ``family:<name>`` (the wording family); model ``critique``, ``plain``, ``filter``; metric ``recall@10``,
-    ``ndcg@10``, ``satisfied_<type>``; ``{scope}/count`` requests. ``depth``: items of each ranking
+    ``seen`` or ``held_out``, or ``family:<name>`` (the wording family); model ``critique``,
+    ``plain``, ``filter``; metric ``recall@10``, ``ndcg@10``, ``satisfied_<type>``;
+    ``{scope}/count`` requests. ``depth``: items of each ranking
     kept, so the rule filter reorders the top ``depth`` of the ranking without the critique (deeper
     is a stronger filter: more items that satisfy the critique reach its front)."""
     catalogue = ServiceCatalogue(table, next(model.parameters()).device)

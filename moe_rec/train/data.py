@@ -31,7 +31,7 @@ from moe_rec.data.positions import columnar_item_batch, flat_list_column, item_b
 from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, user_bucket
 from moe_rec.data.text_samples import drop_critique_words
-from moe_rec.data.vocab import PAD, Vocabulary
+from moe_rec.data.vocab import CRITIQUE, PAD, Vocabulary
 
 if TYPE_CHECKING:
     from moe_rec.train.distill import TeacherTargets
@@ -211,6 +211,10 @@ class ShardedTrainData:
         self.lengths = self.token_lengths(dataset) if positions_per_sample is None else positions_per_sample
         self.sample_services = sample_services
         self.word_dropout = word_dropout
+        self.critique_samples = np.zeros(len(dataset), dtype=bool)  # (N,) holds [CRITIQUE]: words to drop
+        if word_dropout is not None:
+            flat, rows, _ = flat_list_column(dataset.with_format("arrow")["input_ids"])
+            self.critique_samples[rows[flat == CRITIQUE]] = True
         self.targets: TeacherTargets | None = None  # set by the trainer with train.teacher_targets
         self._plans: dict[int, list[np.ndarray]] = {}
         self.steps_per_epoch = len(self.plan(0)) // self.batches_per_step
@@ -286,7 +290,7 @@ class ShardedTrainData:
         batches = []
         for m, idx in enumerate(mine):
             rows: datasets.Dataset | list[dict[str, Any]] = self.dataset.select(idx.tolist())
-            if self.word_dropout is not None:
+            if self.word_dropout is not None and self.critique_samples[idx].any():
                 rng = np.random.default_rng((self.seed, epoch, first + m * self.world_size))
                 rows = [self.word_dropout(row, rng) for row in rows]
             batches.append(self.collator(rows))
