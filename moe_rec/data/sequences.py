@@ -91,10 +91,19 @@ class TextSampleConfig:
     narratives_per_user: int = 2  # latest training narratives per user that become samples (0: none)
     tokenizer_size: int = 4096  # subwords of the byte-level BPE trained on the run's text
     max_text_tokens: int = 48  # a critique's or narrative's words are cut after this many subwords
+    # a text file of sentences that ask for nothing (one a line, e.g. tools/iard_distractors.py's);
+    # this share of the training critique samples gets one before its words, so the model learns to
+    # read past small talk it never saw (docs/critiques.md); requests are never changed
+    distractors: str | None = None
+    distractor_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.critiques_per_user < 0 or self.narratives_per_user < 0:
             raise ValueError("sequences.text: critiques_per_user and narratives_per_user must be >= 0")
+        if not 0.0 <= self.distractor_share <= 1.0:
+            raise ValueError(
+                f"sequences.text.distractor_share must be in [0, 1], got {self.distractor_share}"
+            )
         if self.tokenizer_size < 257 or self.max_text_tokens < 1:
             raise ValueError("sequences.text: tokenizer_size must be > 256 and max_text_tokens >= 1")
 

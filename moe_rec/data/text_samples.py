@@ -25,6 +25,7 @@ user (the latest), so the text tasks add to an epoch rather than dominate it; wo
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -40,7 +41,7 @@ from moe_rec.data import store
 from moe_rec.data.cold_start import is_cold
 from moe_rec.data.critiques import load_rows
 from moe_rec.data.holdout import is_held_out
-from moe_rec.data.schema import EVENT_SCHEMA
+from moe_rec.data.schema import EVENT_SCHEMA, DataError
 from moe_rec.data.sequences import (
     IGNORE_INDEX,
     SAMPLE_FEATURES,
@@ -67,6 +68,30 @@ REQUEST_FEATURES = datasets.Features(
 )
 
 
+def read_distractors(path: str | Path) -> list[str]:
+    """``sequences.text.distractors``: the file's non-empty lines, stripped; a missing or empty
+    file is a :class:`DataError` naming the key."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"sequences.text.distractors: cannot read {path} ({e})") from None
+    found = [line for line in lines if line]
+    if not found:
+        raise DataError(f"sequences.text.distractors: {path} holds no sentence")
+    return found
+
+
+def distractor_for(user: str, service: str, position: int, pool: Sequence[str], share: float) -> str | None:
+    """The sentence put before one training critique's words, or None (a share ``share`` of the
+    critiques get one): a hash of the critique's (user, service, position), so a rebuild agrees."""
+    digest = int.from_bytes(
+        hashlib.blake2b(f"distractor\t{user}\t{service}\t{position}".encode(), digest_size=8).digest()
+    )
+    if (digest % 1_000_000) / 1_000_000 >= share:
+        return None
+    return pool[(digest // 1_000_000) % len(pool)]
+
+
 class TextSampleBuilder:
     """Critique and narrative rows of one user -> token samples (module docstring).
 
@@ -82,6 +107,7 @@ class TextSampleBuilder:
                 f"vocabulary has {builder.vocab.text_size} text tokens, tokenizer {tokenizer.size}"
             )
         self.builder, self.tokenizer, self.cfg = builder, tokenizer, cfg
+        self.distractors = read_distractors(cfg.distractors) if cfg.distractors else []
         self.counts: Counter[str] = Counter()
 
     def words(self, text: str) -> list[int]:
@@ -157,8 +183,19 @@ class TextSampleBuilder:
                 history, item = self._train_prefix(ordered, target), self._target_tokens(target)
                 service_token, codes = item[:1], item[1:]
                 if kind == "critique":
+                    words = self.words(row["text"])
+                    extra = (
+                        distractor_for(user, row["service"], row["position"], self.distractors,
+                                       self.cfg.distractor_share)
+                        if self.distractors else None
+                    )  # fmt: skip
+                    if extra is not None:  # before the critique, cut to fit beside it, never the critique
+                        room = max(0, self.cfg.max_text_tokens - len(words))
+                        offset = self.builder.vocab.text_offset
+                        words = [offset + i for i in self.tokenizer.encode(extra)[:room]] + words
+                        self.counts["critique_samples_distracted"] += 1
                     tail = [
-                        ([CRITIQUE, *self.words(row["text"])], False),
+                        ([CRITIQUE, *words], False),
                         (service_token, False),
                         (codes, True),
                     ]
@@ -265,6 +302,7 @@ def write_text_samples(
     narratives = load_rows(narratives_dir, "train") if narratives_dir is not None else None
     titles = [t for t in store.load_items(data_dir)["title"] if t]
     texts = [*titles, *critiques["train"]["text"], *(narratives["text"] if narratives is not None else [])]
+    texts += read_distractors(cfg.distractors) if cfg.distractors else []
     tokenizer = train_tokenizer(texts, cfg.tokenizer_size)
     tokenizer.save(out_dir)
     vocab = replace(builder.vocab, text_size=tokenizer.size)

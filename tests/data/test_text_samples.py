@@ -3,12 +3,21 @@ request against the plain request of the same target, the per-user cap and unmat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from moe_rec.data.positions import item_batch
+from moe_rec.data.schema import DataError
 from moe_rec.data.sequences import IGNORE_INDEX, Event, SequenceBuilder, SequenceConfig, TextSampleConfig
-from moe_rec.data.text_samples import TextSampleBuilder, drop_critique_words, without_critique
+from moe_rec.data.text_samples import (
+    TextSampleBuilder,
+    distractor_for,
+    drop_critique_words,
+    read_distractors,
+    without_critique,
+)
 from moe_rec.data.text_tokenizer import TextTokenizer, train_tokenizer
 from moe_rec.data.vocab import BOS, CRITIQUE, EOS, EXPLAIN, Vocabulary
 
@@ -18,7 +27,7 @@ EVENTS = [Event("a", f"i{k}", None, k, split) for k, split in enumerate(["train"
 EVENTS.append(Event("b", "j0", None, 0, "train"))
 
 
-def _builders(order: str = "interleave", **text: int) -> tuple[SequenceBuilder, TextSampleBuilder]:
+def _builders(order: str = "interleave", **text: object) -> tuple[SequenceBuilder, TextSampleBuilder]:
     tokenizer = train_tokenizer(TEXTS, 300)
     vocab = Vocabulary(services=("a", "b"), levels=2, codebook_size=4, dedup_size=2, text_size=tokenizer.size)
     cfg = SequenceConfig(max_events=50, text=TextSampleConfig(**text), order=order)
@@ -190,3 +199,46 @@ def test_word_dropout_keeps_a_word_and_leaves_other_rows_alone() -> None:
         assert len(sample["input_ids"]) - n < len(
             drop_critique_words(sample, 0.999, starts, offset, rng)["input_ids"]
         )
+
+
+def test_distractors_go_before_training_critiques_only_and_never_cut_the_critique(tmp_path: Path) -> None:
+    pool = tmp_path / "small-talk.txt"
+    pool.write_text("hello there\n\n  thanks a lot  \n")
+    critique = "anything cheaper?"
+    rows = [_row(3, "train", critique), _row(4, "valid", critique)]
+    _, bare = _builders(critiques_per_user=1)
+    plain, text = _builders(critiques_per_user=1, distractors=str(pool), distractor_share=1.0)
+    (sample,) = text.train_samples("u", EVENTS, rows, [])
+    (undistracted,) = bare.train_samples("u", EVENTS, rows, [])
+    start = sample["input_ids"].index(CRITIQUE) + 1
+    words = [plain.vocab.text_offset + i for i in text.tokenizer.encode(critique)]
+    lead = sample["input_ids"][start : len(sample["input_ids"]) - len(undistracted["input_ids"]) + start]
+    assert text.tokenizer.decode(i - plain.vocab.text_offset for i in lead) in {"hello there", "thanks a lot"}
+    assert sample["input_ids"][start + len(lead) : start + len(lead) + len(words)] == words
+    assert text.counts["critique_samples_distracted"] == 1
+    # requests are read as users type them: no distractor
+    assert list(text.requests("u", EVENTS, rows, "valid")) == list(bare.requests("u", EVENTS, rows, "valid"))
+    # a tight cap cuts the distractor, never the critique
+    _, tight = _builders(
+        critiques_per_user=1, distractors=str(pool), distractor_share=1.0, max_text_tokens=len(words) + 1
+    )
+    (cut,) = tight.train_samples("u", EVENTS, rows, [])
+    i = cut["input_ids"].index(CRITIQUE) + 1
+    assert cut["input_ids"][i + 1 : i + 1 + len(words)] == words
+    _, none = _builders(critiques_per_user=1, distractors=str(pool), distractor_share=0.0)
+    assert list(none.train_samples("u", EVENTS, rows, [])) == [undistracted]
+
+
+def test_distractor_share_and_bad_pools(tmp_path: Path) -> None:
+    pool = [f"s{k}" for k in range(7)]
+    picks = [distractor_for(f"u{k}", "a", k % 13, pool, 0.3) for k in range(4000)]
+    assert abs(sum(p is not None for p in picks) / 4000 - 0.3) < 0.03
+    assert set(picks) - {None} == set(pool)  # every sentence gets used
+    assert picks == [distractor_for(f"u{k}", "a", k % 13, pool, 0.3) for k in range(4000)]  # a rebuild agrees
+    with pytest.raises(DataError, match="sequences.text.distractors: cannot read"):
+        read_distractors(tmp_path / "missing.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="holds no sentence"):
+        read_distractors(tmp_path / "blank.txt")
+    with pytest.raises(ValueError, match="distractor_share"):
+        TextSampleConfig(distractor_share=1.5)
