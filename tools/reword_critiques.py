@@ -17,6 +17,7 @@ counted, not compared).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from moe_rec.data import store
 from moe_rec.data.schema import DataError
 from moe_rec.data.text_samples import CRITIQUE_SPLITS, without_critique
 from moe_rec.data.text_tokenizer import TextTokenizer
-from moe_rec.data.vocab import CRITIQUE
+from moe_rec.data.vocab import CRITIQUE, Vocabulary
 from moe_rec.eval.critiques import evaluate_critiques, item_facts
 from moe_rec.experiment import ExperimentConfig
 from moe_rec.sid.table import SIDTable
@@ -64,13 +65,6 @@ def reworded(
     }
 
 
-def text_offset_of(requests: Sequence[dict[str, Any]], tokenizer: TextTokenizer) -> int:
-    """The vocabulary id of tokenizer id 0, read off a stored request (the first word after
-    ``[CRITIQUE]`` against its encoding)."""
-    r = requests[0]
-    return r["input_ids"][r["input_ids"].index(CRITIQUE) + 1] - tokenizer.encode(r["critique"])[0]
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Print (and return, by variant) the critique metrics of the requests as built and rewritten."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -89,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         model = load_model(cfg.checkpoint_dir, args.checkpoint)
         table = SIDTable.load(cfg.sid_dir)
         tokenizer = TextTokenizer.load(cfg.sequences_dir)
+        offset = Vocabulary.from_dict(json.loads((cfg.sequences_dir / "vocab.json").read_text())).text_offset
         split_dir = cfg.sequences_dir / CRITIQUE_SPLITS[cfg.eval.split]
         requests = datasets.Dataset.from_parquet(str(split_dir / "*.parquet")).to_list()
         facts = item_facts(store.load_table(cfg.data_dir, store.ITEMS_DIR), table, cfg.critiques)
@@ -100,7 +95,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         raise SystemExit(
             f"error: no {cfg.eval.split} critique request in families {args.family}; known: {known}"
         )
-    offset = text_offset_of(requests, tokenizer)
     as_built = [reworded(r, r["critique"], tokenizer, offset) for r in chosen]
     cut = sum(a["input_ids"] != r["input_ids"] for a, r in zip(as_built, chosen, strict=True))
     texts = []
