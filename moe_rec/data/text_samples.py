@@ -6,7 +6,9 @@ Built by the sequences stage from the critiques stage's rows (:mod:`moe_rec.data
 
 * **critique -> item** (train): ``[BOS] history [CRITIQUE] words target``. Only the target is a
   label: the history is trained by the plain windows already, and a critique sample would
-  otherwise weigh its history twice.
+  otherwise weigh its history twice. With ``distractors`` (a file of sentences that ask for
+  nothing), a share of them read one such sentence before the critique's words
+  (:func:`distractor_for`), so a model learns to read past small talk.
 * **item -> narrative** (train): ``[BOS] history target [EXPLAIN] words [EOS]``: the target is a
   label (predicted from the history), and the words and ``[EOS]`` are text labels. A critique
   sample whose target has a narrative ends with it too, as a request with both a critique and
