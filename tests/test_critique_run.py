@@ -33,6 +33,13 @@ def critique_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[s
     return run, args
 
 
+def _eval_json(args: list[str], capsys: pytest.CaptureFixture, *flags: str) -> dict:
+    """``moe-rec eval`` of the run's latest checkpoint with ``flags``, its JSON report."""
+    capsys.readouterr()
+    assert main(["eval", *args, "--checkpoint", "latest", *flags, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 @pytest.mark.slow  # the run fixture
 def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain_evaluation(
     critique_run: tuple[Path, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture
@@ -46,9 +53,7 @@ def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain
     manifest = json.loads((run / "bundle" / "manifest.json").read_text())
     assert manifest["model_kind"] == "item"
 
-    capsys.readouterr()
-    assert main(["eval", *args, "--checkpoint", "latest", "--critiques", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = _eval_json(args, capsys, "--critiques")
     requests = datasets.Dataset.from_parquet(str(run / "sequences" / "critique_test" / "*.parquet")).to_list()
     metrics = report["metrics"]
     assert metrics["all/count"] == len(requests) > 0
@@ -73,11 +78,7 @@ def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain
     assert metrics["all/plain/ndcg@10"] == pytest.approx(sum(gains) / len(gains), abs=1e-9)
 
     # a filter only 10 deep reorders the top 10 alone: the same items as without the critique
-    capsys.readouterr()
-    assert (
-        main(["eval", *args, "eval.filter_depth=10", "--checkpoint", "latest", "--critiques", "--json"]) == 0
-    )
-    shallow_report = json.loads(capsys.readouterr().out)
+    shallow_report = _eval_json([*args, "eval.filter_depth=10"], capsys, "--critiques")
     assert shallow_report["filter_depth"] == 10 and report["filter_depth"] != 10
     reports = sorted(p.name for p in (run / "eval").glob("critiques-test-*.json"))  # one per depth
     names = (f"critiques-test-{r['model']}-filter{r['filter_depth']}.json" for r in (report, shallow_report))
@@ -135,9 +136,7 @@ def test_eval_narratives_reports_consistency_against_chance_and_titles(
     critique_run: tuple[Path, list[str]], capsys: pytest.CaptureFixture
 ) -> None:
     run, args = critique_run
-    capsys.readouterr()
-    assert main(["eval", *args, "--checkpoint", "latest", "--narratives", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = _eval_json(args, capsys, "--narratives")
     m = report["metrics"]
     tests = datasets.Dataset.from_parquet(str(run / "sequences" / "test" / "*.parquet"))
     assert m["requests"] == min(len(tests), 300) and len(report["examples"]) == min(5, m["requests"])
@@ -204,9 +203,7 @@ def test_reword_critiques_ranks_as_the_evaluation_and_rewrites_by_family(
     from tests.tools import load_tool
 
     run, args = critique_run
-    capsys.readouterr()
-    assert main(["eval", *args, "--checkpoint", "latest", "--critiques", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)["metrics"]
+    report = _eval_json(args, capsys, "--critiques")["metrics"]
     family = max((k.split("/")[0] for k in report if k.startswith("family:") and k.endswith("/count")),
                  key=lambda scope: report[f"{scope}/count"]).removeprefix("family:")  # fmt: skip
     tool = load_tool("reword_critiques")

@@ -1060,7 +1060,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if q is not None or (catalogue_kl and self.config.item_negatives):
             target_rows = self.item_rows(tgt, asked)
         target_extra = None  # (M,) the target's per-item term, beside its code scores
-        if q is not None and target_rows is not None:
+        if q is not None:
             target_extra = (q * self.score_vectors(target_rows).float()).sum(-1)
             if own is not None:  # a repeat of the own item gets no text prior
                 target_extra = target_extra + self.own_item_term(q, own) * (target_rows == own)
@@ -1108,7 +1108,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 outside = None  # (M_s, K) with distill_over='catalogue': a teacher item no candidate above
                 if catalogue_kl:
                     outside = ~torch.isin(taught[0][pos], rows)
-                    if target_rows is not None and self.config.item_negatives:  # the target, drawn or not
+                    if self.config.item_negatives:  # the target is a candidate, drawn or not
                         outside &= taught[0][pos] != target_rows[pos][:, None]
                 loss = loss + self.config.distill_weight * self._distill_terms(
                     by_code, taught[0][pos], taught[1][pos],
