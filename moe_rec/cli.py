@@ -436,8 +436,8 @@ def stage_eval_critiques(
 ) -> dict:
     """The critique requests of ``cfg.eval.split`` ranked with and without their critique, beside
     the rule filter (:mod:`moe_rec.eval.critiques`); writes and returns the report
-    (``<run_dir>/eval/critiques-<split>-<model>-filter<eval.filter_depth>.json``: the filter's depth
-    changes only its column, so runs at two depths keep both files)."""
+    (``<run_dir>/eval/critiques-<split>-<model>-filter<eval.filter_depth>[-plain<weight>].json``: the
+    filter's depth changes only its column, so runs at two depths keep both files)."""
     from moe_rec.data import store
     from moe_rec.data.text_samples import CRITIQUE_SPLITS
     from moe_rec.eval.critiques import evaluate_critiques, item_facts
@@ -460,15 +460,20 @@ def stage_eval_critiques(
         batch_size=cfg.eval.batch_size,
         exclude_seen=cfg.eval.exclude_seen,
         depth=cfg.eval.filter_depth,
+        plain_weight=cfg.eval.critique_plain_weight,
     )
-    depth = cfg.eval.filter_depth
+    depth, weight = cfg.eval.filter_depth, cfg.eval.critique_plain_weight
+    if weight is None:
+        weight = getattr(model.config, "critique_plain_weight", 0.0)
     report = {
         "model": name,
         "split": CRITIQUE_SPLITS[cfg.eval.split],
         "filter_depth": depth,
+        "critique_plain_weight": weight,
         "metrics": metrics,
     }
-    _write_report(cfg.eval_dir / f"critiques-{cfg.eval.split}-{name}-filter{depth}.json", report)
+    mixed = f"-plain{weight:g}" if weight else ""
+    _write_report(cfg.eval_dir / f"critiques-{cfg.eval.split}-{name}-filter{depth}{mixed}.json", report)
     return report
 
 
@@ -498,12 +503,18 @@ def stage_eval_narratives(
     from moe_rec.eval.critiques import item_facts
     from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact, request_vocabulary
     from moe_rec.eval.narrate import MAX_NARRATIVE_TOKENS, narrative_prompt, write_narratives
-    from moe_rec.eval.narrative_eval import item_titles, request_personalisation, score_references
+    from moe_rec.eval.narrative_eval import (
+        item_titles,
+        request_history_rows,
+        request_personalisation,
+        score_references,
+    )
     from moe_rec.eval.narrative_metrics import (
         consistency,
         diversity,
         faithfulness,
         format_validity,
+        history_facts,
         narrative_facts,
         self_bleu,
         words,
@@ -549,10 +560,10 @@ def stage_eval_narratives(
     titles = [title[(r["service"], str(table.item_ids[item]))] for r, item in zip(rows, top, strict=True)]
     title_vectors = encoder.encode(titles)
     metrics["title_mrr"] = consistency(title_vectors, item_vectors, top, candidates)["mrr"]
-    own, values = narrative_facts(
-        item_facts(items, table, cfg.critiques), [r["service"] for r in rows], service_rows, top
-    )
-    metrics |= {f"faithful_{k}": v for k, v in faithfulness(texts, own, values).items()}
+    facts = item_facts(items, table, cfg.critiques)
+    own, values = narrative_facts(facts, [r["service"] for r in rows], service_rows, top)
+    held = history_facts(facts, [request_history_rows(r, vocab, table) for r in rows])
+    metrics |= {f"faithful_{k}": v for k, v in faithfulness(texts, own, values, held).items()}
     metrics |= request_personalisation(rows, vocab, table, item_vectors, narrative_vectors, title_vectors)
     item_ids = {str(i).lower() for i in items.column("item_id").to_pylist()}
     lengths = [len(ids) for ids in subwords]
@@ -589,9 +600,9 @@ def _print_narrative_metrics(report: dict) -> None:
         title=f"narratives of the top item, {report['split']} ({report['model']}, {m['requests']:,.0f} requests)"
     )
     keys = ("mrr", "chance_mrr", "title_mrr", "hit@10", "distinct-1", "distinct-2", "repeated",
-            "faithful_precision", "faithful_coverage")  # fmt: skip
+            "faithful_precision", "faithful_coverage", "faithful_grounded")  # fmt: skip
     for col in ("MRR of the item", "chance", "its title", "Hit@10", "distinct-1", "distinct-2", "repeated",
-                "named right", "item's named"):  # fmt: skip
+                "named right", "item's named", "item's or history's"):  # fmt: skip
         table.add_column(col, justify="right")
     table.add_row(*(f"{m[k]:.4f}" for k in keys))
     results.print(table)

@@ -101,6 +101,13 @@ def test_the_bundle_reads_critiques_and_writes_narratives(critique_run: tuple[Pa
         plain = rec.recommend(history, request["service"], k=5)
         steered = rec.recommend(history, request["service"], k=5, critique=request["critique"], explain=True)
         assert [r.score for r in plain] != [r.score for r in steered]  # the critique is read
+        # the plain scores beside the critique's (critique_plain_weight): swamped by a huge weight,
+        # the critique ranks as no critique; the served model's config carries the weight
+        rec.bundle.model.config.critique_plain_weight = 1e4
+        swamped = rec.recommend(history, request["service"], k=5, critique=request["critique"])
+        rec.bundle.model.config.critique_plain_weight = 0.0
+        assert [r.item_id for r in swamped] == [r.item_id for r in plain]
+        assert [r.item_id for r in steered] != [r.item_id for r in plain]
         assert all(r.narrative is not None and r.narrative == r.narrative.strip() for r in steered)
         assert all(r.narrative is None for r in plain)
         with pytest.raises(RequestError, match="critique"):
@@ -145,6 +152,11 @@ def test_eval_narratives_reports_consistency_against_chance_and_titles(
     assert all(
         m[k] != m[k] or 0.0 <= m[k] <= 1.0 for k in ("faithful_precision", "faithful_coverage")
     )  # or NaN
+    # a value the item holds is grounded too: grounded counts the item's values and the history's
+    assert (
+        m["faithful_precision"] != m["faithful_precision"]
+        or m["faithful_precision"] <= m["faithful_grounded"] <= 1
+    )
     assert 0.0 <= m["self_bleu"] <= 1.0 and 0.0 <= m["format_valid"] <= min(
         m["format_ended"], m["format_clean"]
     )

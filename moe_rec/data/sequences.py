@@ -82,6 +82,9 @@ SAMPLE_FEATURES = {
 SAMPLE_FEATURES[HOLDOUT_SPLIT] = SAMPLE_FEATURES["train"]  # the windows held-out users would have had
 
 
+DISTRACTOR_PLACES = ("before", "after", "either")
+
+
 @dataclass
 class TextSampleConfig:
     """``sequences.text``: how critique and narrative rows become samples (:mod:`moe_rec.data.text_samples`,
@@ -92,10 +95,11 @@ class TextSampleConfig:
     tokenizer_size: int = 4096  # subwords of the byte-level BPE trained on the run's text
     max_text_tokens: int = 48  # a critique's or narrative's words are cut after this many subwords
     # a text file of sentences that ask for nothing (one a line, e.g. tools/iard_distractors.py's);
-    # this share of the training critique samples gets one before its words, so the model learns to
+    # this share of the training critique samples gets one beside its words, so the model learns to
     # read past small talk it never saw (docs/critiques.md); requests are never changed
     distractors: str | None = None
     distractor_share: float = 0.5
+    distractor_place: str = "before"  # before the critique's words, "after" them, or "either" (by hash)
 
     def __post_init__(self) -> None:
         if self.critiques_per_user < 0 or self.narratives_per_user < 0:
@@ -103,6 +107,11 @@ class TextSampleConfig:
         if not 0.0 <= self.distractor_share <= 1.0:
             raise ValueError(
                 f"sequences.text.distractor_share must be in [0, 1], got {self.distractor_share}"
+            )
+        if self.distractor_place not in DISTRACTOR_PLACES:
+            raise ValueError(
+                f"sequences.text.distractor_place must be one of {', '.join(DISTRACTOR_PLACES)}, "
+                f"got {self.distractor_place!r}"
             )
         if self.tokenizer_size < 257 or self.max_text_tokens < 1:
             raise ValueError("sequences.text: tokenizer_size must be > 256 and max_text_tokens >= 1")

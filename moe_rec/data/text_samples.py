@@ -7,8 +7,8 @@ Built by the sequences stage from the critiques stage's rows (:mod:`moe_rec.data
 * **critique -> item** (train): ``[BOS] history [CRITIQUE] words target``. Only the target is a
   label: the history is trained by the plain windows already, and a critique sample would
   otherwise weigh its history twice. With ``distractors`` (a file of sentences that ask for
-  nothing), a share of them read one such sentence before the critique's words
-  (:func:`distractor_for`), so a model learns to read past small talk.
+  nothing), a share of them read one such sentence before the critique's words (or after them,
+  with ``distractor_place``; :func:`distractor_for`), so a model learns to read past small talk.
 * **item -> narrative** (train): ``[BOS] history target [EXPLAIN] words [EOS]``: the target is a
   label (predicted from the history), and the words and ``[EOS]`` are text labels. A critique
   sample whose target has a narrative ends with it too, as a request with both a critique and
@@ -83,15 +83,20 @@ def read_distractors(path: str | Path) -> list[str]:
     return found
 
 
-def distractor_for(user: str, service: str, position: int, pool: Sequence[str], share: float) -> str | None:
-    """The sentence put before one training critique's words, or None (a share ``share`` of the
-    critiques get one): a hash of the critique's (user, service, position), so a rebuild agrees."""
+def distractor_for(
+    user: str, service: str, position: int, pool: Sequence[str], share: float, place: str = "before"
+) -> tuple[str, bool] | None:
+    """The sentence put beside one training critique's words and whether it goes after them, or
+    None (a share ``share`` of the critiques get one): a hash of the critique's (user, service,
+    position), so a rebuild agrees. ``place``: "before", "after", or "either" (half each, by the hash)."""
     digest = int.from_bytes(
         hashlib.blake2b(f"distractor\t{user}\t{service}\t{position}".encode(), digest_size=8).digest()
     )
     if (digest % 1_000_000) / 1_000_000 >= share:
         return None
-    return pool[(digest // 1_000_000) % len(pool)]
+    rest = digest // 1_000_000
+    after = place == "after" or (place == "either" and rest % 2 == 1)
+    return pool[(rest // 2) % len(pool)], after
 
 
 class TextSampleBuilder:
@@ -188,13 +193,14 @@ class TextSampleBuilder:
                     words = self.words(row["text"])
                     extra = (
                         distractor_for(user, row["service"], row["position"], self.distractors,
-                                       self.cfg.distractor_share)
+                                       self.cfg.distractor_share, self.cfg.distractor_place)
                         if self.distractors else None
                     )  # fmt: skip
-                    if extra is not None:  # before the critique, cut to fit beside it, never the critique
+                    if extra is not None:  # beside the critique, cut to fit, never the critique
                         room = max(0, self.cfg.max_text_tokens - len(words))
                         offset = self.builder.vocab.text_offset
-                        words = [offset + i for i in self.tokenizer.encode(extra)[:room]] + words
+                        small_talk = [offset + i for i in self.tokenizer.encode(extra[0])[:room]]
+                        words = words + small_talk if extra[1] else small_talk + words
                         self.counts["critique_samples_distracted"] += 1
                     tail = [
                         ([CRITIQUE, *words], False),

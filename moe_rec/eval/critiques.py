@@ -127,6 +127,7 @@ def evaluate_critiques(
     batch_size: int = 64,
     exclude_seen: bool = False,
     depth: int,
+    plain_weight: float | None = None,
 ) -> dict[str, float]:
     """Metrics of ``requests`` (critique requests) with and without the critique, the rule filter
     and satisfaction (module docstring): keys ``{scope}/{model}/{metric}``, scope ``all``, a type,
@@ -134,7 +135,9 @@ def evaluate_critiques(
     ``plain``, ``filter``; metric ``recall@10``, ``ndcg@10``, ``satisfied_<type>``;
     ``{scope}/count`` requests. ``depth``: items of each ranking
     kept, so the rule filter reorders the top ``depth`` of the ranking without the critique (deeper
-    is a stronger filter: more items that satisfy the critique reach its front)."""
+    is a stronger filter: more items that satisfy the critique reach its front). ``plain_weight``:
+    the ranking with the critique adds this many times the scores without it (default: the
+    model's ``critique_plain_weight``; :func:`~moe_rec.eval.exact.request_parts`)."""
     catalogue = ServiceCatalogue(table, next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -148,7 +151,9 @@ def evaluate_critiques(
         for name, rows in (("critique", requests), ("plain", plain)):
             for i in range(0, len(rows), batch_size):
                 chunk = rows[i : i + batch_size]
-                ranked[name] += rank_exact(model, catalogue, chunk, depth, exclude_seen, vectors).tolist()
+                ranked[name] += rank_exact(
+                    model, catalogue, chunk, depth, exclude_seen, vectors, plain_weight
+                ).tolist()
     model.train(was_training)
     services = [r["service"] for r in requests]
     targets = table.rows(services, [r["target_item"] for r in requests]).tolist()

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from moe_rec.console import progress
 from moe_rec.data.cold_start import cold_groups, cold_labels
 from moe_rec.data.positions import code_token_ranges, item_batch
-from moe_rec.data.vocab import Vocabulary
+from moe_rec.data.text_samples import without_critique
+from moe_rec.data.vocab import CRITIQUE, Vocabulary
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.metrics import RankingMetrics
 from moe_rec.model import MoERecForItemPrediction
@@ -72,7 +73,8 @@ def top_items(
         query, vectors: (B, D) and (N, D): the item-level model's per-item term, ``P x query .
             vector`` added to each score (P code positions: the model trains on mean code logits).
         adjust: (B,) an item index per request (-1: none) and (B,) an amount, ``P x amount`` added
-            to that one item's score (the item model's own-item correction of its text prior).
+            to that one item's score (the item model's own-item correction of its text prior); or
+            (B, J) and (B, J): J such corrections a request (:func:`with_plain`).
 
     Returns:
         scores (B, k') and item indices (B, k') into ``codes``, best first, k' = min(k, N).
@@ -129,10 +131,11 @@ def _chunk_scores(
     s = gather_scores(by_code, codes[start : start + size])  # (n_chunk, B)
     if vectors is not None:
         s += codes.shape[1] * (vectors[start : start + size].float() @ query.float().T)
-    if adjust is not None:
+    if adjust is not None:  # (B,) or (B, J): J corrections a request
         index, amount = adjust
-        inside = ((index >= start) & (index < start + s.shape[0])).nonzero().flatten()  # requests
-        s[index[inside] - start, inside] += codes.shape[1] * amount[inside].float()
+        for idx, amt in zip(index.reshape(len(index), -1).T, amount.reshape(len(amount), -1).T, strict=True):
+            inside = ((idx >= start) & (idx < start + s.shape[0])).nonzero().flatten()  # requests
+            s[idx[inside] - start, inside] += codes.shape[1] * amt[inside].float()
     return s
 
 
@@ -199,12 +202,16 @@ class ServiceCatalogue:
             self.local[rows] = torch.arange(len(rows))
 
     def local_of(self, rows: torch.Tensor, service: str) -> torch.Tensor:
-        """(n,) each table row's index among ``service``'s items; -1 for a row of another service
+        """(...) each table row's index among ``service``'s items; -1 for a row of another service
         or -1 (no item)."""
         rows = rows.long().cpu()
         safe = rows.clamp_min(0)
         mine = (rows >= 0) & (self.table.service_index[safe] == self.table.services.index(service))
         return torch.where(mine, self.local[safe], -1)
+
+
+# a batch's per-code log-probabilities, query and own-item correction (request_log_probs)
+Parts = tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]
 
 
 @torch.no_grad()
@@ -234,9 +241,7 @@ def position_log_probs(
     return torch.log_softmax(out.logits.float(), dim=-1), query, own
 
 
-def request_log_probs(
-    model: MoERecForItemPrediction, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+def request_log_probs(model: MoERecForItemPrediction, batch: dict[str, torch.Tensor]) -> Parts:
     """:func:`position_log_probs` at the last position of a left-padded batch of requests
     (``item_batch(..., left_pad=True)``): (B, P, K), the query (B, D') and the own-item correction
     ((B,), (B,))."""
@@ -246,6 +251,58 @@ def request_log_probs(
         query[:, -1] if query is not None else None,
         (own[0][:, -1], own[1][:, -1]) if own is not None else None,
     )
+
+
+def with_plain(critique: Parts, plain: Parts, weight: torch.Tensor) -> Parts:
+    """:func:`request_log_probs` of critique requests plus ``weight`` (B,) x those of the same
+    requests without their critique: an item's exact score is linear in the three parts, so this
+    ranks by score(item | critique) + weight x score(item | history alone), i.e. by log p(item |
+    critique) + weight x log p(item | history) (a constant per request changes no ranking): the
+    critique's reading, tempered by what the model knows of the user without it. The own-item
+    corrections of both are kept, (B, 2) (a critique's last word reads no own item, the plain
+    request its last)."""
+    w = weight.to(critique[0].device, critique[0].dtype)
+    log_probs = critique[0] + w[:, None, None] * plain[0]
+    query = critique[1]
+    if query is not None and plain[1] is not None:
+        query = query + w[:, None].to(query.dtype) * plain[1]
+    own = critique[2]
+    if own is not None and plain[2] is not None:
+        own = (
+            torch.stack([own[0], plain[2][0]], 1),
+            torch.stack([own[1], w.to(own[1].dtype) * plain[2][1]], 1),
+        )
+    return log_probs, query, own
+
+
+def request_parts(
+    model: MoERecForItemPrediction,
+    rows: Sequence[dict[str, Any]],
+    vocab: Vocabulary,
+    user_ids: torch.Tensor | None = None,
+    plain_weight: float | None = None,
+) -> Parts:
+    """:func:`request_log_probs` of requests ``rows`` (``input_ids``, ``domain_ids``, ``user``; one
+    left-padded batch; ``user_ids`` (B,) instead of hashing ``user``), where a request holds a
+    critique plus ``plain_weight`` (default: the model's ``critique_plain_weight``) x the parts of
+    the same request without it (:func:`with_plain`); requests without a critique are unchanged."""
+
+    def parts_of(requests: Sequence[dict[str, Any]]) -> Parts:
+        batch = item_batch(requests, vocab, model.config.num_user_buckets, left_pad=True)
+        if user_ids is not None:
+            batch["user_ids"] = user_ids
+        return request_log_probs(model, batch)
+
+    parts = parts_of(rows)
+    weight = getattr(model.config, "critique_plain_weight", 0.0) if plain_weight is None else plain_weight
+    steered = torch.tensor([CRITIQUE in r["input_ids"] for r in rows])
+    if not weight or not bool(steered.any()):
+        return parts
+    twins = []
+    for r in rows:
+        ids, domains = without_critique(r["input_ids"], r["domain_ids"])
+        twins.append({**r, "input_ids": ids, "domain_ids": domains})
+    return with_plain(parts, parts_of(twins), weight * steered.float())
 
 
 def service_scores(
@@ -392,19 +449,21 @@ def rank_exact(
     k: int,
     exclude_seen: bool = False,
     vectors: torch.Tensor | None = None,
+    plain_weight: float | None = None,
 ) -> torch.Tensor:
     """Table rows (B, k) of the best ``k`` items of each request's service, best first (-1 where
     fewer exist). ``rows`` are ``valid`` / ``test`` requests; ``vectors``: the model's
-    :meth:`~MoERecForItemPrediction.item_table` when the caller computed it once for many batches."""
+    :meth:`~MoERecForItemPrediction.item_table` when the caller computed it once for many batches.
+    ``plain_weight``: a critique request's scores without it count this many times beside its
+    own (:func:`request_parts`; default: the model's ``critique_plain_weight``)."""
     table = catalogue.table
-    batch = item_batch(rows, request_vocabulary(model, table), model.config.num_user_buckets, left_pad=True)
+    vocab = request_vocabulary(model, table)
     services = [r["service"] for r in rows]
-    exclude = (
-        [history_rows(batch["item_tokens"][i], s, table) for i, s in enumerate(services)]
-        if exclude_seen
-        else None
-    )
-    log_probs, query, own = request_log_probs(model, batch)
+    exclude = None
+    if exclude_seen:
+        tokens = item_batch(rows, vocab, model.config.num_user_buckets, left_pad=True)["item_tokens"]
+        exclude = [history_rows(tokens[i], s, table) for i, s in enumerate(services)]
+    log_probs, query, own = request_parts(model, rows, vocab, plain_weight=plain_weight)
     vectors = vectors if vectors is not None else model.item_table()
     ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, vectors, own)
     return ranked
@@ -466,7 +525,15 @@ def evaluate_exact(
         task = bar.add_task(f"eval {prefix}", total=len(mine), visible=show_progress and rank == 0)
         for i in range(num_batches):
             chunk = mine[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            ranked = rank_exact(model, catalogue, chunk or requests[:1], k, cfg.exclude_seen, vectors)
+            ranked = rank_exact(
+                model,
+                catalogue,
+                chunk or requests[:1],
+                k,
+                cfg.exclude_seen,
+                vectors,
+                cfg.critique_plain_weight,
+            )
             if chunk:
                 services, items = [r["service"] for r in chunk], [r["target_item"] for r in chunk]
                 target = torch.from_numpy(table.rows(services, items)).long()

@@ -108,6 +108,8 @@ def _cached_step(
         "users": torch.tensor(list(user_buckets), device=device),
         "domains": torch.tensor([p["domain_ids"][-1] for p in prompts], device=device)[:, None],  # (B, 1)
     }
+    if model.copy_weight is not None:  # narrative_copy: the items the narratives are about (B,)
+        state["explained"] = model.explained_rows(batch["item_tokens"])[:, -1]
     slots = batch["item_tokens"].shape[-1]
 
     def step(live: list[int], out: list[list[int]]) -> torch.Tensor:
@@ -121,15 +123,17 @@ def _cached_step(
             where = {i: r for r, i in enumerate(state["rows"])}
             keep = torch.tensor([where[i] for i in live], device=device)
             cache.batch_select_indices(keep)
-            for key in ("mask", "users", "domains"):
-                state[key] = state[key][keep]
+            for key in ("mask", "users", "domains", "explained"):
+                if key in state:
+                    state[key] = state[key][keep]
             state["rows"] = list(live)
         tokens = torch.full((len(live), 1, slots), PAD, dtype=torch.long)
         tokens[:, 0, 0] = torch.tensor([vocab.text_offset + out[i][-1] for i in live])
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(live), 1)], dim=1)
         return model.next_text_logits(
-            tokens.to(device), state["domains"], state["users"], state["mask"], past_key_values=cache
-        )
+            tokens.to(device), state["domains"], state["users"], state["mask"], past_key_values=cache,
+            explained_rows=state.get("explained"),
+        )  # fmt: skip
 
     return step
 

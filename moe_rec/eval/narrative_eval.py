@@ -30,6 +30,13 @@ def item_titles(items: Any) -> dict[tuple[str, str], str]:
     return {(s, str(i)): t or "" for s, i, t in zip(*columns, strict=True)}
 
 
+def request_history_rows(request: dict, vocab: Any, table: Any) -> list[int]:
+    """Table rows of a request's history items in its asked service (what the training narratives
+    describe of the user)."""
+    tokens = torch.from_numpy(split_positions(request["input_ids"], request["domain_ids"], vocab).tokens)
+    return history_rows(tokens, request["service"], table)
+
+
 def request_personalisation(
     rows: list[dict], vocab: Any, table: Any, item_vectors: Any, narrative_vectors: Any, title_vectors: Any
 ) -> dict[str, float]:
@@ -40,8 +47,7 @@ def request_personalisation(
     left out (``personal_requests``: those kept)."""
     kept, history = [], []
     for i, r in enumerate(rows):
-        tokens = torch.from_numpy(split_positions(r["input_ids"], r["domain_ids"], vocab).tokens)
-        seen = history_rows(tokens, r["service"], table)
+        seen = request_history_rows(r, vocab, table)
         if seen:
             kept.append(i)
             history.append(item_vectors[seen].float().mean(0))

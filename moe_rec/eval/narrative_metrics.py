@@ -93,7 +93,10 @@ def mentions(text: str, phrases: Iterable[str]) -> set[str]:
 
 
 def faithfulness(
-    texts: Sequence[str], facts: Sequence[Mapping[str, str | None]], vocab: Sequence[Mapping[str, set[str]]]
+    texts: Sequence[str],
+    facts: Sequence[Mapping[str, str | None]],
+    vocab: Sequence[Mapping[str, set[str]]],
+    history: Sequence[Mapping[str, set[str]]] | None = None,
 ) -> dict[str, float]:
     """Precision and coverage of what narratives name about their item, read with the catalogue's
     own values, not the templates: for each kind (``brand``, ``category``, ``band``), the values of
@@ -103,13 +106,17 @@ def faithfulness(
         texts: the narratives.
         facts: per narrative, its item's value of each kind (None: the item has none).
         vocab: per narrative, every value of each kind in its service's catalogue.
+        history: per narrative, the values of each kind among the user's history items (a
+            narrative may say what the user bought as well as what the item is).
 
     Returns:
         ``precision`` (named values that are the item's, over all named values), ``coverage``
-        (the item's values that are named, over those it has), ``mentions`` per narrative.
+        (the item's values that are named, over those it has), ``mentions`` per narrative; with
+        ``history`` also ``grounded`` (named values that are the item's or a history item's, over
+        all named values: the rest is made up).
     """
-    named = right = known = covered = 0
-    for text, fact, values in zip(texts, facts, vocab, strict=True):
+    named = right = known = covered = grounded = 0
+    for i, (text, fact, values) in enumerate(zip(texts, facts, vocab, strict=True)):
         for kind, options in values.items():
             said = mentions(text, options)
             truth = _words(fact[kind]).strip() if fact.get(kind) else None
@@ -117,11 +124,17 @@ def faithfulness(
             right += truth in said
             known += truth is not None
             covered += truth is not None and truth in said
-    return {
+            if history is not None:
+                held = {_words(v).strip() for v in history[i].get(kind, ())} | {truth}
+                grounded += len(said & held)
+    out = {
         "precision": right / named if named else math.nan,
         "coverage": covered / known if known else math.nan,
         "mentions": named / len(texts) if texts else 0.0,
     }
+    if history is not None:
+        out["grounded"] = grounded / named if named else math.nan
+    return out
 
 
 def narrative_facts(
@@ -144,8 +157,27 @@ def narrative_facts(
         }
         for s, all_rows in service_rows.items()
     }
-    own = [{"brand": facts.brand[r], "category": facts.leaf[r], "band": facts.band[r]} for r in rows]
+    own = [item_facts_of(facts, r) for r in rows]
     return own, [vocab[s] for s in services]
+
+
+def item_facts_of(facts: ItemFacts, row: int) -> dict[str, str | None]:
+    """The brand, leaf category and price band of the item at table ``row`` (None where it has none)."""
+    return {"brand": facts.brand[row], "category": facts.leaf[row], "band": facts.band[row]}
+
+
+def history_facts(facts: ItemFacts, histories: Sequence[Sequence[int]]) -> list[dict[str, set[str]]]:
+    """For :func:`faithfulness`'s ``history``: per narrative the brands, leaf categories and price
+    bands of its user's history items (table rows)."""
+    out = []
+    for rows in histories:
+        held: dict[str, set[str]] = {"brand": set(), "category": set(), "band": set()}
+        for r in rows:
+            for kind, value in item_facts_of(facts, r).items():
+                if value:
+                    held[kind].add(value)
+        out.append(held)
+    return out
 
 
 def personalisation(

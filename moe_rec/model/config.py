@@ -96,6 +96,13 @@ class MoERecConfig(PretrainedConfig):
         text_token_range: list[int] | None = None,  # item-level model with text: the subword tokens'
         # [start, stop); a text head (tied to those rows and [EOS]) writes narratives
         text_loss_weight: float = 1.0,  # the narrative loss's weight beside the item loss
+        critique_plain_weight: float = 0.0,  # ranking a request with a critique: + this many times its
+        # scores without the critique (a product of the two distributions: the critique's reading,
+        # tempered by what the model knows of the user; moe_rec.eval.exact.request_parts)
+        narrative_copy: bool = False,  # item_embedding with text_token_range: the text head adds, per
+        # field f, c_f(h_t) to the logit of every subword of the explained item's field f (the item
+        # at or before t; the item words' table of item_words), so a narrative can name the brand,
+        # category and band of the item it is about
         item_vector_dropout: float = 0.0,  # item_embedding: in training, each item's learned vector is
         # left out with this probability per forward (its text part stays), so items also learn to
         # rank without one, as items unseen in training must (the cold-start benchmark)
@@ -107,10 +114,10 @@ class MoERecConfig(PretrainedConfig):
         item_phrases: bool = False,  # item_words: + at a critique's last word, each item field (brand,
         # leaf category, price band) whose whole subword sequence occurs in the critique (the longest
         # match only), weighted by the decoder at the match's end and at the critique's end
-        item_phrase_rank: int = 16,
+        item_phrase_rank: int = 16,  # item_phrases: width of the (critique end, match end) bilinear weight
         critique_field_query: bool = False,  # item_words: + at a critique's words W_f h_t against each
         # item's unit field-f vector (the decoder at the critique's end asks for a field directly, e.g.
-        # a band below the previous item's for "anything cheaper?")  # item_phrases: width of the (critique end, match end) bilinear weight
+        # a band below the previous item's for "anything cheaper?")
         critique_previous: bool = False,  # item_phrases: + at a critique's words g_f(h_t) for each item whose
         # field f (brand, category, band) is the previous item's (of the asked service): "not that
         # brand again" without reading the brand's name
@@ -198,6 +205,8 @@ class MoERecConfig(PretrainedConfig):
         self.distill_over = distill_over
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight
+        self.narrative_copy = narrative_copy
+        self.critique_plain_weight = critique_plain_weight
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -282,6 +291,18 @@ class MoERecConfig(PretrainedConfig):
                 )
             if self.item_words_input and not self.item_words:
                 raise ValueError("item_words_input needs item_words (the item word vectors it adds)")
+            if self.critique_plain_weight and not (self.critique_plain_weight > 0 and r is not None):
+                raise ValueError(
+                    f"critique_plain_weight {self.critique_plain_weight} needs a value >= 0 and "
+                    "text_token_range (sequences with critiques)"
+                )
+            if self.narrative_copy and not (
+                self.item_embedding and r is not None and self.item_word_slots >= 1
+            ):
+                raise ValueError(
+                    "narrative_copy needs item_embedding, text_token_range (sequences with critiques and "
+                    "narratives) and item_word_slots >= 1 (the explained item's words it copies)"
+                )
             if self.critique_field_query and not self.item_words:
                 raise ValueError("critique_field_query needs item_words (the field vectors it meets)")
             if self.item_price_bins and not (self.item_words and self.item_price_bins >= 2):

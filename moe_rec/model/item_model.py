@@ -76,6 +76,19 @@ def reference_word_bags(words: torch.Tensor, embedding: torch.Tensor, pad: int) 
     return out
 
 
+def reference_copy_logits(words: torch.Tensor, gates: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """:meth:`MoERecForItemPrediction.copy_logits` as a plain loop (for tests): each row's explained
+    item words (M, F, L) (ids outside [start, stop) are no subword) and field gates (M, F) -> (M, V + 1),
+    every distinct subword of field f getting gate f once per field that holds it; column V (``[EOS]``)
+    none."""
+    out = torch.zeros(words.shape[0], stop - start + 1, dtype=torch.float64)
+    for m in range(words.shape[0]):
+        for f in range(words.shape[1]):
+            for w in {int(i) for i in words[m, f] if start <= int(i) < stop}:
+                out[m, w - start] += float(gates[m, f])
+    return out
+
+
 PRICE_RELATIONS = ("below", "same", "above", "distance")  # item_price_bins: a bin against the previous item's
 
 
@@ -298,12 +311,13 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if config.item_text_prior:  # the weight of the last item's text similarity, in mean-code-logit units
             n = config.num_domains if config.item_text_prior_by_service else 1  # (1,): DeepSpeed takes no 0-d
             self.text_prior = nn.Parameter(torch.full((n,), TEXT_PRIOR_INIT))
-        self.word_weight: nn.Linear | None = None
-        if config.item_words:  # each item's subwords per field (saved with the weights, as item_text)
+        if config.item_words or config.narrative_copy:  # each item's subwords per field (saved with
+            # the weights, as item_text): critiques are matched against them, narratives copy them
             shape = (config.num_items, len(WORD_FIELDS), config.item_word_slots)
             self.register_buffer("item_words", torch.full(shape, config.pad_token_id, dtype=torch.long))
-            # a_f(h_s) of every critique word, per field; zero at the start (post_init), as a bias of 2.0
-            # made words of unseen phrasings count (docs/critiques.md)
+        self.word_weight: nn.Linear | None = None
+        if config.item_words:  # a_f(h_s) of every critique word, per field; zero at the start
+            # (post_init), as a bias of 2.0 made words of unseen phrasings count (docs/critiques.md)
             self.word_weight = nn.Linear(d, len(WORD_FIELDS))
         self.phrase_weight: nn.Linear | None = None
         if config.item_phrases:  # c_f(h_s) and the bilinear q_f(h_t) . k_f(h_s) of a matched phrase
@@ -322,6 +336,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             # Q absolute bin weights and 4 relative to the previous item's bin (below, same, above, distance)
             self.register_buffer("item_price_bin", torch.full((config.num_items,), -1, dtype=torch.long))
             self.price_weight = nn.Linear(d, config.item_price_bins + len(PRICE_RELATIONS))
+        self.copy_weight: nn.Linear | None = None
+        if config.narrative_copy:  # c_f(h_t): how much a narrative position copies the item's field f
+            self.copy_weight = nn.Linear(d, len(WORD_FIELDS))
         self._phrase_cache: tuple | None = None  # (key, phrase_table(...)) of the current item words
         self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
@@ -341,6 +358,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if self.price_weight is not None:  # no price term until training gives it one
             nn.init.zeros_(self.price_weight.weight)
             nn.init.zeros_(self.price_weight.bias)
+        if self.copy_weight is not None:  # no copying until training asks for it
+            nn.init.zeros_(self.copy_weight.weight)
+            nn.init.zeros_(self.copy_weight.bias)
 
     def set_train_catalogue(
         self, codes: torch.Tensor, service_tokens: torch.Tensor, trained: torch.Tensor | None = None
@@ -835,13 +855,43 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 logits[at] = torch.einsum("npd,pkd->npk", q[at], self.code_keys(s))
         return (logits / self.config.item_head_temperature).masked_fill(~valid, float("-inf"))
 
-    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., V + 1) the next text token's logits from decoder outputs (..., D): a dot product
+    def text_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, V + 1) the next text token's logits from decoder outputs (M, D): a dot product
         with the input embeddings of the V subwords, then of ``[EOS]`` (class V), as Gemma ties
-        its output to its input."""
+        its output to its input; with ``narrative_copy`` plus :meth:`copy_logits` of the explained
+        items' ``rows`` (M,)."""
         start, stop = self.config.text_token_range
         emb = self.model.embed_tokens.weight
-        return F.linear(hidden, torch.cat([emb[start:stop], emb[EOS : EOS + 1]]))
+        logits = F.linear(hidden, torch.cat([emb[start:stop], emb[EOS : EOS + 1]]))
+        if self.copy_weight is None:
+            return logits
+        if rows is None:
+            raise ValueError("narrative_copy: text_logits needs the explained items' rows")
+        return logits + self.copy_logits(hidden, rows).to(logits.dtype)
+
+    def explained_rows(self, item_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) the catalogue row of the last item at or before each position: the item a narrative
+        written there is about (the emitted item precedes ``[EXPLAIN]``); -1 where none."""
+        rows = self.position_rows(item_tokens)  # (B, T)
+        index = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
+        last = torch.where(rows >= 0, index, -1).cummax(dim=1).values
+        return torch.where(last >= 0, rows.gather(1, last.clamp_min(0)), -1)
+
+    def copy_logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(M, V + 1) with ``narrative_copy``: for each of M text positions (``hidden`` (M, D)) and its
+        explained item (``rows`` (M,), -1: none), ``c_f(h)`` added once to every distinct subword of
+        the item's field f, summed over the fields that hold it; zero for ``[EOS]`` and where a row is
+        -1. :func:`reference_copy_logits` is the plain version it is tested against."""
+        start, stop = self.config.text_token_range
+        words = self.item_words[rows.clamp_min(0)].sort(dim=-1).values  # (M, F, L)
+        repeat = torch.zeros_like(words, dtype=torch.bool)
+        repeat[..., 1:] = words[..., 1:] == words[..., :-1]
+        keep = (words >= start) & (words < stop) & ~repeat & (rows >= 0)[:, None, None]
+        cols = torch.where(keep, words - start, stop - start + 1)  # column V + 1 takes the rest
+        gates = self.copy_weight(hidden)  # (M, F)
+        out = gates.new_zeros(len(rows), stop - start + 2)
+        out.scatter_add_(1, cols.flatten(1), gates[..., None].expand(words.shape).flatten(1))
+        return out[:, : stop - start + 1]
 
     @torch.no_grad()
     def next_text_logits(
@@ -851,6 +901,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         user_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
+        explained_rows: torch.LongTensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """(B, V + 1) the text head's logits after the last position of left-padded prompts
@@ -859,14 +910,20 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         With ``past_key_values`` (a :class:`~moe_rec.model.cache.MoERecCache`, empty for the
         prefill) ``item_tokens`` / ``domain_ids`` are only the positions after the cached ones,
         ``attention_mask`` covers the cached positions and the new ones (B, S), and the cache is
-        updated in place (keys, values and the router's running profile)."""
+        updated in place (keys, values and the router's running profile). ``explained_rows`` (B,):
+        with ``narrative_copy``, the items the narratives are about (:meth:`explained_rows` of the
+        prompts); needed once the cache holds them, read from ``item_tokens`` otherwise."""
         if self.config.text_token_range is None:
             raise ValueError("this model has no text head (trained without critiques and narratives)")
+        if self.copy_weight is not None and explained_rows is None:
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("narrative_copy: after the prefill, pass the explained items' rows")
+            explained_rows = self.explained_rows(item_tokens)[:, -1]
         hidden, _, _ = self.model(
             None, domain_ids, user_ids=user_ids, attention_mask=attention_mask,
             past_key_values=past_key_values, inputs_embeds=self.embed_positions(item_tokens),
         )  # fmt: skip
-        return self.text_logits(hidden[:, -1])
+        return self.text_logits(hidden[:, -1], explained_rows)
 
     def forward(
         self,
@@ -965,7 +1022,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if text_labels is not None and self.config.text_token_range is not None:
                 written = text_labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t writes t + 1
                 if bool(written.any()):  # only the positions that write text pay for the head
-                    logits_t = self.text_logits(hidden[:, :-1][written]).float()
+                    rows = (
+                        self.explained_rows(item_tokens)[:, :-1][written]
+                        if self.copy_weight is not None
+                        else None
+                    )
+                    logits_t = self.text_logits(hidden[:, :-1][written], rows).float()
                     out.text_loss = F.cross_entropy(logits_t, text_labels[:, 1:][written])
                     out.lm_loss = out.lm_loss + self.config.text_loss_weight * out.text_loss
             out.loss = out.lm_loss + (out.aux_loss if out.aux_loss is not None else 0.0)

@@ -47,11 +47,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from moe_rec.data.positions import item_batch, left_pad
+from moe_rec.data.positions import left_pad
 from moe_rec.data.sequences import asked_last, prompt, user_bucket
 from moe_rec.data.vocab import CRITIQUE
 from moe_rec.eval.beam_search import constrained_beam_search
-from moe_rec.eval.exact import ServiceCatalogue, request_log_probs, top_for_requests
+from moe_rec.eval.exact import ServiceCatalogue, request_parts, top_for_requests
 from moe_rec.eval.narrate import narrative_prompt, write_narratives
 from moe_rec.export.bundle import Bundle, load_bundle
 from moe_rec.model import MoERecForItemPrediction
@@ -403,9 +403,9 @@ class Recommender:
     def _score_exactly(self, batch: list[_Job]) -> list[list[tuple[int, float]]]:
         """The item-level model: every item of each job's service scored exactly, the excluded
         ones left out; per job, its ``(table row, score)`` of the ``max_k`` best, best first."""
-        inputs = item_batch([{**j.prompt, "user": ""} for j in batch], self.vocab, 1, left_pad=True)
-        inputs["user_ids"] = torch.tensor([j.user for j in batch])
-        log_probs, query, own = request_log_probs(self.bundle.model, inputs)
+        rows = [{**j.prompt, "user": ""} for j in batch]
+        users = torch.tensor([j.user for j in batch])
+        log_probs, query, own = request_parts(self.bundle.model, rows, self.vocab, users)
         rows, scores = top_for_requests(
             log_probs, [j.service for j in batch], self.exact, self.config.max_k, [j.excluded_rows for j in batch],
             query, self.item_vectors, own,

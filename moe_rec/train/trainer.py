@@ -76,13 +76,14 @@ def model_config(
     """The decoder for ``vocab``: a named size, the vocabulary's token count and service slots, and
     for the item-level model (``kind: item``) the token range of each code position and, with a
     per-item term (``item_embedding``), the catalogue's ``num_items`` (and with ``item_text`` the
-    text embeddings' width ``text_dim``, with ``item_words`` the subwords per field ``word_slots``)."""
+    text embeddings' width ``text_dim``, with item words (:func:`uses_item_words`) the subwords per field
+    ``word_slots``)."""
     ranges = {"code_token_ranges": code_token_ranges(vocab)} if section.kind == "item" else {}
     if section.overrides.get("item_embedding"):
         ranges["num_items"] = num_items
     if section.kind == "item" and section.overrides.get("item_text"):
         ranges["item_text_dim"] = text_dim
-    if section.kind == "item" and section.overrides.get("item_words"):
+    if section.kind == "item" and uses_item_words(section.overrides):
         ranges["item_word_slots"] = word_slots
     if section.kind == "item" and vocab.text_size:  # sequences with critiques and narratives
         ranges["text_token_range"] = [vocab.text_offset, vocab.size]
@@ -101,13 +102,22 @@ def model_config(
     return cfg.dense_twin() if section.dense else cfg
 
 
+def uses_item_words(overrides: dict) -> bool:
+    """Whether a model with these ``model.overrides`` holds the catalogue's item words: critiques
+    are matched against them (``item_words``), narratives copy them (``narrative_copy``)."""
+    return bool(overrides.get("item_words") or overrides.get("narrative_copy"))
+
+
 def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary) -> torch.Tensor:
     """(N, F, L) the catalogue's words (:mod:`moe_rec.data.item_words`) in the run's subwords."""
     from moe_rec.data.item_words import item_words
     from moe_rec.data.text_tokenizer import TextTokenizer
 
     if not vocab.text_size:
-        raise ConfigError("model.overrides.item_words needs sequences with critiques (critiques.enabled)")
+        raise ConfigError(
+            "model.overrides.item_words and narrative_copy need sequences with critiques (critiques.enabled); "
+            "without critiques set both to false"
+        )
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
     tokenizer = TextTokenizer.load(cfg.sequences_dir)
     keys = [(sids.services[int(s)], item) for s, item in zip(sids.service_index, sids.item_ids, strict=True)]
@@ -351,7 +361,7 @@ class Trainer:
             )
         text_dim = self.item_text.shape[1] if self.item_text is not None else 0
         self.item_words = None  # (N, F, L) with item_words: each item's subwords per field, by table row
-        if cfg.model.kind == "item" and cfg.model.overrides.get("item_words"):
+        if cfg.model.kind == "item" and uses_item_words(cfg.model.overrides):
             self.item_words = _item_words(cfg, self.sids, self.vocab)
         word_slots = self.item_words.shape[2] if self.item_words is not None else 0
         self.model_config = model_config(cfg.model, self.vocab, len(self.sids), text_dim, word_slots)

@@ -227,14 +227,32 @@ def test_distractors_go_before_training_critiques_only_and_never_cut_the_critiqu
     assert cut["input_ids"][i + 1 : i + 1 + len(words)] == words
     _, none = _builders(critiques_per_user=1, distractors=str(pool), distractor_share=0.0)
     assert list(none.train_samples("u", EVENTS, rows, [])) == [undistracted]
+    # after the critique: its words first, then the sentence, then the asked service as before
+    _, late = _builders(
+        critiques_per_user=1, distractors=str(pool), distractor_share=1.0, distractor_place="after"
+    )
+    (after,) = late.train_samples("u", EVENTS, rows, [])
+    extra, end = len(after["input_ids"]) - len(undistracted["input_ids"]), start + len(words)
+    assert after["input_ids"][start:end] == words
+    talk = after["input_ids"][end : end + extra]
+    assert late.tokenizer.decode(i - plain.vocab.text_offset for i in talk) in {"hello there", "thanks a lot"}
+    assert after["input_ids"][end + extra :] == undistracted["input_ids"][end:]
 
 
 def test_distractor_share_and_bad_pools(tmp_path: Path) -> None:
     pool = [f"s{k}" for k in range(7)]
     picks = [distractor_for(f"u{k}", "a", k % 13, pool, 0.3) for k in range(4000)]
     assert abs(sum(p is not None for p in picks) / 4000 - 0.3) < 0.03
-    assert set(picks) - {None} == set(pool)  # every sentence gets used
+    assert {p[0] for p in picks if p} == set(pool)  # every sentence gets used
+    assert not any(p[1] for p in picks if p)  # "before" by default
     assert picks == [distractor_for(f"u{k}", "a", k % 13, pool, 0.3) for k in range(4000)]  # a rebuild agrees
+    either = [distractor_for(f"u{k}", "a", k % 13, pool, 0.3, "either") for k in range(4000)]
+    assert [p is None for p in either] == [p is None for p in picks]  # the place moves no critique in or out
+    assert abs(sum(p[1] for p in either if p) / sum(p is not None for p in either) - 0.5) < 0.05
+    assert {p[0] for p in either if p and p[1]} == {p[0] for p in either if p and not p[1]} == set(pool)
+    assert all(p[1] for p in (distractor_for(f"u{k}", "a", 1, pool, 1.0, "after") for k in range(50)))
+    with pytest.raises(ValueError, match="distractor_place must be one of before, after, either"):
+        TextSampleConfig(distractor_place="middle")
     with pytest.raises(DataError, match="sequences.text.distractors: cannot read"):
         read_distractors(tmp_path / "missing.txt")
     (tmp_path / "blank.txt").write_text("\n  \n")

@@ -542,3 +542,61 @@ def test_zero_trailing_query_columns_are_skipped_without_changing_the_ranking() 
     scores, ranked = top_items(log_probs, codes, 20, query=query, vectors=vectors, chunk_items=64)
     torch.testing.assert_close(scores.double(), reference.gather(1, ranked), atol=1e-4, rtol=0)
     assert torch.equal(ranked, reference.topk(20, dim=1).indices)
+
+
+@pytest.mark.parametrize("seed, weight", [(21, 0.5), (22, 1.0), (23, 2.5)])
+def test_a_critique_ranking_with_its_plain_twin_ranks_the_sum_of_both_scores(
+    seed: int, weight: float
+) -> None:
+    """rank_exact with ``plain_weight`` w: the top 10 of each request's whole-service scores with the
+    critique plus w x its scores without it (each from service_scores: code log-probs, the per-item
+    term, the text prior's own-item correction); w = 0 is the critique's ranking alone, requests
+    without a critique rank as before, and the model's ``critique_plain_weight`` is the default."""
+    from moe_rec.data.vocab import CRITIQUE
+    from moe_rec.eval.exact import request_log_probs, service_scores
+
+    table, vocab, start, model = _critique_model(seed, item_text=True, item_text_dim=5, item_text_prior=True)
+    model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
+    g = torch.Generator().manual_seed(seed)
+    model.set_item_text(torch.randn(len(table), 5, generator=g))
+    words = start + torch.randint(TEXT_SIZE, (len(table), 4, 3), generator=g)
+    model.set_item_words(words)
+    with torch.no_grad():
+        model.item_embed.weight.normal_(0, 0.3, generator=g)
+        model.word_weight.weight.normal_(0, 0.3, generator=g)
+    plain = [r for r in _requests(table, seed, n=9) if r["history"]]
+    critiqued = []
+    for r in plain:
+        crit = [CRITIQUE, start + int(torch.randint(TEXT_SIZE, (1,), generator=g)), start + 2]
+        ids, doms = r["input_ids"], r["domain_ids"]
+        critiqued.append(
+            {**r, "input_ids": ids[:-1] + crit + ids[-1:], "domain_ids": doms[:-1] + doms[-1:] * 4}
+        )
+    catalogue = ServiceCatalogue(table)
+    vectors = model.item_table()
+    text_vocab = dataclasses.replace(vocab, text_size=TEXT_SIZE)
+    with torch.no_grad():
+        alone = rank_exact(model, catalogue, critiqued, 10, vectors=vectors)
+        mixed = rank_exact(model, catalogue, critiqued, 10, vectors=vectors, plain_weight=weight)
+        without = rank_exact(model, catalogue, plain, 10, vectors=vectors)
+        assert torch.equal(
+            rank_exact(model, catalogue, plain, 10, vectors=vectors, plain_weight=weight), without
+        )
+        model.config.critique_plain_weight = weight  # the model's own weight is the default
+        assert torch.equal(rank_exact(model, catalogue, critiqued, 10, vectors=vectors), mixed)
+        assert torch.equal(
+            rank_exact(model, catalogue, critiqued, 10, vectors=vectors, plain_weight=0.0), alone
+        )
+        model.config.critique_plain_weight = 0.0
+        for i, (c, p) in enumerate(zip(critiqued, plain, strict=True)):
+            both = []
+            for row in (c, p):
+                lp, q, own = request_log_probs(model, item_batch([row], text_vocab, 16, left_pad=True))
+                both.append(service_scores(lp, row["service"], catalogue, q, vectors, own)[0].double())
+            local = catalogue.rows[c["service"]]
+            for ranking, score in ((alone[i], both[0]), (mixed[i], both[0] + weight * both[1])):
+                best = score.topk(10).values
+                got = score[catalogue.local_of(ranking, c["service"])]
+                torch.testing.assert_close(got, best, atol=1e-4, rtol=0)
+                assert set(ranking.tolist()) <= set(local.tolist())
+    assert not torch.equal(mixed, alone)  # the plain scores move some ranking

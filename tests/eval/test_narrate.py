@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from moe_rec.data.positions import code_token_ranges
-from moe_rec.data.vocab import BOS, CRITIQUE, Vocabulary
+from moe_rec.data.positions import code_token_ranges, item_batch
+from moe_rec.data.vocab import BOS, CRITIQUE, PAD, Vocabulary
 from moe_rec.eval.narrate import narrative_prompt, repeated, write_narratives
 from moe_rec.model import MoERecForItemPrediction, build_config, model_class
 
@@ -39,9 +39,11 @@ def _narrating_model(seed: int, kind: str) -> MoERecForItemPrediction:
     torch.manual_seed(seed)
     start, stop = NARRATE_VOCAB.text_offset, NARRATE_VOCAB.size
     fields: dict = {}
-    if kind == "items":
+    if kind in ("items", "copy"):
         fields = dict(item_loss="items", item_embedding=True, num_items=12, item_text=True, item_text_dim=5,
                       item_text_prior=True)  # fmt: skip
+    if kind == "copy":
+        fields.update(item_word_slots=4, narrative_copy=True)  # the words' table without the critique term
     cfg = build_config(
         "tiny", vocab_size=NARRATE_VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="domain_user",
         code_token_ranges=code_token_ranges(NARRATE_VOCAB), text_token_range=[start, stop],
@@ -49,22 +51,31 @@ def _narrating_model(seed: int, kind: str) -> MoERecForItemPrediction:
     )  # fmt: skip
     cfg = cfg.dense_twin() if kind == "dense" else cfg
     model = model_class(cfg)(cfg).eval()
-    if kind == "items":
+    if kind in ("items", "copy"):
         g = torch.Generator().manual_seed(seed)
-        codes = torch.randint(8, (12, 4), generator=g)
-        codes[:, 3] = torch.arange(12) % 4  # distinct (service, codes) keys
         model.set_train_catalogue(
-            codes, torch.tensor([NARRATE_VOCAB.service_token("abc"[i % 3]) for i in range(12)])
+            CATALOGUE_CODES, torch.tensor([NARRATE_VOCAB.service_token("abc"[i % 3]) for i in range(12)])
         )
         model.set_item_text(torch.randn(12, 5, generator=g))
         with torch.no_grad():
             model.item_embed.weight.normal_(0, 0.1)
+    if kind == "copy":  # random item words, and copy gates large enough to steer the greedy choice
+        words = start + torch.randint(stop - start, (12, 4, 4), generator=g)
+        words[torch.rand(words.shape, generator=g) < 0.3] = PAD
+        model.set_item_words(words)
+        with torch.no_grad():
+            model.copy_weight.weight.normal_(0, 0.5, generator=g)
     return model
 
 
-def _prompts(seed: int, n: int) -> list[dict]:
+CATALOGUE_CODES = torch.stack([torch.arange(12) % 8, (torch.arange(12) * 3) % 8, torch.arange(12) // 3 % 8,
+                               torch.arange(12) % 4], dim=1)  # fmt: skip  # distinct (service, codes) keys
+
+
+def _prompts(seed: int, n: int, catalogue: bool = False) -> list[dict]:
     """``n`` narrative prompts of random histories (0 to 6 events), half with a critique of 1 to 5
-    words, each for a random item of a random service."""
+    words, each for a random item of a random service (``catalogue``: a random item of
+    :data:`CATALOGUE_CODES`, with its service)."""
     rng = random.Random(seed)
     v, prompts = NARRATE_VOCAB, []
     for _ in range(n):
@@ -79,14 +90,19 @@ def _prompts(seed: int, n: int) -> list[dict]:
             ids += [CRITIQUE, *words]
             doms += [doms[-1]] * (len(words) + 1)
         asked = rng.randrange(3)
+        codes = [rng.randrange(8) for _ in range(3)] + [rng.randrange(4)]
+        if catalogue:
+            row = rng.randrange(12)
+            asked, codes = row % 3, CATALOGUE_CODES[row].tolist()
         request = {"input_ids": [*ids, v.service_token(v.services[asked])], "domain_ids": [*doms, asked]}
-        item = v.item_tokens(v.services[asked], [rng.randrange(8) for _ in range(3)] + [rng.randrange(4)])
+        item = v.item_tokens(v.services[asked], codes)
         prompts.append(narrative_prompt(request, item, v))
     return prompts
 
 
 CASES = [("moe", 0, 1, 10, 3), ("moe", 1, 5, 16, 3), ("moe", 2, 8, 24, 2), ("dense", 3, 5, 16, 3),
-     ("dense", 4, 7, 20, 0), ("items", 5, 6, 16, 3), ("items", 6, 4, 12, 1)]  # fmt: skip
+     ("dense", 4, 7, 20, 0), ("items", 5, 6, 16, 3), ("items", 6, 4, 12, 1), ("copy", 7, 6, 16, 3),
+     ("copy", 8, 5, 12, 0)]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind, seed, n, max_tokens, no_repeat", CASES)
@@ -97,7 +113,7 @@ def test_cached_narratives_match_the_uncached_reference(
     whole forward over freshly padded prompts), with the same logits at every step up to fp32
     rounding, on prompts of different lengths in one batch, some narratives ending early."""
     model = _narrating_model(seed, kind)
-    prompts = _prompts(seed, n)
+    prompts = _prompts(seed, n, catalogue=kind == "copy")
     users = [random.Random(seed + i).randrange(16) for i in range(n)]
     runs = {}
     for use_cache in (False, True):
@@ -120,7 +136,7 @@ def test_the_parity_cases_read_their_prompts_and_end_at_different_steps() -> Non
     and in some batches a narrative ends at [EOS] while others go on (its row leaves the cache)."""
     mixed = 0
     for kind, seed, n, max_tokens, no_repeat in CASES:
-        texts = write_narratives(_narrating_model(seed, kind), _prompts(seed, n),
+        texts = write_narratives(_narrating_model(seed, kind), _prompts(seed, n, catalogue=kind == "copy"),
                                  [0] * n, NARRATE_VOCAB, max_tokens, no_repeat)  # fmt: skip
         assert n == 1 or len({tuple(t) for t in texts}) > 1
         mixed += len({len(t) for t in texts}) > 1
@@ -131,3 +147,26 @@ def test_no_prompts_no_narratives() -> None:
     model = _narrating_model(0, "dense")
     assert write_narratives(model, [], [], NARRATE_VOCAB) == []
     assert write_narratives(model, [], [], NARRATE_VOCAB, use_cache=False) == []
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_copy_gates_write_the_explained_items_words(use_cache: bool) -> None:
+    """narrative_copy reads the item the prompt explains, not one of its history: with field 0's gate
+    at +50 every narrative whose item has field-0 words opens with one of them, and stays with them
+    while they last (no-repeat 1)."""
+    model = _narrating_model(9, "copy")
+    with torch.no_grad():
+        model.copy_weight.weight.zero_()
+        model.copy_weight.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))
+    prompts = _prompts(9, 8, catalogue=True)
+    texts = write_narratives(model, prompts, [0] * 8, NARRATE_VOCAB, 6, 1, use_cache=use_cache)
+    t0, checked = NARRATE_VOCAB.text_offset, 0
+    for prompt, text in zip(prompts, texts, strict=True):
+        row = int(
+            model.explained_rows(item_batch([{**prompt, "user": ""}], NARRATE_VOCAB, 1)["item_tokens"])[0, -1]
+        )
+        own = {int(w) - t0 for w in model.item_words[row, 0] if int(w) != PAD}
+        if own:
+            checked += 1
+            assert set(text[: len(own)]) == own
+    assert checked >= 4

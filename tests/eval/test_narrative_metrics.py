@@ -67,6 +67,13 @@ def test_faithfulness_counts_right_and_covered_values_by_hand() -> None:
     # named: budget, lotions, dove | premium, soap -> 5; right: lotions, dove, premium, soap -> 4
     # known: 3 + 2 = 5 values; covered: lotions, dove, premium, soap -> 4
     assert got == {"precision": 4 / 5, "coverage": 4 / 5, "mentions": 5 / 2}
+    # the first user bought a budget item before: "budget" is grounded in the history, not made up
+    history = [{"brand": {"Nivea"}, "category": set(), "band": {"budget"}}, {"brand": {"dove"}}]
+    got = faithfulness(texts, facts, [vocab, vocab], history)
+    assert got == {"precision": 4 / 5, "coverage": 4 / 5, "mentions": 5 / 2, "grounded": 5 / 5}
+    texts[1] = "premium soap by nivea"  # nivea: neither the second item's brand nor its user's
+    got = faithfulness(texts, facts, [vocab, vocab], history)
+    assert got["precision"] == 4 / 6 and got["grounded"] == 5 / 6
 
 
 def test_personalisation_counts_wins_against_other_users_by_hand() -> None:
