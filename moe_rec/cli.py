@@ -452,6 +452,9 @@ def stage_eval_critiques(
         raise ConfigError(f"{name} reads no text (trained without critiques); train with critiques.enabled")
     requests = datasets.Dataset.from_parquet(str(split_dir / "*.parquet")).to_list()
     facts = item_facts(store.load_table(cfg.data_dir, store.ITEMS_DIR), table, cfg.critiques)
+    depth, weight = cfg.eval.filter_depth, cfg.eval.critique_plain_weight
+    if weight is None:  # the model's own
+        weight = getattr(model.config, "critique_plain_weight", 0.0)
     metrics = evaluate_critiques(
         model,
         table,
@@ -459,12 +462,9 @@ def stage_eval_critiques(
         facts,
         batch_size=cfg.eval.batch_size,
         exclude_seen=cfg.eval.exclude_seen,
-        depth=cfg.eval.filter_depth,
-        plain_weight=cfg.eval.critique_plain_weight,
+        depth=depth,
+        plain_weight=weight,
     )
-    depth, weight = cfg.eval.filter_depth, cfg.eval.critique_plain_weight
-    if weight is None:
-        weight = getattr(model.config, "critique_plain_weight", 0.0)
     report = {
         "model": name,
         "split": CRITIQUE_SPLITS[cfg.eval.split],
@@ -501,14 +501,15 @@ def stage_eval_narratives(
     from moe_rec.data.sequences import user_bucket
     from moe_rec.data.text_tokenizer import TextTokenizer
     from moe_rec.eval.critiques import item_facts
-    from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact, request_vocabulary
-    from moe_rec.eval.narrate import MAX_NARRATIVE_TOKENS, narrative_prompt, write_narratives
-    from moe_rec.eval.narrative_eval import (
-        item_titles,
+    from moe_rec.eval.exact import (
+        ServiceCatalogue,
+        gathered_item_table,
+        rank_exact,
         request_history_rows,
-        request_personalisation,
-        score_references,
+        request_vocabulary,
     )
+    from moe_rec.eval.narrate import MAX_NARRATIVE_TOKENS, narrative_prompt, write_narratives
+    from moe_rec.eval.narrative_eval import item_titles, request_personalisation, score_references
     from moe_rec.eval.narrative_metrics import (
         consistency,
         diversity,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from moe_rec.console import progress
 from moe_rec.data.cold_start import cold_groups, cold_labels
-from moe_rec.data.positions import code_token_ranges, item_batch
+from moe_rec.data.positions import code_token_ranges, item_batch, split_positions
 from moe_rec.data.text_samples import without_critique
 from moe_rec.data.vocab import CRITIQUE, Vocabulary
 from moe_rec.eval.config import EvalConfig
@@ -435,6 +435,13 @@ def history_rows(item_tokens: torch.Tensor, service: str, table: SIDTable) -> li
     return [int(r) for r in table.rows_for_codes(service, events[:, 1:] - starts) if r >= 0]
 
 
+def request_history_rows(request: dict[str, Any], vocab: Vocabulary, table: SIDTable) -> list[int]:
+    """Table rows of one request's history items in its asked service (``input_ids``,
+    ``domain_ids``, ``service``): what ``exclude_seen`` leaves out, what narratives describe."""
+    tokens = torch.from_numpy(split_positions(request["input_ids"], request["domain_ids"], vocab).tokens)
+    return history_rows(tokens, request["service"], table)
+
+
 def request_vocabulary(model: MoERecForItemPrediction, table: SIDTable) -> Vocabulary:
     """The vocabulary a request to ``model`` is written in: the SID table's, plus the text tokens of
     a model that reads critiques (``text_token_range``)."""
@@ -459,10 +466,7 @@ def rank_exact(
     table = catalogue.table
     vocab = request_vocabulary(model, table)
     services = [r["service"] for r in rows]
-    exclude = None
-    if exclude_seen:
-        tokens = item_batch(rows, vocab, model.config.num_user_buckets, left_pad=True)["item_tokens"]
-        exclude = [history_rows(tokens[i], s, table) for i, s in enumerate(services)]
+    exclude = [request_history_rows(r, vocab, table) for r in rows] if exclude_seen else None
     log_probs, query, own = request_parts(model, rows, vocab, plain_weight=plain_weight)
     vectors = vectors if vectors is not None else model.item_table()
     ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, vectors, own)

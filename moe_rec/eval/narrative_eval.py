@@ -12,9 +12,8 @@ from typing import Any
 import torch
 
 from moe_rec.data.critiques import load_rows
-from moe_rec.data.positions import split_positions
 from moe_rec.data.sequences import user_bucket
-from moe_rec.eval.exact import history_rows
+from moe_rec.eval.exact import request_history_rows
 from moe_rec.eval.narrate import narrative_prompt, write_narratives
 from moe_rec.eval.narrative_metrics import against_references, personalisation
 from moe_rec.eval.narrative_references import (
@@ -28,13 +27,6 @@ def item_titles(items: Any) -> dict[tuple[str, str], str]:
     """Every catalogue item's title ("" where it has none) by ``(service, item id)``."""
     columns = (items.column(c).to_pylist() for c in ("service", "item_id", "title"))
     return {(s, str(i)): t or "" for s, i, t in zip(*columns, strict=True)}
-
-
-def request_history_rows(request: dict, vocab: Any, table: Any) -> list[int]:
-    """Table rows of a request's history items in its asked service (what the training narratives
-    describe of the user)."""
-    tokens = torch.from_numpy(split_positions(request["input_ids"], request["domain_ids"], vocab).tokens)
-    return history_rows(tokens, request["service"], table)
 
 
 def request_personalisation(

@@ -600,3 +600,23 @@ def test_a_critique_ranking_with_its_plain_twin_ranks_the_sum_of_both_scores(
                 torch.testing.assert_close(got, best, atol=1e-4, rtol=0)
                 assert set(ranking.tolist()) <= set(local.tolist())
     assert not torch.equal(mixed, alone)  # the plain scores move some ranking
+
+
+def test_exclude_seen_leaves_out_exactly_the_asked_services_history_items() -> None:
+    """rank_exact(exclude_seen=True): each ranking is the one without exclusion with the request's
+    own history items of the asked service (read from its ``history`` picks) taken out, in order."""
+    table = _table(31)
+    model = _model(table, 31)
+    requests = _requests(table, 31, n=12)
+    catalogue = ServiceCatalogue(table)
+    every = max(SIZES.values())
+    full = rank_exact(model, catalogue, requests, every)
+    kept = rank_exact(model, catalogue, requests, every, exclude_seen=True)
+    removed = 0
+    for i, r in enumerate(requests):
+        seen = {row for row in r["history"] if table.services[int(table.service_index[row])] == r["service"]}
+        expected = [row for row in full[i].tolist() if row >= 0 and row not in seen]
+        got = [row for row in kept[i].tolist() if row >= 0]
+        assert got == expected
+        removed += len(seen)
+    assert removed > 0  # some request has history in its asked service
