@@ -66,6 +66,14 @@ def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain
     assert metrics["held_out/critique/ndcg@10"] * metrics["held_out/count"] == pytest.approx(
         sum(metrics[f"family:{f}/critique/ndcg@10"] * families[f] for f in held), abs=1e-9
     )
+    for kind in {
+        t for r in requests for t in r["types"]
+    }:  # a type split by its wording: the two parts sum up
+        parts = [f"{w}:{kind}" for w in ("seen", "held_out") if f"{w}:{kind}/count" in metrics]
+        assert sum(metrics[f"{p}/count"] for p in parts) == metrics[f"{kind}/count"]
+        assert sum(metrics[f"{p}/filter/ndcg@10"] * metrics[f"{p}/count"] for p in parts) == pytest.approx(
+            metrics[f"{kind}/filter/ndcg@10"] * metrics[f"{kind}/count"], abs=1e-9
+        )
 
     predictions = tmp_path / "plain.jsonl"
     assert main(["eval", *args, "--checkpoint", "latest", "--save-predictions", str(predictions)]) == 0

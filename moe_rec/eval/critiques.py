@@ -131,9 +131,9 @@ def evaluate_critiques(
 ) -> dict[str, float]:
     """Metrics of ``requests`` (critique requests) with and without the critique, the rule filter
     and satisfaction (module docstring): keys ``{scope}/{model}/{metric}``, scope ``all``, a type,
-    ``seen`` or ``held_out``, or ``family:<name>`` (the wording family); model ``critique``,
-    ``plain``, ``filter``; metric ``recall@10``, ``ndcg@10``, ``satisfied_<type>``;
-    ``{scope}/count`` requests. ``depth``: items of each ranking
+    ``seen`` or ``held_out``, ``family:<name>`` (the wording family), or ``seen:<type>`` /
+    ``held_out:<type>`` (a type by its wording); model ``critique``, ``plain``, ``filter``; metric
+    ``recall@10``, ``ndcg@10``, ``satisfied_<type>``; ``{scope}/count`` requests. ``depth``: items of each ranking
     kept, so the rule filter reorders the top ``depth`` of the ranking without the critique (deeper
     is a stronger filter: more items that satisfy the critique reach its front). ``plain_weight``:
     the ranking with the critique adds this many times the scores without it (default: the
@@ -165,7 +165,14 @@ def evaluate_critiques(
             **{n: ranked[n][j] for n in ranked},
             "filter": rule_filter(ranked["plain"][j], wanted, facts),
         }
-        scopes = ["all", *r["types"], "held_out" if r["held_out"] else "seen", f"family:{r['family']}"]
+        wording = "held_out" if r["held_out"] else "seen"
+        scopes = [
+            "all",
+            *r["types"],
+            wording,
+            f"family:{r['family']}",
+            *(f"{wording}:{t}" for t in r["types"]),
+        ]
         for scope in scopes:
             sums[f"{scope}/count"] += 1
             for name, ranking in lists.items():

@@ -110,6 +110,8 @@ def _cached_step(
     }
     if model.copy_weight is not None:  # narrative_copy: the items the narratives are about (B,)
         state["explained"] = model.explained_rows(batch["item_tokens"])[:, -1]
+    if model.history_copy_weight is not None:  # narrative_history_copy: their histories (B, F, V + 1)
+        state["history"] = model.prompt_history(batch["item_tokens"])
     slots = batch["item_tokens"].shape[-1]
 
     def step(live: list[int], out: list[list[int]]) -> torch.Tensor:
@@ -123,7 +125,7 @@ def _cached_step(
             where = {i: r for r, i in enumerate(state["rows"])}
             keep = torch.tensor([where[i] for i in live], device=device)
             cache.batch_select_indices(keep)
-            for key in ("mask", "users", "domains", "explained"):
+            for key in ("mask", "users", "domains", "explained", "history"):
                 if key in state:
                     state[key] = state[key][keep]
             state["rows"] = list(live)
@@ -132,7 +134,7 @@ def _cached_step(
         state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(live), 1)], dim=1)
         return model.next_text_logits(
             tokens.to(device), state["domains"], state["users"], state["mask"], past_key_values=cache,
-            explained_rows=state.get("explained"),
+            explained_rows=state.get("explained"), history_bags=state.get("history"),
         )  # fmt: skip
 
     return step

@@ -103,6 +103,9 @@ class MoERecConfig(PretrainedConfig):
         # field f, c_f(h_t) to the logit of every subword of the explained item's field f (the item
         # at or before t; the item words' table of item_words), so a narrative can name the brand,
         # category and band of the item it is about
+        narrative_history_copy: bool = False,  # narrative_copy: + per field f h_f(h_t) times the share of
+        # the history's items (the explained item's service, before it) whose field f holds each
+        # subword, so the taste line can name the user's own categories and brands
         item_vector_dropout: float = 0.0,  # item_embedding: in training, each item's learned vector is
         # left out with this probability per forward (its text part stays), so items also learn to
         # rank without one, as items unseen in training must (the cold-start benchmark)
@@ -121,6 +124,9 @@ class MoERecConfig(PretrainedConfig):
         critique_previous: bool = False,  # item_phrases: + at a critique's words g_f(h_t) for each item whose
         # field f (brand, category, band) is the previous item's (of the asked service): "not that
         # brand again" without reading the brand's name
+        critique_named_previous: bool = False,  # item_phrases: a matched phrase that the previous item
+        # holds gets d_f(h_s) more (h_s at the match's end): naming the previous item's brand or
+        # category asks to leave it whatever the wording, naming another asks for it
         critique_relative_scale: float = 1.0,  # the critique_previous and item_price_bins terms times this
         # (their weights start at zero and, under Adam, grow about as fast whatever the scale: a larger
         # one lets them reach a larger term in as many steps)
@@ -199,6 +205,7 @@ class MoERecConfig(PretrainedConfig):
         self.critique_field_query = critique_field_query
         self.item_price_bins = item_price_bins
         self.critique_previous = critique_previous
+        self.critique_named_previous = critique_named_previous
         self.critique_relative_scale = critique_relative_scale
         self.critique_loss_weight = critique_loss_weight
         self.distill_weight = distill_weight
@@ -206,6 +213,7 @@ class MoERecConfig(PretrainedConfig):
         self.text_token_range = [int(x) for x in text_token_range] if text_token_range else None
         self.text_loss_weight = text_loss_weight
         self.narrative_copy = narrative_copy
+        self.narrative_history_copy = narrative_history_copy
         self.critique_plain_weight = critique_plain_weight
         super().__init__(
             pad_token_id=pad_token_id,
@@ -303,12 +311,15 @@ class MoERecConfig(PretrainedConfig):
                     "narrative_copy needs item_embedding, text_token_range (sequences with critiques and "
                     "narratives) and item_word_slots >= 1 (the explained item's words it copies)"
                 )
+            if self.narrative_history_copy and not self.narrative_copy:
+                raise ValueError("narrative_history_copy needs narrative_copy (the copy path it extends)")
             if self.critique_field_query and not self.item_words:
                 raise ValueError("critique_field_query needs item_words (the field vectors it meets)")
             if self.item_price_bins and not (self.item_words and self.item_price_bins >= 2):
                 raise ValueError("item_price_bins needs item_words (critique positions) and at least 2 bins")
-            if self.critique_previous and not self.item_phrases:
-                raise ValueError("critique_previous needs item_phrases (the phrases it weights)")
+            for name in ("critique_previous", "critique_named_previous"):
+                if getattr(self, name) and not self.item_phrases:
+                    raise ValueError(f"{name} needs item_phrases (the phrases it weights)")
             if self.item_phrases and not (self.item_words and self.item_phrase_rank >= 0):
                 raise ValueError(
                     "item_phrases needs item_words (the fields it matches) and item_phrase_rank >= 0"

@@ -89,6 +89,22 @@ def reference_copy_logits(words: torch.Tensor, gates: torch.Tensor, start: int, 
     return out
 
 
+def reference_history_copy(
+    history: list[torch.Tensor], gates: torch.Tensor, start: int, stop: int
+) -> torch.Tensor:
+    """:meth:`MoERecForItemPrediction.history_copy_logits` of :meth:`~MoERecForItemPrediction.history_shares`
+    as a plain loop (for tests): per position m its history items' words (H_m, F, L) (ids outside
+    [start, stop) are no subword) and its field gates (M, F) -> (M, V + 1), every distinct subword of
+    an item's field f getting gate f / H_m once per history item and field holding it."""
+    out = torch.zeros(len(history), stop - start + 1, dtype=torch.float64)
+    for m, words in enumerate(history):
+        for item in words:
+            for f in range(item.shape[0]):
+                for w in {int(i) for i in item[f] if start <= int(i) < stop}:
+                    out[m, w - start] += float(gates[m, f]) / len(words)
+    return out
+
+
 PRICE_RELATIONS = ("below", "same", "above", "distance")  # item_price_bins: a bin against the previous item's
 
 
@@ -178,6 +194,8 @@ def reference_phrase_query(
     lin: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
+    named: torch.Tensor | None = None,
+    held: list[set[int]] | None = None,
 ) -> torch.Tensor:
     """:meth:`MoERecForItemPrediction.critique_phrases` for one sequence as a plain loop (for tests).
 
@@ -185,10 +203,13 @@ def reference_phrase_query(
         tokens: (T,) each position's first token; is_word: (T,) whether it is a critique word.
         phrases: per phrase its field f and its subwords.
         lin: (T, NP) per position the field weights ``c_f(h_s)``; q, k: (T, NP, r) the bilinear parts.
+        named: (T, NP) ``d_f(h_s)`` of ``critique_named_previous``, with ``held``: per position
+            the phrases its previous item holds.
 
     Returns (T, U): at a critique word t, sum over the phrases matched in the run of critique words
     ending at t (the longest matches only: a match inside a longer match of any phrase is dropped)
-    of ``c_f(h_s) + q_f(h_t) . k_f(h_s) / sqrt(r)``, s the match's last position; zero elsewhere.
+    of ``c_f(h_s) + q_f(h_t) . k_f(h_s) / sqrt(r)`` (+ ``d_f(h_s)`` where t's previous item holds
+    the phrase), s the match's last position; zero elsewhere.
     """
     t_len, r = len(tokens), max(q.shape[-1], 1)
     out = torch.zeros(t_len, len(phrases), dtype=lin.dtype)
@@ -212,6 +233,8 @@ def reference_phrase_query(
                 continue
             f = phrases[u][0]
             out[t, u] += lin[e, f] + (q[t, f] * k[e, f]).sum() / math.sqrt(r)
+            if named is not None and u in held[t]:
+                out[t, u] += named[e, f]
     return out
 
 
@@ -325,6 +348,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             self.phrase_weight = nn.Linear(d, fields)
             self.phrase_q = nn.Linear(d, fields * r, bias=False)
             self.phrase_k = nn.Linear(d, fields * r, bias=False)
+        self.named_previous_weight: nn.Linear | None = None
+        if config.critique_named_previous:  # d_f(h_s): a matched phrase the previous item holds
+            self.named_previous_weight = nn.Linear(d, len(PHRASE_FIELDS))
         self.field_query: nn.Linear | None = None
         if config.critique_field_query:  # W_f h_t per field, zero at the start (post_init below)
             self.field_query = nn.Linear(d, len(WORD_FIELDS) * d, bias=False)
@@ -339,6 +365,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         self.copy_weight: nn.Linear | None = None
         if config.narrative_copy:  # c_f(h_t): how much a narrative position copies the item's field f
             self.copy_weight = nn.Linear(d, len(WORD_FIELDS))
+        self.history_copy_weight: nn.Linear | None = None
+        if config.narrative_history_copy:  # h_f(h_t): how much it copies the history's field f
+            self.history_copy_weight = nn.Linear(d, len(WORD_FIELDS))
         self._phrase_cache: tuple | None = None  # (key, phrase_table(...)) of the current item words
         self._kept_vectors: torch.Tensor | None = None  # (N,) in a training forward: items keeping theirs
         self.post_init()
@@ -352,15 +381,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             nn.init.zeros_(self.service_text_proj)
         if self.field_query is not None:
             nn.init.zeros_(self.field_query.weight)  # no field query until training gives it one
-        if self.previous_weight is not None:  # no such term until training gives it one
-            nn.init.zeros_(self.previous_weight.weight)
-            nn.init.zeros_(self.previous_weight.bias)
+        for layer in (self.previous_weight, self.named_previous_weight):  # no such term until
+            if layer is not None:  # training gives it one
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         if self.price_weight is not None:  # no price term until training gives it one
             nn.init.zeros_(self.price_weight.weight)
             nn.init.zeros_(self.price_weight.bias)
-        if self.copy_weight is not None:  # no copying until training asks for it
-            nn.init.zeros_(self.copy_weight.weight)
-            nn.init.zeros_(self.copy_weight.bias)
+        for layer in (self.copy_weight, self.history_copy_weight):  # no copying until training asks
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def set_train_catalogue(
         self, codes: torch.Tensor, service_tokens: torch.Tensor, trained: torch.Tensor | None = None
@@ -543,13 +574,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             self._phrase_cache = (key, phrase_table(w, self.config.pad_token_id))
         return self._phrase_cache[1]
 
-    def critique_phrases(self, item_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def critique_phrases(
+        self, item_tokens: torch.Tensor, hidden: torch.Tensor, query_services: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T, U) per position and catalogue phrase (:meth:`phrases`) the weight the critique
         ending there gives the phrase: over its matches in the run of critique words s <= t (the whole
         phrase, contiguous, inside the run; a match inside a longer match dropped), ``c_f(h_s) +
-        q_f(h_t) . k_f(h_s) / sqrt(r)`` with s the match's last position and f the phrase's field;
-        zero where t is no critique word. Dotted with an item's phrase membership it gives the
-        item's ``item_phrases`` term; :func:`reference_phrase_query` is the plain version."""
+        q_f(h_t) . k_f(h_s) / sqrt(r)`` with s the match's last position and f the phrase's field,
+        with ``critique_named_previous`` plus ``d_f(h_s)`` where the previous item (of the asked
+        service ``query_services`` (B, T), :meth:`previous_rows`) holds the phrase; zero where t is
+        no critique word. Dotted with an item's phrase membership it gives the item's
+        ``item_phrases`` term; :func:`reference_phrase_query` is the plain version."""
         ids, field, lengths, _ = self.phrases()
         b, t_len = item_tokens.shape[:2]
         first, word, index, last_break = self._text_runs(item_tokens)
@@ -588,6 +623,10 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             kk = self.phrase_k(hidden).view(b, t_len, nf, r)
             weight = weight + torch.einsum("btfr,bsfr->btsf", q, kk) / math.sqrt(r)
         weight = weight * run[..., None].to(weight.dtype)
+        named = self.named_previous_weight is not None
+        if named:  # (B, T, S, NP, 2): the weight of any match, and the more of one the previous item holds
+            extra = self.named_previous_weight(hidden)[:, None].expand(-1, t_len, -1, -1)
+            weight = torch.stack([weight, extra * run[..., None].to(extra.dtype)], dim=-1)
         parts, order = [], []  # per (length, field) its columns' weights, assembled once below
         for length in lengths.unique().tolist():
             own = index - length + 1  # (B, S) where a match of this length ending at s starts
@@ -597,16 +636,20 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             for f in range(nf):
                 cols = ((field == f) & (lengths == length)).nonzero().flatten()
                 if len(cols):
-                    parts.append(
-                        torch.einsum(
-                            "bts,bsu->btu", weight[..., f] * alive, match[..., cols].to(weight.dtype)
-                        )
-                    )
+                    w_f = weight[:, :, :, f] * (alive[..., None] if named else alive)
+                    parts.append(torch.einsum("bts...,bsu->btu...", w_f, match[..., cols].to(weight.dtype)))
                     order.append(cols)
         if not parts:
             return hidden.new_zeros(b, t_len, u)
         # one gather back to phrase order: an in-place write per group made the backward copy (B, T, U) each time
-        return torch.cat(parts, dim=-1)[..., torch.argsort(torch.cat(order))]
+        out = torch.cat(parts, dim=2)[:, :, torch.argsort(torch.cat(order))]
+        if not named:
+            return out
+        if query_services is None:
+            raise ValueError("critique_named_previous: critique_phrases needs the asked services")
+        prev = self.previous_rows(item_tokens, query_services)  # (B, T)
+        held = self.phrases()[3][prev.clamp_min(0)] * (prev >= 0)[..., None]  # (B, T, U)
+        return out[..., 0] + held.to(out.dtype) * out[..., 1]
 
     def _text_runs(self, item_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, T) each position's first token, whether it is a critique word, its index, and the last
@@ -855,11 +898,17 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                 logits[at] = torch.einsum("npd,pkd->npk", q[at], self.code_keys(s))
         return (logits / self.config.item_head_temperature).masked_fill(~valid, float("-inf"))
 
-    def text_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def text_logits(
+        self,
+        hidden: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        history: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """(M, V + 1) the next text token's logits from decoder outputs (M, D): a dot product
         with the input embeddings of the V subwords, then of ``[EOS]`` (class V), as Gemma ties
         its output to its input; with ``narrative_copy`` plus :meth:`copy_logits` of the explained
-        items' ``rows`` (M,)."""
+        items' ``rows`` (M,); with ``narrative_history_copy`` plus :meth:`history_copy_logits` of
+        ``history``, the (bags, bag of each position) of :meth:`history_shares`."""
         start, stop = self.config.text_token_range
         emb = self.model.embed_tokens.weight
         logits = F.linear(hidden, torch.cat([emb[start:stop], emb[EOS : EOS + 1]]))
@@ -867,15 +916,35 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             return logits
         if rows is None:
             raise ValueError("narrative_copy: text_logits needs the explained items' rows")
-        return logits + self.copy_logits(hidden, rows).to(logits.dtype)
+        logits = logits + self.copy_logits(hidden, rows).to(logits.dtype)
+        if self.history_copy_weight is None:
+            return logits
+        if history is None:
+            raise ValueError("narrative_history_copy: text_logits needs the history's shares")
+        return logits + self.history_copy_logits(hidden, *history).to(logits.dtype)
 
     def explained_rows(self, item_tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) the catalogue row of the last item at or before each position: the item a narrative
         written there is about (the emitted item precedes ``[EXPLAIN]``); -1 where none."""
         rows = self.position_rows(item_tokens)  # (B, T)
-        index = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
-        last = torch.where(rows >= 0, index, -1).cummax(dim=1).values
+        last = self._last_item(rows)
         return torch.where(last >= 0, rows.gather(1, last.clamp_min(0)), -1)
+
+    @staticmethod
+    def _last_item(rows: torch.Tensor) -> torch.Tensor:
+        """(B, T) the position of the last catalogue item at or before each position (``rows`` (B, T),
+        :meth:`position_rows`); -1 where none."""
+        index = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
+        return torch.where(rows >= 0, index, -1).cummax(dim=1).values
+
+    def _distinct_words(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The words of catalogue ``rows`` (...), each field sorted, (..., F, L), and where each holds
+        a subword for the first time in its field (..., F, L) (not ``[PAD]``, not where a row is -1)."""
+        start, stop = self.config.text_token_range
+        words = self.item_words[rows.clamp_min(0)].sort(dim=-1).values
+        repeat = torch.zeros_like(words, dtype=torch.bool)
+        repeat[..., 1:] = words[..., 1:] == words[..., :-1]
+        return words, (words >= start) & (words < stop) & ~repeat & (rows >= 0)[..., None, None]
 
     def copy_logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(M, V + 1) with ``narrative_copy``: for each of M text positions (``hidden`` (M, D)) and its
@@ -883,15 +952,51 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         the item's field f, summed over the fields that hold it; zero for ``[EOS]`` and where a row is
         -1. :func:`reference_copy_logits` is the plain version it is tested against."""
         start, stop = self.config.text_token_range
-        words = self.item_words[rows.clamp_min(0)].sort(dim=-1).values  # (M, F, L)
-        repeat = torch.zeros_like(words, dtype=torch.bool)
-        repeat[..., 1:] = words[..., 1:] == words[..., :-1]
-        keep = (words >= start) & (words < stop) & ~repeat & (rows >= 0)[:, None, None]
+        words, keep = self._distinct_words(rows)  # (M, F, L)
         cols = torch.where(keep, words - start, stop - start + 1)  # column V + 1 takes the rest
         gates = self.copy_weight(hidden)  # (M, F)
         out = gates.new_zeros(len(rows), stop - start + 2)
         out.scatter_add_(1, cols.flatten(1), gates[..., None].expand(words.shape).flatten(1))
         return out[:, : stop - start + 1]
+
+    def history_shares(
+        self, item_tokens: torch.Tensor, b: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For M positions (``b``, ``t``) of ``item_tokens`` (B, T, P): per distinct history, the share
+        of its items whose field f holds each subword, (G, F, V + 1) (column V, ``[EOS]``, zero), and
+        each position's history (M,) (an index into the G). A position's history is the catalogue
+        items of the explained item's service (:meth:`explained_rows`: the last item at or before
+        t) before that item, as the narratives' taste line reads it; none where no item precedes t.
+        :func:`reference_history_copy` is the plain version of both."""
+        start, stop = self.config.text_token_range
+        v = stop - start
+        rows = self.position_rows(item_tokens)  # (B, T)
+        t_len = rows.shape[1]
+        index = torch.arange(t_len, device=rows.device)
+        explained = self._last_item(rows)[b, t]  # (M,) -1: none
+        keys, group = torch.unique(b * (t_len + 1) + explained + 1, return_inverse=True)
+        gb, ge = keys // (t_len + 1), keys % (t_len + 1) - 1  # (G,) its sequence, explained position
+        svc = item_tokens[..., 0]
+        own = svc[gb, ge.clamp_min(0)]  # (G,) the explained item's service
+        held = (index < ge[:, None]) & (rows[gb] >= 0) & (svc[gb] == own[:, None])  # (G, T)
+        share = held / held.sum(1, keepdim=True).clamp_min(1)  # (G, T)
+        words, keep = self._distinct_words(torch.where(held, rows[gb], -1))  # (G, T, F, L)
+        cols = torch.where(keep, words - start, v + 1).transpose(1, 2).flatten(2)  # (G, F, T x L)
+        values = (share[..., None, None] * keep).transpose(1, 2).flatten(2)
+        bags = share.new_zeros(len(keys), words.shape[2], v + 2).scatter_add_(2, cols, values)
+        return bags[..., : v + 1], group
+
+    def history_copy_logits(
+        self, hidden: torch.Tensor, bags: torch.Tensor, group: torch.Tensor
+    ) -> torch.Tensor:
+        """(M, V + 1) with ``narrative_history_copy``: for each of M text positions (``hidden``
+        (M, D)), ``sum_f h_f(h) x bags[group, f]``: each subword gets the gate of field f times the
+        share of the position's history items holding it there (:meth:`history_shares`)."""
+        gates = self.history_copy_weight(hidden)  # (M, F)
+        out = gates.new_zeros(len(group), bags.shape[-1])
+        for f in range(bags.shape[1]):  # a field at a time: no (M, F, V + 1) intermediate
+            out = out + gates[:, f, None] * bags[group, f].to(gates.dtype)
+        return out
 
     @torch.no_grad()
     def next_text_logits(
@@ -902,6 +1007,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
         explained_rows: torch.LongTensor | None = None,
+        history_bags: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """(B, V + 1) the text head's logits after the last position of left-padded prompts
@@ -912,18 +1018,34 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         ``attention_mask`` covers the cached positions and the new ones (B, S), and the cache is
         updated in place (keys, values and the router's running profile). ``explained_rows`` (B,):
         with ``narrative_copy``, the items the narratives are about (:meth:`explained_rows` of the
-        prompts); needed once the cache holds them, read from ``item_tokens`` otherwise."""
+        prompts); needed once the cache holds them, read from ``item_tokens`` otherwise; likewise
+        ``history_bags`` (B, F, V + 1) with ``narrative_history_copy`` (:meth:`prompt_history`)."""
         if self.config.text_token_range is None:
             raise ValueError("this model has no text head (trained without critiques and narratives)")
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
         if self.copy_weight is not None and explained_rows is None:
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            if not prefill:
                 raise ValueError("narrative_copy: after the prefill, pass the explained items' rows")
             explained_rows = self.explained_rows(item_tokens)[:, -1]
+        if self.history_copy_weight is not None and history_bags is None:
+            if not prefill:
+                raise ValueError("narrative_history_copy: after the prefill, pass the history's bags")
+            history_bags = self.prompt_history(item_tokens)
         hidden, _, _ = self.model(
             None, domain_ids, user_ids=user_ids, attention_mask=attention_mask,
             past_key_values=past_key_values, inputs_embeds=self.embed_positions(item_tokens),
         )  # fmt: skip
-        return self.text_logits(hidden[:, -1], explained_rows)
+        history = None
+        if history_bags is not None:  # one history per prompt
+            history = (history_bags, torch.arange(len(history_bags), device=hidden.device))
+        return self.text_logits(hidden[:, -1], explained_rows, history)
+
+    def prompt_history(self, item_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, F, V + 1) the history shares (:meth:`history_shares`) at the last position of each of
+        the left-padded prompts ``item_tokens`` (B, T, P): what their narratives' taste line copies."""
+        b = torch.arange(item_tokens.shape[0], device=item_tokens.device)
+        bags, group = self.history_shares(item_tokens, b, torch.full_like(b, item_tokens.shape[1] - 1))
+        return bags[group]
 
     def forward(
         self,
@@ -975,7 +1097,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         )
         own_rows = self.prior_rows(item_tokens, query_services) if self.text_prior is not None else None
         words = self.critique_words(item_tokens, hidden) if self.word_weight is not None else None
-        phrases = self.critique_phrases(item_tokens, hidden) if self.phrase_weight is not None else None
+        phrases = None
+        if self.phrase_weight is not None:
+            phrases = self.critique_phrases(item_tokens, hidden, query_services)
         if self.previous_weight is not None:
             phrases = phrases + self.critique_previous(item_tokens, hidden, query_services)
         price = (
@@ -1027,7 +1151,12 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
                         if self.copy_weight is not None
                         else None
                     )
-                    logits_t = self.text_logits(hidden[:, :-1][written], rows).float()
+                    history = (
+                        self.history_shares(item_tokens, *written.nonzero(as_tuple=True))
+                        if self.history_copy_weight is not None
+                        else None
+                    )
+                    logits_t = self.text_logits(hidden[:, :-1][written], rows, history).float()
                     out.text_loss = F.cross_entropy(logits_t, text_labels[:, 1:][written])
                     out.lm_loss = out.lm_loss + self.config.text_loss_weight * out.text_loss
             out.loss = out.lm_loss + (out.aux_loss if out.aux_loss is not None else 0.0)

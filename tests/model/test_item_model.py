@@ -771,54 +771,76 @@ def test_phrase_match_stays_inside_one_critique() -> None:
     assert no_critique[0, :, -u:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int) -> None:
+@pytest.mark.parametrize("seed,named", [(0, False), (1, False), (2, True), (3, True)])
+def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int, named: bool) -> None:
     """critique_phrases against reference_phrase_query: random item words over 5 subwords (so
-    phrases overlap and nest), random critiques in a batch of two, random weights."""
+    phrases overlap and nest), random critiques in a batch of two after random items, random
+    weights; with critique_named_previous the phrases each position's previous item holds are
+    found by a loop over the item words."""
     from moe_rec.model.item_model import PHRASE_FIELDS, reference_phrase_query
 
     g = torch.Generator().manual_seed(seed)
     items = [[[int(x) for x in torch.randint(5, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g)]
               for _ in range(3)] for _ in range(12)]  # fmt: skip
     words = _phrase_words(items)
-    model = _phrase_model(seed, words, item_phrase_rank=4)
+    model = _phrase_model(seed, words, item_phrase_rank=4, critique_named_previous=named)
+    layers = [model.phrase_weight, model.phrase_q, model.phrase_k]
+    layers += [model.named_previous_weight] if named else []
     with torch.no_grad():
-        for layer in (model.phrase_weight, model.phrase_q, model.phrase_k):
+        for layer in layers:
             layer.weight.normal_(0, 0.5, generator=g)
-        model.phrase_weight.bias.normal_(0, 0.5, generator=g)
+            if layer.bias is not None:
+                layer.bias.normal_(0, 0.5, generator=g)
     t0 = TEXT_VOCAB.text_offset
-    rows = []
+    rows, events = [], []
     for _ in range(2):
         critique = torch.randint(6, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
         second = torch.randint(6, (3,), generator=g).tolist()
-        ids = [BOS, *TEXT_VOCAB.item_tokens("b", [1, 2, 3, 0]), CRITIQUE, *[t0 + w for w in critique]]
-        ids += [*TEXT_VOCAB.item_tokens("b", [4, 5, 6, 1]), CRITIQUE, *[t0 + w for w in second]]
-        ids += [*TEXT_VOCAB.item_tokens("b", [4, 5, 6, 2]), EXPLAIN, *[t0 + w for w in critique], EOS]
+        picked = torch.randint(
+            12, (3,), generator=g
+        ).tolist()  # catalogue items i: codes [i % 8, i // 8, 0, 0]
+        events.append(picked)
+        item = [TEXT_VOCAB.item_tokens("b", [i % 8, i // 8, 0, 0]) for i in picked]
+        ids = [BOS, *item[0], CRITIQUE, *[t0 + w for w in critique]]
+        ids += [*item[1], CRITIQUE, *[t0 + w for w in second]]
+        ids += [*item[2], EXPLAIN, *[t0 + w for w in critique], EOS]
         ids.append(TEXT_VOCAB.service_token("b"))  # a narrative repeats the critique: no critique there
         rows.append({"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)})
     batch = item_batch(rows, TEXT_VOCAB, 64)
     tokens = batch["item_tokens"]
     hidden = torch.randn(*tokens.shape[:2], model.config.hidden_size, generator=g)
-    got = model.critique_phrases(tokens, hidden)
+    got = model.critique_phrases(tokens, hidden, batch["query_services"])
     ids, field, _, _ = model.phrases()
     phrases = [(int(f), [int(i) for i in row if int(i) != PAD]) for f, row in zip(field, ids, strict=True)]
     nf = len(PHRASE_FIELDS)
-    matched = 0
+    matched = named_matches = 0
     for b in range(tokens.shape[0]):
         first = tokens[b, :, 0].tolist()
         is_word, opener = [], None  # a critique word: a subword in a run opened by [CRITIQUE]
+        held, prev, seen = [], None, 0  # per position the phrases of the last item at or before it
         for x in first:
             text = TEXT_VOCAB.text_offset <= x < TEXT_VOCAB.size
             opener = opener if text else x
             is_word.append(text and opener == CRITIQUE)
+            if x == TEXT_VOCAB.service_token("b") and seen < len(events[b]):  # an event (the 4th: the ask)
+                prev, seen = events[b][seen], seen + 1
+            held.append(
+                set() if prev is None
+                else {u for u, (f, p) in enumerate(phrases) if p == [w + t0 for w in items[prev][f]]}
+            )  # fmt: skip
         with torch.no_grad():
             lin = model.phrase_weight(hidden[b])
             q = model.phrase_q(hidden[b]).view(len(first), nf, -1)
             k = model.phrase_k(hidden[b]).view(len(first), nf, -1)
-        expect = reference_phrase_query(first, is_word, phrases, lin, q, k)
+            d = model.named_previous_weight(hidden[b]) if named else None
+        expect = reference_phrase_query(first, is_word, phrases, lin, q, k, d, held)
         torch.testing.assert_close(got[b].detach(), expect, rtol=1e-5, atol=1e-5)
         matched += int((expect != 0).sum())
+        if named:  # matches of phrases the previous item holds, where d_f counts
+            without = reference_phrase_query(first, is_word, phrases, lin, q, k)
+            named_matches += int((expect != without).sum())
     assert matched > 0  # the inputs do match some phrases
+    assert named_matches > 0 or not named
 
 
 def test_critique_field_query_adds_the_decoder_query_at_critique_words_only() -> None:
@@ -999,6 +1021,37 @@ def test_critique_previous_weights_the_fields_shared_with_the_previous_item() ->
             "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, code_token_ranges=code_token_ranges(TEXT_VOCAB),
             critique_previous=True,
         )  # fmt: skip
+
+
+def test_critique_named_previous_turns_the_previous_items_brand_away() -> None:
+    """critique_named_previous: after an item of brand "sprint now", the critique "hop now, not
+    sprint now" with a brand weight of 1 for any match and -3 more for a match the previous item
+    holds gives the items of "hop now" 1 and those of "sprint now" 1 - 3, whichever comes first in
+    the critique; nothing for the brand the critique does not name."""
+    words = _phrase_words(
+        [[[1, 2], [5], [9]], [[3, 2], [5], [9]], [[1, 2], [6, 5], [10]], [[1, 4], [7], [9]]]
+    )  # item 0 (the previous one) and 2: "sprint now" (1 2); item 1: "hop now" (3 2); item 3: "sprint go"
+    model = _phrase_model(45, words, critique_named_previous=True)
+    with torch.no_grad():
+        model.phrase_weight.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        model.named_previous_weight.bias.copy_(torch.tensor([-3.0, 0.0, 0.0]))
+        model.phrase_weight.weight.zero_()  # the biases alone, no bilinear part
+        model.phrase_q.weight.zero_()
+    u = model.phrases()[3].shape[1]
+    t0 = TEXT_VOCAB.text_offset
+
+    def term(critique: list[int]) -> list[float]:
+        ids = [BOS, *TEXT_VOCAB.item_tokens("b", [0, 0, 0, 0]), CRITIQUE, *[t0 + w for w in critique]]
+        ids.append(TEXT_VOCAB.service_token("b"))
+        batch = item_batch([{"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)}], TEXT_VOCAB, 32)
+        batch = {k: v for k, v in batch.items() if k != "user_ids"}  # query_services: the asked service
+        with torch.no_grad():
+            q = model(**batch, logits_to_keep=1).hidden_states[0, -1, -u:]
+        return (model.item_table()[:, -u:] @ q).tolist()
+
+    assert term([3, 2, 11, 8, 1, 2]) == pytest.approx([-2.0, 1.0, -2.0, 0.0])
+    assert term([1, 2, 8, 3, 2]) == pytest.approx([-2.0, 1.0, -2.0, 0.0])
+    assert term([3, 2]) == pytest.approx([0.0, 1.0, 0.0, 0.0])
 
 
 def test_critique_relative_scale_multiplies_the_price_and_previous_terms() -> None:
@@ -1392,6 +1445,73 @@ def test_text_loss_with_copy_adds_the_explained_items_words_by_hand() -> None:
     assert out.text_loss.item() == pytest.approx(sum(nll) / 3, rel=1e-4)
     out.text_loss.backward()
     assert model.copy_weight.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_history_copy_matches_the_plain_loop(seed: int) -> None:
+    """narrative_history_copy: history_shares + history_copy_logits at random positions of random
+    sequences (events of three services, critiques, narratives, items outside the catalogue, left
+    padding) equal the plain loop: each position's history found by walking back from it (the
+    explained item: the last catalogue item at or before it; its history: the earlier catalogue
+    items of its service)."""
+    from moe_rec.model.item_model import reference_history_copy
+
+    g = torch.Generator().manual_seed(200 + seed)
+    model, catalogue, words = _words_model(seed, narrative_copy=True, narrative_history_copy=True)
+    start, stop = model.config.text_token_range
+    with torch.no_grad():
+        model.history_copy_weight.weight.normal_(0, 1.0, generator=g)
+        model.history_copy_weight.bias.normal_(0, 1.0, generator=g)
+    t0, rows = TEXT_VOCAB.text_offset, []
+    for _ in range(3):
+        ids = [BOS]
+        for _ in range(int(torch.randint(2, 9, (1,), generator=g))):
+            i = int(torch.randint(len(catalogue) + 1, (1,), generator=g))  # len(catalogue): no catalogue item
+            service, codes = catalogue[i] if i < len(catalogue) else ("a", [6, 6, 6, 3])
+            ids += TEXT_VOCAB.item_tokens(service, codes)
+            if bool(torch.rand(1, generator=g) < 0.4):
+                ids += [EXPLAIN if bool(torch.rand(1, generator=g) < 0.5) else CRITIQUE, t0 + 2, t0 + 5]
+        ids.append(TEXT_VOCAB.service_token("b"))
+        rows.append({"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)})
+    tokens = item_batch(rows, TEXT_VOCAB, 64, left_pad=True)["item_tokens"]
+    b = torch.randint(tokens.shape[0], (40,), generator=g)
+    t = torch.randint(tokens.shape[1], (40,), generator=g)
+    hidden = torch.randn(40, model.config.hidden_size, generator=g)
+    got = model.history_copy_logits(hidden, *model.history_shares(tokens, b, t)).detach().double()
+    keys = {tuple(TEXT_VOCAB.item_tokens(s, c)): n for n, (s, c) in enumerate(catalogue)}
+    history, nonempty = [], 0
+    for bi, ti in zip(b.tolist(), t.tolist(), strict=True):
+        row_at = [keys.get(tuple(x), -1) for x in tokens[bi].tolist()]  # each position's catalogue row
+        at = next((p for p in range(ti, -1, -1) if row_at[p] >= 0), None)
+        held = [] if at is None else [
+            row_at[p] for p in range(at) if row_at[p] >= 0 and tokens[bi, p, 0] == tokens[bi, at, 0]
+        ]  # fmt: skip
+        nonempty += bool(held)
+        history.append(words[held])
+    expected = reference_history_copy(history, model.history_copy_weight(hidden).detach(), start, stop)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert nonempty >= 5
+
+
+def test_text_loss_with_history_copy_reaches_its_gates() -> None:
+    """narrative_history_copy in training: the narrative's text loss changes with the history gates
+    and its gradient reaches them; refused by name without narrative_copy."""
+    model, _, _ = _words_model(42, narrative_copy=True, narrative_history_copy=True)
+    row = _text_sample()
+    first = TEXT_VOCAB.item_tokens("b", [7, 7, 7, 0])  # a history of two items of b before the target
+    row = {**row, "input_ids": [row["input_ids"][0], *first, *row["input_ids"][1:]]}
+    row["domain_ids"] = [1] * len(row["input_ids"])
+    batch = item_batch([row], TEXT_VOCAB, 16)
+    batch.pop("user_ids")
+    before = model(**batch).text_loss.item()
+    with torch.no_grad():
+        model.history_copy_weight.bias.fill_(3.0)
+    out = model(**batch)
+    assert out.text_loss.item() != pytest.approx(before, rel=1e-4)
+    out.text_loss.backward()
+    assert model.history_copy_weight.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="narrative_history_copy needs narrative_copy"):
+        _words_model(42, narrative_history_copy=True)
 
 
 def test_narrative_copy_needs_the_item_words_table_and_a_text_head() -> None:
