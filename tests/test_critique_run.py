@@ -187,7 +187,8 @@ def test_price_bins_and_critique_validation_train_export_and_serve(
 ) -> None:
     """model.overrides.item_price_bins with train.critique_valid: the trainer sets every item's price
     bin, validation reports the critique requests and their mean with the plain ones (best_metric
-    valid/mixed/ndcg@10 picks `best`), and the bundle carries the bins and reads a critique."""
+    valid/mixed/ndcg@10 picks `best`), and the bundle carries the bins and reads a critique; with the
+    named previous phrases and both copy paths on, the bundle keeps their weights and explains."""
     from moe_rec.serve import Recommender
 
     run, args = critique_run
@@ -198,7 +199,9 @@ def test_price_bins_and_critique_validation_train_export_and_serve(
     args = [a if not a.startswith("run_dir=") else f"run_dir={other}" for a in args]
     args += ["train.max_steps=4", "train.eval_every=2", "train.save_every=2", "train.critique_valid=true",
              "train.best_metric=valid/mixed/ndcg@10", "model.overrides.item_words=true",
-             "model.overrides.item_price_bins=4"]  # fmt: skip
+             "model.overrides.item_price_bins=4", "model.overrides.item_phrases=true",
+             "model.overrides.critique_named_previous=true", "model.overrides.narrative_copy=true",
+             "model.overrides.narrative_history_copy=true"]  # fmt: skip
     assert main(["train", *args]) == 0
     rows = [json.loads(line) for line in (other / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in rows if r["kind"] == "valid"]
@@ -211,9 +214,11 @@ def test_price_bins_and_critique_validation_train_export_and_serve(
     with Recommender.from_bundle(other / "bundle") as rec:
         bins = rec.bundle.model.item_price_bin
         assert int(bins.min()) >= -1 and int(bins.max()) == 3 and bool((bins >= 0).any())
+        model = rec.bundle.model
+        assert model.named_previous_weight is not None and model.history_copy_weight is not None
         history = _history(rec, request)
-        steered = rec.recommend(history, request["service"], k=5, critique=request["critique"])
-        assert len(steered) == 5
+        steered = rec.recommend(history, request["service"], k=5, critique=request["critique"], explain=True)
+        assert len(steered) == 5 and all(r.narrative is not None for r in steered)
 
 
 @pytest.mark.slow  # the run fixture
