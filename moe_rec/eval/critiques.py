@@ -133,9 +133,9 @@ def evaluate_critiques(
     and satisfaction (module docstring): keys ``{scope}/{model}/{metric}``, scope ``all``, a type,
     ``seen`` or ``held_out``, ``family:<name>`` (the wording family), or ``seen:<type>`` /
     ``held_out:<type>`` (a type by its wording); model ``critique``, ``plain``, ``filter``; metric
-    ``recall@10``, ``ndcg@10``, ``satisfied_<type>``; ``{scope}/count`` requests. ``depth``: items of each ranking
-    kept, so the rule filter reorders the top ``depth`` of the ranking without the critique (deeper
-    is a stronger filter: more items that satisfy the critique reach its front). ``plain_weight``:
+    ``recall@10``, ``ndcg@10``, ``satisfied_<type>``; ``{scope}/count`` requests. ``depth``: items
+    of each ranking kept, so the rule filter reorders the top ``depth`` of the ranking without the
+    critique (deeper is a stronger filter: more items that satisfy the critique reach its front). ``plain_weight``:
     the ranking with the critique adds this many times the scores without it (default: the
     model's ``critique_plain_weight``; :func:`~moe_rec.eval.exact.request_parts`)."""
     catalogue = ServiceCatalogue(table, next(model.parameters()).device)

@@ -1052,6 +1052,11 @@ def test_critique_named_previous_turns_the_previous_items_brand_away() -> None:
     assert term([3, 2, 11, 8, 1, 2]) == pytest.approx([-2.0, 1.0, -2.0, 0.0])
     assert term([1, 2, 8, 3, 2]) == pytest.approx([-2.0, 1.0, -2.0, 0.0])
     assert term([3, 2]) == pytest.approx([0.0, 1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="critique_named_previous needs item_phrases"):
+        build_config(
+            "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, code_token_ranges=code_token_ranges(TEXT_VOCAB),
+            critique_named_previous=True,
+        )  # fmt: skip
 
 
 def test_critique_relative_scale_multiplies_the_price_and_previous_terms() -> None:
