@@ -261,6 +261,13 @@ def without_critique(input_ids: Sequence[int], domain_ids: Sequence[int]) -> tup
     return ids[:start] + ids[-1:], list(domain_ids[:start]) + list(domain_ids[-1:])
 
 
+def plain_request(request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` (``input_ids``, ``domain_ids``, ...) without its critique (:func:`without_critique`),
+    every other field kept."""
+    ids, domains = without_critique(request["input_ids"], request["domain_ids"])
+    return {**request, "input_ids": ids, "domain_ids": domains}
+
+
 def drop_critique_words(
     row: dict[str, Any], p: float, word_starts: np.ndarray, text_offset: int, rng: np.random.Generator
 ) -> dict[str, Any]:

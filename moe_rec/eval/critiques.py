@@ -33,8 +33,14 @@ import torch
 
 from moe_rec.data.critique_config import CritiqueConfig
 from moe_rec.data.item_attributes import BAND_NAMES, brand_key, service_attributes
-from moe_rec.data.text_samples import without_critique
-from moe_rec.eval.exact import ServiceCatalogue, gathered_item_table, rank_exact
+from moe_rec.data.text_samples import plain_request
+from moe_rec.eval.exact import (
+    ServiceCatalogue,
+    gathered_item_table,
+    rank_exact,
+    request_parts,
+    request_vocabulary,
+)
 from moe_rec.model.item_model import MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 
@@ -135,24 +141,25 @@ def evaluate_critiques(
     ``held_out:<type>`` (a type by its wording); model ``critique``, ``plain``, ``filter``; metric
     ``recall@10``, ``ndcg@10``, ``satisfied_<type>``; ``{scope}/count`` requests. ``depth``: items
     of each ranking kept, so the rule filter reorders the top ``depth`` of the ranking without the
-    critique (deeper is a stronger filter: more items that satisfy the critique reach its front). ``plain_weight``:
-    the ranking with the critique adds this many times the scores without it (default: the
-    model's ``critique_plain_weight``; :func:`~moe_rec.eval.exact.request_parts`)."""
+    critique (deeper is a stronger filter: more items that satisfy the critique reach its front).
+    ``plain_weight``: the ranking with the critique adds this many times the scores without it
+    (default: the model's ``critique_plain_weight``; :func:`~moe_rec.eval.exact.request_parts`),
+    read from the same forward as the ranking without it."""
     catalogue = ServiceCatalogue(table, next(model.parameters()).device)
     was_training = model.training
     model.eval()
     vectors = gathered_item_table(model)
-    plain = []
-    for r in requests:
-        ids, domains = without_critique(r["input_ids"], r["domain_ids"])
-        plain.append({**r, "input_ids": ids, "domain_ids": domains})
+    vocab = request_vocabulary(model, table)
     ranked: dict[str, list[list[int]]] = {"critique": [], "plain": []}
     with torch.no_grad():
-        for name, rows in (("critique", requests), ("plain", plain)):
-            for i in range(0, len(rows), batch_size):
-                chunk = rows[i : i + batch_size]
+        for i in range(0, len(requests), batch_size):
+            chunk = requests[i : i + batch_size]
+            plain = [plain_request(r) for r in chunk]
+            parts = request_parts(model, plain, vocab)  # one forward, both rankings read it
+            mixed = request_parts(model, chunk, vocab, plain_weight=plain_weight, plain=parts)
+            for name, rows, found in (("critique", chunk, mixed), ("plain", plain, parts)):
                 ranked[name] += rank_exact(
-                    model, catalogue, chunk, depth, exclude_seen, vectors, plain_weight
+                    model, catalogue, rows, depth, exclude_seen, vectors, parts=found
                 ).tolist()
     model.train(was_training)
     services = [r["service"] for r in requests]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from moe_rec.console import progress
 from moe_rec.data.cold_start import cold_groups, cold_labels
 from moe_rec.data.positions import code_token_ranges, item_batch, split_positions
-from moe_rec.data.text_samples import without_critique
+from moe_rec.data.text_samples import plain_request
 from moe_rec.data.vocab import CRITIQUE, Vocabulary
 from moe_rec.eval.config import EvalConfig
 from moe_rec.eval.metrics import RankingMetrics
@@ -281,11 +281,13 @@ def request_parts(
     vocab: Vocabulary,
     user_ids: torch.Tensor | None = None,
     plain_weight: float | None = None,
+    plain: Parts | None = None,
 ) -> Parts:
     """:func:`request_log_probs` of requests ``rows`` (``input_ids``, ``domain_ids``, ``user``; one
     left-padded batch; ``user_ids`` (B,) instead of hashing ``user``), where a request holds a
     critique plus ``plain_weight`` (default: the model's ``critique_plain_weight``) x the parts of
-    the same request without it (:func:`with_plain`); requests without a critique are unchanged."""
+    the same request without it (:func:`with_plain`); requests without a critique are unchanged.
+    ``plain``: those parts (of ``[plain_request(r) for r in rows]``) when the caller has them."""
 
     def parts_of(requests: Sequence[dict[str, Any]]) -> Parts:
         batch = item_batch(requests, vocab, model.config.num_user_buckets, left_pad=True)
@@ -298,11 +300,9 @@ def request_parts(
     steered = torch.tensor([CRITIQUE in r["input_ids"] for r in rows])
     if not weight or not bool(steered.any()):
         return parts
-    twins = []
-    for r in rows:
-        ids, domains = without_critique(r["input_ids"], r["domain_ids"])
-        twins.append({**r, "input_ids": ids, "domain_ids": domains})
-    return with_plain(parts, parts_of(twins), weight * steered.float())
+    if plain is None:
+        plain = parts_of([plain_request(r) for r in rows])
+    return with_plain(parts, plain, weight * steered.float())
 
 
 def service_scores(
@@ -457,17 +457,21 @@ def rank_exact(
     exclude_seen: bool = False,
     vectors: torch.Tensor | None = None,
     plain_weight: float | None = None,
+    parts: Parts | None = None,
 ) -> torch.Tensor:
     """Table rows (B, k) of the best ``k`` items of each request's service, best first (-1 where
     fewer exist). ``rows`` are ``valid`` / ``test`` requests; ``vectors``: the model's
     :meth:`~MoERecForItemPrediction.item_table` when the caller computed it once for many batches.
     ``plain_weight``: a critique request's scores without it count this many times beside its
-    own (:func:`request_parts`; default: the model's ``critique_plain_weight``)."""
+    own (:func:`request_parts`; default: the model's ``critique_plain_weight``). ``parts``: the
+    requests' :func:`request_parts` when the caller has them (``plain_weight`` then unused)."""
     table = catalogue.table
     vocab = request_vocabulary(model, table)
     services = [r["service"] for r in rows]
     exclude = [request_history_rows(r, vocab, table) for r in rows] if exclude_seen else None
-    log_probs, query, own = request_parts(model, rows, vocab, plain_weight=plain_weight)
+    if parts is None:
+        parts = request_parts(model, rows, vocab, plain_weight=plain_weight)
+    log_probs, query, own = parts
     vectors = vectors if vectors is not None else model.item_table()
     ranked, _ = top_for_requests(log_probs, services, catalogue, k, exclude, query, vectors, own)
     return ranked

@@ -403,9 +403,9 @@ class Recommender:
     def _score_exactly(self, batch: list[_Job]) -> list[list[tuple[int, float]]]:
         """The item-level model: every item of each job's service scored exactly, the excluded
         ones left out; per job, its ``(table row, score)`` of the ``max_k`` best, best first."""
-        rows = [{**j.prompt, "user": ""} for j in batch]
+        prompts = [{**j.prompt, "user": ""} for j in batch]
         users = torch.tensor([j.user for j in batch])
-        log_probs, query, own = request_parts(self.bundle.model, rows, self.vocab, users)
+        log_probs, query, own = request_parts(self.bundle.model, prompts, self.vocab, users)
         rows, scores = top_for_requests(
             log_probs, [j.service for j in batch], self.exact, self.config.max_k, [j.excluded_rows for j in batch],
             query, self.item_vectors, own,

@@ -553,7 +553,7 @@ def test_a_critique_ranking_with_its_plain_twin_ranks_the_sum_of_both_scores(
     term, the text prior's own-item correction); w = 0 is the critique's ranking alone, requests
     without a critique rank as before, and the model's ``critique_plain_weight`` is the default."""
     from moe_rec.data.vocab import CRITIQUE
-    from moe_rec.eval.exact import request_log_probs, service_scores
+    from moe_rec.eval.exact import request_log_probs, request_parts, service_scores
 
     table, vocab, start, model = _critique_model(seed, item_text=True, item_text_dim=5, item_text_prior=True)
     model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
@@ -582,6 +582,12 @@ def test_a_critique_ranking_with_its_plain_twin_ranks_the_sum_of_both_scores(
         assert torch.equal(
             rank_exact(model, catalogue, plain, 10, vectors=vectors, plain_weight=weight), without
         )
+        twins = request_parts(model, plain, text_vocab)  # handed in, they rank as computed inside
+        given = request_parts(model, critiqued, text_vocab, plain_weight=weight, plain=twins)
+        assert torch.equal(rank_exact(model, catalogue, critiqued, 10, vectors=vectors, parts=given), mixed)
+        alone_parts = request_parts(model, critiqued, text_vocab, plain_weight=0.0)  # other twins
+        other = request_parts(model, critiqued, text_vocab, plain_weight=weight, plain=alone_parts)
+        assert not torch.equal(other[0], given[0])  # the handed-in parts are the ones used
         model.config.critique_plain_weight = weight  # the model's own weight is the default
         assert torch.equal(rank_exact(model, catalogue, critiqued, 10, vectors=vectors), mixed)
         assert torch.equal(
