@@ -439,8 +439,9 @@ def stage_eval_critiques(
     (``<run_dir>/eval/critiques-<split>-<model>-filter<eval.filter_depth>[-plain<weight>].json``: the
     filter's depth changes only its column, so runs at two depths keep both files)."""
     from moe_rec.data import store
+    from moe_rec.data.critiques import load_rows
     from moe_rec.data.text_samples import CRITIQUE_SPLITS
-    from moe_rec.eval.critiques import evaluate_critiques, item_facts
+    from moe_rec.eval.critiques import evaluate_critiques, item_facts, with_named_terms
 
     split_dir = cfg.sequences_dir / CRITIQUE_SPLITS[cfg.eval.split]
     if not any(split_dir.glob("*.parquet")):
@@ -450,7 +451,17 @@ def stage_eval_critiques(
     name, model, table = _load_eval_model(cfg, checkpoint, bundle)
     if getattr(model.config, "text_token_range", None) is None:
         raise ConfigError(f"{name} reads no text (trained without critiques); train with critiques.enabled")
-    requests = datasets.Dataset.from_parquet(str(split_dir / "*.parquet")).to_list()
+    requests, missing = with_named_terms(
+        datasets.Dataset.from_parquet(str(split_dir / "*.parquet")).to_list(),
+        load_rows(cfg.critiques_dir, cfg.eval.split)
+        .select_columns(["user", "service", "prev_item", "target_item", "terms"])
+        .to_list(),
+    )
+    if missing:
+        console.print(
+            f"[yellow]{missing:,} of {len(requests):,} requests have no record in {cfg.critiques_dir}: "
+            "the filter reads no terms for them[/]"
+        )
     facts = item_facts(store.load_table(cfg.data_dir, store.ITEMS_DIR), table, cfg.critiques)
     depth, weight = cfg.eval.filter_depth, cfg.eval.critique_plain_weight
     if weight is None:  # the model's own
@@ -470,6 +481,7 @@ def stage_eval_critiques(
         "split": CRITIQUE_SPLITS[cfg.eval.split],
         "filter_depth": depth,
         "critique_plain_weight": weight,
+        "requests_without_record": missing,
         "metrics": metrics,
     }
     mixed = f"-plain{weight:g}" if weight else ""
@@ -508,7 +520,7 @@ def stage_eval_narratives(
         request_history_rows,
         request_vocabulary,
     )
-    from moe_rec.eval.narrate import MAX_NARRATIVE_TOKENS, narrative_prompt, write_narratives
+    from moe_rec.eval.narrate import MAX_NARRATIVE_TOKENS, narrative_prompt, narrative_text, write_narratives
     from moe_rec.eval.narrative_eval import item_titles, request_personalisation, score_references
     from moe_rec.eval.narrative_metrics import (
         consistency,
@@ -545,7 +557,7 @@ def stage_eval_narratives(
     ]
     users = [user_bucket(r["user"], model.config.num_user_buckets) for r in rows]
     subwords = write_narratives(model, prompts, users, vocab)  # KV-cached greedy
-    texts = [tokenizer.decode(ids) for ids in subwords]
+    texts = [narrative_text(tokenizer, ids) for ids in subwords]
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
     item_vectors = table_text_embeddings(
         items, table, cfg.sid, cfg.embedding_cache, None if bundle else cfg.sid_dir

@@ -79,6 +79,7 @@ def test_run_trains_and_its_checkpoint_loads(run_dir: Path) -> None:
     assert steps and max(steps) == 6
     assert any("valid/exact_match" in m for m in lines)
     model = load_model(run_dir / "checkpoints", "latest")
+    assert not model.training  # loaded to rank or write: no dropout (the narratives evaluation had it)
     vocab = Vocabulary.from_dict(json.loads((run_dir / "sequences" / "vocab.json").read_text()))
     assert model.config.vocab_size == vocab.size and model.config.num_domains == vocab.service_slots
     test = datasets.Dataset.from_parquet(str(run_dir / "sequences" / "test" / "*.parquet"))

@@ -75,6 +75,14 @@ def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain
             metrics[f"{kind}/filter/ndcg@10"] * metrics[f"{kind}/count"], abs=1e-9
         )
 
+    # the filter reads every type the record names (terms from the critique records), and puts what
+    # satisfies it first: its top 10 satisfies each asked type at least as often as the plain one's
+    assert report["requests_without_record"] == 0
+    asked = {k.split("/")[0] for k in metrics if k.endswith("/asked")}
+    assert asked == {t for r in requests for t in r["types"]}  # price, size, pack, brand, category here
+    for kind in asked:
+        assert metrics[f"{kind}/filter/satisfied_{kind}"] >= metrics[f"{kind}/plain/satisfied_{kind}"]
+
     predictions = tmp_path / "plain.jsonl"
     assert main(["eval", *args, "--checkpoint", "latest", "--save-predictions", str(predictions)]) == 0
     ranked = {(p["user"], p["service"], p["target"]): p["ranked"]

@@ -28,11 +28,12 @@ import torch
 
 from moe_rec.config import ConfigError, load_config
 from moe_rec.data import store
+from moe_rec.data.critiques import load_rows
 from moe_rec.data.schema import DataError
 from moe_rec.data.text_samples import CRITIQUE_SPLITS, without_critique
 from moe_rec.data.text_tokenizer import TextTokenizer
 from moe_rec.data.vocab import CRITIQUE, Vocabulary
-from moe_rec.eval.critiques import evaluate_critiques, item_facts
+from moe_rec.eval.critiques import evaluate_critiques, item_facts, with_named_terms
 from moe_rec.experiment import ExperimentConfig
 from moe_rec.sid.table import SIDTable
 from moe_rec.train.checkpoint import CheckpointError, load_model
@@ -85,7 +86,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         tokenizer = TextTokenizer.load(cfg.sequences_dir)
         offset = Vocabulary.from_dict(json.loads((cfg.sequences_dir / "vocab.json").read_text())).text_offset
         split_dir = cfg.sequences_dir / CRITIQUE_SPLITS[cfg.eval.split]
-        requests = datasets.Dataset.from_parquet(str(split_dir / "*.parquet")).to_list()
+        requests, _ = with_named_terms(
+            datasets.Dataset.from_parquet(str(split_dir / "*.parquet")).to_list(),
+            load_rows(cfg.critiques_dir, cfg.eval.split).to_list(),
+        )
         facts = item_facts(store.load_table(cfg.data_dir, store.ITEMS_DIR), table, cfg.critiques)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -8,13 +8,15 @@ target). Reported, overall, per critique type, for seen / held-out wording famil
 * Recall@K / NDCG@K of the target, with and without the critique;
 * the **rule filter** baseline: the ranking without the critique, items that satisfy what the
   critique asks moved first (order kept otherwise). What it asks is read from the critique's own
-  record (its types and clauses, and the target's brand, leaf category and the previous item's
-  price), a perfect parser of the text, so the baseline is as strong as a rule-based reading can be;
-  it reorders the top ``eval.filter_depth`` items (200 by default; set it deeper for a large
-  catalogue, where 200 items hold few that satisfy the critique);
+  record (its types, clauses and terms, and the target's brand, leaf category and colour, the
+  previous item's price, size and pack), a perfect parser of the text, so the baseline is as strong
+  as a rule-based reading can be; it reorders the top ``eval.filter_depth`` items (200 by default;
+  set it deeper for a large catalogue, where 200 items hold few that satisfy the critique);
 * **satisfaction**: the share of the top 10 that satisfies each asked type (``brand``: the
   target's brand; ``category``: the target's leaf category; ``price``: cheaper / pricier than
-  the previous item, as the clause says), with and without the critique.
+  the previous item, as the clause says; ``terms``: every named term in the title; ``colour``: the
+  target's colour; ``size`` / ``pack``: bigger / smaller than the previous item's, as the builder
+  compares them), with and without the critique.
 
 Items are read with :func:`moe_rec.data.item_attributes.service_attributes`, as the critiques
 were built.
@@ -32,7 +34,7 @@ import pyarrow as pa
 import torch
 
 from moe_rec.data.critique_config import CritiqueConfig
-from moe_rec.data.item_attributes import BAND_NAMES, brand_key, service_attributes
+from moe_rec.data.item_attributes import BAND_NAMES, Size, brand_key, service_attributes
 from moe_rec.data.text_samples import plain_request
 from moe_rec.eval.exact import (
     ServiceCatalogue,
@@ -45,25 +47,31 @@ from moe_rec.model.item_model import MoERecForItemPrediction
 from moe_rec.sid.table import SIDTable
 
 KS = (10,)
-ASKED = ("brand", "category", "price")  # the types whose satisfaction is measured
 
 
 @dataclass
 class ItemFacts:
-    """Per SID-table row: brand key, lower-case leaf category, price and price band name (None
-    where unknown)."""
+    """Per SID-table row: brand key, lower-case leaf category, price and price band name, title
+    words, colour, size and pack count (None where unknown; a pack never stated is 1)."""
 
     brand: list[str | None]
     leaf: list[str | None]
     price: list[float | None]
     band: list[str | None] = field(default_factory=list)
     band_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # service -> its band names
+    words: list[frozenset[str]] = field(default_factory=list)
+    colour: list[str | None] = field(default_factory=list)
+    size: list[Size | None] = field(default_factory=list)
+    pack: list[int] = field(default_factory=list)
+    size_ratio: float = 1.2  # as the critiques were built (``critiques.size_ratio``)
 
 
 def item_facts(items: pa.Table, table: SIDTable, cfg: CritiqueConfig) -> ItemFacts:
     """The facts of every catalogue item, in SID-table row order."""
     n = len(table.item_ids)
-    facts = ItemFacts([None] * n, [None] * n, [None] * n, [None] * n)
+    facts = ItemFacts(brand=[None] * n, leaf=[None] * n, price=[None] * n, band=[None] * n,
+                      words=[frozenset()] * n, colour=[None] * n, size=[None] * n, pack=[1] * n,
+                      size_ratio=cfg.size_ratio)  # fmt: skip
     for service in table.services:
         attrs = service_attributes(
             items, service, num_bands=cfg.price_bands, min_band_items=cfg.min_band_items
@@ -74,22 +82,51 @@ def item_facts(items: pa.Table, table: SIDTable, cfg: CritiqueConfig) -> ItemFac
             facts.leaf[row] = attrs.path[i][-1].lower() if attrs.path[i] else None
             facts.price[row] = attrs.price[i]
             facts.band[row] = attrs.band_name(attrs.band[i])
+            facts.words[row] = attrs.tokens[i]
+            facts.colour[row] = attrs.colour[i]
+            facts.size[row] = attrs.size[i]
+            facts.pack[row] = attrs.pack[i] or 1
         facts.band_names[service] = BAND_NAMES[attrs.num_bands]
     return facts
 
 
+def with_named_terms(
+    requests: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """Each request with ``terms``, the distinctive terms its critique record names (a request
+    carries the record's types and clauses, not its terms), matched by user, service, previous and
+    target item; and how many requests had no record (they ask for no terms)."""
+    named = {(r["user"], r["service"], r["prev_item"], r["target_item"]): list(r["terms"]) for r in records}
+    out, missing = [], 0
+    for r in requests:
+        key = (r["user"], r["service"], r["prev_item"], r["target_item"])
+        missing += key not in named
+        out.append({**r, "terms": named.get(key, [])})
+    return out, missing
+
+
 def asks(request: dict[str, Any], target: int, prev: int, facts: ItemFacts) -> dict[str, Any]:
-    """What a critique asks for, from its record: ``{type: wanted}`` for the measured types the
-    data can check (a brand key, a leaf, or ``("<" | ">", previous price)``)."""
+    """What a critique asks for, from its record: ``{type: wanted}`` for the types the data can
+    check (a brand key, a leaf, the terms, a colour, or ``("<" | ">", the previous item's price,
+    size or pack)``), as :func:`moe_rec.data.critiques.changes` named them."""
     out: dict[str, Any] = {}
     types, clauses = set(request["types"]), set(request["clauses"])
     if "brand" in types and facts.brand[target]:
         out["brand"] = facts.brand[target]
     if "category" in types and facts.leaf[target]:
         out["category"] = facts.leaf[target]
-    if "price" in types and prev >= 0 and facts.price[prev] is not None:
-        if clauses & {"cheaper", "pricier"}:
-            out["price"] = ("<" if "cheaper" in clauses else ">", facts.price[prev])
+    if "terms" in types and request.get("terms") and facts.words:
+        out["terms"] = frozenset(request["terms"])
+    if "colour" in types and facts.colour and facts.colour[target]:
+        out["colour"] = facts.colour[target]
+    if prev < 0:
+        return out
+    if "price" in types and facts.price[prev] is not None and clauses & {"cheaper", "pricier"}:
+        out["price"] = ("<" if "cheaper" in clauses else ">", facts.price[prev])
+    if "size" in types and facts.size and facts.size[prev] is not None and clauses & {"bigger", "smaller"}:
+        out["size"] = ("<" if "smaller" in clauses else ">", facts.size[prev])
+    if "pack" in types and facts.pack and clauses & {"bigger_pack", "smaller_pack"}:
+        out["pack"] = ("<" if "smaller_pack" in clauses else ">", facts.pack[prev])
     return out
 
 
@@ -101,9 +138,19 @@ def satisfied(row: int, kind: str, wanted: Any, facts: ItemFacts) -> bool:
         return facts.brand[row] == wanted
     if kind == "category":
         return facts.leaf[row] == wanted
-    price = facts.price[row]
+    if kind == "terms":
+        return wanted <= facts.words[row]
+    if kind == "colour":
+        return facts.colour[row] == wanted
     op, reference = wanted
-    return price is not None and (price < reference if op == "<" else price > reference)
+    if kind == "size":  # sizes of one kind, apart by the ratio the builder used (words: by rank)
+        size = facts.size[row]
+        if size is None or size.kind != reference.kind:
+            return False
+        ratio = facts.size_ratio if size.kind != "word" else 1.0
+        return size.value * ratio < reference.value if op == "<" else size.value > reference.value * ratio
+    value = facts.pack[row] if kind == "pack" else facts.price[row]
+    return value is not None and (value < reference if op == "<" else value > reference)
 
 
 def rule_filter(ranked: list[int], wanted: dict[str, Any], facts: ItemFacts) -> list[int]:

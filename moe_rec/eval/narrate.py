@@ -5,6 +5,9 @@ appends every unfinished narrative's most likely subword, until ``[EOS]`` or ``m
 greedy decoders usually do, a subword that would repeat a ``no_repeat_ngram``-gram of the
 narrative, or the subword just written, is never chosen (an undertrained head otherwise loops:
 "bought bought bought ...").
+A list that names one thing twice ("mostly wigs and wigs": both slots copy the history's most
+frequent category, and the trigram rule cannot see it) is written once (:func:`merge_repeats`), as
+the narratives' own templates write a list of one.
 
 Two ways to get each step's logits, the same greedy loop around them (:func:`write_narratives`):
 
@@ -24,7 +27,8 @@ and the summation order differ); ``tests/eval/test_narrate.py`` checks it on ran
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +40,12 @@ from moe_rec.model.item_model import MoERecForItemPrediction
 
 MAX_NARRATIVE_TOKENS = 64
 NO_REPEAT_NGRAM = 3
+# up to 4 words, " and " or ", ", the same words, then punctuation, " and " or the end
+_REPEATED_ITEM = re.compile(
+    r"(?P<pre>, )?(?<![\w'&-])(?P<item>[\w'&-]+(?: [\w'&-]+){0,3})(?P<sep> and |, )(?P=item)"
+    r"(?=[.,;:!?]| and |$)",
+    re.IGNORECASE,
+)
 
 
 def repeated(text: Sequence[int], n: int) -> set[int]:
@@ -45,6 +55,27 @@ def repeated(text: Sequence[int], n: int) -> set[int]:
         return set()
     tail = tuple(text[len(text) - n + 1 :]) if n > 1 else ()
     return {text[i + n - 1] for i in range(len(text) - n + 1) if tuple(text[i : i + n - 1]) == tail}
+
+
+def merge_repeats(text: str) -> str:
+    """``text`` with every list item that repeats the one before it dropped, the list joined as
+    before ("a lot of wigs and wigs." -> "a lot of wigs."; "with ice, gel and gel" -> "with ice and
+    gel")."""
+
+    def once(m: re.Match) -> str:
+        joined = " and " if m["pre"] and m["sep"] == " and " else m["pre"] or ""
+        return joined + m["item"]
+
+    while True:
+        merged = _REPEATED_ITEM.sub(once, text)
+        if merged == text:
+            return text
+        text = merged
+
+
+def narrative_text(tokenizer: Any, ids: Iterable[int]) -> str:
+    """A decoded narrative as shown: its subwords' text, repeated list items merged."""
+    return merge_repeats(tokenizer.decode(ids))
 
 
 def narrative_prompt(

@@ -14,7 +14,7 @@ import torch
 from moe_rec.data.critiques import load_rows
 from moe_rec.data.sequences import user_bucket
 from moe_rec.eval.exact import request_history_rows
-from moe_rec.eval.narrate import narrative_prompt, write_narratives
+from moe_rec.eval.narrate import narrative_prompt, narrative_text, write_narratives
 from moe_rec.eval.narrative_metrics import against_references, personalisation
 from moe_rec.eval.narrative_references import (
     held_out_requests,
@@ -83,7 +83,7 @@ def score_references(
         for r, t in zip(rows, targets, strict=True)
     ]
     users = [user_bucket(r["user"], model.config.num_user_buckets) for r in rows]
-    texts = [tokenizer.decode(ids) for ids in write_narratives(model, prompts, users, vocab)]
+    texts = [narrative_text(tokenizer, ids) for ids in write_narratives(model, prompts, users, vocab)]
     train = load_rows(narratives_dir, "train").select_columns(
         ["user", "service", "position", "target_item", "text"]
     ).to_list()  # fmt: skip

@@ -52,7 +52,7 @@ from moe_rec.data.sequences import asked_last, prompt, user_bucket
 from moe_rec.data.vocab import CRITIQUE
 from moe_rec.eval.beam_search import constrained_beam_search
 from moe_rec.eval.exact import ServiceCatalogue, request_parts, top_for_requests
-from moe_rec.eval.narrate import narrative_prompt, write_narratives
+from moe_rec.eval.narrate import narrative_prompt, narrative_text, write_narratives
 from moe_rec.export.bundle import Bundle, load_bundle
 from moe_rec.model import MoERecForItemPrediction
 from moe_rec.serve.config import DEFAULT_K, ServeConfig
@@ -467,7 +467,7 @@ class Recommender:
         texts = write_narratives(self.bundle.model, prompts, users, self.vocab)
         out = [list(r) for r in results]
         for (i, n), ids in zip(asked, texts, strict=True):
-            out[i][n] = replace(out[i][n], narrative=self.bundle.tokenizer.decode(ids))
+            out[i][n] = replace(out[i][n], narrative=narrative_text(self.bundle.tokenizer, ids))
         return out
 
     # --- bookkeeping ------------------------------------------------------------------------

@@ -165,7 +165,8 @@ def resolve_tag(ckpt_dir: Path, tag: str | None = None) -> str:
 
 def load_model(ckpt_dir: Path, tag: str | None = None) -> MoERecForCausalLM | MoERecForItemPrediction:
     """The checkpointed model (token- or item-level, as its saved config says), consolidated to
-    fp32, built from the config saved beside it."""
+    fp32, built from the config saved beside it, in eval mode (no dropout: every caller ranks or
+    writes with it)."""
     tag = resolve_tag(ckpt_dir, tag)
     config_file = Path(ckpt_dir) / tag / MODEL_CONFIG_FILE
     if not config_file.exists():
@@ -176,7 +177,7 @@ def load_model(ckpt_dir: Path, tag: str | None = None) -> MoERecForCausalLM | Mo
     if not hasattr(model, "lm_head"):  # the item-level model's heads are tied to the embedding itself
         state.pop("lm_head.weight")
     model.load_state_dict(state)
-    return model
+    return model.eval()
 
 
 def consolidate(ckpt_dir: Path, tag: str | None = None) -> dict[str, torch.Tensor]:

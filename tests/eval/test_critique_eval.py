@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from moe_rec.eval.critiques import ItemFacts, _gains, asks, rule_filter, satisfied
+from moe_rec.data.item_attributes import Size
+from moe_rec.eval.critiques import ItemFacts, _gains, asks, rule_filter, satisfied, with_named_terms
 
 FACTS = ItemFacts(
     brand=["nivea", "dove", "nivea", None, "dove"],
@@ -36,6 +37,63 @@ def test_satisfied_and_the_rule_filter_keep_order_within_each_part() -> None:
     wanted = {"category": "soap", "price": ("<", 10.0)}
     assert rule_filter([0, 4, 1, 2, 3], wanted, FACTS) == [2, 0, 4, 1, 3]  # only item 2 is cheap soap
     assert rule_filter([3, 1], {}, FACTS) == [3, 1]
+
+
+# items 0..4 of FACTS with what terms, colour, size and pack critiques read
+WORDS = ItemFacts(
+    brand=FACTS.brand, leaf=FACTS.leaf, price=FACTS.price,
+    words=[frozenset({"shea", "butter"}), frozenset({"shea"}), frozenset({"argan", "oil", "butter"}),
+           frozenset(), frozenset({"argan", "butter"})],
+    colour=["red", None, "black", "red", "black"],
+    size=[Size("amount", 10.0), Size("amount", 12.0), Size("amount", 12.5), Size("count", 30.0), None],
+    pack=[1, 6, 2, 1, 1],
+    size_ratio=1.2,
+)  # fmt: skip
+
+
+def test_asks_reads_terms_colour_size_and_pack_as_the_builder_named_them() -> None:
+    request = {"types": ["terms", "colour", "size", "pack"], "clauses": ["terms", "colour", "bigger", "bigger_pack"],
+               "terms": ["argan", "butter"]}  # fmt: skip
+    assert asks(request, target=2, prev=0, facts=WORDS) == {
+        "terms": frozenset({"argan", "butter"}),
+        "colour": "black",
+        "size": (">", Size("amount", 10.0)),
+        "pack": (">", 1),
+    }
+    smaller = {"types": ["size", "pack"], "clauses": ["smaller", "smaller_pack"], "terms": []}
+    assert asks(smaller, target=0, prev=1, facts=WORDS) == {
+        "size": ("<", Size("amount", 12.0)),
+        "pack": ("<", 6),
+    }
+    assert asks(smaller, target=0, prev=4, facts=WORDS) == {"pack": ("<", 1)}  # item 4 states no size
+    assert asks(request, target=2, prev=0, facts=FACTS) == {}  # facts without words, colours, sizes
+
+
+def test_terms_colour_size_and_pack_satisfied_by_hand() -> None:
+    both = frozenset({"argan", "butter"})
+    assert [satisfied(r, "terms", both, WORDS) for r in range(5)] == [False, False, True, False, True]
+    assert [satisfied(r, "colour", "black", WORDS) for r in range(5)] == [False, False, True, False, True]
+    # bigger than 10 oz needs more than 12 oz (ratio 1.2): 12 is not, 12.5 is; a count never compares
+    assert [satisfied(r, "size", (">", Size("amount", 10.0)), WORDS) for r in range(5)] == [
+        False, False, True, False, False]  # fmt: skip
+    # smaller than 12.5 oz needs under 12.5 / 1.2 = 10.42: 10 is, 12 is not
+    assert [satisfied(r, "size", ("<", Size("amount", 12.5)), WORDS) for r in range(5)] == [
+        True, False, False, False, False]  # fmt: skip
+    assert [satisfied(r, "pack", (">", 1), WORDS) for r in range(5)] == [False, True, True, False, False]
+    assert rule_filter([3, 1, 4, 0, 2], {"terms": both, "colour": "black"}, WORDS) == [4, 2, 3, 1, 0]
+
+
+def test_requests_read_their_records_terms_and_count_the_ones_without() -> None:
+    requests = [{"user": u, "service": "toys", "prev_item": p, "target_item": t, "types": ["terms"]}
+                for u, p, t in (("u1", "a", "b"), ("u2", "a", "b"), ("u1", "b", "c"))]  # fmt: skip
+    records = [{"user": "u2", "service": "toys", "prev_item": "a", "target_item": "b", "terms": ["wooden"]},
+               {"user": "u1", "service": "toys", "prev_item": "a", "target_item": "b", "terms": ["magnetic"]},
+               {"user": "u1", "service": "beauty", "prev_item": "b", "target_item": "c", "terms": ["argan"]}]  # fmt: skip
+    named, missing = with_named_terms(requests, records)
+    assert [r["terms"] for r in named] == [["magnetic"], ["wooden"], []] and missing == 1
+    assert (
+        named[0]["types"] == ["terms"] and "terms" not in requests[0]
+    )  # the rest kept, the input left alone
 
 
 def test_gains_are_recall_and_ndcg_of_one_target() -> None:

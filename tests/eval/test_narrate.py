@@ -1,5 +1,6 @@
-"""Greedy narrative decoding: the repetition rule against a brute force over every n-gram, and the
-KV-cached decoding against the uncached reference on random models."""
+"""Greedy narrative decoding: the repetition rule against a brute force over every n-gram, the
+merged list items against lists rendered without their repeats, and the KV-cached decoding
+against the uncached reference on random models."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import random
 import pytest
 import torch
 
+from moe_rec.data.narratives import _and
 from moe_rec.data.positions import code_token_ranges, item_batch
 from moe_rec.data.vocab import BOS, CRITIQUE, PAD, Vocabulary
-from moe_rec.eval.narrate import narrative_prompt, repeated, write_narratives
+from moe_rec.eval.narrate import merge_repeats, narrative_prompt, repeated, write_narratives
 from moe_rec.model import MoERecForItemPrediction, build_config, model_class
 
 
@@ -25,6 +27,29 @@ def test_repeated_bans_exactly_what_would_repeat_an_ngram(seed: int, n: int) -> 
     }
     assert repeated(text, n) == expected
     assert repeated(text, 0) == set()
+
+
+# names that share words but never end one another ("skin care" / "skin care products")
+NAMES = ["wigs", "nail polish", "nail art", "hair extensions", "lip gloss", "lip liner", "skin care",
+         "skin care products", "o'keeffe's", "black & white"]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_merge_repeats_writes_a_list_as_if_its_repeats_were_never_drawn(seed: int) -> None:
+    """A narrative whose lists name an item twice in a row reads as the templates would write the
+    list without the repeat; lists without adjacent repeats are left as they are."""
+    rng = random.Random(seed)
+    written, expected = [], []
+    for _ in range(rng.randrange(1, 4)):
+        items = [rng.choice(NAMES) for _ in range(rng.randrange(1, 5))]
+        distinct = [x for i, x in enumerate(items) if i == 0 or x != items[i - 1]]
+        opener = rng.choice(["your taste: mostly", "with", "a lot of"])
+        end = rng.choice([".", ", often from nivea."])
+        written.append(f"{opener} {_and(items)}{end}")
+        expected.append(f"{opener} {_and(distinct)}{end}")
+    assert merge_repeats(" ".join(written)) == " ".join(expected)
+    assert merge_repeats(" ".join(expected)) == " ".join(expected)
+    assert merge_repeats(" ".join(expected).upper()) == " ".join(expected).upper()  # case aside
 
 
 TEXT = 30  # subwords of the test vocabulary
