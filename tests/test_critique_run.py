@@ -15,6 +15,12 @@ import pytest
 import torch
 
 from moe_rec.cli import main
+from moe_rec.config import load_config
+from moe_rec.data import store
+from moe_rec.data.critiques import load_rows
+from moe_rec.eval.critiques import asks, item_facts, satisfied, with_named_terms
+from moe_rec.experiment import ExperimentConfig
+from moe_rec.sid.table import SIDTable
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "experiments" / "demo.yaml"
@@ -82,6 +88,17 @@ def test_a_run_with_critiques_trains_text_and_its_plain_column_matches_the_plain
     assert asked == {t for r in requests for t in r["types"]}  # price, size, pack, brand, category here
     for kind in asked:
         assert metrics[f"{kind}/filter/satisfied_{kind}"] >= metrics[f"{kind}/plain/satisfied_{kind}"]
+    # the reading agrees with the builder: every critique's own target is what it asks for
+    cfg = load_config(ExperimentConfig, str(DEMO), args[2:])
+    table = SIDTable.load(cfg.sid_dir)
+    facts = item_facts(store.load_table(cfg.data_dir, store.ITEMS_DIR), table, cfg.critiques)
+    named, _ = with_named_terms(requests, load_rows(cfg.critiques_dir, "test").to_list())
+    for r in named:
+        target, prev = table.rows([r["service"]] * 2, [r["target_item"], r["prev_item"]]).tolist()
+        wanted = asks(r, target, prev, facts)
+        assert set(wanted) == set(r["types"]) and all(
+            satisfied(target, k, w, facts) for k, w in wanted.items()
+        )
 
     predictions = tmp_path / "plain.jsonl"
     assert main(["eval", *args, "--checkpoint", "latest", "--save-predictions", str(predictions)]) == 0
