@@ -6,7 +6,9 @@ An item's words are four fields, each tokenised on its own with the run's text t
 price band's name ("budget", "mid-price", "premium", as the critiques name bands) and its title
 (its keyword text where it has none). A critique that names a brand or a category ("anything by
 Maybelline?", "something in lip gloss") then shares subwords with exactly the items it asks for,
-through the one embedding table both are read with. Attributes come from
+through the one embedding table both are read with. An item's terms (:func:`item_terms`: its
+distinctive title words and its colour, what a critique names as terms or colour) are a table of
+their own, matched as whole phrases by ``item_terms``. Attributes come from
 :func:`moe_rec.data.item_attributes.service_attributes`, as the critiques were built.
 """
 
@@ -24,6 +26,7 @@ from moe_rec.data.vocab import PAD
 
 WORD_FIELDS = ("brand", "category", "band", "title")  # the fields of an item's words, in this order
 WORD_SLOTS = 16  # subwords kept per field at most (a title's first ones: the product name)
+TERM_SUBWORDS = 4  # subwords kept per distinctive term at most
 
 
 def item_word_texts(
@@ -46,11 +49,13 @@ def item_word_texts(
 def encode_item_words(
     texts: list[list[str]], tokenizer: TextTokenizer, text_offset: int, slots: int = WORD_SLOTS
 ) -> torch.Tensor:
-    """(N, F, L) vocabulary ids of each item's fields (:func:`item_word_texts`), each cut at
-    ``slots`` subwords and ``[PAD]``-filled; L is the longest field kept (at least 1)."""
+    """(N, F, L) vocabulary ids of each item's F texts (its fields, :func:`item_word_texts`, or its
+    terms), each cut at ``slots`` subwords and ``[PAD]``-filled; L is the longest text kept and F
+    the most texts an item has (each at least 1)."""
     encoded = [[tokenizer.encode(t)[:slots] if t else [] for t in fields] for fields in texts]
     width = max([len(ids) for fields in encoded for ids in fields] + [1])
-    out = torch.full((len(texts), len(WORD_FIELDS), width), PAD, dtype=torch.long)
+    count = max([len(fields) for fields in texts] + [1])
+    out = torch.full((len(texts), count, width), PAD, dtype=torch.long)
     for n, fields in enumerate(encoded):
         for f, ids in enumerate(fields):
             if ids:
@@ -71,6 +76,30 @@ def item_words(
     order) (module docstring)."""
     texts = item_word_texts(items, keys, num_bands, min_band_items)
     return encode_item_words(texts, tokenizer, text_offset)
+
+
+def item_terms(
+    items: pa.Table,
+    keys: Sequence[tuple[str, str]],
+    tokenizer: TextTokenizer,
+    text_offset: int,
+    *,
+    num_bands: int = 3,
+    min_band_items: int = 20,
+) -> torch.Tensor:
+    """(N, K, L) the words a critique names of the items ``keys``: their distinctive title terms
+    (rarest first, as :func:`moe_rec.data.item_attributes.service_attributes` allows them and the
+    critiques name them), then their colour word where they have one, each cut at
+    :data:`TERM_SUBWORDS` subwords; K the most an item has."""
+    attrs = {
+        s: service_attributes(items, s, num_bands=num_bands, min_band_items=min_band_items)
+        for s in dict.fromkeys(s for s, _ in keys)
+    }
+    texts = []
+    for s, item in keys:
+        a, i = attrs[s], attrs[s].row[item]
+        texts.append([*a.terms[i], *([a.colour[i]] if a.colour[i] else [])])
+    return encode_item_words(texts, tokenizer, text_offset, TERM_SUBWORDS)
 
 
 def price_bins(prices: Sequence[float | None], num_bins: int) -> list[int]:

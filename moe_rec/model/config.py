@@ -118,6 +118,10 @@ class MoERecConfig(PretrainedConfig):
         # leaf category, price band) whose whole subword sequence occurs in the critique (the longest
         # match only), weighted by the decoder at the match's end and at the critique's end
         item_phrase_rank: int = 16,  # item_phrases: width of the (critique end, match end) bilinear weight
+        item_terms: bool = False,  # item_phrases: + each item's distinctive title terms and colour word
+        # (what a critique names as terms or colour) as phrases of a fourth field, matched whole
+        item_term_shape: list[int] | None = None,  # (terms per item, subwords per term) of that table (set
+        # from the data)
         critique_field_query: bool = False,  # item_words: + at a critique's words W_f h_t against each
         # item's unit field-f vector (the decoder at the critique's end asks for a field directly, e.g.
         # a band below the previous item's for "anything cheaper?")
@@ -201,6 +205,8 @@ class MoERecConfig(PretrainedConfig):
         self.item_word_slots = item_word_slots
         self.item_words_input = item_words_input
         self.item_phrases = item_phrases
+        self.item_terms = item_terms
+        self.item_term_shape = list(item_term_shape) if item_term_shape else None
         self.item_phrase_rank = item_phrase_rank
         self.critique_field_query = critique_field_query
         self.item_price_bins = item_price_bins
@@ -320,6 +326,13 @@ class MoERecConfig(PretrainedConfig):
             for name in ("critique_previous", "critique_named_previous"):
                 if getattr(self, name) and not self.item_phrases:
                     raise ValueError(f"{name} needs item_phrases (the phrases it weights)")
+            if self.item_terms and not (
+                self.item_phrases and self.item_term_shape and min(self.item_term_shape) >= 1
+            ):
+                raise ValueError(
+                    "item_terms needs item_phrases (the matching it joins) and item_term_shape "
+                    f"(terms per item, subwords per term; got {self.item_term_shape})"
+                )
             if self.item_phrases and not (self.item_words and self.item_phrase_rank >= 0):
                 raise ValueError(
                     "item_phrases needs item_words (the fields it matches) and item_phrase_rank >= 0"

@@ -163,15 +163,23 @@ PHRASE_FIELDS = (0, 1, 2)  # item_phrases: the fields of WORD_FIELDS matched as 
 
 
 def phrase_table(
-    words: torch.Tensor, pad: int
+    words: torch.Tensor, pad: int, terms: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct phrases of the catalogue's words (N, F, L) in the fields :data:`PHRASE_FIELDS`:
-    ids (U, L) (``pad``-filled, left-aligned), field (U,) (index into PHRASE_FIELDS), length (U,), and
-    each item's membership (N, U) (1.0 where the item's field is that phrase). The same subwords in
-    two fields are two phrases (each field has its own weight)."""
+    """The distinct phrases of the catalogue's words (N, F, L) in the fields :data:`PHRASE_FIELDS`,
+    and with ``terms`` (N, K, L') each of an item's K terms as a phrase of one more field
+    (``len(PHRASE_FIELDS)``): ids (U, max(L, L')) (``pad``-filled, left-aligned), field (U,) (index
+    into PHRASE_FIELDS, then the terms' field), length (U,), and each item's membership (N, U) (1.0
+    where the item's field is that phrase, or one of its terms). The same subwords in two fields
+    are two phrases (each field has its own weight)."""
     n, _, width = words.shape
     sel = words[:, list(PHRASE_FIELDS)]  # (N, NP, L)
-    fields = torch.arange(len(PHRASE_FIELDS), device=words.device)[None, :, None].expand(n, -1, 1)
+    if terms is not None:  # every term slot a field value of the terms' field
+        width = max(width, terms.shape[2])
+        sel = torch.cat([F.pad(sel, (0, width - sel.shape[2]), value=pad),
+                         F.pad(terms, (0, width - terms.shape[2]), value=pad)], dim=1)  # fmt: skip
+    slots = sel.shape[1]
+    fields = torch.arange(slots, device=words.device).clamp_max(len(PHRASE_FIELDS))
+    fields = fields[None, :, None].expand(n, -1, 1)
     keys = torch.cat([fields, sel], dim=-1).reshape(-1, width + 1)  # (N x NP, 1 + L)
     nonempty = (sel != pad).any(-1).reshape(-1)
     member = torch.zeros(n, 0, device=words.device)
@@ -182,7 +190,7 @@ def phrase_table(
     ids = unique[:, 1:]
     lengths = (ids != pad).sum(-1)
     member = torch.zeros(n, len(unique), device=words.device)
-    item = torch.arange(n, device=words.device)[:, None].expand(-1, len(PHRASE_FIELDS)).reshape(-1)
+    item = torch.arange(n, device=words.device)[:, None].expand(-1, slots).reshape(-1)
     member[item[nonempty], inverse] = 1.0
     return ids, unique[:, 0], lengths, member
 
@@ -342,21 +350,26 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if config.item_words:  # a_f(h_s) of every critique word, per field; zero at the start
             # (post_init), as a bias of 2.0 made words of unseen phrasings count (docs/critiques.md)
             self.word_weight = nn.Linear(d, len(WORD_FIELDS))
+        # the phrase fields: brand, leaf category, band, and with item_terms the title terms
+        self.phrase_fields = len(PHRASE_FIELDS) + int(bool(config.item_terms))
+        if config.item_terms:  # each item's distinctive title terms as subwords (saved with the weights)
+            shape = (config.num_items, *config.item_term_shape)
+            self.register_buffer("item_terms", torch.full(shape, config.pad_token_id, dtype=torch.long))
         self.phrase_weight: nn.Linear | None = None
         if config.item_phrases:  # c_f(h_s) and the bilinear q_f(h_t) . k_f(h_s) of a matched phrase
-            fields, r = len(PHRASE_FIELDS), config.item_phrase_rank
+            fields, r = self.phrase_fields, config.item_phrase_rank
             self.phrase_weight = nn.Linear(d, fields)
             self.phrase_q = nn.Linear(d, fields * r, bias=False)
             self.phrase_k = nn.Linear(d, fields * r, bias=False)
         self.named_previous_weight: nn.Linear | None = None
         if config.critique_named_previous:  # d_f(h_s): a matched phrase the previous item holds
-            self.named_previous_weight = nn.Linear(d, len(PHRASE_FIELDS))
+            self.named_previous_weight = nn.Linear(d, self.phrase_fields)
         self.field_query: nn.Linear | None = None
         if config.critique_field_query:  # W_f h_t per field, zero at the start (post_init below)
             self.field_query = nn.Linear(d, len(WORD_FIELDS) * d, bias=False)
         self.previous_weight: nn.Linear | None = None
         if config.critique_previous:  # g_f(h_t): a field shared with the previous item, per phrase field
-            self.previous_weight = nn.Linear(d, len(PHRASE_FIELDS))
+            self.previous_weight = nn.Linear(d, self.phrase_fields)
         self.price_weight: nn.Linear | None = None
         if config.item_price_bins:  # each item's price bin (saved with the weights); per critique word
             # Q absolute bin weights and 4 relative to the previous item's bin (below, same, above, distance)
@@ -446,15 +459,23 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
     def set_item_words(self, words: torch.Tensor) -> None:
         """The catalogue's words (N, F, L) (:func:`moe_rec.data.item_words.item_words`), row i the
         SID table's row i; every id a text token or ``[PAD]``."""
-        if tuple(words.shape) != tuple(self.item_words.shape):
-            raise ValueError(
-                f"item words of shape {tuple(words.shape)}; expected {tuple(self.item_words.shape)}"
-            )
-        start, stop = self.config.text_token_range
-        pad = words == self.config.pad_token_id
-        if not bool((pad | ((words >= start) & (words < stop))).all()):
-            raise ValueError(f"item words must be text tokens [{start}, {stop}) or [PAD]")
+        self._check_text_table("item words", words, self.item_words.shape)
         self.item_words.copy_(words)
+
+    def set_item_terms(self, terms: torch.Tensor) -> None:
+        """The catalogue's distinctive title terms (N, K, L) (:func:`moe_rec.data.item_words.item_terms`),
+        row i the SID table's row i; every id a text token or ``[PAD]``."""
+        self._check_text_table("item terms", terms, self.item_terms.shape)
+        self.item_terms.copy_(terms)
+
+    def _check_text_table(self, name: str, table: torch.Tensor, shape: torch.Size) -> None:
+        """ValueError unless ``table`` has ``shape`` and holds only text tokens and ``[PAD]``."""
+        if tuple(table.shape) != tuple(shape):
+            raise ValueError(f"{name} of shape {tuple(table.shape)}; expected {tuple(shape)}")
+        start, stop = self.config.text_token_range
+        pad = table == self.config.pad_token_id
+        if not bool((pad | ((table >= start) & (table < stop))).all()):
+            raise ValueError(f"{name} must be text tokens [{start}, {stop}) or [PAD]")
 
     def set_item_price_bins(self, bins: torch.Tensor) -> None:
         """The catalogue's price bins (N,) (:func:`moe_rec.data.item_words.item_price_bins`), row i the
@@ -566,12 +587,15 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def phrases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:func:`phrase_table` of the current item words, computed once per change of the buffer
-        (loading weights or :meth:`set_item_words` bumps its version; moving it changes its storage)."""
-        w = self.item_words
-        key = (w._version, w.data_ptr(), str(w.device))
+        """:func:`phrase_table` of the current item words (and terms), computed once per change of
+        the buffers (loading weights, :meth:`set_item_words` or :meth:`set_item_terms` bumps a
+        version; moving one changes its storage)."""
+        terms = getattr(self, "item_terms", None)
+        key = tuple(
+            (b._version, b.data_ptr(), str(b.device)) for b in (self.item_words, terms) if b is not None
+        )
         if self._phrase_cache is None or self._phrase_cache[0] != key:
-            self._phrase_cache = (key, phrase_table(w, self.config.pad_token_id))
+            self._phrase_cache = (key, phrase_table(self.item_words, self.config.pad_token_id, terms))
         return self._phrase_cache[1]
 
     def critique_phrases(
@@ -616,7 +640,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         later = index[:, None, :] > index[:, :, None]  # (B, S, S'): s' after s
         run = self._run_matrix(word, index, last_break)  # (B, T, S)
         r = max(self.config.item_phrase_rank, 1)
-        nf = len(PHRASE_FIELDS)
+        nf = self.phrase_fields
         weight = self.phrase_weight(hidden)[:, None].expand(-1, t_len, -1, -1)  # (B, T, S, NP) c_f(h_s)
         if self.config.item_phrase_rank:
             q = self.phrase_q(hidden).view(b, t_len, nf, r)

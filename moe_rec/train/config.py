@@ -34,6 +34,7 @@ SET_ELSEWHERE = {
     "item_text_dim": "the SID stage's text encoder (model.kind=item with item_text)",
     "text_token_range": "the vocabulary's text tokens (model.kind=item, sequences with critiques)",
     "item_word_slots": "the item words' table (model.kind=item with item_words or narrative_copy)",
+    "item_term_shape": "the item terms' table (model.kind=item with item_terms)",
 }
 
 

@@ -71,13 +71,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def model_config(
-    section: ModelSection, vocab: Vocabulary, num_items: int = 0, text_dim: int = 0, word_slots: int = 0
+    section: ModelSection,
+    vocab: Vocabulary,
+    num_items: int = 0,
+    text_dim: int = 0,
+    word_slots: int = 0,
+    term_shape: list[int] | None = None,
 ) -> MoERecConfig:
     """The decoder for ``vocab``: a named size, the vocabulary's token count and service slots, and
     for the item-level model (``kind: item``) the token range of each code position and, with a
     per-item term (``item_embedding``), the catalogue's ``num_items`` (and with ``item_text`` the
     text embeddings' width ``text_dim``, with item words (:func:`uses_item_words`) the subwords per field
-    ``word_slots``)."""
+    ``word_slots``, with ``item_terms`` the terms' table's ``term_shape``)."""
     ranges = {"code_token_ranges": code_token_ranges(vocab)} if section.kind == "item" else {}
     if section.overrides.get("item_embedding"):
         ranges["num_items"] = num_items
@@ -85,6 +90,8 @@ def model_config(
         ranges["item_text_dim"] = text_dim
     if section.kind == "item" and uses_item_words(section.overrides):
         ranges["item_word_slots"] = word_slots
+    if section.kind == "item" and section.overrides.get("item_terms"):
+        ranges["item_term_shape"] = term_shape
     if section.kind == "item" and vocab.text_size:  # sequences with critiques and narratives
         ranges["text_token_range"] = [vocab.text_offset, vocab.size]
     try:
@@ -108,9 +115,10 @@ def uses_item_words(overrides: dict) -> bool:
     return bool(overrides.get("item_words") or overrides.get("narrative_copy"))
 
 
-def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary) -> torch.Tensor:
-    """(N, F, L) the catalogue's words (:mod:`moe_rec.data.item_words`) in the run's subwords."""
-    from moe_rec.data.item_words import item_words
+def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary, terms: bool = False) -> torch.Tensor:
+    """(N, F, L) the catalogue's words (:mod:`moe_rec.data.item_words`) in the run's subwords, or
+    with ``terms`` its distinctive title terms (N, K, L)."""
+    from moe_rec.data.item_words import item_terms, item_words
     from moe_rec.data.text_tokenizer import TextTokenizer
 
     if not vocab.text_size:
@@ -121,7 +129,7 @@ def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary) -> torch.Te
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
     tokenizer = TextTokenizer.load(cfg.sequences_dir)
     keys = [(sids.services[int(s)], item) for s, item in zip(sids.service_index, sids.item_ids, strict=True)]
-    return item_words(
+    return (item_terms if terms else item_words)(
         items, keys, tokenizer, vocab.text_offset,
         num_bands=cfg.critiques.price_bands, min_band_items=cfg.critiques.min_band_items,
     )  # fmt: skip
@@ -364,7 +372,13 @@ class Trainer:
         if cfg.model.kind == "item" and uses_item_words(cfg.model.overrides):
             self.item_words = _item_words(cfg, self.sids, self.vocab)
         word_slots = self.item_words.shape[2] if self.item_words is not None else 0
-        self.model_config = model_config(cfg.model, self.vocab, len(self.sids), text_dim, word_slots)
+        self.item_terms = None  # (N, K, L) with item_terms: each item's distinctive title terms
+        if cfg.model.kind == "item" and cfg.model.overrides.get("item_terms"):
+            self.item_terms = _item_words(cfg, self.sids, self.vocab, terms=True)
+        term_shape = list(self.item_terms.shape[1:]) if self.item_terms is not None else None
+        self.model_config = model_config(
+            cfg.model, self.vocab, len(self.sids), text_dim, word_slots, term_shape
+        )
         if self.tc.negatives_per_step and not (
             cfg.model.kind == "item" and getattr(self.model_config, "item_negatives", 0)
         ):
@@ -448,6 +462,8 @@ class Trainer:
             model.set_item_text(self.item_text)
         if self.item_words is not None:
             model.set_item_words(self.item_words)
+        if self.item_terms is not None:
+            model.set_item_terms(self.item_terms)
         if self.model_config.item_price_bins:
             model.set_item_price_bins(_item_price_bins(cfg, self.sids, self.model_config.item_price_bins))
         self.params = parameter_report(model)

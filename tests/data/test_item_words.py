@@ -3,9 +3,12 @@ SID-table row order, tokenised as critiques are, by hand."""
 
 from __future__ import annotations
 
+import random
+
 import pyarrow as pa
 
-from moe_rec.data.item_words import WORD_FIELDS, encode_item_words, item_word_texts, item_words
+from moe_rec.data.item_attributes import service_attributes
+from moe_rec.data.item_words import WORD_FIELDS, encode_item_words, item_terms, item_word_texts, item_words
 from moe_rec.data.text_tokenizer import train_tokenizer
 from moe_rec.data.vocab import PAD
 
@@ -43,3 +46,26 @@ def test_encoding_cuts_pads_and_offsets_each_field_as_the_tokenizer_does() -> No
     assert (out[1] == PAD).all()  # an item with no words at all
     whole = item_words(pa.Table.from_pylist(ITEMS), KEYS, tok, 100, min_band_items=3)
     assert whole.shape[:2] == (4, 4) and whole[1, 2, 0] == 100 + tok.encode("premium")[0]
+
+
+def test_terms_per_table_row_are_the_distinctive_title_words_critiques_name() -> None:
+    """200 titles of three words from a pool of 60 (each word in about 10 titles: distinctive, not
+    rare), two in three also "red": every row of the table holds its item's allowed terms, rarest
+    first, then its colour, in subwords."""
+    rng = random.Random(0)
+    pool = [f"{a}{b}" for a in ("wood", "felt", "zinc", "silk", "clay", "jade") for b in "aeiouyrstl"]
+    rows = [{"service": "s", "item_id": f"z{i}", "title": " ".join(rng.sample(pool, 3)) + (" red" if i % 3 else ""),
+             "categories": [], "brand": None, "price": None} for i in range(200)]  # fmt: skip
+    items = pa.Table.from_pylist(rows)
+    tok = train_tokenizer([r["title"] for r in rows], 300)
+    keys = [("s", f"z{i}") for i in rng.sample(range(200), 200)]
+    out = item_terms(items, keys, tok, 100)
+    attrs = service_attributes(items, "s")
+    terms = [[*attrs.terms[attrs.row[item]], *([attrs.colour[attrs.row[item]]] if attrs.colour[attrs.row[item]] else [])]
+             for _, item in keys]  # fmt: skip
+    assert sum(t[-1:] == ["red"] for t in terms) == 133  # the colour word last, where the title has one
+    assert out.shape[1] == max(len(t) for t in terms) >= 2
+    for n, named in enumerate(terms):
+        for k in range(out.shape[1]):
+            ids = [100 + i for i in tok.encode(named[k])] if k < len(named) else []
+            assert out[n, k].tolist() == ids + [PAD] * (out.shape[2] - len(ids))

@@ -683,10 +683,14 @@ def test_critique_loss_weight_scales_only_the_position_that_reads_a_critique() -
         _words_model(36, critique_loss_weight=0.0)
 
 
-def _phrase_model(seed: int, words: torch.Tensor, **fields: object) -> MoERecForItemPrediction:
-    """A tiny text model with item_words and item_phrases over the given (N, 4, L) words; N items
-    of service b (distinct codes)."""
+def _phrase_model(
+    seed: int, words: torch.Tensor, terms: torch.Tensor | None = None, **fields: object
+) -> MoERecForItemPrediction:
+    """A tiny text model with item_words and item_phrases over the given (N, 4, L) words (and with
+    ``terms`` (N, K, L'), item_terms); N items of service b (distinct codes)."""
     n = words.shape[0]
+    if terms is not None:
+        fields.update(item_terms=True, item_term_shape=list(terms.shape[1:]))
     catalogue = [("b", [i % 8, i // 8, 0, 0]) for i in range(n)]
     start, stop = TEXT_VOCAB.text_offset, TEXT_VOCAB.size
     torch.manual_seed(seed)
@@ -702,6 +706,8 @@ def _phrase_model(seed: int, words: torch.Tensor, **fields: object) -> MoERecFor
         torch.tensor([TEXT_VOCAB.service_token(s) for s, _ in catalogue]),
     )
     model.set_item_words(words)
+    if terms is not None:
+        model.set_item_terms(terms)
     return model
 
 
@@ -752,6 +758,39 @@ def test_phrase_match_picks_the_named_brand_not_one_sharing_a_subword() -> None:
     assert term.tolist() == pytest.approx([2.0, 0.0, 2.0, 0.0, 0.0])  # "gloss" is a category: those
 
 
+def test_item_terms_are_phrases_of_their_own_field_held_by_every_item_naming_them() -> None:
+    """Terms "wood" (7), "red oak" (8 9) and "sprint" (1, also the first subword of a brand): an item
+    holds each of its terms, so "red oak" counts for the two items that have it, with the terms'
+    field weight; a term spelled like part of a brand is a phrase of its own field; "oak" alone
+    matches nothing."""
+    words = _phrase_words([[[1, 2], [5], [9]], [[3, 2], [5], [9]], [[1, 2], [6], [10]]])
+    terms = _phrase_words([[[7], [8, 9]], [[8, 9], [1]], []])[:, :2, :2]  # (N, K=2, L'=2)
+    model = _phrase_model(43, words, terms)
+    ids, field, lengths, member = model.phrases()
+    assert field.tolist().count(3) == 3 and len(ids) == 2 + 2 + 2 + 3  # brands, categories, bands, terms
+    t0 = TEXT_VOCAB.text_offset
+    term = {tuple(int(i) - t0 for i in row if int(i) != PAD): u for u, row in enumerate(ids) if field[u] == 3}
+    assert member[:, term[(8, 9)]].tolist() == [1.0, 1.0, 0.0] and member[:, term[(1,)]].tolist() == [
+        0.0,
+        1.0,
+        0.0,
+    ]
+    assert member.sum(-1).tolist() == [5.0, 5.0, 3.0]  # three fields and each item's terms
+    assert model.phrase_weight.out_features == 4
+    with pytest.raises(ValueError, match="item terms of shape"):
+        model.set_item_terms(terms[:, :1])
+    with torch.no_grad():  # field weights 1, 2, 0 and 5 for terms, from the bias alone
+        model.phrase_weight.weight.zero_()
+        model.phrase_weight.bias.copy_(torch.tensor([1.0, 2.0, 0.0, 5.0]))
+        model.phrase_q.weight.zero_()
+    table = model.item_table()
+    u = member.shape[1]
+    for critique, expect in (([11, 8, 9, 11], [5.0, 5.0, 0.0]), ([9, 11], [0.0, 0.0, 0.0]),
+                             ([1, 2, 11, 7], [6.0, 0.0, 1.0])):  # fmt: skip
+        out = model(**_critique_batch(critique), logits_to_keep=1)
+        assert (out.hidden_states[0, -1, -u:] @ table[:, -u:].T).tolist() == pytest.approx(expect)
+
+
 def test_phrase_match_stays_inside_one_critique() -> None:
     """A phrase split by a non-text position ([CRITIQUE], an event) is no match; the phrase term of
     a request without a critique is zero."""
@@ -771,19 +810,27 @@ def test_phrase_match_stays_inside_one_critique() -> None:
     assert no_critique[0, :, -u:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("seed,named", [(0, False), (1, False), (2, True), (3, True)])
-def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int, named: bool) -> None:
+@pytest.mark.parametrize(
+    "seed,named,terms",
+    [(0, False, False), (1, False, True), (2, True, False), (3, True, True), (4, True, True)],
+)
+def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int, named: bool, terms: bool) -> None:
     """critique_phrases against reference_phrase_query: random item words over 5 subwords (so
-    phrases overlap and nest), random critiques in a batch of two after random items, random
-    weights; with critique_named_previous the phrases each position's previous item holds are
-    found by a loop over the item words."""
-    from moe_rec.model.item_model import PHRASE_FIELDS, reference_phrase_query
+    phrases overlap and nest), with ``terms`` 0-3 random terms per item as a fourth field, random
+    critiques in a batch of two after random items, random weights; with critique_named_previous
+    the phrases each position's previous item holds are found by a loop over the item words."""
+    from moe_rec.model.item_model import reference_phrase_query
 
     g = torch.Generator().manual_seed(seed)
-    items = [[[int(x) for x in torch.randint(5, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g)]
-              for _ in range(3)] for _ in range(12)]  # fmt: skip
+
+    def draw() -> list[int]:
+        return [int(x) for x in torch.randint(5, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g)]
+
+    items = [[draw() for _ in range(3)] for _ in range(12)]
+    item_terms = [[draw() for _ in range(int(torch.randint(4, (1,), generator=g)))] for _ in range(12)]
     words = _phrase_words(items)
-    model = _phrase_model(seed, words, item_phrase_rank=4, critique_named_previous=named)
+    term_table = _phrase_words(item_terms)[:, :3] if terms else None  # (N, K=3, 3)
+    model = _phrase_model(seed, words, term_table, item_phrase_rank=4, critique_named_previous=named)
     layers = [model.phrase_weight, model.phrase_q, model.phrase_k]
     layers += [model.named_previous_weight] if named else []
     with torch.no_grad():
@@ -812,7 +859,8 @@ def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int, named
     got = model.critique_phrases(tokens, hidden, batch["query_services"])
     ids, field, _, _ = model.phrases()
     phrases = [(int(f), [int(i) for i in row if int(i) != PAD]) for f, row in zip(field, ids, strict=True)]
-    nf = len(PHRASE_FIELDS)
+    nf = model.phrase_fields
+    assert nf == 3 + terms and (not terms or 3 in field.tolist())
     matched = named_matches = 0
     for b in range(tokens.shape[0]):
         first = tokens[b, :, 0].tolist()
@@ -824,10 +872,9 @@ def test_critique_phrases_match_the_plain_loop_on_random_inputs(seed: int, named
             is_word.append(text and opener == CRITIQUE)
             if x == TEXT_VOCAB.service_token("b") and seen < len(events[b]):  # an event (the 4th: the ask)
                 prev, seen = events[b][seen], seen + 1
-            held.append(
-                set() if prev is None
-                else {u for u, (f, p) in enumerate(phrases) if p == [w + t0 for w in items[prev][f]]}
-            )  # fmt: skip
+            holds = [] if prev is None else [*items[prev], *(item_terms[prev] if terms else [])]
+            held.append({u for u, (f, p) in enumerate(phrases)
+                         for i, h in enumerate(holds) if min(i, 3) == f and p == [w + t0 for w in h]})  # fmt: skip
         with torch.no_grad():
             lin = model.phrase_weight(hidden[b])
             q = model.phrase_q(hidden[b]).view(len(first), nf, -1)
