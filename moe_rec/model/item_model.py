@@ -352,9 +352,14 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             self.word_weight = nn.Linear(d, len(WORD_FIELDS))
         # the phrase fields: brand, leaf category, band, and with item_terms the title terms
         self.phrase_fields = len(PHRASE_FIELDS) + int(bool(config.item_terms))
-        if config.item_terms:  # each item's distinctive title terms as subwords (saved with the weights)
-            shape = (config.num_items, *config.item_term_shape)
-            self.register_buffer("item_terms", torch.full(shape, config.pad_token_id, dtype=torch.long))
+        terms = (
+            None  # with item_terms: each item's distinctive title terms as subwords (saved with the weights)
+        )
+        if config.item_terms:
+            terms = torch.full(
+                (config.num_items, *config.item_term_shape), config.pad_token_id, dtype=torch.long
+            )
+        self.register_buffer("item_terms", terms)
         self.phrase_weight: nn.Linear | None = None
         if config.item_phrases:  # c_f(h_s) and the bilinear q_f(h_t) . k_f(h_s) of a matched phrase
             fields, r = self.phrase_fields, config.item_phrase_rank
@@ -590,12 +595,16 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         """:func:`phrase_table` of the current item words (and terms), computed once per change of
         the buffers (loading weights, :meth:`set_item_words` or :meth:`set_item_terms` bumps a
         version; moving one changes its storage)."""
-        terms = getattr(self, "item_terms", None)
         key = tuple(
-            (b._version, b.data_ptr(), str(b.device)) for b in (self.item_words, terms) if b is not None
+            (b._version, b.data_ptr(), str(b.device))
+            for b in (self.item_words, self.item_terms)
+            if b is not None
         )
         if self._phrase_cache is None or self._phrase_cache[0] != key:
-            self._phrase_cache = (key, phrase_table(self.item_words, self.config.pad_token_id, terms))
+            self._phrase_cache = (
+                key,
+                phrase_table(self.item_words, self.config.pad_token_id, self.item_terms),
+            )
         return self._phrase_cache[1]
 
     def critique_phrases(
