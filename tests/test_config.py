@@ -149,6 +149,7 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
         "item_text_dim",
         "text_token_range",
         "item_word_slots",
+        "item_term_shape",
     }
     assert section_sets <= fields.keys()
     overrides = [
@@ -159,6 +160,6 @@ def test_every_model_config_field_is_an_override_but_those_the_model_section_set
     for name in sorted(section_sets):
         with pytest.raises(
             ConfigError,
-            match=rf"model\.overrides\.{name}.*(model\.{name}|vocabulary|SID table|text encoder|item words)",
+            match=rf"model\.overrides\.{name}.*(model\.{name}|vocabulary|SID table|text encoder|item words|item terms)",
         ):
             load_config(ExperimentConfig, None, [f"model.overrides.{name}={fields[name]!r}"])
