@@ -520,7 +520,7 @@ def stage_eval_narratives(
         request_history_rows,
         request_vocabulary,
     )
-    from moe_rec.eval.narrate import MAX_NARRATIVE_TOKENS, narrative_prompt, narrative_text, write_narratives
+    from moe_rec.eval.narrate import MAX_NARRATIVE_TOKENS, merge_repeats, narrative_prompt, write_narratives
     from moe_rec.eval.narrative_eval import item_titles, request_personalisation, score_references
     from moe_rec.eval.narrative_metrics import (
         consistency,
@@ -557,7 +557,8 @@ def stage_eval_narratives(
     ]
     users = [user_bucket(r["user"], model.config.num_user_buckets) for r in rows]
     subwords = write_narratives(model, prompts, users, vocab)  # KV-cached greedy
-    texts = [narrative_text(tokenizer, ids) for ids in subwords]
+    written = [tokenizer.decode(ids) for ids in subwords]
+    texts = [merge_repeats(t) for t in written]  # as shown (narrative_text)
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
     item_vectors = table_text_embeddings(
         items, table, cfg.sid, cfg.embedding_cache, None if bundle else cfg.sid_dir
@@ -582,6 +583,7 @@ def stage_eval_narratives(
     lengths = [len(ids) for ids in subwords]
     validity = format_validity(lengths, texts, MAX_NARRATIVE_TOKENS, item_ids)
     metrics |= {f"format_{k}": v for k, v in validity.items()}
+    metrics["format_repeated_list"] = sum(w != t for w, t in zip(written, texts, strict=True)) / len(texts)
     sizes = [len(c) for c in candidates]
     metrics["chance_mrr"] = sum(sum(1 / r for r in range(1, n + 1)) / n for n in sizes) / len(sizes)
     metrics["requests"] = len(rows)
@@ -622,9 +624,9 @@ def _print_narrative_metrics(report: dict) -> None:
     table = Table(title="self-BLEU; personalisation (AUC against other users' histories, same service; "
                   "0.5: none); format")  # fmt: skip
     keys = ("self_bleu", "personal_auc", "title_personal_auc", "personal_requests", "format_valid",
-            "format_ended", "format_nonempty", "format_clean")  # fmt: skip
+            "format_ended", "format_nonempty", "format_clean", "format_repeated_list")  # fmt: skip
     for col in ("self-BLEU", "narrative AUC", "its title's AUC", "requests", "valid", "ended [EOS]",
-                "non-empty", "clean"):  # fmt: skip
+                "non-empty", "clean", "a list item twice"):  # fmt: skip
         table.add_column(col, justify="right")
     table.add_row(*(f"{m[k]:,}" if k == "personal_requests" else f"{m[k]:.4f}" for k in keys))
     results.print(table)

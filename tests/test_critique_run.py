@@ -191,6 +191,7 @@ def test_eval_narratives_reports_consistency_against_chance_and_titles(
         m["faithful_precision"] != m["faithful_precision"]
         or m["faithful_precision"] <= m["faithful_grounded"] <= 1
     )
+    assert 0.0 <= m["format_repeated_list"] <= 1.0  # written with a list item twice, shown merged
     assert 0.0 <= m["self_bleu"] <= 1.0 and 0.0 <= m["format_valid"] <= min(
         m["format_ended"], m["format_clean"]
     )

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import torch
 
-from moe_rec.data.item_attributes import service_attributes
+from moe_rec.data.item_attributes import ItemAttributes, service_attributes
 from moe_rec.data.text_tokenizer import TextTokenizer
 from moe_rec.data.vocab import PAD
 
@@ -34,16 +34,22 @@ def item_word_texts(
 ) -> list[list[str]]:
     """Per ``(service, item_id)`` of ``keys`` (the SID table's rows, in order), the text of each of
     :data:`WORD_FIELDS` ("" where unknown)."""
-    out = []
+    return [
+        [a.brand[i] or "", a.leaf(i) or "", a.band_name(a.band[i]) or "", a.title[i] or ""]
+        for a, i in _attribute_rows(items, keys, num_bands, min_band_items)
+    ]
+
+
+def _attribute_rows(
+    items: pa.Table, keys: Sequence[tuple[str, str]], num_bands: int, min_band_items: int
+) -> list[tuple[ItemAttributes, int]]:
+    """Per ``(service, item_id)`` of ``keys`` its service's attributes and its row there (each
+    service's attributes read once)."""
     attrs = {
         s: service_attributes(items, s, num_bands=num_bands, min_band_items=min_band_items)
         for s in dict.fromkeys(s for s, _ in keys)
     }
-    for service, item in keys:
-        a = attrs[service]
-        i = a.row[item]
-        out.append([a.brand[i] or "", a.leaf(i) or "", a.band_name(a.band[i]) or "", a.title[i] or ""])
-    return out
+    return [(attrs[s], attrs[s].row[item]) for s, item in keys]
 
 
 def encode_item_words(
@@ -91,14 +97,10 @@ def item_terms(
     (rarest first, as :func:`moe_rec.data.item_attributes.service_attributes` allows them and the
     critiques name them), then their colour word where they have one, each cut at
     :data:`TERM_SUBWORDS` subwords; K the most an item has."""
-    attrs = {
-        s: service_attributes(items, s, num_bands=num_bands, min_band_items=min_band_items)
-        for s in dict.fromkeys(s for s, _ in keys)
-    }
-    texts = []
-    for s, item in keys:
-        a, i = attrs[s], attrs[s].row[item]
-        texts.append([*a.terms[i], *([a.colour[i]] if a.colour[i] else [])])
+    texts = [
+        [*a.terms[i], *([a.colour[i]] if a.colour[i] else [])]
+        for a, i in _attribute_rows(items, keys, num_bands, min_band_items)
+    ]
     return encode_item_words(texts, tokenizer, text_offset, TERM_SUBWORDS)
 
 
