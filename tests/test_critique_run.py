@@ -18,7 +18,7 @@ from moe_rec.cli import main
 from moe_rec.config import load_config
 from moe_rec.data import store
 from moe_rec.data.critiques import load_rows
-from moe_rec.data.item_words import item_terms
+from moe_rec.data.item_words import item_amount_bins, item_terms
 from moe_rec.eval.critiques import asks, item_facts, satisfied, with_named_terms
 from moe_rec.experiment import ExperimentConfig
 from moe_rec.sid.table import SIDTable
@@ -215,8 +215,8 @@ def test_price_bins_and_critique_validation_train_export_and_serve(
     """model.overrides.item_price_bins with train.critique_valid: the trainer sets every item's price
     bin, validation reports the critique requests and their mean with the plain ones (best_metric
     valid/mixed/ndcg@10 picks `best`), and the bundle carries the bins and reads a critique; with the
-    named previous phrases, the item terms and both copy paths on, the bundle keeps their weights
-    and tables and explains."""
+    named previous phrases, the item terms, the size and pack bins and both copy paths on, the bundle
+    keeps their weights and tables and explains."""
     from moe_rec.serve import Recommender
 
     run, args = critique_run
@@ -229,7 +229,8 @@ def test_price_bins_and_critique_validation_train_export_and_serve(
              "train.best_metric=valid/mixed/ndcg@10", "model.overrides.item_words=true",
              "model.overrides.item_price_bins=4", "model.overrides.item_phrases=true",
              "model.overrides.critique_named_previous=true", "model.overrides.narrative_copy=true",
-             "model.overrides.narrative_history_copy=true", "model.overrides.item_terms=true"]  # fmt: skip
+             "model.overrides.narrative_history_copy=true", "model.overrides.item_terms=true",
+             "model.overrides.item_amounts=true"]  # fmt: skip
     assert main(["train", *args]) == 0
     rows = [json.loads(line) for line in (other / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in rows if r["kind"] == "valid"]
@@ -254,6 +255,9 @@ def test_price_bins_and_critique_validation_train_export_and_serve(
         )
         assert model.phrase_fields == 4 and torch.equal(model.item_terms, expect)
         assert bool((expect != model.config.pad_token_id).any())
+        amounts = item_amount_bins(store.load_table(cfg.data_dir, store.ITEMS_DIR), keys)  # and the sizes'
+        assert torch.equal(torch.stack([model.item_size_bin, model.item_pack_bin], 1), amounts)
+        assert bool((amounts[:, 0] >= 0).any()) and bool((amounts[:, 1] > 0).any())
         history = _history(rec, request)
         steered = rec.recommend(history, request["service"], k=5, critique=request["critique"], explain=True)
         assert len(steered) == 5 and all(r.narrative is not None for r in steered)

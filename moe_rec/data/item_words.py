@@ -15,18 +15,29 @@ their own, matched as whole phrases by ``item_terms``. Attributes come from
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 
 import pyarrow as pa
 import torch
 
-from moe_rec.data.item_attributes import ItemAttributes, service_attributes
+from moe_rec.data.item_attributes import SIZE_WORDS, ItemAttributes, Size, service_attributes
 from moe_rec.data.text_tokenizer import TextTokenizer
 from moe_rec.data.vocab import PAD
 
 WORD_FIELDS = ("brand", "category", "band", "title")  # the fields of an item's words, in this order
 WORD_SLOTS = 16  # subwords kept per field at most (a title's first ones: the product name)
 TERM_SUBWORDS = 4  # subwords kept per distinctive term at most
+# the size grid of ``item_amounts``: amounts (ounce-equivalents) and counts on a log grid of this step
+# (half the critiques' default size ratio of 1.2, so "bigger by the ratio" is about two bins up),
+# clipped to these ranges; size words by their rank
+SIZE_STEP = math.log(1.2) / 2
+SIZE_RANGES = {"amount": (0.05, 500.0), "count": (1.0, 5000.0)}
+SIZE_BLOCKS = (  # bins per size kind, in this order: amount, count, word
+    *(math.ceil(math.log(hi / lo) / SIZE_STEP) + 1 for lo, hi in SIZE_RANGES.values()),
+    max(SIZE_WORDS.values()) + 1,
+)
+PACK_BINS = 25  # pack counts 1 .. 24 each their own bin, 25 and more the last
 
 
 def item_word_texts(
@@ -139,3 +150,41 @@ def item_price_bins(
             if s == service and item in a.row:
                 out[n] = bins[a.row[item]]
     return out
+
+
+def size_bin(size: Size | None) -> int:
+    """The bin of a size on the grid of :data:`SIZE_BLOCKS` (the kinds' blocks one after another): an
+    amount's or count's ``floor(log(value / low) / SIZE_STEP)`` within its range (ends clipped), a size
+    word's rank; -1 without a size."""
+    if size is None:
+        return -1
+    if size.kind == "word":
+        return SIZE_BLOCKS[0] + SIZE_BLOCKS[1] + int(size.value)
+    lo, _ = SIZE_RANGES[size.kind]
+    offset = 0 if size.kind == "amount" else SIZE_BLOCKS[0]
+    width = SIZE_BLOCKS[0 if size.kind == "amount" else 1]
+    step = math.floor(math.log(max(size.value, lo) / lo) / SIZE_STEP)
+    return offset + min(step, width - 1)
+
+
+def pack_bin(pack: int | None) -> int:
+    """The bin of a pack count: ``count - 1`` up to :data:`PACK_BINS` - 1; a pack never stated is one
+    (bin 0), as the critiques read it."""
+    return min(pack or 1, PACK_BINS) - 1
+
+
+def item_amount_bins(
+    items: pa.Table,
+    keys: Sequence[tuple[str, str]],
+    *,
+    num_bands: int = 3,
+    min_band_items: int = 20,
+) -> torch.Tensor:
+    """(N, 2) per ``(service, item_id)`` of ``keys`` (the SID table's rows, in order) its size bin
+    (:func:`size_bin`, -1 without a size) and pack bin (:func:`pack_bin`): what the item-level
+    model's ``item_amounts`` term reads."""
+    rows = [
+        (size_bin(a.size[i]), pack_bin(a.pack[i]))
+        for a, i in _attribute_rows(items, keys, num_bands, min_band_items)
+    ]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(keys), 2)

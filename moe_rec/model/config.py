@@ -138,6 +138,13 @@ class MoERecConfig(PretrainedConfig):
         # bins of its service's prices (items without a price: zeros), and at a critique's words a query
         # over the bins from the decoder and the previous item's bin (of the asked service): "cheaper
         # than the item before" as one dot product
+        item_amounts: bool = False,  # item_words: + the same for each item's size (a log grid of amounts
+        # and counts, size words by rank: moe_rec.data.item_words.size_bin) and pack count, against the
+        # previous item's of the same kind: "a bigger bottle", "a smaller pack"
+        ordinal_word_votes: bool = False,  # item_price_bins / item_amounts: the bins' weights at a
+        # critique's word t are the sum of the decoder's weights at every word s <= t of the critique
+        # (each word votes in its context, as item_words' a_f(h_s)), not those at t alone: "bigger"
+        # is read where it is written (demo: size critiques .56 against .44, docs/critiques.md)
         critique_loss_weight: float = 1.0,  # item_loss=items with text tokens: the item loss of a position
         # that reads a critique (its token is a critique's last word) counts this many times (the other
         # positions unchanged): a critique sample has one such position, a plain window dozens of others
@@ -210,6 +217,8 @@ class MoERecConfig(PretrainedConfig):
         self.item_phrase_rank = item_phrase_rank
         self.critique_field_query = critique_field_query
         self.item_price_bins = item_price_bins
+        self.item_amounts = item_amounts
+        self.ordinal_word_votes = ordinal_word_votes
         self.critique_previous = critique_previous
         self.critique_named_previous = critique_named_previous
         self.critique_relative_scale = critique_relative_scale
@@ -323,6 +332,12 @@ class MoERecConfig(PretrainedConfig):
                 raise ValueError("critique_field_query needs item_words (the field vectors it meets)")
             if self.item_price_bins and not (self.item_words and self.item_price_bins >= 2):
                 raise ValueError("item_price_bins needs item_words (critique positions) and at least 2 bins")
+            if self.item_amounts and not self.item_words:
+                raise ValueError("item_amounts needs item_words (critique positions)")
+            if self.ordinal_word_votes and not (self.item_price_bins or self.item_amounts):
+                raise ValueError(
+                    "ordinal_word_votes needs item_price_bins or item_amounts (the bins it weighs)"
+                )
             for name in ("critique_previous", "critique_named_previous"):
                 if getattr(self, name) and not self.item_phrases:
                     raise ValueError(f"{name} needs item_phrases (the phrases it weights)")

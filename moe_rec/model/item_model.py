@@ -38,12 +38,13 @@ asked service's mean loss counts once, not each position. Plus the routers' auxi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_rec.data.item_words import WORD_FIELDS
+from moe_rec.data.item_words import PACK_BINS, SIZE_BLOCKS, WORD_FIELDS
 from moe_rec.data.sequences import IGNORE_INDEX
 from moe_rec.data.vocab import CRITIQUE, EOS, SPECIAL_TOKENS
 from moe_rec.model.cache import KVCache
@@ -105,20 +106,27 @@ def reference_history_copy(
     return out
 
 
-PRICE_RELATIONS = ("below", "same", "above", "distance")  # item_price_bins: a bin against the previous item's
+BIN_RELATIONS = ("below", "same", "above", "distance")  # an item's bin against the previous item's
 
 
-def price_relations(prev: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """(..., Q, 4) each of the Q bins against the previous item's bin ``prev`` (...) (-1: none, all
-    zero): below it, the same, above it (0/1), and the signed distance (q - prev) / (Q - 1)."""
-    q = torch.arange(num_bins, device=prev.device)
+def bin_relations(prev: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
+    """(..., Q, 4) each of the Q = sum(blocks) bins against the previous item's bin ``prev`` (...) (-1:
+    none, all zero). Bins form blocks (kinds of size: amounts, counts, words) that compare only
+    within one: below it, the same, above it (0/1), and the signed distance (q - prev) / (len - 1), len
+    the block's length; zero for a bin of another block."""
+    block = torch.repeat_interleave(
+        torch.arange(len(blocks), device=prev.device), torch.tensor(list(blocks), device=prev.device)
+    )  # (Q,) each bin's block
+    length = torch.tensor(list(blocks), device=prev.device, dtype=torch.float32)[block]
+    q = torch.arange(len(block), device=prev.device)
     b = prev[..., None]
-    rel = torch.stack([q < b, q == b, q > b], dim=-1).to(torch.float32)
-    rel = torch.cat([rel, ((q - b) / (num_bins - 1)).to(torch.float32)[..., None]], dim=-1)
-    return rel * (prev >= 0)[..., None, None]
+    same_block = (block == block[prev.clamp_min(0)][..., None]) & (b >= 0)  # (..., Q)
+    rel = torch.stack([q < b, q == b, q > b], dim=-1) & same_block[..., None]
+    distance = (q - b) / (length - 1).clamp_min(1) * same_block
+    return torch.cat([rel.to(torch.float32), distance.to(torch.float32)[..., None]], dim=-1)
 
 
-def reference_price_query(
+def reference_bin_query(
     tokens: list[int],
     is_word: list[bool],
     rows: list[int],
@@ -126,20 +134,25 @@ def reference_price_query(
     query_services: list[int],
     bins: list[int],
     coef: torch.Tensor,
+    blocks: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """:meth:`MoERecForItemPrediction.critique_price` for one sequence as a plain loop (for tests).
+    """One ordinal field of :meth:`MoERecForItemPrediction.critique_ordinals` for one sequence as a
+    plain loop (for tests).
 
     Args:
         tokens: (T,) unused beyond their count; is_word: (T,) whether a position is a critique word.
         rows: (T,) each position's catalogue row (-1: none); services: (T,) its first token;
-        query_services: (T,) the service each position asks for; bins: (N,) each item's price bin.
+        query_services: (T,) the service each position asks for; bins: (N,) each item's bin.
         coef: (T, Q + 4) the decoder's weights per position (absolute bins, then the relations).
+        blocks: the bins' blocks (lengths summing to Q; default one block).
 
     Returns (T, Q): at a text position t, ``coef[t, q]`` plus, when an item of the asked service comes
-    at or before t (the last one: the previous item) with a bin b, ``coef[t, Q]`` [q < b] +
-    ``coef[t, Q+1]`` [q == b] + ``coef[t, Q+2]`` [q > b] + ``coef[t, Q+3]`` (q - b) / (Q - 1); zero
-    elsewhere."""
-    t_len, num_bins = len(tokens), coef.shape[1] - len(PRICE_RELATIONS)
+    at or before t (the last one: the previous item) with a bin b in q's block, ``coef[t, Q]`` [q < b]
+    + ``coef[t, Q+1]`` [q == b] + ``coef[t, Q+2]`` [q > b] + ``coef[t, Q+3]`` (q - b) / (len - 1)
+    (len: the block's length, 1 counting as 2); zero elsewhere."""
+    t_len, num_bins = len(tokens), coef.shape[1] - len(BIN_RELATIONS)
+    blocks = list(blocks or [num_bins])
+    block_of = [k for k, n in enumerate(blocks) for _ in range(n)]
     out = torch.zeros(t_len, num_bins, dtype=coef.dtype)
     for t in range(t_len):
         if not is_word[t]:
@@ -151,10 +164,11 @@ def reference_price_query(
         b = bins[prev] if prev >= 0 else -1
         for q in range(num_bins):
             out[t, q] = coef[t, q]
-            if b >= 0:
+            if b >= 0 and block_of[q] == block_of[b]:
+                length = max(blocks[block_of[q]] - 1, 1)
                 out[t, q] += (
                     coef[t, num_bins] * (q < b) + coef[t, num_bins + 1] * (q == b)
-                    + coef[t, num_bins + 2] * (q > b) + coef[t, num_bins + 3] * (q - b) / (num_bins - 1)
+                    + coef[t, num_bins + 2] * (q > b) + coef[t, num_bins + 3] * (q - b) / length
                 )  # fmt: skip
     return out
 
@@ -379,7 +393,15 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if config.item_price_bins:  # each item's price bin (saved with the weights); per critique word
             # Q absolute bin weights and 4 relative to the previous item's bin (below, same, above, distance)
             self.register_buffer("item_price_bin", torch.full((config.num_items,), -1, dtype=torch.long))
-            self.price_weight = nn.Linear(d, config.item_price_bins + len(PRICE_RELATIONS))
+            self.price_weight = nn.Linear(d, config.item_price_bins + len(BIN_RELATIONS))
+        self.size_weight: nn.Linear | None = None
+        self.pack_weight: nn.Linear | None = None
+        if config.item_amounts:  # each item's size bin and pack bin (saved with the weights); per
+            # critique word the same kind of query as the price's, over the size grid and the pack bins
+            self.register_buffer("item_size_bin", torch.full((config.num_items,), -1, dtype=torch.long))
+            self.register_buffer("item_pack_bin", torch.zeros(config.num_items, dtype=torch.long))
+            self.size_weight = nn.Linear(d, sum(SIZE_BLOCKS) + len(BIN_RELATIONS))
+            self.pack_weight = nn.Linear(d, PACK_BINS + len(BIN_RELATIONS))
         self.copy_weight: nn.Linear | None = None
         if config.narrative_copy:  # c_f(h_t): how much a narrative position copies the item's field f
             self.copy_weight = nn.Linear(d, len(WORD_FIELDS))
@@ -403,9 +425,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             if layer is not None:  # training gives it one
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        if self.price_weight is not None:  # no price term until training gives it one
-            nn.init.zeros_(self.price_weight.weight)
-            nn.init.zeros_(self.price_weight.bias)
+        for layer in self.ordinal_layers():  # no price, size or pack term until training gives it one
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         for layer in (self.copy_weight, self.history_copy_weight):  # no copying until training asks
             if layer is not None:
                 nn.init.zeros_(layer.weight)
@@ -493,21 +515,61 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             raise ValueError(f"price bins must be -1 or in [0, {self.config.item_price_bins})")
         self.item_price_bin.copy_(bins)
 
-    def critique_price(
+    def set_item_amount_bins(self, bins: torch.Tensor) -> None:
+        """The catalogue's size and pack bins (N, 2) (:func:`moe_rec.data.item_words.item_amount_bins`),
+        row i the SID table's row i; a size bin is -1 where an item has no size."""
+        if tuple(bins.shape) != (self.config.num_items, 2):
+            raise ValueError(
+                f"amount bins of shape {tuple(bins.shape)}; expected {(self.config.num_items, 2)}"
+            )
+        size, pack = bins[:, 0], bins[:, 1]
+        if not bool(((size >= -1) & (size < sum(SIZE_BLOCKS))).all()):
+            raise ValueError(f"size bins must be -1 or in [0, {sum(SIZE_BLOCKS)})")
+        if not bool(((pack >= 0) & (pack < PACK_BINS)).all()):
+            raise ValueError(f"pack bins must be in [0, {PACK_BINS})")
+        self.item_size_bin.copy_(size)
+        self.item_pack_bin.copy_(pack)
+
+    def ordinal_layers(self) -> list[nn.Linear]:
+        """The decoder's weights of each ordinal field the model reads (price, size, pack)."""
+        return [f[1] for f in self.ordinal_fields()]
+
+    def ordinal_fields(self) -> list[tuple[torch.Tensor, nn.Linear, tuple[int, ...]]]:
+        """Per ordinal field the model reads (with ``item_price_bins`` the price, with ``item_amounts``
+        the size and the pack): the catalogue's bins (N,), the decoder's weights (D -> Q + 4) and the
+        bins' blocks (lengths summing to Q; bins compare within a block)."""
+        out = []
+        if self.price_weight is not None:
+            out.append((self.item_price_bin, self.price_weight, (self.config.item_price_bins,)))
+        if self.size_weight is not None and self.pack_weight is not None:
+            out.append((self.item_size_bin, self.size_weight, SIZE_BLOCKS))
+            out.append((self.item_pack_bin, self.pack_weight, (PACK_BINS,)))
+        return out
+
+    def critique_ordinals(
         self, item_tokens: torch.Tensor, hidden: torch.Tensor, query_services: torch.Tensor
     ) -> torch.Tensor:
-        """(B, T, Q) per text position the query over the price bins: the decoder's absolute bin
-        weights plus its weights of each bin's relation to the previous item's bin (:func:`price_relations`;
-        the previous item: the last catalogue item of the asked service ``query_services`` at or before
-        t); zero where t is no text position. Dotted with an item's one-hot bin it gives the item's
-        ``item_price_bins`` term; :func:`reference_price_query` is the plain version."""
-        num_bins = self.config.item_price_bins
-        word = self._text_runs(item_tokens)[1]
-        prev = self.previous_rows(item_tokens, query_services)
-        prev_bin = torch.where(prev >= 0, self.item_price_bin[prev.clamp_min(0)], -1)  # (B, T)
-        coef = self.price_weight(hidden)  # (B, T, Q + 4)
-        rel = price_relations(prev_bin, num_bins).to(coef.dtype)  # (B, T, Q, 4)
-        out = coef[..., :num_bins] + (rel * coef[..., None, num_bins:]).sum(-1)
+        """(B, T, Q) per text position the query over every ordinal field's bins (:meth:`ordinal_fields`,
+        one after another): the decoder's absolute bin weights plus its weights of each bin's relation
+        to the previous item's bin (:func:`bin_relations`; the previous item: the last catalogue item
+        of the asked service ``query_services`` at or before t); zero where t is no text position. The
+        decoder's weights are those at t, with ``ordinal_word_votes`` their sum over the critique's
+        words s <= t. Dotted with an item's one-hot bins (:meth:`ordinal_one_hot`) it gives the item's price, size
+        and pack term; :func:`reference_bin_query` is the plain version of one field."""
+        _, word, index, last_break = self._text_runs(item_tokens)
+        prev = self.previous_rows(item_tokens, query_services)  # (B, T)
+        votes = self.config.ordinal_word_votes
+        run = self._run_matrix(word, index, last_break).to(hidden.dtype) if votes else None  # (B, T, S)
+        parts = []
+        for bins, layer, blocks in self.ordinal_fields():
+            num_bins = sum(blocks)
+            prev_bin = torch.where(prev >= 0, bins[prev.clamp_min(0)], -1)  # (B, T)
+            coef = layer(hidden)  # (B, T, Q + 4)
+            if run is not None:  # each word of the critique votes: sum_s layer(h_s)
+                coef = torch.einsum("bts,bsq->btq", run, coef)
+            rel = bin_relations(prev_bin, blocks).to(coef.dtype)  # (B, T, Q, 4)
+            parts.append(coef[..., :num_bins] + (rel * coef[..., None, num_bins:]).sum(-1))
+        out = torch.cat(parts, dim=-1)
         return out * (word[..., None].to(out.dtype) * self.config.critique_relative_scale)
 
     def previous_rows(
@@ -538,11 +600,14 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         g = self.previous_weight(hidden) * self.config.critique_relative_scale  # (B, T, NP)
         return held.to(g.dtype) * g[..., field] * word[..., None].to(g.dtype)
 
-    def price_one_hot(self, rows: torch.Tensor) -> torch.Tensor:
-        """(..., Q) the one-hot price bin of catalogue ``rows``; zero without a price or where a row is -1."""
-        bins = self.item_price_bin[rows.clamp_min(0)]
-        bins = torch.where(rows >= 0, bins, -1)
-        return F.one_hot(bins.clamp_min(0), self.config.item_price_bins).float() * (bins >= 0)[..., None]
+    def ordinal_one_hot(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., Q) the one-hot bin of catalogue ``rows`` in each ordinal field (:meth:`ordinal_fields`),
+        one after another; a field's part is zero where the item has no bin (-1) or a row is -1."""
+        parts = []
+        for bins, _, blocks in self.ordinal_fields():
+            b = torch.where(rows >= 0, bins[rows.clamp_min(0)], -1)
+            parts.append(F.one_hot(b.clamp_min(0), sum(blocks)).float() * (b >= 0)[..., None])
+        return torch.cat(parts, dim=-1)
 
     def word_bags(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., F, D) per field the mean input embedding of the subwords of catalogue ``rows``;
@@ -587,8 +652,8 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         if self.phrase_weight is not None:  # each item's phrases (brand, category, band): one-hot
             member = self.phrases()[3][rows.clamp_min(0)] * (rows >= 0)[..., None]
             parts.append(member.to(parts[0].dtype))
-        if self.price_weight is not None:  # its price bin, one-hot
-            parts.append(self.price_one_hot(rows).to(parts[0].dtype))
+        if self.ordinal_fields():  # its price (size, pack) bins, one-hot
+            parts.append(self.ordinal_one_hot(rows).to(parts[0].dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def phrases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -733,14 +798,16 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         own_rows: torch.Tensor | None,
         words: torch.Tensor | None = None,
         phrases: torch.Tensor | None = None,
-        price: torch.Tensor | None = None,
+        ordinals: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(..., D') the query of the per-item term: the heads' query (..., D); with
         ``item_text_prior`` the weighted unit text embedding of the item the prior reads at each
         position (``own_rows``, :meth:`prior_rows`, -1: none), so that ``item_query . score_vectors``
         adds ``w x cos(that item, candidate)`` (with ``item_text_prior_by_service`` ``w`` of the asked service,
         ``query_services`` (...)); with ``item_words`` the critique's weighted words (:meth:`critique_words`,
-        (..., F x D)) that meet the candidate's field vectors."""
+        (..., F x D)) that meet the candidate's field vectors; with ``item_phrases`` its phrase weights
+        (..., U); with ``item_price_bins`` / ``item_amounts`` its query over the price, size and pack
+        bins (:meth:`critique_ordinals`, (..., Q))."""
         parts = [query]
         if self.text_prior is not None:
             w = self.text_prior
@@ -749,18 +816,16 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             parts.append(w * self._unit_text(own_rows).to(query.dtype))
         if self.word_weight is not None:
             parts.append(words.to(query.dtype))
-        if self.phrase_weight is not None:  # with item_phrases: the critique's phrase weights (..., U)
+        if self.phrase_weight is not None:
             parts.append(phrases.to(query.dtype))
-        if (
-            self.price_weight is not None
-        ):  # with item_price_bins: the critique's query over price bins (..., Q)
-            parts.append(price.to(query.dtype))
+        if self.ordinal_fields():
+            parts.append(ordinals.to(query.dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def plain_query_width(self) -> int:
         """Width of the leading part of :meth:`item_query` that a position without a critique fills
         (the heads' query, with ``item_text_prior`` the text part); the critique parts after it
-        (item words, phrases, price bins) are zero there."""
+        (item words, phrases, price / size / pack bins) are zero there."""
         return self.config.hidden_size + (self.config.item_text_dim if self.text_prior is not None else 0)
 
     def query_scores(self, query: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -1135,17 +1200,15 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             phrases = self.critique_phrases(item_tokens, hidden, query_services)
         if self.previous_weight is not None:
             phrases = phrases + self.critique_previous(item_tokens, hidden, query_services)
-        price = (
-            self.critique_price(item_tokens, hidden, query_services)
-            if self.price_weight is not None
-            else None
+        ordinals = (
+            self.critique_ordinals(item_tokens, hidden, query_services) if self.ordinal_fields() else None
         )
         if logits_to_keep:
             hidden, query_services = hidden[:, -logits_to_keep:], query_services[:, -logits_to_keep:]
             own_rows = own_rows[:, -logits_to_keep:] if own_rows is not None else None
             words = words[:, -logits_to_keep:] if words is not None else None
             phrases = phrases[:, -logits_to_keep:] if phrases is not None else None
-            price = price[:, -logits_to_keep:] if price is not None else None
+            ordinals = ordinals[:, -logits_to_keep:] if ordinals is not None else None
         # training on the item loss needs only the scored positions' code scores (below), not the
         # (B, T, P, K) logits: they are made everywhere else (evaluation, the probe, the codes loss)
         skip_logits = labels is not None and self.config.item_loss == "items" and self.training
@@ -1153,7 +1216,7 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
         out = MoERecOutput(logits=logits, **{CACHE_FIELD: None}, **router_stats(auxes, self.config))
         if self.item_embed is not None:  # the per-item term reads the query: hand it out
             query = self.query(hidden, query_services)  # (B, T', D)
-            out.hidden_states = self.item_query(query, query_services, own_rows, words, phrases, price)
+            out.hidden_states = self.item_query(query, query_services, own_rows, words, phrases, ordinals)
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position (logits_to_keep=0)")
@@ -1373,7 +1436,9 @@ class MoERecForItemPrediction(MoERecPreTrainedModel):
             # past the learned part (D) a model without critique parts has only its items' unit
             # texts, which no gradient moves: read them detached, so the backward pass makes no
             # (M_s, K, D') gradient (most of a step's time otherwise)
-            critique = any(p is not None for p in (self.word_weight, self.phrase_weight, self.price_weight))
+            critique = (
+                self.word_weight is not None or self.phrase_weight is not None or bool(self.ordinal_fields())
+            )
             if critique or table.shape[-1] == d:
                 logits = logits + torch.einsum("md,mkd->mk", query, table[index])
             else:

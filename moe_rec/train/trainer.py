@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import yaml
@@ -126,13 +127,9 @@ def _item_words(cfg: TrainInputs, sids: SIDTable, vocab: Vocabulary, terms: bool
             "model.overrides.item_words and narrative_copy need sequences with critiques (critiques.enabled); "
             "without critiques set both to false"
         )
-    items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
+    items, keys, bands = _catalogue_attributes(cfg, sids)
     tokenizer = TextTokenizer.load(cfg.sequences_dir)
-    keys = [(sids.services[int(s)], item) for s, item in zip(sids.service_index, sids.item_ids, strict=True)]
-    return (item_terms if terms else item_words)(
-        items, keys, tokenizer, vocab.text_offset,
-        num_bands=cfg.critiques.price_bands, min_band_items=cfg.critiques.min_band_items,
-    )  # fmt: skip
+    return (item_terms if terms else item_words)(items, keys, tokenizer, vocab.text_offset, **bands)
 
 
 def _word_dropout(cfg: TrainInputs, vocab: Vocabulary) -> CritiqueWordDropout | None:
@@ -169,18 +166,15 @@ def _teacher_targets(path: Path, config: MoERecConfig, samples: int, items: int)
     return targets
 
 
-def _item_price_bins(cfg: TrainInputs, sids: SIDTable, num_bins: int) -> torch.Tensor:
-    """(N,) each catalogue item's price bin among its service's prices (:mod:`moe_rec.data.item_words`)."""
-    from moe_rec.data.item_words import item_price_bins
-
+def _catalogue_attributes(cfg: TrainInputs, sids: SIDTable) -> tuple[pa.Table, list[tuple[str, str]], dict]:
+    """The prepared items, the ``(service, item_id)`` of each SID-table row (in order) and the
+    critiques' price-band settings: what every per-item table of :mod:`moe_rec.data.item_words` reads."""
     items = store.load_table(cfg.data_dir, store.ITEMS_DIR)
     keys = [(sids.services[int(s)], item) for s, item in zip(sids.service_index, sids.item_ids, strict=True)]
-    return item_price_bins(
+    return (
         items,
         keys,
-        num_bins,
-        num_bands=cfg.critiques.price_bands,
-        min_band_items=cfg.critiques.min_band_items,
+        {"num_bands": cfg.critiques.price_bands, "min_band_items": cfg.critiques.min_band_items},
     )
 
 
@@ -464,8 +458,15 @@ class Trainer:
             model.set_item_words(self.item_words)
         if self.item_terms is not None:
             model.set_item_terms(self.item_terms)
-        if self.model_config.item_price_bins:
-            model.set_item_price_bins(_item_price_bins(cfg, self.sids, self.model_config.item_price_bins))
+        if self.model_config.item_price_bins or self.model_config.item_amounts:
+            from moe_rec.data.item_words import item_amount_bins, item_price_bins
+
+            items, keys, bands = _catalogue_attributes(cfg, self.sids)
+            if self.model_config.item_price_bins:
+                bins = item_price_bins(items, keys, self.model_config.item_price_bins, **bands)
+                model.set_item_price_bins(bins)
+            if self.model_config.item_amounts:
+                model.set_item_amount_bins(item_amount_bins(items, keys, **bands))
         self.params = parameter_report(model)
         self.peak_flops = peak_flops(self.tc.peak_tflops)  # per device; None: no MFU
         bf16 = self.tc.precision == "bf16" or (self.tc.precision == "auto" and self.device.type == "cuda")

@@ -3,6 +3,7 @@ SID-table row order, tokenised as critiques are, by hand."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pyarrow as pa
@@ -69,3 +70,47 @@ def test_terms_per_table_row_are_the_distinctive_title_words_critiques_name() ->
         for k in range(out.shape[1]):
             ids = [100 + i for i in tok.encode(named[k])] if k < len(named) else []
             assert out[n, k].tolist() == ids + [PAD] * (out.shape[2] - len(ids))
+
+
+def test_size_bins_put_sizes_of_one_kind_on_a_log_grid_and_kinds_apart() -> None:
+    """size_bin by hand: amounts and counts on a grid of log(1.2) / 2 from their range's low end, a
+    size 1.2 times another two bins above it, the ends clipped, counts after the amounts' block,
+    words after the counts' by rank; pack_bin: the count less one, an unstated pack one, a cap."""
+    from moe_rec.data.item_attributes import Size
+    from moe_rec.data.item_words import PACK_BINS, SIZE_BLOCKS, SIZE_RANGES, SIZE_STEP, pack_bin, size_bin
+
+    lo, hi = SIZE_RANGES["amount"]
+    amount, count = SIZE_BLOCKS[0], SIZE_BLOCKS[1]
+    assert size_bin(None) == -1
+    assert size_bin(Size("amount", lo)) == 0 and size_bin(Size("amount", lo / 10)) == 0
+    assert size_bin(Size("amount", 1e9)) == amount - 1
+    one = size_bin(Size("amount", 1.0))
+    assert one == math.floor(math.log(1.0 / lo) / SIZE_STEP)
+    assert size_bin(Size("amount", 1.2 * 1.0001)) == one + 2
+    assert size_bin(Size("amount", 1.05)) in (one, one + 1)
+    assert size_bin(Size("count", 1.0)) == amount
+    assert size_bin(Size("count", SIZE_RANGES["count"][1] * 2)) == amount + count - 1
+    assert size_bin(Size("word", 0)) == amount + count and size_bin(Size("word", 5)) == sum(SIZE_BLOCKS) - 1
+    assert [pack_bin(p) for p in (None, 1, 2, 24, 25, 1000)] == [0, 0, 1, 23, PACK_BINS - 1, PACK_BINS - 1]
+
+
+def test_amount_bins_per_table_row_are_the_sizes_and_packs_critiques_compare() -> None:
+    """item_amount_bins: each row's size bin and pack bin are those of the size and pack that
+    service_attributes reads from the item's title (the critiques' reading), in the keys' order."""
+    from moe_rec.data.item_words import item_amount_bins, pack_bin, size_bin
+
+    titles = ["Shampoo 8 oz", "Shampoo 250ml Pack of 3", "Wipes 30 Count", "Travel size balm", "Argan oil",
+              "Lotion 1.5 fl oz (2 Pack)", "Cream 50 g"]  # fmt: skip
+    rows = [{"service": "s", "item_id": f"a{i}", "title": t, "categories": [], "brand": None, "price": None}
+            for i, t in enumerate(titles)]  # fmt: skip
+    items = pa.Table.from_pylist(rows)
+    keys = [("s", f"a{i}") for i in (6, 0, 3, 1, 5, 2, 4)]
+    out = item_amount_bins(items, keys)
+    attrs = service_attributes(items, "s")
+    assert out.shape == (7, 2)
+    for n, (_, item) in enumerate(keys):
+        i = attrs.row[item]
+        assert out[n].tolist() == [size_bin(attrs.size[i]), pack_bin(attrs.pack[i])]
+    assert out[6].tolist() == [-1, 0]  # "Argan oil": no size, a pack of one
+    assert out[3, 1] == 2 and out[4, 1] == 1  # packs of 3 and 2
+    assert out[1, 0] > out[0, 0] > out[4, 0]  # 8 oz > 50 g (1.76 oz) > 1.5 oz

@@ -472,14 +472,16 @@ def test_item_phrases_join_every_score_and_survive_a_save_and_load(tmp_path) -> 
     assert [a.tolist() for a in again] == [a.tolist() for a in ranked]
 
 
-def test_item_price_bins_join_every_score_and_survive_a_save_and_load(tmp_path) -> None:
-    """item_price_bins: rank_exact ranks as code log-probs + P x (the query . the item's score
-    vector), whose price part is the critique's query over the bins (absolute and relative to the
-    previous item of the asked service) on the item's one-hot bin; the bins are a buffer: weights
-    saved and loaded give the same table and ranking."""
+@pytest.mark.parametrize("amounts", [False, True])
+def test_item_price_bins_join_every_score_and_survive_a_save_and_load(tmp_path, amounts: bool) -> None:
+    """item_price_bins (with item_amounts also the size and pack bins): rank_exact ranks as code
+    log-probs + P x (the query . the item's score vector), whose ordinal part is the critique's query
+    over the bins (absolute and relative to the previous item of the asked service) on the item's
+    one-hot bins; the bins are buffers: weights saved and loaded give the same table and ranking."""
+    from moe_rec.data.item_words import PACK_BINS, SIZE_BLOCKS
     from moe_rec.data.vocab import CRITIQUE
 
-    table, vocab, start, model = _critique_model(11, item_price_bins=5)
+    table, vocab, start, model = _critique_model(11, item_price_bins=5, item_amounts=amounts)
     model.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
     words = torch.zeros(len(table), 4, 3, dtype=torch.long)  # [PAD]
     words[:, 0, 0] = start + torch.arange(len(table)) % 5
@@ -487,10 +489,18 @@ def test_item_price_bins_join_every_score_and_survive_a_save_and_load(tmp_path) 
     g = torch.Generator().manual_seed(11)
     bins = torch.randint(-1, 5, (len(table),), generator=g)
     model.set_item_price_bins(bins)
+    width = 5
+    if amounts:  # sizes near the start of the amounts' and counts' blocks, so that some compare
+        kind = torch.randint(-1, 2, (len(table),), generator=g)
+        size = torch.where(kind < 0, -1, kind * SIZE_BLOCKS[0] + torch.randint(4, (len(table),), generator=g))
+        amount_bins = torch.stack([size, torch.randint(4, (len(table),), generator=g)], dim=1)
+        model.set_item_amount_bins(amount_bins)
+        width += sum(SIZE_BLOCKS) + PACK_BINS
     with torch.no_grad():
         model.item_embed.weight.normal_(0, 0.3)
-        model.price_weight.weight.normal_(0, 0.3, generator=g)
-        model.price_weight.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0, 0.0, -1.0, 0.0]))
+        for layer in model.ordinal_layers():
+            layer.weight.normal_(0, 0.3, generator=g)
+            layer.bias.normal_(0, 1.0, generator=g)
     vocab_t = dataclasses.replace(vocab, text_size=TEXT_SIZE)
     requests = []
     for r in _requests(table, 11, n=6):  # [CRITIQUE] two words, before the asked service
@@ -501,14 +511,17 @@ def test_item_price_bins_join_every_score_and_survive_a_save_and_load(tmp_path) 
         )
     ranked = rank_exact(model, ServiceCatalogue(table), requests, k=10)
     vectors = model.item_table()
-    assert torch.equal(vectors[:, -5:].argmax(-1)[bins >= 0], bins[bins >= 0])  # one-hot bins
-    assert vectors[bins < 0, -5:].abs().sum() == 0  # no price: zeros
+    price = vectors[:, -width:][:, :5]
+    assert torch.equal(price.argmax(-1)[bins >= 0], bins[bins >= 0])  # one-hot bins
+    assert price[bins < 0].abs().sum() == 0  # no price: zeros
+    ones = int((bins >= 0).sum()) + (int((amount_bins[:, 0] >= 0).sum()) + len(table) if amounts else 0)
+    assert int(vectors[:, -width:].sum()) == ones  # one 1 per known price and size, one per pack
     moved = 0
     for i, r in enumerate(requests):
         with torch.no_grad():
             out = model(**item_batch([r], vocab_t, 16, left_pad=True))
         logits, q = out.logits[0, -1].double(), out.hidden_states[0, -1].double()
-        moved += int(q[-5:].abs().sum() > 0)
+        moved += int(q[-width:].abs().sum() > 0)
         log_probs = logits - torch.logsumexp(logits, -1, keepdim=True)
         brute = {
             j: sum(float(log_probs[p, c]) for p, c in enumerate(table.codes[j].tolist()))
@@ -523,6 +536,8 @@ def test_item_price_bins_join_every_score_and_survive_a_save_and_load(tmp_path) 
     loaded = MoERecForItemPrediction.from_pretrained(tmp_path).eval()
     loaded.set_train_catalogue(table.codes, table.service_index + vocab.service_offset)
     assert torch.equal(loaded.item_price_bin, bins)
+    if amounts:
+        assert torch.equal(torch.stack([loaded.item_size_bin, loaded.item_pack_bin], 1), amount_bins)
     torch.testing.assert_close(loaded.item_table(), vectors)
     again = rank_exact(loaded, ServiceCatalogue(table), requests, k=10)
     assert [a.tolist() for a in again] == [a.tolist() for a in ranked]

@@ -929,7 +929,7 @@ def test_price_bins_are_quantiles_of_the_service_prices() -> None:
 def _price_model(
     seed: int, bins: list[int], services: list[str], **fields: object
 ) -> MoERecForItemPrediction:
-    """A tiny text model with item_words and item_price_bins=4: item i of ``services[i]`` (distinct
+    """A tiny text model with item_words, item_price_bins=4 and ``fields``: item i of ``services[i]`` (distinct
     codes), its price bin ``bins[i]``, random item words."""
     n = len(bins)
     catalogue = [(s, [i % 8, i // 8, 0, 0]) for i, s in enumerate(services)]
@@ -939,7 +939,7 @@ def _price_model(
         "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, num_user_buckets=16, router_mode="token",
         code_token_ranges=code_token_ranges(TEXT_VOCAB), text_token_range=[start, stop],
         item_loss="items", item_embedding=True, num_items=n, item_words=True, item_word_slots=2,
-        item_price_bins=4, **fields,
+        **{"item_price_bins": 4, **fields},
     )  # fmt: skip
     model = model_class(cfg)(cfg).eval()
     model.set_train_catalogue(
@@ -952,21 +952,34 @@ def _price_model(
     return model
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_critique_price_matches_the_plain_loop_on_random_inputs(seed: int) -> None:
-    """critique_price against reference_price_query: items of two services with random bins (some
-    without a price), sequences mixing both services with critiques, left padding, random weights;
-    the previous item is the last one of the asked service, so asking a or b changes it."""
-    from moe_rec.model.item_model import reference_price_query
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_critique_ordinals_match_the_plain_loop_on_random_inputs(seed: int) -> None:
+    """critique_ordinals against reference_bin_query, field by field (price; with item_amounts size
+    over its kind blocks and pack; with ordinal_word_votes the weights summed over the critique's
+    words so far, in a plain loop): items of two services with random bins (some without a price or
+    size), sequences mixing both services with critiques, left padding, random weights; the previous
+    item is the last one of the asked service, so asking a or b changes it."""
+    from moe_rec.data.item_words import PACK_BINS, SIZE_BLOCKS
+    from moe_rec.model.item_model import reference_bin_query
 
     g = torch.Generator().manual_seed(seed)
     n = 16
     services = ["a" if i % 2 else "b" for i in range(n)]
     bins = torch.randint(-1, 4, (n,), generator=g).tolist()
-    model = _price_model(seed, bins, services)
+    amounts, votes = seed % 2 == 1, seed >= 3
+    model = _price_model(seed, bins, services, item_amounts=amounts, ordinal_word_votes=votes)
+    fields = [(bins, (4,))]
+    if amounts:  # sizes in few bins of each kind's block, so that some share a kind and some a bin
+        starts = [0, SIZE_BLOCKS[0], SIZE_BLOCKS[0] + SIZE_BLOCKS[1]]
+        size = [-1 if k < 0 else starts[k] + int(torch.randint(3, (1,), generator=g))
+                for k in torch.randint(-1, 3, (n,), generator=g).tolist()]  # fmt: skip
+        pack = torch.randint(PACK_BINS, (n,), generator=g).tolist()
+        model.set_item_amount_bins(torch.tensor([size, pack]).T)
+        fields += [(size, SIZE_BLOCKS), (pack, (PACK_BINS,))]
     with torch.no_grad():
-        model.price_weight.weight.normal_(0, 0.5, generator=g)
-        model.price_weight.bias.normal_(0, 0.5, generator=g)
+        for layer in model.ordinal_layers():
+            layer.weight.normal_(0, 0.5, generator=g)
+            layer.bias.normal_(0, 0.5, generator=g)
     t0 = TEXT_VOCAB.text_offset
     rows = []
     for k in range(3):
@@ -984,20 +997,74 @@ def test_critique_price_matches_the_plain_loop_on_random_inputs(seed: int) -> No
     asked = torch.randint(
         TEXT_VOCAB.service_token("a"), TEXT_VOCAB.service_token("c") + 1, tokens.shape[:2], generator=g
     )
-    got = model.critique_price(tokens, hidden, asked)
+    got = model.critique_ordinals(tokens, hidden, asked)
+    assert got.shape[-1] == sum(sum(blocks) for _, blocks in fields)
     all_rows = model.position_rows(tokens)
     checked = 0
     for b in range(tokens.shape[0]):
         first = tokens[b, :, 0].tolist()
         is_word = [TEXT_VOCAB.text_offset <= x < TEXT_VOCAB.size for x in first]
-        with torch.no_grad():
-            coef = model.price_weight(hidden[b])
-        expect = reference_price_query(
-            first, is_word, all_rows[b].tolist(), first, asked[b].tolist(), bins, coef.double()
-        )
-        torch.testing.assert_close(got[b].detach().double(), expect, rtol=1e-5, atol=1e-5)
+        parts = []
+        for (field_bins, blocks), layer in zip(fields, model.ordinal_layers(), strict=True):
+            with torch.no_grad():
+                coef = layer(hidden[b])
+            if votes:  # each position: the sum over the critique's words up to it (a run of text)
+                summed = torch.zeros_like(coef)
+                for t in range(len(first)):
+                    s = t
+                    while s >= 0 and is_word[s]:
+                        summed[t] += coef[s]
+                        s -= 1
+                coef = summed
+            parts.append(reference_bin_query(
+                first, is_word, all_rows[b].tolist(), first, asked[b].tolist(), field_bins, coef.double(),
+                blocks,
+            ))  # fmt: skip
+        torch.testing.assert_close(got[b].detach().double(), torch.cat(parts, -1), rtol=1e-5, atol=1e-5)
         checked += sum(is_word)
     assert checked > 0
+
+
+def test_a_bigger_size_after_a_small_item_ranks_bigger_sizes_of_its_kind_first() -> None:
+    """item_amounts: after an item of 2 oz and a critique, a weight on "above the previous item's
+    size bin" gives exactly the items of a larger amount the size term, not counts, size words or
+    items without a size; a weight on "below the previous pack" after a pack of 6 gives the smaller
+    packs theirs; without a critique no term."""
+    from moe_rec.data.item_attributes import Size
+    from moe_rec.data.item_words import PACK_BINS, SIZE_BLOCKS, pack_bin, size_bin
+
+    sizes = [Size("amount", 2.0), Size("amount", 8.0), Size("amount", 0.5), Size("count", 60.0),
+             Size("word", 5), None, Size("amount", 2.05), Size("amount", 16.0)]  # fmt: skip
+    packs = [6, 1, 2, 12, None, 3, 6, 24]
+    model = _price_model(7, [0] * 8, ["b"] * 8, item_amounts=True)
+    model.set_item_amount_bins(
+        torch.tensor([[size_bin(s), pack_bin(p)] for s, p in zip(sizes, packs, strict=True)])
+    )
+    rel = {"below": 0, "same": 1, "above": 2}
+    q_size, q_pack = sum(SIZE_BLOCKS), PACK_BINS
+    with torch.no_grad():
+        model.size_weight.bias[q_size + rel["above"]] = 5.0
+        model.pack_weight.bias[q_pack + rel["below"]] = 2.0
+    after = _ordinal_term(model, 0, True, q_size + q_pack)  # item 0: 2 oz, a pack of 6
+    # bigger: 8 oz and 16 oz (2.05 oz shares 2 oz's bin; a count, a word, no size: another kind);
+    # a smaller pack: 1, 2, unstated (one), 3
+    assert after.tolist() == pytest.approx([0.0, 7.0, 2.0, 0.0, 2.0, 2.0, 0.0, 5.0])
+    assert _ordinal_term(model, 0, False, q_size + q_pack).abs().sum() == 0
+
+
+def _ordinal_term(model: MoERecForItemPrediction, prev: int, critique: bool, width: int) -> torch.Tensor:
+    """(N,) each item's term from the last ``width`` parts of the query (the ordinal fields') for a
+    request of service b after item ``prev`` (codes ``[prev % 8, prev // 8, 0, 0]``), with a
+    two-word critique or without."""
+    t0 = TEXT_VOCAB.text_offset
+    ids = [BOS, *TEXT_VOCAB.item_tokens("b", [prev % 8, prev // 8, 0, 0])]
+    ids += [CRITIQUE, t0 + 3, t0 + 4] if critique else []
+    ids.append(TEXT_VOCAB.service_token("b"))
+    batch = item_batch([{"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)}], TEXT_VOCAB, 32)
+    batch = {k: v for k, v in batch.items() if k != "user_ids"}  # query_services: the asked service
+    with torch.no_grad():
+        q = model(**batch, logits_to_keep=1).hidden_states[0, -1, -width:]
+    return model.item_table()[:, -width:] @ q
 
 
 def test_cheaper_after_an_expensive_item_ranks_cheaper_items_first() -> None:
@@ -1008,17 +1075,9 @@ def test_cheaper_after_an_expensive_item_ranks_cheaper_items_first() -> None:
     model = _price_model(5, bins, ["b"] * 8)
     with torch.no_grad():
         model.price_weight.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 6.0, 0.0, 0.0, 0.0]))
-    t0 = TEXT_VOCAB.text_offset
 
     def price_term(prev: int, critique: bool) -> torch.Tensor:
-        ids = [BOS, *TEXT_VOCAB.item_tokens("b", [prev % 8, prev // 8, 0, 0])]
-        ids += [CRITIQUE, t0 + 3, t0 + 4] if critique else []
-        ids.append(TEXT_VOCAB.service_token("b"))
-        batch = item_batch([{"user": "u", "input_ids": ids, "domain_ids": [1] * len(ids)}], TEXT_VOCAB, 32)
-        batch = {k: v for k, v in batch.items() if k != "user_ids"}  # query_services: the asked service
-        with torch.no_grad():
-            q = model(**batch, logits_to_keep=1).hidden_states[0, -1, -4:]
-        return model.item_table()[:, -4:] @ q
+        return _ordinal_term(model, prev, critique, 4)
 
     cheaper = price_term(3, True)  # after item 3 (bin 3): items of bins 0..2 get 6
     assert cheaper.tolist() == pytest.approx([6.0, 6.0, 6.0, 0.0, 0.0, 6.0, 6.0, 6.0])
@@ -1037,6 +1096,18 @@ def test_price_bins_config_and_table_are_checked() -> None:
     model = _price_model(6, [0, 1], ["b", "b"])
     with pytest.raises(ValueError, match="price bins"):
         model.set_item_price_bins(torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="item_amounts needs item_words"):
+        build_config(
+            "tiny", vocab_size=TEXT_VOCAB.size, num_domains=3, code_token_ranges=code_token_ranges(TEXT_VOCAB),
+            item_amounts=True,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="ordinal_word_votes needs item_price_bins or item_amounts"):
+        _price_model(6, [0, 1], ["b", "b"], item_price_bins=0, ordinal_word_votes=True)
+    model = _price_model(6, [0, 1], ["b", "b"], item_amounts=True)
+    for bad, match in (([[0, 0]], "amount bins of shape"), ([[-2, 0], [0, 0]], "size bins"),
+                       ([[0, 0], [0, 25]], "pack bins")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            model.set_item_amount_bins(torch.tensor(bad))
 
 
 def test_critique_previous_weights_the_fields_shared_with_the_previous_item() -> None:
@@ -1131,7 +1202,10 @@ def test_critique_relative_scale_multiplies_the_price_and_previous_terms() -> No
                 layer.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
                 layer.bias.fill_(0.5)
             terms.append(
-                (model.critique_price(tokens, hidden, asked), model.critique_previous(tokens, hidden, asked))
+                (
+                    model.critique_ordinals(tokens, hidden, asked),
+                    model.critique_previous(tokens, hidden, asked),
+                )
             )
     for one, three in zip(*terms, strict=True):
         assert float(one.abs().sum()) > 0
