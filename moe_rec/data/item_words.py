@@ -141,15 +141,10 @@ def item_price_bins(
     """(N,) the price bin (:func:`price_bins`, among the prices of the item's service) of each
     ``(service, item_id)`` of ``keys`` (the SID table's rows, in order); -1 without a price: what the
     item-level model's ``item_price_bins`` term reads."""
-    out = torch.full((len(keys),), -1, dtype=torch.long)
-    services = dict.fromkeys(s for s, _ in keys)
-    for service in services:
-        a = service_attributes(items, service, num_bands=num_bands, min_band_items=min_band_items)
-        bins = price_bins(a.price, num_bins)
-        for n, (s, item) in enumerate(keys):
-            if s == service and item in a.row:
-                out[n] = bins[a.row[item]]
-    return out
+    rows = _attribute_rows(items, keys, num_bands, min_band_items)
+    services = {id(a): a for a, _ in rows}
+    bins = {key: price_bins(a.price, num_bins) for key, a in services.items()}  # each service's once
+    return torch.tensor([bins[id(a)][i] for a, i in rows], dtype=torch.long)
 
 
 def size_bin(size: Size | None) -> int:

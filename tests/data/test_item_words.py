@@ -114,3 +114,12 @@ def test_amount_bins_per_table_row_are_the_sizes_and_packs_critiques_compare() -
     assert out[6].tolist() == [-1, 0]  # "Argan oil": no size, a pack of one
     assert out[3, 1] == 2 and out[4, 1] == 1  # packs of 3 and 2
     assert out[1, 0] > out[0, 0] > out[4, 0]  # 8 oz > 50 g (1.76 oz) > 1.5 oz
+
+
+def test_price_bins_per_table_row_are_each_services_quantile_bins() -> None:
+    """item_price_bins in the keys' order: service s's prices 1, 2, 3 in two bins (share below x 2,
+    floored: 0, 0, 1), service t's item without a price -1."""
+    from moe_rec.data.item_words import item_price_bins
+
+    out = item_price_bins(pa.Table.from_pylist(ITEMS), KEYS, 2, min_band_items=3)
+    assert out.tolist() == [-1, 1, 0, 0]
